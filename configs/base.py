@@ -1,0 +1,84 @@
+"""Every config key with its typed default. Other config files are diffs from this one."""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # The transformer (lm/model.py; validated in lm/config.py).
+  m = c.model = ml_collections.ConfigDict()
+  m.n_layers = 2
+  m.d_model = 128
+  m.n_heads = 4
+  m.n_kv_heads = 0          # 0 means n_heads (plain multi-head attention).
+  m.d_ff = 0                # 0 means 4 * d_model (gelu) or the 8/3 rule rounded to 64 (swiglu).
+  m.max_len = 256
+  m.vocab_size = 0          # 0 means "take it from the tokenizer".
+  m.pos = 'rope'            # learned | sinusoidal | rope | alibi | none
+  m.rope_base = 10000.0
+  m.norm = 'rmsnorm'        # layernorm | rmsnorm
+  m.norm_eps = 1e-5
+  m.mlp = 'gelu'            # gelu | swiglu
+  m.block = 'prenorm'       # prenorm | postnorm
+  m.use_bias = False
+  m.tie_embeddings = True
+  m.dropout = 0.0
+  m.dtype = 'float32'       # compute dtype: float32 | bfloat16 (params stay float32)
+  m.remat = False
+  m.scan_layers = False
+  m.attention_impl = 'auto'  # auto | xla | cudnn (passed to jax.nn.dot_product_attention)
+  m.init_std = 0.02
+
+  # Corpus, tokenizer, token files and batches (lm/data.py).
+  d = c.data = ml_collections.ConfigDict()
+  d.corpus = 'pystdlib'     # pystdlib | text | synthetic
+  d.path = ''               # file, folder or glob for corpus=text
+  d.text_field = 'text'     # the field read from .jsonl lines
+  d.tokenizer = 'bytes'     # bytes | sentencepiece
+  d.vocab_size = 4096       # sentencepiece vocabulary size (bytes is always 256 + specials)
+  d.sp_model_type = 'bpe'   # bpe | unigram
+  d.val_fraction = 0.05     # share of files (or documents) held out for validation
+  d.max_bytes = 0           # 0 = the whole corpus; else read at most this many bytes
+  d.cache_dir = ''          # '' means $LM_CACHE_DIR or ~/.cache/lm
+  d.sp_train_bytes = 20_000_000  # sentencepiece trains on a seeded sample this big (0 = all)
+  d.synthetic_vocab = 64
+  d.synthetic_order = 1
+  d.synthetic_branching = 4  # nonzero next-symbol choices per context (sparsity)
+  d.synthetic_concentration = 1.0  # Dirichlet concentration of those choices
+  d.synthetic_tokens = 2_000_000
+  d.synthetic_seed = 1234
+
+  # Optimisation, evaluation, checkpoints (lm/train.py).
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 200
+  t.batch_size = 16
+  t.seq_len = 128
+  t.lr = 3e-3
+  t.warmup_steps = 20
+  t.schedule = 'cosine'     # cosine | wsd | constant
+  t.final_lr_fraction = 0.1
+  t.decay_fraction = 0.2    # wsd: the share of steps spent decaying
+  t.b1 = 0.9
+  t.b2 = 0.99
+  t.eps = 1e-8
+  t.weight_decay = 0.1
+  t.decay_embeddings = False
+  t.grad_clip = 1.0
+  t.grad_accum = 1
+  t.eval_every = 100
+  t.eval_batches = 8
+  t.log_every = 10
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 2
+  t.peak_flops = 0.0        # FLOP/s for MFU; 0 means look the device up in lm/flops.py
+  t.progress = 'auto'       # auto | bar | log | none
+
+  # Device mesh (lm/sharding.py). -1 means "the rest of the devices".
+  mesh = c.mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+  return c
+

@@ -1,0 +1,119 @@
+"""Causal multi-head attention with grouped-query heads, positional encodings and a KV cache.
+
+Shape letters as in lm/model.py. Positional variants:
+  learned / sinusoidal: added to the token embeddings (in the model);
+  rope:  rotary embeddings on q and k (Su et al. 2021), pairs (2i, 2i+1) rotated by
+         pos * base^(-2i/H);
+  alibi: a per-head linear bias -m_h * (i - j) on the attention logits (Press et al. 2022);
+  none:  causal masking alone supplies order information.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.config import ModelConfig
+
+
+def sinusoidal_table(positions, d: int):
+  """The original Transformer's encoding: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos."""
+  inv_freq = 10000.0 ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)     # [d/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq            # [..., d/2]
+  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, d)
+
+
+def apply_rope(x_BTNH, positions_BT, base: float):
+  """Rotates each pair (2i, 2i+1) of the head dimension by the angle pos * base^(-2i/H)."""
+  H = x_BTNH.shape[-1]
+  inv_freq = base ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)        # [H/2]
+  angles = positions_BT[..., None].astype(jnp.float32) * inv_freq         # [B, T, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_BTNH.astype(jnp.float32).reshape(*x_BTNH.shape[:-1], H // 2, 2)
+  x1, x2 = x[..., 0], x[..., 1]
+  out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.reshape(x_BTNH.shape).astype(x_BTNH.dtype)
+
+
+def alibi_slopes(n_heads: int):
+  """Geometric slopes 2^(-8h/n); for n not a power of two, interleave the next power's slopes."""
+  def power_of_two(n):
+    return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+  p = 2 ** math.floor(math.log2(n_heads))
+  slopes = power_of_two(p)
+  if p < n_heads:
+    slopes += power_of_two(2 * p)[0::2][: n_heads - p]
+  return jnp.array(slopes, jnp.float32)
+
+
+def causal_mask(q_slot_T, k_slot_S, k_valid_BS=None):
+  """[B or 1, 1, T, S] True where query slot t may attend to key slot s."""
+  mask = (k_slot_S[None, :] <= q_slot_T[:, None])[None, None]
+  if k_valid_BS is not None:
+    mask = mask & k_valid_BS[:, None, None, :]
+  return mask
+
+
+class Attention(nn.Module):
+  """Causal self-attention; with a cache, writes this call's k/v at the cache index first."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, layer_cache=None, cache_meta=None):
+    c = self.cfg
+    dt = jnp.dtype(c.dtype)
+    N, K, H, D = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
+    init = nn.initializers.normal(c.init_std)
+
+    def proj(name, heads, axes):
+      w = self.param(name, nn.with_logical_partitioning(init, ('embed', axes, 'head_dim')),
+                     (D, heads, H), jnp.float32)
+      y = jnp.einsum('btd,dnh->btnh', x_BTD, w.astype(dt))
+      if c.use_bias:
+        y += self.param(name + '_bias', nn.with_logical_partitioning(
+            nn.initializers.zeros, (axes, 'head_dim')), (heads, H), jnp.float32).astype(dt)
+      return y
+
+    q_BTNH = proj('wq', N, 'heads')
+    k_BTKH = proj('wk', K, 'kv_heads')
+    v_BTKH = proj('wv', K, 'kv_heads')
+    if c.pos == 'rope':
+      q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope_base)
+      k_BTKH = apply_rope(k_BTKH, positions_BT, c.rope_base)
+
+    T = x_BTD.shape[1]
+    if layer_cache is None:
+      k_BSKH, v_BSKH, k_pos_BS = k_BTKH, v_BTKH, positions_BT
+      mask = None  # plain causal: lets the fused kernels skip the upper triangle
+    else:
+      index, k_pos_BS, k_valid_BS = cache_meta
+      k_BSKH = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k_BTKH.astype(
+          layer_cache[0].dtype), index, axis=1)
+      v_BSKH = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v_BTKH.astype(
+          layer_cache[1].dtype), index, axis=1)
+      layer_cache = (k_BSKH, v_BSKH)
+      S = k_BSKH.shape[1]
+      mask = causal_mask(index + jnp.arange(T), jnp.arange(S), k_valid_BS)
+      k_BSKH, v_BSKH = k_BSKH.astype(dt), v_BSKH.astype(dt)
+
+    bias = None
+    if c.pos == 'alibi':
+      dist_BTS = positions_BT[:, :, None] - k_pos_BS[:, None, :]
+      bias = -alibi_slopes(N)[None, :, None, None] * dist_BTS[:, None].astype(jnp.float32)
+      if mask is None:  # the bias needs an explicit mask beside it on every implementation
+        mask = causal_mask(jnp.arange(T), jnp.arange(T))
+
+    impl = None if c.attention_impl == 'auto' else c.attention_impl
+    out_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask, is_causal=mask is None,
+        implementation=impl)
+
+    wo = self.param('wo', nn.with_logical_partitioning(
+        nn.initializers.normal(c.init_std / math.sqrt(2 * c.n_layers)),
+        ('heads', 'head_dim', 'embed')), (N, H, D), jnp.float32)
+    y_BTD = jnp.einsum('btnh,nhd->btd', out_BTNH, wo.astype(dt))
+    if c.use_bias:
+      y_BTD += self.param('bo', nn.with_logical_partitioning(
+          nn.initializers.zeros, ('embed',)), (D,), jnp.float32).astype(dt)
+    return y_BTD, layer_cache

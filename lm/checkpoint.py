@@ -1,0 +1,69 @@
+"""Orbax checkpoints of the train state: atomic, keep-N, sharded, restorable onto any mesh.
+
+The state is {'params', 'opt_state', 'step'}; the batch stream is a pure function of the step,
+so the step is the whole data position. Orbax writes each step into a temporary folder and
+renames it when complete, so a kill mid-save leaves no step that looks finished.
+"""
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from lm.errors import UserError
+
+
+class Checkpoints:
+  """Save/restore of one run's `checkpoints/` folder."""
+
+  def __init__(self, directory: str, keep: int):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state):
+    """Restores the newest readable step onto the shardings in `abstract_state`.
+
+    A step that fails to restore (a damaged file) is reported and the previous one is tried;
+    returns (state, step) or (None, None) when no checkpoint exists.
+    """
+    steps = self.steps()
+    for step in reversed(steps):
+      try:
+        state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        return state, step
+      except Exception as e:  # orbax raises several types for damaged or mismatched files
+        if _is_shape_mismatch(e):
+          raise UserError(f'The checkpoint at step {step} in {self.directory} does not fit '
+                          'this model (its shapes differ); use a new --workdir.') from e
+        logging.warning('checkpoint step %d could not be restored (%s: %s); '
+                        'falling back to the previous one', step, type(e).__name__, e)
+        print(f'warning: checkpoint step {step} is unreadable ({type(e).__name__}); '
+              'falling back to the previous checkpoint.', flush=True)
+    if steps:
+      raise UserError(f'No checkpoint in {self.directory} could be restored; '
+                      'move that folder away to start afresh.')
+    return None, None
+
+  def close(self):
+    self.manager.close()
+
+
+def _is_shape_mismatch(e: Exception) -> bool:
+  text = str(e).lower()
+  return 'shape' in text and ('mismatch' in text or 'does not match' in text
+                              or 'incompatible' in text)
+
+
+def abstract(state_shapes, shardings):
+  """ShapeDtypeStructs carrying the target shardings (what restore lays the arrays onto)."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      state_shapes, shardings)

@@ -1,0 +1,111 @@
+"""Frozen dataclasses built once from the ml-collections config, with validation.
+
+Modules take these, never the ConfigDict: `ModelConfig.from_config(cfg.model, vocab_size)`.
+Every bad value raises `UserError` with one sentence naming the key and the fix.
+"""
+import dataclasses
+from typing import Any
+
+from lm.errors import UserError
+
+POS_KINDS = ('learned', 'sinusoidal', 'rope', 'alibi', 'none')
+NORM_KINDS = ('layernorm', 'rmsnorm')
+MLP_KINDS = ('gelu', 'swiglu')
+BLOCK_KINDS = ('prenorm', 'postnorm')
+DTYPES = ('float32', 'bfloat16')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+
+
+def _check(ok: bool, msg: str):
+  if not ok:
+    raise UserError(msg)
+
+
+def _one_of(key: str, value: str, allowed) -> None:
+  _check(value in allowed,
+         f"{key}={value!r} is not known; use one of {', '.join(allowed)}.")
+
+
+def default_d_ff(d_model: int, mlp: str) -> int:
+  """4*d for GELU; for SwiGLU 8/3*d (same parameter count) rounded up to a multiple of 16."""
+  if mlp == 'swiglu':
+    return -(-(8 * d_model // 3) // 16) * 16
+  return 4 * d_model
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and options of the decoder-only transformer (see configs/base.py for meanings)."""
+  vocab_size: int
+  n_layers: int = 2
+  d_model: int = 128
+  n_heads: int = 4
+  n_kv_heads: int = 4
+  d_ff: int = 512
+  max_len: int = 256
+  pos: str = 'rope'
+  rope_base: float = 10000.0
+  norm: str = 'rmsnorm'
+  norm_eps: float = 1e-5
+  mlp: str = 'gelu'
+  block: str = 'prenorm'
+  use_bias: bool = False
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  remat: bool = False
+  scan_layers: bool = False
+  attention_impl: str = 'auto'
+  init_std: float = 0.02
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def __post_init__(self):
+    p = 'model.'
+    _check(self.vocab_size >= 2, f'{p}vocab_size={self.vocab_size} must be at least 2; '
+           'leave it 0 to take it from the tokenizer.')
+    for key in ('n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'd_ff', 'max_len'):
+      v = getattr(self, key)
+      _check(isinstance(v, int) and v >= 1, f'{p}{key}={v} must be a positive integer.')
+    _check(self.d_model % self.n_heads == 0,
+           f'{p}d_model={self.d_model} is not divisible by {p}n_heads={self.n_heads}; '
+           'pick n_heads that divides d_model.')
+    _check(self.n_heads % self.n_kv_heads == 0,
+           f'{p}n_kv_heads={self.n_kv_heads} does not divide {p}n_heads={self.n_heads}; '
+           'use a divisor (1 is multi-query, n_heads is multi-head).')
+    _one_of(p + 'pos', self.pos, POS_KINDS)
+    _one_of(p + 'norm', self.norm, NORM_KINDS)
+    _one_of(p + 'mlp', self.mlp, MLP_KINDS)
+    _one_of(p + 'block', self.block, BLOCK_KINDS)
+    _one_of(p + 'dtype', self.dtype, DTYPES)
+    _one_of(p + 'attention_impl', self.attention_impl, ATTENTION_IMPLS)
+    _check(self.pos != 'rope' or self.head_dim % 2 == 0,
+           f'{p}pos=rope needs an even head dimension, but d_model/n_heads = {self.head_dim}; '
+           'change d_model or n_heads.')
+    _check(self.pos != 'sinusoidal' or self.d_model % 2 == 0,
+           f'{p}pos=sinusoidal needs an even d_model, got {self.d_model}.')
+    _check(0.0 <= self.dropout < 1.0, f'{p}dropout={self.dropout} must be in [0, 1).')
+    _check(self.rope_base > 0, f'{p}rope_base={self.rope_base} must be positive.')
+    _check(self.norm_eps > 0, f'{p}norm_eps={self.norm_eps} must be positive.')
+    _check(self.init_std > 0, f'{p}init_std={self.init_std} must be positive.')
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, vocab_size: int = 0) -> 'ModelConfig':
+    """Builds from `cfg.model`; `vocab_size` (from the tokenizer) fills model.vocab_size=0."""
+    d = dict(model_cfg)
+    if not d.get('vocab_size'):
+      d['vocab_size'] = vocab_size
+    elif vocab_size and d['vocab_size'] < vocab_size:
+      raise UserError(f"model.vocab_size={d['vocab_size']} is smaller than the tokenizer's "
+                      f'{vocab_size} tokens; set it to 0 to follow the tokenizer.')
+    if not d.get('n_kv_heads'):
+      d['n_kv_heads'] = d['n_heads']
+    if not d.get('d_ff'):
+      d['d_ff'] = default_d_ff(d['d_model'], d['mlp'])
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    _check(not unknown, f"model.{unknown[0] if unknown else ''} is not a model option; "
+           'see configs/base.py for the keys.')
+    return cls(**d)

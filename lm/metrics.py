@@ -1,0 +1,108 @@
+"""Metrics: metrics.jsonl (the source of truth), TensorBoard event files, and terminal progress."""
+import json
+import math
+import os
+import sys
+import time
+
+from tensorboardX import SummaryWriter
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          break  # a torn last line from a kill mid-write; later rows cannot exist
+  return rows
+
+
+def write_json_atomic(path: str, obj) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _finite(v):
+  return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = None
+    if not enabled:
+      return
+    # Rows past the restored step were written by the interrupted run and are recomputed
+    # exactly, so they are dropped (atomically) rather than duplicated.
+    rows = [r for r in read_jsonl(self.path) if r.get('step', 0) <= resume_step]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      for r in rows:
+        f.write(json.dumps(r) + '\n')
+    os.replace(tmp, self.path)
+    self.file = open(self.path, 'a')
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, row: dict) -> None:
+    if not self.enabled:
+      return
+    self.file.write(json.dumps({k: _finite(v) for k, v in row.items()}) + '\n')
+    self.file.flush()
+    for k, v in row.items():
+      if k != 'step' and isinstance(v, (int, float)) and math.isfinite(v):
+        self.tb.add_scalar(k, v, row['step'])
+
+  def close(self):
+    if self.enabled:
+      self.file.close()
+      self.tb.close()
+
+
+class Progress:
+  """A tqdm bar on a terminal, plain log lines otherwise (or nothing)."""
+
+  def __init__(self, total: int, start: int, mode: str, enabled: bool = True):
+    if mode == 'auto':
+      mode = 'bar' if sys.stderr.isatty() else 'log'
+    self.mode = mode if enabled else 'none'
+    self.total, self.start, self.t0 = total, start, time.time()
+    self.bar = None
+    if self.mode == 'bar':
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
+
+  def update(self, step: int, row: dict) -> None:
+    text = f"loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s"
+    if row.get('mfu'):
+      text += f"  MFU {100 * row['mfu']:.1f}%"
+    if self.mode == 'bar':
+      self.bar.n = step
+      self.bar.set_postfix_str(text, refresh=True)
+    elif self.mode == 'log':
+      done = step - self.start
+      eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+      print(f'step {step}/{self.total}  {text}  eta {eta:,.0f}s', flush=True)
+
+  def message(self, text: str) -> None:
+    if self.mode == 'bar':
+      self.bar.write(text)
+    elif self.mode == 'log':
+      print(text, flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()

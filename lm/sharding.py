@@ -1,0 +1,164 @@
+"""Device mesh, logical-axis rules and the shardings of params, optimizer state and batches.
+
+One Mesh with axes ('data', 'fsdp', 'tensor'). The model names logical axes only; RULES maps
+them to mesh axes:
+  data parallel:   the batch is split over data and fsdp;
+  FSDP:            parameters' `embed` axis is split over fsdp (gathered per layer by XLA);
+  tensor parallel: `heads`, `kv_heads`, `mlp` and `vocab` over tensor (Megatron-style).
+A parameter dimension that the mesh axis does not divide evenly stays replicated.
+"""
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lm.errors import UserError
+
+AXES = ('data', 'fsdp', 'tensor')
+RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('head_dim', None),
+    ('norm', None),
+    ('pos', None),
+    ('layers', None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  distributed: bool = False
+
+  @classmethod
+  def from_config(cls, mesh_cfg) -> 'MeshConfig':
+    return cls(**dict(mesh_cfg))
+
+
+def maybe_initialize_distributed(mc: MeshConfig) -> None:
+  """Joins a multi-host job when asked (mesh.distributed) or when a cluster says so.
+
+  `jax.distributed.initialize()` with no arguments reads the coordinator, process count and
+  index from SLURM, Open MPI or TPU pod metadata; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID set them by hand (e.g. several processes on one machine).
+  """
+  explicit = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if not (mc.distributed or explicit):
+    return
+  if jax.distributed.is_initialized():
+    return
+  if explicit:
+    jax.distributed.initialize(explicit, int(os.environ['JAX_NUM_PROCESSES']),
+                               int(os.environ['JAX_PROCESS_ID']))
+  else:
+    jax.distributed.initialize()
+
+
+def mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+  """Resolves -1 (the rest of the devices) and checks the product against the device count."""
+  sizes = [mc.data, mc.fsdp, mc.tensor]
+  if sum(s == -1 for s in sizes) > 1:
+    raise UserError('Only one of mesh.data, mesh.fsdp, mesh.tensor may be -1.')
+  for name, s in zip(AXES, sizes):
+    if s == 0 or s < -1:
+      raise UserError(f'mesh.{name}={s} must be a positive integer or -1 (the rest).')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n_devices % known:
+      raise UserError(f'The mesh axes given multiply to {known}, which does not divide the '
+                      f'{n_devices} devices; change mesh.data/fsdp/tensor.')
+    sizes[sizes.index(-1)] = n_devices // known
+  if int(np.prod(sizes)) != n_devices:
+    raise UserError(f'The mesh {tuple(sizes)} (data, fsdp, tensor) holds {int(np.prod(sizes))} '
+                    f'devices but {n_devices} are present; make the product equal {n_devices} '
+                    'or set one axis to -1.')
+  return tuple(sizes)
+
+
+def make_mesh(mc: MeshConfig, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mc, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def check_divisibility(mesh: Mesh, model_cfg, batch_size: int) -> None:
+  """The errors that would otherwise surface as an XLA failure after compiling."""
+  dp = mesh.shape['data'] * mesh.shape['fsdp']
+  if batch_size % dp:
+    raise UserError(f'train.batch_size={batch_size} is not divisible by the data axes '
+                    f'(data x fsdp = {dp}); pick a multiple of {dp}.')
+  tp = mesh.shape['tensor']
+  for key in ('n_heads', 'n_kv_heads', 'd_ff'):
+    v = getattr(model_cfg, key)
+    if v % tp:
+      raise UserError(f'model.{key}={v} is not divisible by mesh.tensor={tp}; '
+                      'change one of them.')
+
+
+def _mesh_axes(logical: str | None):
+  for name, target in RULES:
+    if name == logical:
+      return target
+  if logical is None:
+    return None
+  raise ValueError(f'logical axis {logical!r} has no rule in lm.sharding.RULES')
+
+
+def spec_for(logical_spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Mesh PartitionSpec for one array; dimensions the mesh axis does not divide stay whole."""
+  out = []
+  for dim, logical in zip(shape, tuple(logical_spec) + (None,) * (len(shape) - len(logical_spec))):
+    target = _mesh_axes(logical)
+    names = (target,) if isinstance(target, str) else (target or ())
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    out.append(target if names and dim % size == 0 and size > 1 else None)
+  return P(*out)
+
+
+def param_shardings(mesh: Mesh, logical_specs, shapes):
+  """NamedShardings for the params tree from its logical specs."""
+  return jax.tree.map(lambda spec, s: NamedSharding(mesh, spec_for(spec, s.shape, mesh)),
+                      logical_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def _path_key(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def state_shardings(mesh: Mesh, state_shapes, params_shardings):
+  """Shardings for any state tree whose leaves mirror params (optimizer moments) or are scalars.
+
+  A leaf takes the sharding of the param whose path is the longest suffix of its own path and
+  whose shape matches; anything else (step counters, scalars) is replicated.
+  """
+  by_path = {_path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    key = _path_key(path)
+    for i in range(len(key)):
+      s = by_path.get(key[i:])
+      if s is not None and len(s.spec) <= len(leaf.shape):
+        return s
+    return replicated
+  return jax.tree_util.tree_map_with_path(pick, state_shapes)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(_mesh_axes('batch')))
+
+
+def global_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Assembles each process's rows into one global array sharded over the data axes."""
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(local_rows, sharding)
+  return jax.make_array_from_process_local_data(sharding, local_rows)

@@ -1,0 +1,51 @@
+"""lm: one program, several subcommands.
+
+  python run.py                      the default scaling sweep (configs/sweep_smoke.py)
+  python run.py train  --config=configs/tiny.py --workdir=DIR [--config.KEY=VALUE ...]
+  python run.py sweep  --config=configs/sweep_smoke.py --workdir=DIR
+  python run.py fit    --results=FILE.csv --workdir=OUT
+  python run.py plot   --workdir=SWEEP_OR_FIT_DIR
+  python run.py sample --workdir=DIR --prompt="..." [--max_new_tokens=N --temperature=T ...]
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lm import cli
+from lm.errors import UserError
+
+SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample')
+
+config_flags.DEFINE_config_file('config', None, 'An ml-collections config file (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run folder: config, manifest, metrics, checkpoints, plots.')
+flags.DEFINE_string('results', None, 'fit: a CSV with columns params, tokens, loss [, flops].')
+flags.DEFINE_string('loss_key', None, 'fit: the loss column (default: loss, else eval_loss).')
+flags.DEFINE_enum('params_key', 'params', ['params', 'params_nonembed'],
+                  'fit: the parameter count convention (all parameters or non-embedding).')
+flags.DEFINE_string('flops_key', None, 'fit: the FLOP column (default: flops, else 6*N*D).')
+flags.DEFINE_integer('bootstrap', 100, 'fit: bootstrap resamples for confidence intervals.')
+flags.DEFINE_string('prompt', '', 'sample: the text to continue.')
+flags.DEFINE_integer('max_new_tokens', 200, 'sample: tokens to generate.')
+flags.DEFINE_float('temperature', 0.8, 'sample: softmax temperature; 0 is greedy.')
+flags.DEFINE_integer('top_k', 0, 'sample: keep the k most likely tokens (0 keeps all).')
+flags.DEFINE_float('top_p', 1.0, 'sample: nucleus mass in (0, 1] (1 keeps all).')
+flags.DEFINE_integer('seed', 0, 'sample: random seed.')
+flags.DEFINE_integer('num_samples', 1, 'sample: continuations per prompt.')
+
+
+def main(argv):
+  command = argv[1] if len(argv) > 1 else 'default'
+  if command not in SUBCOMMANDS + ('default',) or len(argv) > 2:
+    raise app.UsageError(f'unknown subcommand {" ".join(argv[1:])!r}; '
+                         f'use one of: {", ".join(SUBCOMMANDS)}')
+  try:
+    getattr(cli, command)(flags.FLAGS)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
