@@ -1,0 +1,374 @@
+"""Corpora: where the text (or the synthetic token stream) comes from, and its train/val split.
+
+Text corpora (`pystdlib`, `text`) are read into a `TextCorpus`: a list of documents per split plus
+statistics. Rules:
+  * Files are taken in sorted order of their relative path, so reading is deterministic.
+  * `pystdlib` reads the .py files under sysconfig's stdlib folder, skipping site-packages,
+    __pycache__ and files holding NUL bytes (binary test data); `text` reads data.path.
+  * `max_bytes > 0` keeps the first documents in that order until the budget is spent; the document
+    that crosses it is cut at its last newline inside the budget.
+  * Invalid UTF-8 is replaced with U+FFFD (the stdlib ships a few latin-1 test files); the number of
+    replaced characters is recorded as `replaced_chars`.
+  * The split is by document (a document is a file, or a line of a .jsonl file): documents are
+    ordered by sha256 of their id (the relative path, or "path:line") and taken into validation in
+    that order until they hold `val_fraction` of the bytes; at least one document goes to each side.
+    A corpus of a single document keeps its head for training and its last `val_fraction` of bytes
+    for validation.
+  * `content_hash` is sha256 over (relative path, raw bytes) of every file read, in order.
+
+The `synthetic` corpus is a seeded sparse Markov source (`MarkovSource`) whose exact entropy rate is
+known, so a model's loss can be compared with the best achievable loss. With the defaults (64
+symbols, order 1, 4 allowed successors, Dirichlet(1)) the rate is about 1.1 nats/token against
+log 64 = 4.16 for guessing, and a model must learn all 64 x 4 transition probabilities to reach it.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import sysconfig
+
+import numpy as np
+
+from lm.errors import UserError
+
+# Folders under the stdlib root that are not the standard library itself.
+_STDLIB_SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__'}
+_TEXT_SUFFIXES = ('.txt', '.jsonl')
+# Bigger context spaces make the stationary-distribution solve and the tables too large.
+MAX_SYNTHETIC_CONTEXTS = 1 << 22
+
+
+@dataclasses.dataclass
+class TextCorpus:
+  """Documents of both splits and what is known about them."""
+  name: str
+  train: list[str]
+  val: list[str]
+  content_hash: str
+  stats: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+  """One file of a corpus: its absolute path, path relative to the corpus root, size and mtime."""
+  path: str
+  relpath: str
+  size: int
+  mtime_ns: int
+
+
+def _stat(path: str, relpath: str) -> SourceFile:
+  st = os.stat(path)
+  return SourceFile(path, relpath.replace(os.sep, '/'), st.st_size, st.st_mtime_ns)
+
+
+def stdlib_files() -> list[SourceFile]:
+  """The .py files of the running interpreter's standard library (no site-packages), sorted."""
+  root = sysconfig.get_paths()['stdlib']
+  if not os.path.isdir(root):
+    raise UserError(f'the standard library folder {root} does not exist; use '
+                    '--config.data.corpus=text with --config.data.path=... instead')
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames
+                         if d not in _STDLIB_SKIP_DIRS and not d.startswith('.'))
+    for f in filenames:
+      if f.endswith('.py'):
+        p = os.path.join(dirpath, f)
+        if os.path.isfile(p):
+          out.append(_stat(p, os.path.relpath(p, root)))
+  out.sort(key=lambda s: s.relpath)
+  if not out:
+    raise UserError(f'no .py files found under the standard library folder {root}; use '
+                    '--config.data.corpus=text with --config.data.path=... instead')
+  return out
+
+
+def text_files(path: str) -> list[SourceFile]:
+  """The files data.path names: a file, a folder (recursive *.txt, *.jsonl) or a glob; sorted."""
+  if not path:
+    raise UserError('data.corpus=text needs a file, folder or glob; set --config.data.path=...')
+  path = os.path.expanduser(path)
+  if glob.has_magic(path):
+    matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    if not matches:
+      raise UserError(f'data.path glob {path!r} matches no files; fix --config.data.path')
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in matches])
+    files = [_stat(p, os.path.relpath(os.path.abspath(p), root)) for p in matches]
+  elif os.path.isdir(path):
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+      for f in filenames:
+        if f.endswith(_TEXT_SUFFIXES):
+          p = os.path.join(dirpath, f)
+          files.append(_stat(p, os.path.relpath(p, path)))
+    if not files:
+      raise UserError(f'data.path folder {path!r} holds no *.txt or *.jsonl files; fix '
+                      '--config.data.path')
+  elif os.path.isfile(path):
+    files = [_stat(path, os.path.basename(path))]
+  else:
+    raise UserError(f'data.path {path!r} does not exist; fix --config.data.path')
+  files.sort(key=lambda s: s.relpath)
+  return files
+
+
+def list_files(corpus: str, path: str) -> list[SourceFile]:
+  """The source files of a text corpus (cheap: no file contents are read)."""
+  if corpus == 'pystdlib':
+    return stdlib_files()
+  if corpus == 'text':
+    return text_files(path)
+  raise ValueError(f'{corpus} is not a text corpus')
+
+
+def split_fraction(doc_id: str) -> float:
+  """A stable pseudo-random number in [0, 1) for a document id (orders documents for the split)."""
+  h = hashlib.sha256(doc_id.encode('utf-8')).digest()
+  return int.from_bytes(h[:8], 'big') / 2.0**64
+
+
+def _decode(raw: bytes) -> tuple[str, int]:
+  """UTF-8 text and the number of characters that had to be replaced with U+FFFD."""
+  try:
+    return raw.decode('utf-8'), 0
+  except UnicodeDecodeError:
+    text = raw.decode('utf-8', errors='replace')
+    # U+FFFD already present in the file is not a replacement.
+    return text, text.count('\ufffd') - raw.count('\ufffd'.encode('utf-8'))
+
+
+def _documents(f: SourceFile, raw: str, text_field: str):
+  """(doc id, text) pairs of one file: the whole file, or one per non-blank .jsonl line."""
+  if not f.relpath.endswith('.jsonl'):
+    yield f.relpath, raw
+    return
+  for i, line in enumerate(raw.split('\n'), start=1):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f'{f.path} line {i} is not valid JSON ({e.msg}); fix or remove that '
+                      'line') from None
+    if not isinstance(obj, dict) or text_field not in obj:
+      raise UserError(f'{f.path} line {i} has no {text_field!r} field; set '
+                      '--config.data.text_field to the field that holds the text')
+    text = obj[text_field]
+    if not isinstance(text, str):
+      raise UserError(f'{f.path} line {i}: field {text_field!r} is a {type(text).__name__}, not a '
+                      'string; set --config.data.text_field to the field that holds the text')
+    yield f'{f.relpath}:{i}', text
+
+
+def _cut_utf8(text: str, n_bytes: int) -> str:
+  """The longest prefix of text within n_bytes UTF-8 bytes, ending at a newline if there is one."""
+  head = text.encode('utf-8')[:n_bytes].decode('utf-8', errors='ignore')
+  nl = head.rfind('\n')
+  return head[:nl + 1] if nl >= 0 else head
+
+
+def read_text_corpus(name: str, files: list[SourceFile], *, text_field: str, val_fraction: float,
+                     max_bytes: int) -> TextCorpus:
+  """Reads the files (in the given order) into split documents (rules: module docstring)."""
+  sha = hashlib.sha256()
+  docs: list[tuple[str, str]] = []
+  replaced = skipped = used_files = n_bytes = 0
+  for f in files:
+    if max_bytes and n_bytes >= max_bytes:
+      break
+    try:
+      with open(f.path, 'rb') as fh:
+        raw = fh.read()
+    except OSError as e:
+      raise UserError(f'cannot read {f.path} ({e.strerror}); fix its permissions or '
+                      'data.path') from None
+    if name == 'pystdlib' and b'\x00' in raw:
+      skipped += 1  # Binary data with a .py name (there are a few in test folders).
+      continue
+    text, bad = _decode(raw)
+    used_files += 1
+    replaced += bad
+    # Hash what is read, with the path and length framing it so file boundaries matter.
+    sha.update(f'{f.relpath}\0{len(raw)}\0'.encode('utf-8'))
+    sha.update(raw)
+    for doc_id, doc in _documents(f, text, text_field):
+      if max_bytes:
+        left = max_bytes - n_bytes
+        if left <= 0:
+          break
+        size = len(doc.encode('utf-8'))
+        if size > left:
+          doc = _cut_utf8(doc, left)
+      if doc:
+        docs.append((doc_id, doc))
+        n_bytes += len(doc.encode('utf-8'))
+  where = 'the standard library' if name == 'pystdlib' else 'data.path'
+  if not docs:
+    raise UserError(f'the {name} corpus is empty: no text was found in {where}; point '
+                    '--config.data.path at non-empty *.txt or *.jsonl files')
+  train, val = split_documents(docs, val_fraction)
+  stats = {'files': used_files, 'skipped_files': skipped, 'documents': len(docs),
+           'replaced_chars': replaced, 'bytes': n_bytes}
+  return TextCorpus(name, train, val, sha.hexdigest(), stats)
+
+
+def split_documents(docs: list[tuple[str, str]],
+                    val_fraction: float) -> tuple[list[str], list[str]]:
+  """Train and validation texts from (doc id, text) pairs; order within each split is kept."""
+  if len(docs) == 1:
+    raw = docs[0][1].encode('utf-8')
+    cut = len(raw) - max(1, int(round(len(raw) * val_fraction)))
+    # Move the cut back to a character boundary (continuation bytes are 0b10xxxxxx).
+    while 0 < cut < len(raw) and (raw[cut] & 0xC0) == 0x80:
+      cut -= 1
+    if cut <= 0:
+      raise UserError('the corpus is a single document too short to split into train and '
+                      'validation; add text or lower --config.data.val_fraction')
+    return [raw[:cut].decode('utf-8')], [raw[cut:].decode('utf-8')]
+  sizes = [len(text.encode('utf-8')) for _, text in docs]
+  target = val_fraction * sum(sizes)
+  is_val = [False] * len(docs)
+  val_bytes = 0
+  # Hash order is a fixed pseudo-random order; the last document taken may overshoot the target.
+  for i in sorted(range(len(docs)), key=lambda i: split_fraction(docs[i][0]))[:len(docs) - 1]:
+    if val_bytes >= target:
+      break
+    is_val[i] = True
+    val_bytes += sizes[i]
+  train = [t for (_, t), v in zip(docs, is_val) if not v]
+  val = [t for (_, t), v in zip(docs, is_val) if v]
+  return train, val
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic Markov source.
+
+
+class MarkovSource:
+  """A seeded random sparse Markov source over `vocab` symbols.
+
+  The context is the previous `order` symbols (vocab**order contexts). Each context allows
+  `branching` distinct next symbols with probabilities drawn from Dirichlet(concentration); the
+  others have probability zero. The draw is repeated with derived seeds until the context chain has
+  a single closed class, so the stationary distribution (and with it the entropy rate) is unique.
+  Samples start from a stationary context, so every position is distributed like the long-run
+  average and the mean -log p under the true model estimates the entropy rate without bias.
+  """
+
+  def __init__(self, vocab: int, order: int, branching: int, concentration: float, seed: int):
+    self.vocab, self.order, self.branching = vocab, order, branching
+    self.concentration, self.seed = concentration, seed
+    self.n_contexts = vocab**order
+    if self.n_contexts > MAX_SYNTHETIC_CONTEXTS:
+      raise UserError(f'data.synthetic_vocab**data.synthetic_order = {self.n_contexts} contexts '
+                      f'is more than {MAX_SYNTHETIC_CONTEXTS}; lower --config.data.synthetic_vocab '
+                      'or --config.data.synthetic_order')
+    for attempt in range(100):
+      rng = np.random.default_rng([seed, attempt, 0x5EED])
+      # next_sym[c, j]: the j-th allowed next symbol of context c; probs[c, j]: its probability.
+      keys = rng.random((self.n_contexts, vocab))
+      self.next_sym = np.argsort(keys, axis=1)[:, :branching].astype(np.int64)
+      self.probs = rng.dirichlet(np.full(branching, concentration), size=self.n_contexts)
+      # A Dirichlet draw can underflow to exact zeros at small concentration; keep every allowed
+      # symbol possible so "allowed" and "probability > 0" agree.
+      self.probs = np.maximum(self.probs, 1e-12)
+      self.probs /= self.probs.sum(axis=1, keepdims=True)
+      # The context after emitting symbol x in context c drops c's oldest symbol and appends x.
+      shifted = (np.arange(self.n_contexts)[:, None] * vocab) % self.n_contexts
+      self.next_ctx = shifted + self.next_sym
+      self.stationary = self._stationary()
+      if self._single_closed_class():
+        break
+    else:
+      raise UserError('could not draw a synthetic source with a unique stationary distribution; '
+                      'raise --config.data.synthetic_branching')
+    ent = -(self.probs * np.log(self.probs)).sum(axis=1)
+    self.context_entropy = ent
+    self.entropy_rate = float(self.stationary @ ent)
+
+  def _stationary(self) -> np.ndarray:
+    """Power iteration on the lazy chain (P + I) / 2: same fixed point as P, but never periodic."""
+    pi = np.full(self.n_contexts, 1.0 / self.n_contexts)
+    flat_ctx = self.next_ctx.ravel()
+    for _ in range(100_000):
+      moved = np.bincount(flat_ctx, weights=(pi[:, None] * self.probs).ravel(),
+                          minlength=self.n_contexts)
+      new = 0.5 * (pi + moved)
+      new /= new.sum()
+      if np.abs(new - pi).sum() < 1e-13:
+        return new
+      pi = new
+    return pi
+
+  def _single_closed_class(self) -> bool:
+    """True when every context can reach the most likely one, i.e. exactly one closed class."""
+    reach = np.zeros(self.n_contexts, bool)
+    reach[int(np.argmax(self.stationary))] = True
+    while True:
+      new = reach | reach[self.next_ctx].any(axis=1)
+      if (new == reach).all():
+        return bool(reach.all())
+      reach = new
+
+  def settings(self) -> dict:
+    return {'vocab': self.vocab, 'order': self.order, 'branching': self.branching,
+            'concentration': self.concentration, 'seed': self.seed}
+
+  def sample(self, n: int, seed: int) -> np.ndarray:
+    """n symbols (int64) of one stationary run of the chain, seeded by `seed`."""
+    rng = np.random.default_rng([self.seed, seed, 0xD47A])
+    ctx = int(rng.choice(self.n_contexts, p=self.stationary))
+    u = rng.random(n)
+    cum = np.cumsum(self.probs, axis=1)
+    cum[:, -1] = 1.0  # So a uniform draw below 1 always lands on an allowed symbol.
+    # The chain is sequential, so the loop runs on plain Python lists (several times faster than
+    # per-step numpy calls).
+    cum_l, sym_l, ctx_l = cum.tolist(), self.next_sym.tolist(), self.next_ctx.tolist()
+    out = [0] * n
+    for i, x in enumerate(u.tolist()):
+      j = bisect.bisect_right(cum_l[ctx], x)
+      out[i] = sym_l[ctx][j]
+      ctx = ctx_l[ctx][j]
+    return np.asarray(out, np.int64)
+
+  def log_probs(self, symbols: np.ndarray) -> np.ndarray:
+    """-log p(symbols[t] | previous `order` symbols) under the true model, for t >= order."""
+    s = np.asarray(symbols, np.int64)
+    ctx = np.zeros(len(s) - self.order, np.int64)
+    for k in range(self.order):
+      ctx = ctx * self.vocab + s[k:len(s) - self.order + k]
+    nxt = s[self.order:]
+    # Position of each emitted symbol within its context's allowed list.
+    match = self.next_sym[ctx] == nxt[:, None]
+    if not match.any(axis=1).all():
+      raise ValueError('the sequence contains a transition the source does not allow')
+    return -np.log(self.probs[ctx, match.argmax(axis=1)])
+
+
+@dataclasses.dataclass
+class SyntheticCorpus:
+  """Train and validation token streams of a Markov source, with its entropy rate."""
+  source: MarkovSource
+  train: np.ndarray
+  val: np.ndarray
+  content_hash: str
+  entropy_rate: float
+
+
+def make_synthetic(vocab: int, order: int, branching: int, concentration: float, seed: int,
+                   n_tokens: int, val_fraction: float) -> SyntheticCorpus:
+  """Generates `n_tokens` training symbols and ceil(n_tokens * val_fraction) validation symbols."""
+  src = MarkovSource(vocab, order, branching, concentration, seed)
+  train = src.sample(n_tokens, seed=1)
+  val = src.sample(max(1, math.ceil(n_tokens * val_fraction)), seed=2)
+  sha = hashlib.sha256(json.dumps(src.settings(), sort_keys=True).encode())
+  sha.update(train.astype('<u4').tobytes())
+  sha.update(val.astype('<u4').tobytes())
+  return SyntheticCorpus(src, train, val, sha.hexdigest(), src.entropy_rate)

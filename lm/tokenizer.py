@@ -1,0 +1,282 @@
+"""Tokenizers: text <-> token ids.
+
+Every tokenizer has `encode(text) -> list[int]` (no BOS/EOS added), `decode(ids) -> str`,
+`vocab_size`, `bos_id`, `eos_id`, `pad_id`, `name`, `settings()` (a JSON-able dict), `hash`
+(sha256 of the settings and any model file) and `save(dir)`; `load_tokenizer(dir)` reads one back.
+`decode` drops the special ids. `decode(encode(s)) == s` for every str s; invalid UTF-8 can only
+come from ids a model produced, and `decode` replaces it with U+FFFD.
+
+  * `bytes`: UTF-8 bytes are ids 0..255, then BOS=256, EOS=257, PAD=258 (vocab 259).
+  * `sentencepiece`: BPE or unigram trained on training text with byte fallback, so every string
+    is representable. Ids 0..3 are <unk> (never produced), BOS, EOS, PAD; then the 256 byte pieces,
+    then newline and tab (own pieces so code's line structure is cheap), then learned pieces.
+    Normalisation is off and whitespace is kept verbatim, so round trips are exact.
+  * `symbols`: the identity tokenizer of the synthetic corpus: symbols 0..n-1 are their own ids,
+    then BOS=n, EOS=n+1, PAD=n+2. Its text form is the ids in decimal separated by spaces.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+
+import numpy as np
+
+from lm.errors import UserError
+
+TOKENIZER_JSON = 'tokenizer.json'
+SP_MODEL_FILE = 'tokenizer.model'
+# SentencePiece ids 0..3 and the pieces every model has besides the learned ones.
+_SP_SPECIALS = 4
+_SP_USER_SYMBOLS = ['\n', '\t']
+SP_MIN_VOCAB = _SP_SPECIALS + 256 + len(_SP_USER_SYMBOLS)
+# SentencePiece escapes spaces as U+2581; a literal one in the text must bypass that escaping.
+_SPACE_MARK = '\u2581'
+
+
+class Tokenizer:
+  """The common interface; subclasses set name, vocab_size, bos_id, eos_id and pad_id."""
+  name: str
+  vocab_size: int
+  bos_id: int
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def decode(self, ids) -> str:
+    raise NotImplementedError
+
+  def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+    """Encodes several texts (subclasses batch this where the library can)."""
+    return [np.asarray(self.encode(t), np.int64) for t in texts]
+
+  def settings(self) -> dict:
+    raise NotImplementedError
+
+  def _hash_extra(self) -> bytes:
+    return b''
+
+  @property
+  def hash(self) -> str:
+    h = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode('utf-8'))
+    h.update(self._hash_extra())
+    return h.hexdigest()
+
+  def save(self, directory: str) -> None:
+    """Writes tokenizer.json (and any model file) into directory."""
+    os.makedirs(directory, exist_ok=True)
+    meta = dict(self.settings(), hash=self.hash)
+    _write_file(os.path.join(directory, TOKENIZER_JSON),
+                (json.dumps(meta, indent=2, sort_keys=True) + '\n').encode('utf-8'))
+
+  def _check_ids(self, ids) -> list[int]:
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    for i in ids:
+      if not 0 <= i < self.vocab_size:
+        raise ValueError(f'token id {i} is outside the {self.name} vocabulary of {self.vocab_size}')
+    return ids
+
+
+def _write_file(path: str, data: bytes) -> None:
+  with open(path, 'wb') as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes 0..255, then BOS, EOS, PAD."""
+  name = 'bytes'
+  vocab_size = 259
+  bos_id, eos_id, pad_id = 256, 257, 258
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode('utf-8'))
+
+  def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+    return [np.frombuffer(t.encode('utf-8'), np.uint8) for t in texts]
+
+  def decode(self, ids) -> str:
+    data = bytes(i for i in self._check_ids(ids) if i < 256)
+    return data.decode('utf-8', errors='replace')
+
+  def settings(self) -> dict:
+    return {'type': 'bytes', 'vocab_size': self.vocab_size}
+
+
+class SymbolTokenizer(Tokenizer):
+  """Identity over `n_symbols` synthetic symbols, then BOS, EOS, PAD; text is decimal ids."""
+  name = 'symbols'
+
+  def __init__(self, n_symbols: int):
+    self.n_symbols = n_symbols
+    self.vocab_size = n_symbols + 3
+    self.bos_id, self.eos_id, self.pad_id = n_symbols, n_symbols + 1, n_symbols + 2
+
+  def encode(self, text: str) -> list[int]:
+    try:
+      ids = [int(w) for w in text.split()]
+    except ValueError:
+      raise ValueError('symbol text must be decimal ids separated by spaces') from None
+    if any(not 0 <= i < self.n_symbols for i in ids):
+      raise ValueError(f'symbol ids must lie in [0, {self.n_symbols})')
+    return ids
+
+  def decode(self, ids) -> str:
+    return ' '.join(str(i) for i in self._check_ids(ids) if i < self.n_symbols)
+
+  def settings(self) -> dict:
+    return {'type': 'symbols', 'n_symbols': self.n_symbols, 'vocab_size': self.vocab_size}
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A trained SentencePiece model (serialized proto bytes) with exact round trips."""
+  name = 'sentencepiece'
+
+  def __init__(self, model_proto: bytes, model_type: str):
+    import sentencepiece as spm
+    self.model_proto = bytes(model_proto)
+    self.model_type = model_type
+    self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+    self.vocab_size = self._sp.get_piece_size()
+    self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
+    # Bytes each id stands for; decoding joins these, so it never re-interprets U+2581 as a space.
+    table = []
+    for i in range(self.vocab_size):
+      piece = self._sp.id_to_piece(i)
+      if self._sp.is_byte(i):
+        table.append(bytes([int(piece[3:5], 16)]))
+      elif self._sp.is_control(i) or self._sp.is_unknown(i):
+        table.append(b'')
+      else:
+        table.append(piece.replace(_SPACE_MARK, ' ').encode('utf-8'))
+    self._bytes = table
+    self._mark_ids = [self._sp.piece_to_id(f'<0x{b:02X}>') for b in _SPACE_MARK.encode('utf-8')]
+
+  def encode(self, text: str) -> list[int]:
+    if _SPACE_MARK not in text:
+      return self._sp.encode(text)
+    parts = text.split(_SPACE_MARK)
+    ids = list(self._sp.encode(parts[0]))
+    for part in parts[1:]:
+      ids += self._mark_ids
+      ids += self._sp.encode(part)
+    return ids
+
+  def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+    plain = [i for i, t in enumerate(texts) if _SPACE_MARK not in t]
+    out: list = [None] * len(texts)
+    if plain:
+      encoded = self._sp.encode([texts[i] for i in plain], num_threads=os.cpu_count() or 1)
+      for i, ids in zip(plain, encoded):
+        out[i] = np.asarray(ids, np.int64)
+    for i, t in enumerate(texts):
+      if out[i] is None:
+        out[i] = np.asarray(self.encode(t), np.int64)
+    return out
+
+  def decode(self, ids) -> str:
+    table = self._bytes
+    return b''.join(table[i] for i in self._check_ids(ids)).decode('utf-8', errors='replace')
+
+  def settings(self) -> dict:
+    return {'type': 'sentencepiece', 'model_type': self.model_type, 'vocab_size': self.vocab_size}
+
+  def _hash_extra(self) -> bytes:
+    return self.model_proto
+
+  def save(self, directory: str) -> None:
+    super().save(directory)
+    _write_file(os.path.join(directory, SP_MODEL_FILE), self.model_proto)
+
+
+def train_sentencepiece(texts: list[str], *, vocab_size: int, model_type: str,
+                        max_train_bytes: int, seed: int = 0) -> SentencePieceTokenizer:
+  """Trains on the lines of texts; above max_train_bytes a seeded random subset of lines is used."""
+  import sentencepiece as spm
+  if vocab_size < SP_MIN_VOCAB:
+    raise UserError(f'data.vocab_size={vocab_size} is too small for sentencepiece with byte '
+                    f'fallback (it needs at least {SP_MIN_VOCAB} plus the characters of the text); '
+                    'raise --config.data.vocab_size')
+  # Training sentences are lines: newlines are their own piece, so pieces never span lines.
+  lines = [ln for t in texts for ln in t.split('\n') if ln]
+  if not lines:
+    raise UserError('the training split has no text to train sentencepiece on; add text to the '
+                    'corpus')
+  sizes = np.fromiter((len(ln.encode('utf-8')) for ln in lines), np.int64, len(lines))
+  if max_train_bytes and sizes.sum() > max_train_bytes:
+    order = np.random.default_rng(seed).permutation(len(lines))
+    keep = np.sort(order[np.cumsum(sizes[order]) <= max_train_bytes])
+    lines = [lines[i] for i in keep]
+  longest = int(sizes.max())
+  proto = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=proto,
+        vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, character_coverage=0.9995,
+        normalization_rule_name='identity', remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=False,
+        user_defined_symbols=_SP_USER_SYMBOLS,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        max_sentence_length=max(4192, min(longest, 1 << 20)),
+        input_sentence_size=0, shuffle_input_sentence=False,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:
+    raise UserError(_vocab_error(vocab_size, str(e))) from None
+  tok = SentencePieceTokenizer(proto.getvalue(), model_type)
+  if tok.vocab_size != vocab_size:
+    raise UserError(f'sentencepiece built {tok.vocab_size} pieces, not '
+                    f'data.vocab_size={vocab_size}; choose another --config.data.vocab_size')
+  return tok
+
+
+def _vocab_error(vocab_size: int, message: str) -> str:
+  """One sentence from SentencePiece's training error (it states the reachable bound)."""
+  low = re.search(r'smaller than required_chars\. \d+ vs (\d+)', message)
+  if low:
+    return (f'data.vocab_size={vocab_size} is too small for this text: sentencepiece needs at '
+            f'least {low.group(1)} for its byte, special and character pieces; raise '
+            '--config.data.vocab_size')
+  high = re.search(r'Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)', message)
+  if high:
+    return (f'data.vocab_size={vocab_size} is more than sentencepiece can learn from this text '
+            f'(at most {high.group(1)}); lower --config.data.vocab_size or use more text')
+  return (f'sentencepiece cannot build a vocabulary of data.vocab_size={vocab_size} from this text '
+          f'({message.strip()}); choose another --config.data.vocab_size')
+
+
+def load_tokenizer(directory: str) -> Tokenizer:
+  """The tokenizer that `Tokenizer.save(directory)` wrote."""
+  path = os.path.join(directory, TOKENIZER_JSON)
+  try:
+    with open(path, encoding='utf-8') as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise UserError(f'no {TOKENIZER_JSON} in {directory}; point at a folder a run or data '
+                    'preparation wrote') from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f'cannot read {path} ({e}); prepare the data again') from None
+  kind = meta.get('type')
+  if kind == 'bytes':
+    tok: Tokenizer = ByteTokenizer()
+  elif kind == 'symbols':
+    tok = SymbolTokenizer(int(meta['n_symbols']))
+  elif kind == 'sentencepiece':
+    try:
+      with open(os.path.join(directory, SP_MODEL_FILE), 'rb') as f:
+        proto = f.read()
+    except OSError as e:
+      raise UserError(f'cannot read {SP_MODEL_FILE} in {directory} ({e.strerror}); prepare the '
+                      'data again') from None
+    tok = SentencePieceTokenizer(proto, meta['model_type'])
+  else:
+    raise UserError(f'{path} names an unknown tokenizer type {kind!r}; prepare the data again')
+  if meta.get('hash') not in (None, tok.hash):
+    raise UserError(f'the tokenizer in {directory} does not match its {TOKENIZER_JSON} hash; '
+                    'prepare the data again')
+  return tok
