@@ -36,9 +36,11 @@ class Checkpoints:
     returns (state, step) or (None, None) when no checkpoint exists.
     """
     steps = self.steps()
+    bad = []
     for step in reversed(steps):
       try:
         state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        self._set_aside(bad)
         return state, step
       except Exception as e:  # orbax raises several types for damaged or mismatched files
         if _is_shape_mismatch(e):
@@ -48,10 +50,25 @@ class Checkpoints:
                         'falling back to the previous one', step, type(e).__name__, e)
         print(f'warning: checkpoint step {step} is unreadable ({type(e).__name__}); '
               'falling back to the previous checkpoint.', flush=True)
+        bad.append(step)
     if steps:
       raise UserError(f'No checkpoint in {self.directory} could be restored; '
                       'move that folder away to start afresh.')
     return None, None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable steps to checkpoints.unreadable/ (kept for inspection, never reused)."""
+    if not steps:
+      return
+    aside = self.directory + '.unreadable'
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      target = os.path.join(aside, str(step))
+      while os.path.exists(target):
+        target += '_'
+      os.replace(os.path.join(self.directory, str(step)), target)
+      print(f'warning: moved the unreadable checkpoint {step} to {target}', flush=True)
+    self.manager.reload()
 
   def close(self):
     self.manager.close()

@@ -1,0 +1,291 @@
+"""Training: learning, determinism, exact resume, grad accumulation, schedules, FLOPs, configs, errors."""
+import glob
+import importlib
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from lm import checkpoint as ckpt_lib
+from lm import flops as flops_lib
+from lm import model as model_lib
+from lm import train as train_lib
+from lm.config import ModelConfig
+from lm.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('cache'))
+
+
+def small_config(cache_dir, **train):
+  c = base.get_config()
+  c.model.n_layers, c.model.d_model, c.model.n_heads, c.model.max_len = 2, 32, 4, 64
+  c.data.max_bytes = 400_000
+  c.data.cache_dir = cache_dir
+  t = dict(steps=12, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=6,
+           eval_batches=2, log_every=2, checkpoint_every=4, progress='none')
+  t.update(train)
+  for k, v in t.items():
+    c.train[k] = v
+  return c
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_params(workdir):
+  cfg_steps = max(int(os.path.basename(p)) for p in glob.glob(f'{workdir}/checkpoints/[0-9]*'))
+  mngr = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), 5)
+  import orbax.checkpoint as ocp
+  state = mngr.manager.restore(cfg_steps, args=ocp.args.StandardRestore())
+  mngr.close()
+  return state['params']
+
+
+@pytest.fixture(scope='module')
+def reference_run(cache_dir, tmp_path_factory):
+  """One uninterrupted 12-step run shared by the tests below."""
+  workdir = str(tmp_path_factory.mktemp('ref'))
+  summary = train_lib.train(small_config(cache_dir), workdir)
+  return workdir, summary
+
+
+def test_workdir_holds_everything(reference_run):
+  workdir, summary = reference_run
+  for name in ('config.json', 'manifest.json', 'metrics.jsonl', 'summary.json', 'tokenizer'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert glob.glob(f'{workdir}/tensorboard/events.out.tfevents.*')
+  assert sorted(os.listdir(f'{workdir}/checkpoints')) == ['12', '8']   # keep_checkpoints = 2
+  rows = read_metrics(workdir)
+  for key in ('step', 'loss', 'lr', 'grad_norm', 'tokens', 'flops', 'tokens_per_s'):
+    assert all(key in r for r in rows), key
+  evals = [r for r in rows if 'eval_loss' in r]
+  assert [r['step'] for r in evals] == [6, 12]
+  assert all('eval_bpb' in r and 'eval_ppl' in r for r in evals)
+  m = json.load(open(os.path.join(workdir, 'manifest.json')))
+  assert m['params'] == summary['params'] and m['params_nonembed'] < m['params']
+  assert m['flops_per_token']['6n'] == 6 * m['params']
+  assert m['data']['corpus_hash'] and m['data']['tokenizer_hash']
+  assert m['mesh'] == {'data': 1, 'fsdp': 1, 'tensor': 1}
+  assert set(m['versions']) >= {'python', 'jax', 'flax', 'optax', 'orbax_checkpoint'}
+
+
+def test_loss_decreases(reference_run):
+  rows = read_metrics(reference_run[0])
+  assert rows[-1]['loss'] < rows[0]['loss'] - 0.5   # bytes: from ~ln 259 = 5.6 downwards
+  assert rows[-1]['eval_loss'] < 5.0
+
+
+def test_same_seed_same_numbers_and_exact_resume(cache_dir, reference_run, tmp_path):
+  """A run killed at step 5 and resumed ends bitwise equal to the uninterrupted run."""
+  ref_dir, ref_summary = reference_run
+  workdir = str(tmp_path / 'resumed')
+  cfg = small_config(cache_dir)
+  partial = train_lib.train(cfg, workdir, stop_at=5)
+  assert partial['finished'] is False and not os.path.exists(f'{workdir}/summary.json')
+  resumed = train_lib.train(cfg, workdir)
+  assert resumed['finished'] and resumed['final_loss'] == ref_summary['final_loss']
+  for a, b in zip(jax.tree.leaves(final_params(ref_dir)), jax.tree.leaves(final_params(workdir))):
+    np.testing.assert_array_equal(a, b)
+  # The resumed metrics file has every step once, identical to the reference.
+  strip = lambda rows: [{k: v for k, v in r.items() if k in ('step', 'loss', 'eval_loss')}
+                        for r in rows]
+  assert strip(read_metrics(workdir)) == strip(read_metrics(ref_dir))
+  # A finished run is not trained again.
+  assert train_lib.train(cfg, workdir)['final_loss'] == ref_summary['final_loss']
+
+
+def test_other_seed_other_numbers(cache_dir, reference_run, tmp_path):
+  cfg = small_config(cache_dir, steps=2, eval_every=2, warmup_steps=1)
+  cfg.seed = 1
+  other = train_lib.train(cfg, str(tmp_path / 'seed1'))
+  first = read_metrics(reference_run[0])[0]
+  assert read_metrics(str(tmp_path / 'seed1'))[0]['loss'] != first['loss']
+  assert other['finished']
+
+
+def test_gradient_accumulation_equals_full_batch():
+  """With SGD(lr=1) the update is the gradient itself: 4 micro-batches equal the full batch."""
+  import optax
+  mc = ModelConfig(vocab_size=50, n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, d_ff=64,
+                   max_len=32)
+  batch = jax.random.randint(jax.random.PRNGKey(0), (8, 17), 0, 50)
+  results = []
+  for accum in (1, 4):
+    tc = train_lib.TrainConfig(steps=10, batch_size=8, seq_len=16, grad_accum=accum,
+                               warmup_steps=0)
+    params = model_lib.init_params(mc, jax.random.PRNGKey(1))
+    opt = optax.sgd(1.0)
+    state = {'params': params, 'opt_state': opt.init(params), 'step': jnp.zeros((), jnp.int32)}
+    step = jax.jit(train_lib.make_train_step(mc, tc, opt, seed=0))
+    state, m = step(state, batch)
+    results.append((jax.tree.map(jnp.subtract, params, state['params']), m))
+  (p1, m1), (p4, m4) = results
+  assert abs(float(m1['loss']) - float(m4['loss'])) < 1e-6
+  assert abs(float(m1['grad_norm']) - float(m4['grad_norm'])) < 1e-5
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(p1)) > 1e-3  # not all ~zero
+
+
+def lr_at(steps, **kw):
+  tc = train_lib.TrainConfig(steps=steps, lr=1.0, **kw)
+  s = train_lib.learning_rate_schedule(tc)
+  return lambda i: float(s(i))
+
+
+def test_schedules_at_their_corner_steps():
+  cos = lr_at(100, warmup_steps=10, schedule='cosine', final_lr_fraction=0.1)
+  assert cos(0) == pytest.approx(0.1)          # peak / warmup at the first step
+  assert cos(9) == pytest.approx(1.0)          # peak at the end of warmup
+  assert cos(10) == pytest.approx(1.0)
+  assert cos(10 + 89 / 2) == pytest.approx(0.55, abs=1e-6)   # half way: (1 + 0.1) / 2
+  assert cos(99) == pytest.approx(0.1)         # exactly final_lr_fraction at the last step
+  wsd = lr_at(100, warmup_steps=10, schedule='wsd', decay_fraction=0.2, final_lr_fraction=0.0)
+  assert wsd(10) == wsd(79) == pytest.approx(1.0)
+  assert wsd(80) == pytest.approx(1.0) and wsd(99) == pytest.approx(0.0, abs=1e-7)
+  const = lr_at(50, warmup_steps=0, schedule='constant')
+  assert const(0) == const(49) == 1.0
+  nowarm = lr_at(20, warmup_steps=0, final_lr_fraction=0.1)
+  assert nowarm(0) == pytest.approx(1.0) and nowarm(19) == pytest.approx(0.1)
+
+
+def test_weight_decay_mask():
+  mc = ModelConfig(vocab_size=50, n_layers=1, d_model=16, n_heads=2, n_kv_heads=2, d_ff=32,
+                   max_len=8, use_bias=True, norm='layernorm', tie_embeddings=False)
+  mask = train_lib.decay_mask(model_lib.param_shapes(mc), decay_embeddings=False)
+  assert mask['embed'] is False and mask['head'] is True
+  layer = mask['layer_0']
+  assert layer['attn']['wq'] and layer['mlp']['wi'] and layer['attn']['wo']
+  assert not layer['attn']['wq_bias'] and not layer['norm1']['scale'] and not layer['mlp']['bi']
+  assert train_lib.decay_mask(model_lib.param_shapes(mc), True)['embed'] is True
+
+
+def test_flops_against_hand_count():
+  mc = ModelConfig(vocab_size=100, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256,
+                   max_len=128)
+  T = 128
+  t = flops_lib.chinchilla_forward_flops(mc, T)
+  # Per layer: qkv 2*T*3*D*D, logits 2*T*T*D, softmax 3*H*T*T, values 2*T*T*D, out 2*T*D*D,
+  # mlp 2*T*2*D*F; plus embeddings and logits 2*T*V*D each.
+  D, F, V, H = 64, 256, 100, 4
+  layer = (2 * T * 3 * D * D + 2 * T * T * D + 3 * H * T * T + 2 * T * T * D + 2 * T * D * D
+           + 2 * T * 2 * D * F)
+  assert t['total'] == 2 * layer + 2 * (2 * T * V * D)
+  per_token = flops_lib.flops_per_token(mc, T, 1000)
+  assert per_token['chinchilla'] == 3 * t['total'] / T and per_token['6n'] == 6000
+
+
+def test_flops_close_to_xla_cost_analysis():
+  """The matmul terms of App. F (x3 for training) are within a few % of XLA's count of the step.
+
+  XLA counts the embedding lookup as a gather (no FLOPs) and the softmax as several elementwise
+  ops, so those two terms are left out of the comparison; elementwise work (norms, GELU, AdamW)
+  is the few % that remain.
+  """
+  mc = ModelConfig(vocab_size=512, n_layers=2, d_model=256, n_heads=4, n_kv_heads=4,
+                   d_ff=1024, max_len=128)
+  tc = train_lib.TrainConfig(steps=10, batch_size=4, seq_len=128, warmup_steps=0)
+  params = model_lib.param_shapes(mc)
+  opt = train_lib.make_optimizer(tc, params)
+  state = jax.eval_shape(lambda p: {'params': p, 'opt_state': opt.init(p),
+                                    'step': jnp.zeros((), jnp.int32)}, params)
+  batch = jax.ShapeDtypeStruct((4, 129), jnp.int32)
+  compiled = jax.jit(train_lib.make_train_step(mc, tc, opt, 0)).lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+  t = flops_lib.chinchilla_forward_flops(mc, 128)
+  ours = 4 * 3 * (t['total'] - t['embeddings'] - t['attention_softmax'])
+  assert abs(xla / ours - 1) < 0.05, (xla, ours)
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))))
+def test_every_config_file_builds(path):
+  name = os.path.basename(path)[:-3]
+  if name == '__init__':
+    return
+  cfg = importlib.import_module(f'configs.{name}').get_config()
+  if 'model' not in cfg:   # sweep configs carry their base under `base`
+    cfg = cfg.base
+  mc = ModelConfig.from_config(cfg.model, 259)
+  small = ModelConfig.from_config(
+      dict(cfg.model, d_model=32, n_layers=min(mc.n_layers, 2), d_ff=0,
+           n_heads=4 if mc.n_heads % 4 == 0 else 2,
+           n_kv_heads=min(mc.n_kv_heads, 2) if cfg.model.n_kv_heads else 0), 259)
+  train_lib.TrainConfig.from_config(cfg.train)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  logits = model_lib.apply(small, model_lib.init_params(small, jax.random.PRNGKey(0)), tokens)
+  assert logits.shape == (1, 8, small.vocab_size)
+  # The full-size shape is valid too (no allocation: shapes only).
+  assert flops_lib.param_counts(model_lib.param_shapes(mc))['total'] > 0
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('steps', 0, 'train.steps=0'),
+    ('batch_size', -4, 'train.batch_size=-4'),
+    ('lr', 0.0, 'train.lr=0.0'),
+    ('grad_accum', 3, 'grad_accum=3 does not divide'),
+    ('schedule', 'linear', "schedule='linear'"),
+    ('warmup_steps', 500, 'warmup_steps=500'),
+])
+def test_bad_train_values(key, value, needle):
+  c = base.get_config()
+  c.train[key] = value
+  with pytest.raises(UserError, match=needle.replace('(', r'\(')):
+    train_lib.TrainConfig.from_config(c.train)
+
+
+def test_seq_len_beyond_max_len(cache_dir, tmp_path):
+  cfg = small_config(cache_dir, seq_len=128)
+  with pytest.raises(UserError, match='train.seq_len=128 is longer than model.max_len=64'):
+    train_lib.train(cfg, str(tmp_path / 'x'))
+
+
+def test_incompatible_workdir_is_refused_and_left_alone(cache_dir, reference_run, tmp_path):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(reference_run[0], workdir)
+  before = {p: os.path.getmtime(p) for p in glob.glob(f'{workdir}/**', recursive=True)}
+  cfg = small_config(cache_dir)
+  cfg.model.d_model = 64
+  with pytest.raises(UserError, match=r'model.d_model \(32 -> 64\)'):
+    train_lib.train(cfg, workdir)
+  after = {p: os.path.getmtime(p) for p in glob.glob(f'{workdir}/**', recursive=True)}
+  assert before == after
+
+
+def test_corrupt_latest_checkpoint_falls_back(cache_dir, reference_run, tmp_path, capsys):
+  workdir = str(tmp_path / 'corrupt')
+  shutil.copytree(reference_run[0], workdir)
+  os.remove(os.path.join(workdir, 'summary.json'))
+  # Damage every data file of the newest checkpoint (step 12).
+  for f in glob.glob(f'{workdir}/checkpoints/12/**/*', recursive=True):
+    if os.path.isfile(f) and not f.endswith('.json'):
+      with open(f, 'wb') as fh:
+        fh.write(b'garbage')
+  shutil.rmtree(f'{workdir}/checkpoints/12/state/_METADATA', ignore_errors=True)
+  summary = train_lib.train(small_config(cache_dir), workdir)
+  assert 'falling back' in capsys.readouterr().out
+  assert summary['finished'] and summary['steps'] == 12
+  for a, b in zip(jax.tree.leaves(final_params(reference_run[0])),
+                  jax.tree.leaves(final_params(workdir))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(cache_dir, tmp_path):
+  workdir = str(tmp_path / 'nan')
+  cfg = small_config(cache_dir, lr=1e30, grad_clip=0.0, warmup_steps=0, steps=12)
+  with pytest.raises(UserError, match=r'The loss became (nan|inf) at step \d+'):
+    train_lib.train(cfg, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
