@@ -9,7 +9,7 @@
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lm import cli
@@ -36,6 +36,7 @@ flags.DEFINE_integer('num_samples', 1, 'sample: continuations per prompt.')
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax) hides the progress lines
   command = argv[1] if len(argv) > 1 else 'default'
   if command not in SUBCOMMANDS + ('default',) or len(argv) > 2:
     raise app.UsageError(f'unknown subcommand {" ".join(argv[1:])!r}; '

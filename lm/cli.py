@@ -19,3 +19,10 @@ def train(FLAGS):
     ev = summary.get('eval_loss')
     print(f"done: {summary['steps']} steps, train loss {summary['final_loss']:.4f}"
           + (f', eval loss {ev:.4f}' if ev is not None else '') + f'; outputs in {workdir}')
+
+
+def sample(FLAGS):
+  from lm import sample as sample_lib
+  sample_lib.sample_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny'), FLAGS.prompt,
+                        FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
+                        FLAGS.seed, FLAGS.num_samples)

@@ -78,3 +78,19 @@ def peak_flops(device_kind: str, dtype: str, override: float = 0.0) -> float:
     if key.lower() in device_kind.lower():
       return rates.get(dtype, rates['bfloat16'])
   return 0.0
+
+
+def param_counts_from_config(cfg) -> dict:
+  """The same counts as `param_counts`, from the shape alone (fast: used to plan sweeps)."""
+  D, F, V, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.head_dim
+  q, kv = cfg.n_heads * H, cfg.n_kv_heads * H
+  bias = cfg.use_bias
+  attn = D * (q + 2 * kv) + q * D + (q + 2 * kv + D if bias else 0)
+  mlp = (3 if cfg.mlp == 'swiglu' else 2) * D * F + (F + D if bias else 0)
+  norm = D * (2 if cfg.norm == 'layernorm' and bias else 1)
+  layer = attn + mlp + 2 * norm
+  final_norm = norm if cfg.block == 'prenorm' else 0
+  embed = V * D + (0 if cfg.tie_embeddings else D * V) + (cfg.max_len * D if cfg.pos == 'learned'
+                                                           else 0)
+  total = cfg.n_layers * layer + final_norm + embed
+  return {'total': total, 'nonembed': total - embed}

@@ -264,3 +264,13 @@ def test_logical_axis_names_cover_every_param():
 def test_bad_model_config_is_one_clear_sentence(kw, needle):
   with pytest.raises(UserError, match=needle.replace('(', r'\(').replace("'", "'")):
     tiny(**kw)
+
+
+@pytest.mark.parametrize('kw', [
+    dict(), dict(pos='learned', tie_embeddings=False), dict(use_bias=True, norm='layernorm'),
+    dict(mlp='swiglu', block='postnorm', n_kv_heads=1), dict(use_bias=True, mlp='swiglu'),
+])
+def test_parameter_count_from_config_equals_the_tree(kw):
+  """Sweeps plan with the closed-form count; it must equal the count of the real params."""
+  cfg = tiny(**kw)
+  assert flops.param_counts_from_config(cfg) == flops.param_counts(model.param_shapes(cfg))
