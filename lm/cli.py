@@ -26,3 +26,68 @@ def sample(FLAGS):
   sample_lib.sample_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny'), FLAGS.prompt,
                         FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                         FLAGS.seed, FLAGS.num_samples)
+
+
+def sweep(FLAGS, cfg=None, workdir=None):
+  from lm.scaling import sweep as sweep_lib
+  cfg = cfg or _need(FLAGS.config, 'config', '--config=configs/sweep_smoke.py')
+  workdir = workdir or _need(FLAGS.workdir, 'workdir', '--workdir=runs/sweep')
+  if 'sweep' not in cfg or 'base' not in cfg:
+    raise UserError('--config is not a sweep config (it needs `sweep` and `base` sections); '
+                    'use e.g. --config=configs/sweep_smoke.py, or `run.py train` for one run.')
+  out = sweep_lib.run_sweep(cfg, workdir)
+  if out.get('stopped'):
+    return
+  print(f"sweep: {out['finished']} runs finished, {len(out['failed'])} failed, "
+        f"{out['wall_s']:.0f} s; results in {out['results']}")
+  fit = out.get('fit')
+  if fit:
+    a2, a3 = fit['approach2'], fit['approach3']
+    fmt = lambda v: 'n/a' if v is None else f'{v:.3f}'
+    print(f"fit: approach 2 a={fmt(a2.get('a'))} b={fmt(a2.get('b'))}; approach 3 "
+          f"E={fmt(a3.get('E'))} alpha={fmt(a3.get('alpha'))} beta={fmt(a3.get('beta'))} "
+          f"a={fmt(a3.get('a'))}")
+    print(f'plots and report: {os.path.abspath(workdir)}/*.png, '
+          f'{os.path.abspath(workdir)}/report.md')
+
+
+def default(FLAGS):
+  """`python run.py` alone: the default smoke sweep into runs/sweep_smoke."""
+  from configs import sweep_smoke
+  workdir = FLAGS.workdir or os.path.join('runs', 'sweep_smoke')
+  print(f'running the default scaling sweep (configs/sweep_smoke.py) into {workdir}; '
+        'see README.md for other commands')
+  sweep(FLAGS, sweep_smoke.get_config(), workdir)
+
+
+def fit(FLAGS):
+  from lm.scaling import fit as fit_lib
+  results = _need(FLAGS.results, 'results', '--results=runs/sweep_smoke/results.csv')
+  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/fit')
+  out = fit_lib.run_fit(results, workdir, loss_key=FLAGS.loss_key, params_key=FLAGS.params_key,
+                        flops_key=FLAGS.flops_key, bootstrap=FLAGS.bootstrap)
+  a3 = out['approach3']
+  print(f"approach 3: E={a3['E']:.4g} A={a3['A']:.4g} B={a3['B']:.4g} alpha={a3['alpha']:.4g} "
+        f"beta={a3['beta']:.4g} a={a3['a']:.4g}")
+  print(f'wrote {workdir}/fit.json, {workdir}/report.md and the plots')
+
+
+def plot(FLAGS):
+  """Re-draws the plots of a sweep or fit folder from its results.csv and fit.json."""
+  import json
+  from lm.scaling import fit as fit_lib
+  from lm.scaling import plot as plot_lib
+  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sweep_smoke')
+  fit_path = os.path.join(workdir, 'fit.json')
+  results = FLAGS.results or os.path.join(workdir, 'results.csv')
+  if not os.path.exists(fit_path):
+    raise UserError(f'{fit_path} does not exist; run `run.py fit` or `run.py sweep` first.')
+  with open(fit_path) as f:
+    fitted = json.load(f)
+  cols = fitted.get('columns', {})
+  rows = fit_lib.read_results(results, cols.get('loss'), cols.get('params', 'params'),
+                              cols.get('flops'))
+  curves_path = os.path.join(workdir, 'curves.json')
+  curves = fit_lib.read_curves(curves_path) if os.path.exists(curves_path) else None
+  for p in plot_lib.make_all(fitted, rows, workdir, curves=curves):
+    print(p)

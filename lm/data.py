@@ -225,6 +225,10 @@ def _build(cfg: DataConfig, files, material: dict, key: str, root: str, final: s
     info = _write_contents(cfg, files, material, key, tmp, progress)
     _write_json(os.path.join(tmp, INFO_JSON), info)  # Last: its presence marks the files complete.
     _fsync_dir(tmp)
+    if os.path.isdir(final) and _open(final, key) is not None:
+      # Another process finished the same folder meanwhile and may be reading it: keep it.
+      shutil.rmtree(tmp, ignore_errors=True)
+      return
     if os.path.isdir(final):
       # A folder that failed to load (damaged by hand or by the disk) is replaced.
       broken = final + f'.broken-{os.getpid()}'

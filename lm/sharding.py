@@ -48,7 +48,8 @@ def maybe_initialize_distributed(mc: MeshConfig) -> None:
 
   `jax.distributed.initialize()` with no arguments reads the coordinator, process count and
   index from SLURM, Open MPI or TPU pod metadata; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
-  and JAX_PROCESS_ID set them by hand (e.g. several processes on one machine).
+  and JAX_PROCESS_ID set them by hand (e.g. several processes on one machine). It must run
+  before anything else touches jax devices.
   """
   explicit = os.environ.get('JAX_COORDINATOR_ADDRESS')
   if not (mc.distributed or explicit):
@@ -56,10 +57,19 @@ def maybe_initialize_distributed(mc: MeshConfig) -> None:
   if jax.distributed.is_initialized():
     return
   if explicit:
-    jax.distributed.initialize(explicit, int(os.environ['JAX_NUM_PROCESSES']),
-                               int(os.environ['JAX_PROCESS_ID']))
-  else:
+    try:
+      n, i = int(os.environ['JAX_NUM_PROCESSES']), int(os.environ['JAX_PROCESS_ID'])
+    except (KeyError, ValueError):
+      raise UserError('JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID '
+                      'must be set to integers too.') from None
+    jax.distributed.initialize(explicit, n, i)
+    return
+  try:
     jax.distributed.initialize()
+  except ValueError as e:  # no cluster environment detected
+    raise UserError(f'mesh.distributed=True but no SLURM, Open MPI or TPU pod environment was '
+                    f'found ({e}); set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
+                    'JAX_PROCESS_ID, or drop mesh.distributed.') from None
 
 
 def mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -101,6 +111,28 @@ def check_divisibility(mesh: Mesh, model_cfg, batch_size: int) -> None:
     if v % tp:
       raise UserError(f'model.{key}={v} is not divisible by mesh.tensor={tp}; '
                       'change one of them.')
+  check_process_layout(mesh)
+
+
+def check_process_layout(mesh: Mesh) -> None:
+  """Each process must own whole batch shards, the same number of them.
+
+  Every process reads only its own rows (lm/data.py) and `global_batch` places them on its
+  devices, so a batch shard whose devices span two processes (mesh.tensor across hosts, or
+  data x fsdp smaller than the process count) would need rows no single process has.
+  """
+  procs = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+  n_proc = len(np.unique(procs))
+  if n_proc == 1:
+    return
+  # Row b of by_shard is batch shard b (data-major, then fsdp); its columns differ in tensor.
+  by_shard = procs.reshape(-1, procs.shape[-1])
+  owners = by_shard[:, 0]
+  _, shares = np.unique(owners, return_counts=True)
+  if not (by_shard == owners[:, None]).all() or len(set(shares)) != 1:
+    raise UserError(f'The mesh {tuple(mesh.devices.shape)} (data, fsdp, tensor) splits a batch '
+                    f'shard across processes; make data x fsdp a multiple of the {n_proc} '
+                    'processes and keep mesh.tensor within one host.')
 
 
 def _mesh_axes(logical: str | None):
@@ -159,6 +191,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def global_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
   """Assembles each process's rows into one global array sharded over the data axes."""
   sharding = batch_sharding(mesh)
-  if jax.process_count() == 1:
+  n = jax.process_count()
+  if n == 1:
     return jax.device_put(local_rows, sharding)
-  return jax.make_array_from_process_local_data(sharding, local_rows)
+  # Stated, not inferred, so a process holding the wrong number of rows fails loudly.
+  shape = (local_rows.shape[0] * n,) + local_rows.shape[1:]
+  return jax.make_array_from_process_local_data(sharding, local_rows, shape)

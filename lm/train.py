@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from lm import checkpoint as ckpt_lib
 from lm import data as data_lib
@@ -239,12 +240,12 @@ def build(cfg) -> Run:
   tc = TrainConfig.from_config(cfg.train)
   mesh_cfg = shard_lib.MeshConfig.from_config(cfg.mesh)
   shard_lib.maybe_initialize_distributed(mesh_cfg)
+  mesh = shard_lib.make_mesh(mesh_cfg)   # before the data: a bad mesh fails in a second
   dataset = data_lib.prepare(data_lib.DataConfig.from_config(cfg.data))
   mc = ModelConfig.from_config(cfg.model, dataset.tokenizer.vocab_size)
   if tc.seq_len > mc.max_len:
     raise UserError(f'train.seq_len={tc.seq_len} is longer than model.max_len={mc.max_len}; '
                     'lower seq_len or raise max_len.')
-  mesh = shard_lib.make_mesh(mesh_cfg)
   shard_lib.check_divisibility(mesh, mc, tc.batch_size)
   dataset.check(tc.batch_size, tc.seq_len, jax.process_count())
 
@@ -340,7 +341,6 @@ class _StopFlag:
 def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """Trains (or resumes) the run in workdir; returns the summary. `stop_at` simulates a kill."""
   os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
   config_path = os.path.join(workdir, 'config.json')
   new_cfg = json.loads(cfg.to_json())
   if os.path.exists(config_path):
@@ -348,7 +348,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
       check_resumable(json.load(f), new_cfg)
   summary_path = os.path.join(workdir, 'summary.json')
 
-  run = build(cfg)
+  run = build(cfg)  # first: it joins a multi-host job, which must precede any other jax call
+  is_main = jax.process_index() == 0
   tc = run.train
   if is_main:
     metrics_lib.write_json_atomic(config_path, new_cfg)
@@ -411,7 +412,13 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
           progress.update(pending[0], row)
       pending = (step, m)
       is_eval = step % tc.eval_every == 0 or step == tc.steps
-      if is_eval or step % tc.checkpoint_every == 0 or flag.stop or step == stop_at:
+      stop = flag.stop
+      if jax.process_count() > 1 and step % tc.log_every == 0:
+        # Every host must stop at the same step, or the others wait forever in the next step.
+        stop = bool(multihost_utils.process_allgather(np.int32(flag.stop)).max())
+      elif jax.process_count() > 1:
+        stop = False
+      if is_eval or step % tc.checkpoint_every == 0 or stop or step == stop_at:
         row = finish_row(*pending)   # makes sure the state is finite before saving it
         pending = None
         if is_eval:
@@ -423,7 +430,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
           writer.write(row)
           progress.update(step, row)
         ckpts.save(step, state)
-        if flag.stop or step == stop_at:
+        if stop or step == stop_at:
           stopped = True
           progress.message(f'stopped at step {step}; checkpoint saved, rerun to resume.')
           break

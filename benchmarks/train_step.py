@@ -1,0 +1,220 @@
+"""Training throughput: python -m benchmarks.train_step [--size=ref] [--batch=...] [--compare].
+
+Times the project's jitted training step (`lm.train.make_train_step` with `make_optimizer`) on
+random tokens with every model feature off (LayerNorm, GELU, no bias, dropout, remat or scan),
+in four variants: learned or RoPE positions, gradient clipping at 1.0 or off. At --size=ref
+(or with --compare) it also times a plain Flax GPT of the same shape: nn.Embed, learned
+positions, pre-LN blocks of nn.LayerNorm and nn.Dense (with their default biases), explicit
+causal softmax attention, a 4x GELU MLP, the output tied through `embed.attend`, and optax
+AdamW without clipping or a decay mask, in a jax.jit'd value_and_grad step.
+
+Each candidate is compiled, warmed up for --warmup steps, then timed over --rounds rounds of
+--steps steps each (blocking once at the end of its turn). The candidates take turns within
+each round, so a slow spell on a shared machine hits all of them. The table gives the median
+tokens/s over rounds, the median per-round ratio to the plain Flax step, and this process's
+CPU seconds per step (less disturbed than wall time by other loads on the machine). FLOPs per
+token are the Chinchilla App. F count (`lm.flops.flops_per_token`); MFU needs a peak
+(--peak_flops, else the device table in lm/flops.py) and shows n/a on CPUs.
+"""
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lm import flops as flops_lib
+from lm import model as model_lib
+from lm import train as train_lib
+from lm.config import ModelConfig
+
+# Shapes: (n_layers, d_model, n_heads, d_ff, vocab, max_len) and the default batch, seq_len, dtype.
+SIZES = {
+    'ref': dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, vocab=4096, max_len=256,
+                batch=16, seq_len=256, dtype='float32'),
+    'tiny': dict(n_layers=2, d_model=128, n_heads=4, d_ff=512, vocab=259, max_len=128,
+                 batch=16, seq_len=128, dtype='float32'),
+    'small': dict(n_layers=8, d_model=512, n_heads=8, d_ff=2048, vocab=4096, max_len=256,
+                  batch=16, seq_len=256, dtype='float32'),
+    'gpt2_small': dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072, vocab=32768,
+                       max_len=1024, batch=8, seq_len=1024, dtype='bfloat16'),
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('size', 'ref', list(SIZES), 'Named model shape.')
+flags.DEFINE_integer('batch', 0, 'Sequences per step (0: the size default).')
+flags.DEFINE_integer('seq_len', 0, 'Tokens per sequence (0: the size default).')
+flags.DEFINE_integer('steps', 5, 'Timed steps per candidate per round.')
+flags.DEFINE_integer('rounds', 3, 'Interleaved rounds; the median round is reported.')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first (compiling) one.')
+flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype (default: the size).')
+flags.DEFINE_bool('compare', False, 'Also time the plain Flax GPT (always on at --size=ref).')
+flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of one device for MFU (0: look it up).')
+
+
+class _Block(nn.Module):
+  """Pre-LN GPT block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  n_heads: int
+  d_ff: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    B, T, D = x.shape
+    H = D // self.n_heads
+    h = nn.LayerNorm(dtype=self.dtype)(x)
+    q, k, v = (nn.Dense(D, dtype=self.dtype, name=n)(h).reshape(B, T, self.n_heads, H)
+               for n in ('q', 'k', 'v'))
+    logits = jnp.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(H)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+    att = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    o = jnp.einsum('bnqk,bknh->bqnh', att, v).reshape(B, T, D)
+    x = x + nn.Dense(D, dtype=self.dtype, name='out')(o)
+    h = nn.LayerNorm(dtype=self.dtype)(x)
+    h = nn.Dense(D, dtype=self.dtype)(nn.gelu(nn.Dense(self.d_ff, dtype=self.dtype)(h)))
+    return x + h
+
+
+class PlainGPT(nn.Module):
+  """The reference: a GPT written the plain Flax way, with no options."""
+  vocab: int
+  n_layers: int
+  d_model: int
+  n_heads: int
+  d_ff: int
+  max_len: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(self.vocab, self.d_model, dtype=self.dtype)
+    pos = nn.Embed(self.max_len, self.d_model, dtype=self.dtype)
+    x = embed(tokens) + pos(jnp.arange(tokens.shape[1]))[None]
+    for _ in range(self.n_layers):
+      x = _Block(self.n_heads, self.d_ff, self.dtype)(x)
+    x = nn.LayerNorm(dtype=self.dtype)(x)
+    return embed.attend(x).astype(jnp.float32)
+
+
+def plain_candidate(s, dtype, batch_BT1):
+  """(run(n) -> last loss, n_params) for the plain Flax GPT and AdamW."""
+  model = PlainGPT(s['vocab'], s['n_layers'], s['d_model'], s['n_heads'], s['d_ff'],
+                   s['max_len'], jnp.dtype(dtype))
+  params = model.init(jax.random.PRNGKey(0), batch_BT1[:1, :-1])['params']
+  opt = optax.adamw(3e-3, b1=0.9, b2=0.99, weight_decay=0.1)
+
+  def loss_fn(params, batch):
+    logits = model.apply({'params': params}, batch[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  state = [params, opt.init(params)]
+
+  def run(n):
+    for _ in range(n):
+      state[0], state[1], loss = step(state[0], state[1], batch_BT1)
+    return loss
+  return run, flops_lib.count_params(params)
+
+
+def project_config(s, dtype, pos):
+  return ModelConfig(vocab_size=s['vocab'], n_layers=s['n_layers'], d_model=s['d_model'],
+                     n_heads=s['n_heads'], n_kv_heads=s['n_heads'], d_ff=s['d_ff'],
+                     max_len=s['max_len'], pos=pos, norm='layernorm', mlp='gelu',
+                     use_bias=False, dropout=0.0, dtype=dtype, remat=False, scan_layers=False)
+
+
+def project_candidate(mc, tc, batch_BT1):
+  """(run(n) -> last loss, n_params) for lm.train's step, jitted as lm.train.build does."""
+  params = jax.jit(model_lib.init_params, static_argnums=0)(mc, jax.random.PRNGKey(0))
+  optimizer = train_lib.make_optimizer(tc, params)
+  step = jax.jit(train_lib.make_train_step(mc, tc, optimizer, seed=0), donate_argnums=0)
+  state = [{'params': params, 'opt_state': optimizer.init(params),
+            'step': jnp.zeros((), jnp.int32)}]
+
+  def run(n):
+    for _ in range(n):
+      state[0], m = step(state[0], batch_BT1)
+    return m['loss']
+  return run, flops_lib.count_params(params)
+
+
+def main(argv):
+  del argv
+  s = SIZES[FLAGS.size]
+  B = FLAGS.batch or s['batch']
+  T = FLAGS.seq_len or s['seq_len']
+  dtype = FLAGS.dtype or s['dtype']
+  s = dict(s, max_len=max(s['max_len'], T))
+  batch = jax.device_put(jnp.asarray(np.random.default_rng(0).integers(
+      0, s['vocab'], (B, T + 1)), jnp.int32))
+  # The LR schedule spans the steps taken here; its shape does not change a step's cost.
+  steps_total = 1 + FLAGS.warmup + FLAGS.rounds * FLAGS.steps
+
+  cands = {}
+  if FLAGS.compare or FLAGS.size == 'ref':
+    cands['plain flax'] = plain_candidate(s, dtype, batch)
+  mcs = {}
+  for pos in ('learned', 'rope'):
+    for clip in (1.0, 0.0):
+      mc = project_config(s, dtype, pos)
+      tc = train_lib.TrainConfig(steps=steps_total, batch_size=B, seq_len=T, warmup_steps=0,
+                                 grad_clip=clip, grad_accum=1)
+      name = f'lm {pos} clip {clip:g}'
+      cands[name] = project_candidate(mc, tc, batch)
+      mcs[name] = mc
+
+  dev = jax.devices()[0]
+  peak = flops_lib.peak_flops(dev.device_kind, dtype, FLAGS.peak_flops)
+  print(f'{dev.device_kind} ({dev.platform}), size {FLAGS.size}: {s["n_layers"]} layers, '
+        f'd_model {s["d_model"]}, {s["n_heads"]} heads, d_ff {s["d_ff"]}, vocab {s["vocab"]}; '
+        f'batch {B} x {T}, {dtype}', flush=True)
+
+  compile_s = {}
+  for name, (run, _) in cands.items():
+    t = time.perf_counter()
+    jax.block_until_ready(run(1))   # compiles, so this shows the compile cost
+    compile_s[name] = time.perf_counter() - t
+    jax.block_until_ready(run(FLAGS.warmup))
+
+  tps = {name: [] for name in cands}
+  cpu = {name: [] for name in cands}
+  for r in range(FLAGS.rounds):
+    # Rotating the order keeps any one candidate from always running first after a pause.
+    names = list(cands)[r % len(cands):] + list(cands)[:r % len(cands)]
+    for name in names:
+      t, c = time.perf_counter(), time.process_time()
+      jax.block_until_ready(cands[name][0](FLAGS.steps))
+      tps[name].append(FLAGS.steps * B * T / (time.perf_counter() - t))
+      # This process's CPU time: steadier than wall time when others load the machine.
+      cpu[name].append((time.process_time() - c) / FLAGS.steps)
+
+  plain = tps.get('plain flax')
+  print(f"{'candidate':<18} {'params':>9} {'1st step':>8} {'tokens/s':>8} {'per round':>17} "
+        f"{'vs plain':>8} {'cpu s/step':>10} {'FLOPs/tok':>9} {'FLOP/s':>7} {'MFU':>6}")
+  for name, (_, n_params) in cands.items():
+    med = statistics.median(tps[name])
+    mc = mcs.get(name) or project_config(s, dtype, 'learned')
+    fpt = flops_lib.flops_per_token(mc, T, n_params)['chinchilla']
+    mfu = f'{100 * med * fpt / peak:5.1f}%' if peak else 'n/a'
+    rounds = '/'.join(f'{x / 1e3:.2f}' for x in tps[name]) + 'K'
+    # Paired per round, so a slow spell shared by both candidates cancels.
+    ratio = (f'{statistics.median(a / b for a, b in zip(tps[name], plain)):.3f}x' if plain
+             else '-')
+    print(f'{name:<18} {n_params:>9,} {compile_s[name]:>7.1f}s {med:>8,.0f} {rounds:>17} '
+          f'{ratio:>8} {statistics.median(cpu[name]):>10.3f} {fpt / 1e6:>8.2f}M '
+          f'{med * fpt / 1e9:>6.1f}G {mfu:>6}')
+
+
+if __name__ == '__main__':
+  app.run(main)

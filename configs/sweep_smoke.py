@@ -1,0 +1,40 @@
+"""The default sweep (`python run.py`): two IsoFLOP budgets on the Python stdlib, byte tokenizer.
+
+About 2.6e13 FLOPs in all; roughly 10-15 minutes on 2 CPU cores.
+"""
+import ml_collections
+
+from configs import base
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  b = c.base = base.get_config()
+  b.data.corpus, b.data.tokenizer, b.data.max_bytes = 'pystdlib', 'bytes', 8_000_000
+  b.model.pos, b.model.norm, b.model.mlp, b.model.max_len = 'rope', 'rmsnorm', 'gelu', 128
+  t = b.train
+  t.batch_size, t.seq_len = 16, 128
+  t.schedule, t.final_lr_fraction, t.b2 = 'cosine', 0.1, 0.99
+  t.eval_batches, t.keep_checkpoints, t.log_every = 8, 1, 100
+
+  s = c.sweep = ml_collections.ConfigDict()
+  s.mode = 'isoflop'              # isoflop | grid
+  s.budgets = [1e12, 3e12]        # FLOPs per run (Chinchilla App. F count)
+  s.sizes_per_budget = 5
+  s.span = 4.0                    # sizes from N*/span to N*·span around the predicted optimum
+  s.tokens_per_param = 20.0       # the predicted optimum N* = sqrt(C / (6 · tokens_per_param))
+  s.grid_params = [100_000.0]     # grid mode: target N values ...
+  s.grid_tokens = [2_000_000.0]   # ... times these token counts
+  s.head_dim = 16
+  s.aspect = 32.0                 # d_model / n_layers kept near this
+  s.lr = 3e-3                     # at d_model = lr_ref_width; scaled by (ref / d_model)^power
+  s.lr_ref_width = 128
+  s.lr_width_power = 0.5
+  s.warmup_fraction = 0.05
+  s.warmup_max = 100
+  s.seeds = 1
+  s.evals_per_run = 4             # evaluations (and eval rows) spread over each run
+  s.checkpoints_per_run = 4
+  s.max_attempts = 3
+  s.bootstrap = 100
+  return c

@@ -1,0 +1,120 @@
+"""report.md: the fitted numbers next to the published ones, the held-out error, the figures and caveats."""
+
+from pathlib import Path
+
+from lm.scaling.plot import FILES
+
+# Hoffmann et al. 2022 (arXiv:2203.15556): Table 2 exponents and the Approach-3 law of Section 3.3.
+CHINCHILLA = {'E': 1.69, 'A': 406.4, 'B': 410.7, 'alpha': 0.34, 'beta': 0.28,
+              'a1': 0.50, 'a2': 0.49, 'a3': 0.46, 'tokens_per_param': 20}
+# Besiroglu et al. 2024 (arXiv:2404.10102): refit of the paper's own data with the summed Huber loss.
+EPOCH = {'E': 1.817, 'A': 482, 'B': 2085, 'alpha': 0.348, 'beta': 0.366, 'a3': 0.51}
+# Kaplan et al. 2020 (arXiv:2001.08361): N_opt ∝ C^0.73 and the L(N), L(D), L(C_min) exponents.
+KAPLAN = {'a': 0.73, 'alpha_N': 0.076, 'alpha_D': 0.095, 'alpha_C': 0.050}
+
+
+def _num(v, digits=4):
+  if v is None:
+    return '–'
+  if abs(v) >= 1e5 or (v != 0 and abs(v) < 1e-3):
+    return f'{v:.3e}'
+  if abs(v) >= 100:
+    return f'{v:.0f}'
+  return f'{v:.{digits}g}'
+
+
+def _ci(ci, key):
+  if not ci or ci.get(key) is None:
+    return ''
+  lo, hi = ci[key]
+  return f' ({_num(lo, 3)}–{_num(hi, 3)})'
+
+
+def _tpp(points):
+  """Tokens per parameter per budget; a range when there are too many budgets to list."""
+  if len(points) <= 5:
+    return ', '.join(f'{_num(p["tokens_per_param"], 3)} at C = {p["C"]:.2g}' for p in points)
+  v = [p['tokens_per_param'] for p in points]
+  return (f'{_num(min(v), 3)}–{_num(max(v), 3)} over C = {points[0]["C"]:.2g}–{points[-1]["C"]:.2g} '
+          f'({len(points)} budgets; fit.json lists each)')
+
+
+def _row(name, ours, chin='', epoch='', kaplan=''):
+  return f'| {name} | {ours} | {chin} | {epoch} | {kaplan} |'
+
+
+def write_report(fit, workdir):
+  """Write workdir/report.md and return its path."""
+  workdir = Path(workdir)
+  a3, a2, a1, ka = fit['approach3'], fit['approach2'], fit.get('approach1'), fit['kaplan']
+  ci = a3.get('ci')
+  lines = ['# Scaling-law fit', '',
+           f'{fit["n_runs"]} runs; parameters counted as **{fit["params_convention"]}**, FLOPs as '
+           f'**{fit["flops_convention"]}** (k = C/(N·D) = {_num(a3["flops_per_ND"])}); Approach 3 loss: '
+           f'{a3["loss_function"]}, L-BFGS-B from the best {a3["n_starts"]} of the 4500 grid starts of '
+           'Hoffmann et al. 2022. Intervals are 95% bootstrap percentiles over runs.', '',
+           '| quantity | this fit (95% CI) | Chinchilla (Hoffmann et al. 2022) | Epoch refit (Besiroglu et al. 2024) '
+           '| Kaplan et al. 2020 |',
+           '|---|---|---|---|---|']
+  for key in ('E', 'A', 'B', 'alpha', 'beta'):
+    lines.append(_row(f'{key} (Approach 3)', _num(a3[key]) + _ci(ci, key), CHINCHILLA[key], EPOCH[key]))
+  lines.append(_row('a = β/(α+β) (Approach 3)', _num(a3['a']) + _ci(ci, 'a'), CHINCHILLA['a3'], EPOCH['a3'],
+                    f'{KAPLAN["a"]} (N_opt ∝ C^a)'))
+  a2_ci = f' ({_num(a2["a_ci"][0], 3)}–{_num(a2["a_ci"][1], 3)})' if a2.get('a_ci') else ''
+  lines.append(_row('a (Approach 2, IsoFLOP)', _num(a2['a']) + a2_ci, CHINCHILLA['a2']))
+  b2_ci = f' ({_num(a2["b_ci"][0], 3)}–{_num(a2["b_ci"][1], 3)})' if a2.get('b_ci') else ''
+  lines.append(_row('b (Approach 2, IsoFLOP)', _num(a2['b']) + b2_ci, 0.51))
+  if a1:
+    lines.append(_row('a (Approach 1, envelope)', _num(a1['a']), CHINCHILLA['a1']))
+  tpp = fit['tokens_per_param_at_optimum']
+  for name in ('approach3', 'approach2'):
+    if tpp[name]:
+      lines.append(_row(f'tokens/param at optimum ({name.replace("approach", "Approach ")})', _tpp(tpp[name]),
+                        f'~{CHINCHILLA["tokens_per_param"]}'))
+  for key, name, kkey in (('L_N', 'α_N in L(N) = (N_c/N)^α_N', 'alpha_N'),
+                          ('L_D', 'α_D in L(D) = (D_c/D)^α_D', 'alpha_D'),
+                          ('L_C', 'α_C in L(C) = (C_c/C)^α_C', 'alpha_C')):
+    law = ka.get(key)
+    lines.append(_row(name, _num(law[kkey]) if law else '–', '', '', KAPLAN[kkey]))
+  lines.append(_row('a from the final-loss frontier (Kaplan-style)', _num(ka.get('frontier_N_opt_exponent')), '', '',
+                    KAPLAN['a']))
+  lines += ['', '## Held-out check', '']
+  held = fit.get('heldout')
+  if held:
+    lines.append(f'Approach 3 fit on {held["n_train"]} runs without the largest budget (C = {held["heldout_C"]:.3g}) '
+                 f'predicts its {held["n_test"]} runs with mean absolute error {held["mean_abs_error"]:.4f} nats '
+                 f'({100 * held["mean_rel_error"]:.2f}% relative; worst {held["max_abs_error"]:.4f})'
+                 + (f'; {held["n_unused"]} run(s) above that budget are unused.' if held['n_unused'] else '.'))
+  else:
+    lines.append('Not run: it needs at least two budgets and five runs below the largest one.')
+  lines += ['', '## Figures', '']
+  for name, fname in FILES.items():
+    if (workdir / fname).exists():
+      lines.append(f'- [{name}]({fname})')
+  if a2['n_budgets_fitted'] == 0:
+    how = 'Approach 2 was not fitted (it needs two budgets with a minimum).'
+  elif a2['uses_minima_outside_grid']:
+    how = (f'the power laws use {a2["n_budgets_fitted"]} budgets including minima outside their grids '
+           '(fewer than two inside).')
+  else:
+    how = f'the power laws use the {a2["n_budgets_fitted"]} budgets whose minimum lies inside the grid.'
+  lines += ['', '## Notes', '', f'- Approach 2 budgets grouped by {a2["grouping"]}; {how}']
+  for b in a2['budgets']:
+    where = ('inside the N grid' if b['minimum_inside_grid'] else
+             'outside the N grid' if b['opens_upward'] else 'absent (parabola opens downward)')
+    lo, hi = (_num(v, 3) for v in b['N_range'])
+    lines.append(f'- C = {b["C"]:.3g}: minimum {where}; N grid {lo}–{hi}; '
+                 f'N_opt = {_num(b["N_opt"], 3)}, {b["n_runs"]} runs.')
+  if a2['skipped_budgets']:
+    lines.append('- Skipped (fewer than 3 distinct N): C = '
+                 + ', '.join(f'{s["C"]:.3g}' for s in a2['skipped_budgets']) + '.')
+  if a1:
+    lines.append(f'- Approach 1 fits {a1["n_points_fitted"]} envelope points; points won by the smallest or largest '
+                 'model are left out, since there the envelope sits at the edge of the size grid.')
+  lines.append('- Kaplan-style laws use lower envelopes of final losses: the best loss per N (or D) kept only when '
+               'no smaller N (D) did better, and the loss-vs-C frontier; fit as lines in log-log space.')
+  lines.append('- Approach-2 minima are biased by off-centre or narrow grids: centre each budget on the predicted '
+               'optimum and span about 1/4 to 4 times it.')
+  path = workdir / 'report.md'
+  path.write_text('\n'.join(lines) + '\n')
+  return str(path)

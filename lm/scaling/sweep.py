@@ -1,0 +1,285 @@
+"""Scaling sweeps: plan the runs (a model-size ladder; IsoFLOP budgets or an N x D grid), run them
+one after another in their own folders, keep results.csv current, then fit and plot.
+
+Rules (documented in the README, set in the sweep config):
+  shape:   for a target N (all parameters, embeddings included) pick n_layers and d_model so that
+           d_model / n_layers stays near `sweep.aspect`, with d_model a multiple of the fixed
+           `sweep.head_dim` (n_heads = d_model / head_dim); N is counted exactly from the shapes.
+  IsoFLOP: per budget C the predicted optimum is N* = sqrt(C / (k * tokens_per_param)) with
+           k = 6; sizes span N* / span .. N* * span evenly in log N; D = C / FLOPs-per-token of
+           the chosen shape (Chinchilla App. F count, so C is the compute the run really spends).
+  steps:   D / (batch_size * seq_len), rounded; batch fixed per sweep.
+  lr:      sweep.lr * (sweep.lr_ref_width / d_model) ** sweep.lr_width_power (wider -> smaller).
+  warmup:  min(sweep.warmup_max, sweep.warmup_fraction * steps); cosine to 10% over each run.
+A run is finished when its summary.json exists; re-running skips it. An interrupted run resumes
+from its checkpoint; a failed run is retried up to sweep.max_attempts times, each failure
+recorded in DIR/failures.jsonl. results.csv is rewritten atomically after every run.
+"""
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+import traceback
+
+import jax
+import numpy as np
+
+from lm import flops as flops_lib
+from lm.config import ModelConfig
+from lm.errors import UserError
+from lm.metrics import read_jsonl, write_json_atomic
+
+RESULT_COLUMNS = ('run', 'budget', 'params', 'params_nonembed', 'tokens', 'flops', 'flops_6nd',
+                  'final_loss', 'eval_loss', 'loss', 'n_layers', 'd_model', 'n_heads', 'd_ff',
+                  'steps', 'batch_size', 'seq_len', 'lr', 'seed', 'wall_s')
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  name: str
+  n_layers: int
+  d_model: int
+  n_heads: int
+  steps: int
+  lr: float
+  warmup_steps: int
+  seed: int
+  budget: float | None
+  params: int
+  flops_per_token: float
+
+
+def _model_cfg(base_model, vocab: int, n_layers: int, d_model: int, head_dim: int) -> ModelConfig:
+  return ModelConfig.from_config(dict(base_model, n_layers=n_layers, d_model=d_model,
+                                      n_heads=d_model // head_dim, n_kv_heads=0, d_ff=0), vocab)
+
+
+def shape_for(target_n: float, base_model, vocab: int, head_dim: int, aspect: float,
+              max_layers: int = 48):
+  """(n_layers, d_model, N) with total N nearest target_n in log and d_model / n_layers within a
+  factor 4 of `aspect` (the depth-to-width ratio matters little within such a band: Kaplan et
+  al. 2020, Fig. 5); ties go to the shape nearest `aspect`."""
+  best = None
+  for L in range(1, max_layers + 1):
+    for d in range(head_dim, 256 * head_dim + 1, head_dim):
+      ratio = d / L
+      if ratio > 4 * aspect:
+        break
+      if ratio < aspect / 4:
+        continue
+      n = flops_lib.param_counts_from_config(_model_cfg(base_model, vocab, L, d, head_dim))['total']
+      key = (round(abs(math.log(n / target_n)), 3), abs(math.log(ratio / aspect)))
+      if best is None or key < best[0]:
+        best = (key, L, d, n)
+      if n > 4 * target_n:   # wider only moves further away
+        break
+  if best is None:
+    raise UserError(f'No model shape with head_dim={head_dim} fits sweep.aspect={aspect}; '
+                    'lower sweep.head_dim or change sweep.aspect.')
+  return best[1], best[2], best[3]
+
+
+def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
+  """The list of runs a sweep config describes (pure: same config, same plan)."""
+  s = sweep_cfg
+  t = base_cfg.train
+  tokens_per_step = t.batch_size * t.seq_len
+  specs = []
+  cache = {}
+
+  def spec(target_n, budget, tokens, seed):
+    key = round(target_n)
+    if key not in cache:
+      cache[key] = shape_for(target_n, base_cfg.model, vocab, s.head_dim, s.aspect)
+    L, d, n = cache[key]
+    mc = _model_cfg(base_cfg.model, vocab, L, d, s.head_dim)
+    fpt = flops_lib.flops_per_token(mc, t.seq_len, n)['chinchilla']
+    if tokens is None:
+      tokens = budget / fpt
+    steps = max(1, round(tokens / tokens_per_step))
+    lr = s.lr * (s.lr_ref_width / d) ** s.lr_width_power
+    warmup = int(min(s.warmup_max, s.warmup_fraction * steps))
+    tag = f'C{budget:.0e}' if budget else f'D{tokens:.1e}'
+    name = f"{tag.replace('+', '')}_L{L}_d{d}_s{seed}"
+    return RunSpec(name, L, d, d // s.head_dim, steps, float(lr), warmup, seed,
+                   float(budget) if budget else None, int(n), float(fpt))
+
+  for seed in range(s.seeds):
+    if s.mode == 'isoflop':
+      for C in s.budgets:
+        n_star = math.sqrt(C / (6.0 * s.tokens_per_param))
+        for f in np.geomspace(1 / s.span, s.span, s.sizes_per_budget):
+          specs.append(spec(n_star * f, C, None, seed))
+    elif s.mode == 'grid':
+      for n in s.grid_params:
+        for d_tokens in s.grid_tokens:
+          specs.append(spec(n, None, d_tokens, seed))
+    else:
+      raise UserError(f"sweep.mode={s.mode!r} is not known; use 'isoflop' or 'grid'.")
+  unique = {}
+  for sp in specs:   # two targets can round to the same shape: run it once
+    unique.setdefault(sp.name, sp)
+  return list(unique.values())
+
+
+def run_config(base_cfg, sp: RunSpec, evals: int = 4, checkpoints: int = 4):
+  cfg = copy.deepcopy(base_cfg)
+  cfg.seed = sp.seed
+  cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads = sp.n_layers, sp.d_model, sp.n_heads
+  cfg.model.n_kv_heads, cfg.model.d_ff = 0, 0
+  cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps = sp.steps, sp.lr, sp.warmup_steps
+  cfg.train.eval_every = max(1, sp.steps // evals)
+  cfg.train.checkpoint_every = max(1, sp.steps // checkpoints)
+  cfg.train.log_every = max(1, min(cfg.train.log_every, sp.steps // 10))
+  return cfg
+
+
+def _result_row(sp: RunSpec, cfg, summary: dict) -> dict:
+  return {'run': sp.name, 'budget': sp.budget or '', 'params': summary['params'],
+          'params_nonembed': summary['params_nonembed'], 'tokens': summary['tokens'],
+          'flops': summary['flops'], 'flops_6nd': summary['flops_6nd'],
+          'final_loss': summary['final_loss'], 'eval_loss': summary['eval_loss'],
+          'loss': summary['eval_loss'], 'n_layers': sp.n_layers, 'd_model': sp.d_model,
+          'n_heads': sp.n_heads, 'd_ff': summary.get('d_ff', ''), 'steps': sp.steps,
+          'batch_size': cfg.train.batch_size, 'seq_len': cfg.train.seq_len, 'lr': sp.lr,
+          'seed': sp.seed, 'wall_s': summary.get('wall_s', '')}
+
+
+def write_results(path: str, rows: list[dict]) -> None:
+  """results.csv through a temporary file and a rename: a reader never sees half a row."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: r.get(k, '') for k in RESULT_COLUMNS})
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _curves(workdir: str, runs: list[tuple[RunSpec, dict]]) -> dict:
+  """Per-run training curves (flops, tokens, loss) from metrics.jsonl, for Approach 1."""
+  out = {}
+  for sp, summary in runs:
+    rows = read_jsonl(os.path.join(workdir, 'runs', sp.name, 'metrics.jsonl'))
+    rows = [r for r in rows if isinstance(r.get('loss'), float)]
+    out[sp.name] = {'params': summary['params'], 'curve_flops': [r['flops'] for r in rows],
+                    'curve_tokens': [r['tokens'] for r in rows],
+                    'curve_loss': [r['loss'] for r in rows]}
+  return out
+
+
+def _attempts(path: str) -> int:
+  try:
+    with open(path) as f:
+      return json.load(f)['attempts']
+  except (OSError, ValueError, KeyError):
+    return 0
+
+
+def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> dict:
+  """Runs every planned run not yet finished, then fits and plots. Returns a short summary."""
+  from lm import data as data_lib
+  from lm import train as train_lib
+  train_fn = train_fn or train_lib.train
+  s, base_cfg = sweep_file_cfg.sweep, sweep_file_cfg.base
+  os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
+  dataset = data_lib.prepare(data_lib.DataConfig.from_config(base_cfg.data))
+  vocab = dataset.tokenizer.vocab_size
+  specs = plan(s, base_cfg, vocab)
+  total_flops = sum(sp.steps * base_cfg.train.batch_size * base_cfg.train.seq_len
+                    * sp.flops_per_token for sp in specs)
+  write_json_atomic(os.path.join(workdir, 'sweep.json'), {
+      'config': json.loads(sweep_file_cfg.to_json()), 'planned_flops': total_flops,
+      'runs': [dataclasses.asdict(sp) for sp in specs]})
+  print(f'sweep: {len(specs)} runs, {total_flops:.3g} FLOPs planned (Chinchilla App. F count); '
+        f'outputs in {workdir}', flush=True)
+
+  finished, failed = [], []
+  results_path = os.path.join(workdir, 'results.csv')
+  t_sweep = time.time()
+  for i, sp in enumerate(specs):
+    rdir = os.path.join(workdir, 'runs', sp.name)
+    cfg = run_config(base_cfg, sp, s.evals_per_run, s.checkpoints_per_run)
+    summary_path = os.path.join(rdir, 'summary.json')
+    if os.path.exists(summary_path):
+      with open(summary_path) as f:
+        finished.append((sp, cfg, json.load(f)))
+      print(f'[{i + 1}/{len(specs)}] {sp.name}: finished earlier, skipped', flush=True)
+      continue
+    attempts_path = os.path.join(rdir, 'attempts.json')
+    attempts = _attempts(attempts_path)
+    if attempts >= s.max_attempts:
+      print(f'[{i + 1}/{len(specs)}] {sp.name}: failed {attempts} times, not retried '
+            f'(see failures.jsonl; delete {attempts_path} to try again)', flush=True)
+      failed.append(sp.name)
+      continue
+    print(f'[{i + 1}/{len(specs)}] {sp.name}: N={sp.params:,} steps={sp.steps} lr={sp.lr:.2g}',
+          flush=True)
+    os.makedirs(rdir, exist_ok=True)
+    write_json_atomic(attempts_path, {'attempts': attempts + 1})
+    t0 = time.time()
+    try:
+      summary = train_fn(cfg, rdir)
+    except KeyboardInterrupt:
+      raise
+    except Exception as e:  # recorded and retried on the next invocation
+      with open(os.path.join(workdir, 'failures.jsonl'), 'a') as f:
+        f.write(json.dumps({'run': sp.name, 'attempt': attempts + 1, 'time': time.time(),
+                            'error': f'{type(e).__name__}: {e}',
+                            'traceback': traceback.format_exc(limit=5)}) + '\n')
+      print(f'    failed ({type(e).__name__}: {e}); recorded in failures.jsonl', flush=True)
+      failed.append(sp.name)
+      continue
+    if not summary.get('finished'):
+      print('sweep stopped (SIGTERM); rerun the same command to resume.', flush=True)
+      return {'stopped': True}
+    summary['wall_s'] = time.time() - t0
+    write_json_atomic(summary_path, summary)
+    print(f"    done in {summary['wall_s']:.0f} s: eval loss {summary['eval_loss']:.4f}, "
+          f"{summary['flops']:.3g} FLOPs", flush=True)
+    finished.append((sp, cfg, summary))
+    write_results(results_path, [_result_row(a, b, c) for a, b, c in finished])
+  write_results(results_path, [_result_row(a, b, c) for a, b, c in finished])
+  out = {'finished': len(finished), 'failed': failed, 'results': results_path,
+         'wall_s': time.time() - t_sweep}
+  if fit and len(finished) < 5:
+    print(f'fit skipped: Approach 3 needs at least 5 finished runs, {len(finished)} are done.')
+  elif fit:
+    from lm.scaling import fit as fit_lib
+    curves = _curves(workdir, [(a, c) for a, b, c in finished])
+    write_json_atomic(os.path.join(workdir, 'curves.json'), curves)
+    result = fit_lib.run_fit(results_path, workdir, loss_key='eval_loss', bootstrap=s.bootstrap,
+                             curves=curves)
+    truth = dataset.entropy_rate
+    if truth is not None:
+      _append_truth(workdir, result, truth)
+    out['fit'] = result
+  return out
+
+
+def _append_truth(workdir: str, fit: dict, entropy_rate: float) -> None:
+  """On the synthetic corpus the irreducible loss is known: compare the fitted E with it."""
+  a3 = fit['approach3']
+  ci = (a3.get('ci') or {}).get('E')
+  inside = ci is not None and ci[0] <= entropy_rate <= ci[1]
+  text = (f'\n## Irreducible loss against the truth\n\nThe synthetic source has entropy rate '
+          f'{entropy_rate:.4f} nats/token. Fitted E = {a3["E"]:.4f}'
+          + (f' (95% interval {ci[0]:.4f} to {ci[1]:.4f}), which '
+             + ('contains' if inside else 'misses') + ' the truth' if ci else '')
+          + f'; difference {a3["E"] - entropy_rate:+.4f} nats/token.\n')
+  if not inside:
+    text += ('A miss is expected when the largest models are far from the source\'s entropy: '
+             'E then absorbs curvature that the two power-law terms cannot express.\n')
+  with open(os.path.join(workdir, 'report.md'), 'a') as f:
+    f.write(text)
+  fit_path = os.path.join(workdir, 'fit.json')
+  with open(fit_path) as f:
+    stored = json.load(f)
+  stored['truth'] = {'entropy_rate': entropy_rate, 'E_minus_truth': a3['E'] - entropy_rate,
+                     'inside_ci': inside}
+  write_json_atomic(fit_path, stored)

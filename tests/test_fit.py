@@ -1,0 +1,232 @@
+"""Scaling-law fits: recovery of known laws, the Epoch AI replication of Chinchilla's Approach 3, end to end."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lm.errors import UserError
+from lm.scaling import fit as F
+
+EPOCH_CSV = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'chinchilla_svg_extracted.csv'
+# Hoffmann et al. 2022, Section 3.3; Besiroglu et al. 2024 (arXiv:2404.10102), Section 3.
+PAPER = {'E': 1.69, 'A': 406.4, 'B': 410.7, 'alpha': 0.34, 'beta': 0.28}
+EPOCH = {'E': 1.817, 'A': 482.0, 'B': 2085.0, 'alpha': 0.348, 'beta': 0.366}
+EPOCH_CI = {'A': (285.0, 744.0), 'B': (1042.0, 5810.0)}
+# On the synthetic laws below, refining the best 5 grid starts gives the same optimum as the best 20 (checked
+# over 10 noise seeds per law). On the Epoch data the starts that reach the optimum rank 1st, 3rd and 5th of
+# 4500 by initial loss, so 30 keeps a margin at a third of the default's cost.
+TOP_K = 5
+EPOCH_TOP_K = 30
+
+
+def make_law(E, A, B, alpha, beta):
+  law = {'E': E, 'A': A, 'B': B, 'alpha': alpha, 'beta': beta, 'a': beta / (alpha + beta),
+         'b': alpha / (alpha + beta)}
+  law['G'] = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+  return law
+
+
+CHIN_LIKE = make_law(1.8, 400.0, 2000.0, 0.34, 0.37)
+
+
+def isoflop_sweep(law, budgets, span=(0.25, 4.0), n=9, noise=0.003, seed=0, offset=None):
+  """Runs on each budget's N grid around the true optimum (times `offset[C]` where given), C = 6ND."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for C in budgets:
+    n_opt = F.frontier(law, C)[0] * (offset or {}).get(C, 1.0)
+    for N in n_opt * np.geomspace(*span, n):
+      D = C / (6 * N)
+      rows.append({'params': N, 'tokens': D, 'budget': C, 'flops': C * rng.uniform(0.98, 1.02),
+                   'loss': float(F.predict_loss(law, N, D) * math.exp(rng.normal(0, noise)))})
+  return rows
+
+
+# Three laws with both terms well above the 0.5% noise over the grid.
+LAWS = [(1.8, 400.0, 2000.0, 0.34, 0.37), (1.2, 150.0, 600.0, 0.40, 0.30), (2.5, 1000.0, 5000.0, 0.30, 0.45)]
+
+
+@pytest.mark.parametrize('seed,params', list(enumerate(LAWS)))
+def test_approach3_recovers_known_law(seed, params):
+  law = make_law(*params)
+  N, D = (v.ravel() for v in np.meshgrid(np.geomspace(1e5, 1e8, 8), np.geomspace(1e7, 1e10, 8)))
+  rng = np.random.default_rng(seed)
+  L = F.predict_loss(law, N, D) * np.exp(rng.normal(0, 0.005, N.size))
+  got = F.fit_approach3(N, D, L, top_k=TOP_K)
+  # Tolerances are ~1.5x the worst error over 10 noise seeds per law. A and B are loose because ln A moves
+  # with α times ln N (≈15 here) and ln B with β times ln D (≈20): exponents within 2% leave A, B within ~40%.
+  for key, tol in (('E', 0.05), ('alpha', 0.05), ('beta', 0.05)):
+    assert abs(got[key] / law[key] - 1) < tol, (key, got[key], law[key])
+  for key in ('A', 'B'):
+    assert abs(math.log(got[key] / law[key])) < 0.45, (key, got[key], law[key])
+  assert abs(got['a'] - law['a']) < 0.02
+  # The identifiable part: the fitted surface matches the true one to well under the noise.
+  assert np.abs(F.predict_loss(got, N, D) / F.predict_loss(law, N, D) - 1).max() < 0.005
+
+
+def epoch_data():
+  if not EPOCH_CSV.exists():
+    pytest.skip(f'{EPOCH_CSV} is absent: the Epoch AI extraction of Chinchilla Figure 4 lives in ../shared/data.')
+  with open(EPOCH_CSV, newline='') as f:
+    rows = list(csv.DictReader(f))
+  N, C, L = (np.array([float(r[k]) for r in rows]) for k in ('Model Size', 'Training FLOP', 'loss'))
+  keep = np.argsort(L)[:240]  # Besiroglu et al. drop the 5 highest-loss runs
+  return N[keep], C[keep] / (6 * N[keep]), L[keep]
+
+
+def theta_of(law):
+  return [math.log(law['A']), math.log(law['B']), math.log(law['E']), law['alpha'], law['beta']]
+
+
+def test_epoch_replication_and_mean_reduction_bug():
+  N, D, L = epoch_data()
+  got = F.fit_approach3(N, D, L, top_k=EPOCH_TOP_K)
+  for key, want in EPOCH.items():
+    ok = abs(got[key] / want - 1) < 0.03 or (key in EPOCH_CI and EPOCH_CI[key][0] <= got[key] <= EPOCH_CI[key][1])
+    assert ok, (key, got[key], want)
+  assert abs(got['a'] - 0.51) < 0.02
+  # The known bug: averaging the Huber terms, L-BFGS-B with scipy's default tolerances stops next to the
+  # paper's own values (its relative-reduction test is against max(|f|, 1), and the mean loss is ~4e-6).
+  stuck = F.fit_approach3(N, D, L, reduction='mean', starts=[theta_of(PAPER)], top_k=None, lbfgs_options={})
+  for key, want in PAPER.items():
+    assert abs(stuck[key] / want - 1) < 0.03, (key, stuck[key], want)
+  assert stuck['objective'] * len(L) > got['objective'] * 1.1  # a clearly worse fit, not another optimum
+  # The same start with this module's tolerances reaches the Epoch optimum.
+  fixed = F.fit_approach3(N, D, L, starts=[theta_of(PAPER)], top_k=None)
+  assert abs(fixed['A'] / got['A'] - 1) < 0.01 and abs(fixed['beta'] / got['beta'] - 1) < 0.01
+
+
+def test_frontier_closed_form_is_the_constrained_minimum():
+  law = CHIN_LIKE
+  C = 1e20
+  n_opt, d_opt = F.frontier(law, C)
+  assert math.isclose(6 * n_opt * d_opt, C, rel_tol=1e-9)
+  ns = n_opt * np.geomspace(0.5, 2, 201)
+  assert abs(ns[np.argmin(F.predict_loss(law, ns, C / (6 * ns)))] / n_opt - 1) < 0.01
+  assert math.isclose(F.tokens_per_param(law, C), d_opt / n_opt)
+
+
+def test_approach2_recovers_exponent_and_flags_offcentre_grid():
+  budgets = [1e15, 1e16, 1e17, 1e18]
+  rows = isoflop_sweep(CHIN_LIKE, budgets, offset={1e18: 16.0})  # last grid spans 4x-64x the optimum
+  N, D, L, C, budget, _ = F.columns_of(rows)
+  got = F.fit_approach2(N, D, L, C, budget, n_boot=20)
+  inside = {b['C']: b['minimum_inside_grid'] for b in got['budgets']}
+  assert inside == {1e15: True, 1e16: True, 1e17: True, 1e18: False}
+  assert got['n_budgets_fitted'] == 3 and not got['uses_minima_outside_grid']
+  # Vertices of parabolas in log N land within ~3% of the true N_opt on a centred 1/4-4x grid (measured
+  # over 5 seeds), which over 3 decades of C moves the slope by < 0.01.
+  assert abs(got['a'] - CHIN_LIKE['a']) < 0.02
+  assert abs(got['a'] + got['b'] - 1) < 0.01  # D_opt = C / (k N_opt), k = 6 up to the 2% FLOP jitter
+  assert got['a_ci'][0] < got['a'] < got['a_ci'][1]
+
+
+def test_approach2_bins_flops_without_budget_column():
+  rows = isoflop_sweep(CHIN_LIKE, [1e15, 1e16, 1e17])
+  N, D, L, C, _, _ = F.columns_of(rows)
+  got = F.fit_approach2(N, D, L, C, budget=None, n_boot=0)
+  assert [round(math.log10(b['C']), 6) for b in got['budgets']] == [15, 16, 17]
+  assert abs(got['a'] - CHIN_LIKE['a']) < 0.02
+
+
+def test_approach1_envelope_of_training_curves():
+  curves = {}
+  for i, n in enumerate(np.geomspace(1e5, 1e8, 16)):
+    d = np.geomspace(1e6, 3e10, 80)
+    curves[f'run{i}'] = {'params': n, 'curve_flops': 6 * n * d, 'curve_tokens': d,
+                         'curve_loss': F.predict_loss(CHIN_LIKE, n, d)}
+  got = F.fit_approach1(curves)
+  # The envelope can only pick the 16 sizes (0.2-decade steps), so N_opt is a staircase around the true line;
+  # points pinned to the smallest/largest size are excluded (measured error 0.003).
+  assert abs(got['a'] - CHIN_LIKE['a']) < 0.02
+  assert got['n_distinct_N'] >= 10
+  assert any(p['at_grid_edge'] for p in got['envelope'])
+
+
+def test_kaplan_power_law_on_pure_power_law():
+  N = np.geomspace(1e5, 1e9, 12)
+  D = np.full_like(N, 1e12)
+  L = (8.8e13 / N) ** 0.076  # Kaplan et al. 2020's L(N)
+  got = F.fit_kaplan(N, D, L, 6 * N * D)
+  assert abs(got['L_N']['alpha_N'] - 0.076) < 1e-6
+  assert abs(got['L_N']['N_c'] / 8.8e13 - 1) < 1e-4
+
+
+def test_fit_results_conventions_and_heldout():
+  rows = isoflop_sweep(CHIN_LIKE, [1e15, 1e16, 1e17, 1e18], noise=0.002)
+  for r in rows:
+    r['params_nonembed'] = 0.8 * r['params']
+  out = F.fit_results(rows, bootstrap=0, top_k=TOP_K)
+  json.dumps(out, allow_nan=False)
+  assert out['flops_convention'] == 'chinchilla_appendix_f' and out['params_convention'] == 'total'
+  held = out['heldout']
+  assert held['heldout_C'] == 1e18 and held['n_test'] == 9 and held['mean_rel_error'] < 0.01
+  for r in rows:
+    del r['flops']
+  out = F.fit_results(rows, params_key='params_nonembed', bootstrap=0, top_k=TOP_K)
+  assert out['flops_convention'] == '6nd' and out['params_convention'] == 'nonembedding'
+  assert out['approach3']['flops_per_ND'] == pytest.approx(6.0)  # 6ND with the chosen N, as Kaplan et al.
+
+
+def write_csv(path, rows, columns):
+  with open(path, 'w', newline='') as f:
+    w = csv.DictWriter(f, columns, extrasaction='ignore')
+    w.writeheader()
+    w.writerows(rows)
+  return path
+
+
+def test_run_fit_end_to_end(tmp_path):
+  rows = isoflop_sweep(CHIN_LIKE, [1e15, 1e16, 1e17], n=5, span=(0.3, 3.0))
+  for i, r in enumerate(rows):
+    r['name'] = f'run{i}'
+    r['eval_loss'] = r.pop('loss')
+  path = write_csv(tmp_path / 'results.csv', rows, ['name', 'params', 'tokens', 'flops', 'budget', 'eval_loss'])
+  curves = {r['name']: {'params': r['params'], 'curve_tokens': list(r['tokens'] * np.linspace(0.05, 1, 20)),
+                        'curve_flops': list(r['flops'] * np.linspace(0.05, 1, 20)),
+                        'curve_loss': list(r['eval_loss'] + 0.5 * (1 / np.linspace(0.05, 1, 20) - 1))}
+            for r in rows}
+  (tmp_path / 'curves.json').write_text(json.dumps(curves))
+  out = F.run_fit(path, tmp_path / 'out', bootstrap=5, top_k=TOP_K, curves=tmp_path / 'curves.json')
+  on_disk = json.loads((tmp_path / 'out' / 'fit.json').read_text())
+  assert on_disk == json.loads(json.dumps(out))
+  assert out['columns']['loss'] == 'eval_loss' and out['approach1'] is not None
+  assert out['approach3']['ci']['alpha'] is not None
+  report = (tmp_path / 'out' / 'report.md').read_text()
+  assert 'Besiroglu' in report and 'Held-out' in report
+  pngs = sorted(p.name for p in (tmp_path / 'out').glob('*.png'))
+  assert pngs == ['approach3_fit.png', 'isoflop.png', 'loss_vs_compute.png', 'optimal_allocation.png']
+  for p in pngs:
+    assert (tmp_path / 'out' / p).stat().st_size > 20_000
+    assert f'({p})' in report
+  assert not list((tmp_path / 'out').glob('*.tmp'))
+
+
+@pytest.mark.parametrize('text,match', [
+    (None, 'does not exist'),
+    ('', 'is empty'),
+    ('params,tokens,loss\n', 'no runs'),
+    ('params,loss\n1e6,3.0\n', "'tokens'"),
+    ('params,tokens,loss\n1e6,1e8,abc\n', "'loss'.*line 2"),
+    ('params,tokens,loss\n-1e6,1e8,3.0\n', "'params'.*positive"),
+    ('params,tokens,loss,flops\n1e6,1e8,3.0,\n', "'flops'"),
+])
+def test_bad_csv_raises_user_error(tmp_path, text, match):
+  path = tmp_path / 'results.csv'
+  if text is not None:
+    path.write_text(text)
+  with pytest.raises(UserError, match=match):
+    F.read_results(path)
+
+
+def test_too_few_runs_and_bad_curves_raise_user_error(tmp_path):
+  with pytest.raises(UserError, match='5 parameters'):
+    F.fit_approach3([1e6, 2e6], [1e8, 1e8], [3.0, 2.9])
+  with pytest.raises(UserError, match='curve_loss'):
+    F.fit_approach1({'r': {'params': 1e6, 'curve_flops': [1, 2], 'curve_tokens': [1, 2]}})
+  with pytest.raises(UserError, match='does not exist'):
+    F.read_curves(tmp_path / 'missing.json')

@@ -1,0 +1,268 @@
+"""Sharding: mesh equivalence, the rules' specs, cross-mesh checkpoints, two processes, bad input.
+
+The multi-device tests need XLA_FLAGS set before jax starts, so they run tests/sharding_worker.py
+in subprocesses with 8 fake CPU devices (one process) or 2 x 4 (two processes) and check the
+JSON it writes. Checkpoints and the data cache live in pytest's temporary folders.
+
+Tolerance. Meshes change only the order of float32 reductions (the data/fsdp all-reduce of the
+gradients, the partial sums of tensor-split contractions), each worth a few ulps (float32 eps
+1.2e-7) of the sums involved; Adam normalises its updates, so after 4 steps the params differ by
+about 1e-6 and the losses by a few 1e-7 relative. A sharding bug (rows missing from the batch, a
+missing all-reduce, a param sliced wrongly) moves the loss by 1e-3 or more. Hence RTOL = 1e-5.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+from configs import base
+from lm import data as data_lib
+from lm import sharding as shard_lib
+from lm.config import ModelConfig
+from lm.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, 'tests', 'sharding_worker.py')
+MESHES = ('1x1x1', '8x1x1', '1x8x1', '2x2x2', '1x2x4')
+RTOL = 1e-5       # losses across meshes (module docstring)
+PARAM_ATOL = 1e-5  # params after 4 steps; one step moves them by ~lr = 3e-3
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
+  return env
+
+
+def _run_workers(commands, timeout: float):
+  """Runs worker processes together; if one fails, the others are killed (no 5-minute hang)."""
+  procs = [subprocess.Popen([sys.executable, WORKER, *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for args, env in commands]
+  deadline = time.time() + timeout
+  try:
+    while any(p.poll() is None for p in procs):
+      if time.time() > deadline or any(p.poll() not in (None, 0) for p in procs):
+        break
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  logs = [p.communicate()[0] for p in procs]
+  for p, log in zip(procs, logs):
+    if p.returncode != 0:
+      tail = '\n'.join(line for line in log.splitlines() if 'SPMD' not in line)[-4000:]
+      pytest.fail(f'worker exited with {p.returncode}:\n{tail}')
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('cache'))
+
+
+@pytest.fixture(scope='module')
+def meshes(cache_dir, tmp_path_factory):
+  """One subprocess: refusals, every mesh's losses and shardings, save/restore/resume."""
+  work = tmp_path_factory.mktemp('meshes')
+  out = work / 'out.json'
+  _run_workers([(('meshes', cache_dir, str(work), str(out)), _env())], timeout=400)
+  return json.loads(out.read_text())
+
+
+# --- mesh equivalence and the rules -------------------------------------------------------------
+
+def test_same_losses_on_every_mesh(meshes):
+  losses = meshes['losses']
+  assert sorted(losses) == sorted(MESHES)
+  ref = np.asarray(losses['1x1x1'])
+  assert ref[-1] < ref[0]        # it trains
+  for name in MESHES:
+    np.testing.assert_allclose(losses[name], ref, rtol=RTOL, atol=0, err_msg=name)
+    assert meshes['param_diff'][name] <= PARAM_ATOL, name
+
+
+def _expected(mesh: str, name: str) -> list:
+  """The rules, restated: embed->fsdp, heads/mlp->tensor, vocab 259 stays whole, norms whole."""
+  _, f, t = (int(v) for v in mesh.split('x'))
+  F = 'fsdp' if f > 1 else None
+  T = 'tensor' if t > 1 else None
+  return {'embed': [None, F], 'layer_0/attn/wq': [F, T, None], 'layer_0/attn/wo': [T, None, F],
+          'layer_0/mlp/wi': [F, T], 'layer_0/mlp/wo': [T, F], 'final_norm/scale': [None]}[name]
+
+
+def test_params_and_moments_sharded_by_the_rules(meshes):
+  sh = meshes['shardings']
+  # The issue's example, spelled out: on (1,2,4) wq [embed, heads, head_dim] is (fsdp, tensor, -).
+  assert sh['1x2x4']['param:layer_0/attn/wq']['spec'] == ['fsdp', 'tensor', None]
+  assert sh['1x2x4']['param:layer_0/attn/wq']['shard'] == [16, 1, 8]
+  assert sh['1x2x4']['nu:embed']['spec'] == [None, 'fsdp']    # 259 % 4 != 0: vocab whole
+  for mesh in MESHES:
+    sizes = dict(zip(('data', 'fsdp', 'tensor'), (int(v) for v in mesh.split('x'))))
+    for key, got in sh[mesh].items():
+      kind, name = key.split(':')
+      want = _expected(mesh, name)
+      assert got['spec'] == want, (mesh, key)
+      # The arrays really are split that way: each device holds shape / axis size.
+      shard = [n // (sizes[a] if a else 1) for n, a in zip(got['shape'], want)]
+      assert got['shard'] == shard, (mesh, key)
+      assert got['devices'] == int(np.prod(list(sizes.values()))), (mesh, key)
+
+
+def test_batch_split_over_the_data_axes(meshes):
+  for mesh in MESHES:
+    assert meshes['batch_spec'][mesh] == [['data', 'fsdp'], None]
+
+
+# --- checkpoints across meshes ------------------------------------------------------------------
+
+@pytest.mark.parametrize('mesh', ('2x2x2', '1x1x1'))
+def test_checkpoint_from_8_devices_restores_onto_another_mesh(meshes, mesh):
+  r = meshes['restore'][mesh]
+  assert r['step'] == 2
+  assert r['equal']                # params, moments and step bit for bit
+  assert r['shardings_match']      # every leaf carries the new mesh's sharding
+  assert r['mesh_devices'] == int(np.prod([int(v) for v in mesh.split('x')]))
+  for key, got in r['shardings'].items():
+    assert got['spec'] == _expected(mesh, key.split(':')[1]), key
+
+
+@pytest.mark.parametrize('mesh', ('2x2x2', '1x1x1'))
+def test_resume_on_another_mesh_continues_the_losses(meshes, mesh):
+  r = meshes['resume'][mesh]
+  assert r['finished']
+  steps = sorted(int(s) for s in r['losses'])
+  assert steps == [1, 2, 3, 4]
+  uninterrupted = meshes['losses']['8x1x1']
+  np.testing.assert_allclose([r['losses'][str(s)] for s in steps], uninterrupted, rtol=RTOL)
+  # The manifest and config.json describe the mesh the run continued on.
+  d, f, t = (int(v) for v in mesh.split('x'))
+  assert r['manifest_mesh'] == {'data': d, 'fsdp': f, 'tensor': t}
+  assert (r['config_mesh']['data'], r['config_mesh']['fsdp'], r['config_mesh']['tensor']) == (
+      d, f, t)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name,words', [
+    ('mesh_product', ('(2, 2, 1)', '4 devices', '8 are present')),
+    ('batch', ('batch_size=6', 'data x fsdp = 4')),
+    ('heads', ('n_heads=4', 'mesh.tensor=8')),
+    ('kv_heads', ('n_kv_heads=2', 'mesh.tensor=4')),
+    ('d_ff', ('d_ff=66', 'mesh.tensor=4')),
+])
+def test_bad_settings_refused_before_compiling(meshes, name, words):
+  r = meshes['refusals'][name]
+  assert r['error'] is not None, name
+  assert all(w in r['error'] for w in words), r['error']
+  assert r['error'].count('. ') == 0 and r['error'].endswith('.'), r['error']   # one sentence
+  assert r['compiles'] == 0        # no jax tracing or XLA compile happened before the error
+  assert meshes['compiles'] > 0    # (the counter does see the compiles of real runs)
+
+
+def test_mesh_shape_errors():
+  MC = shard_lib.MeshConfig
+  assert shard_lib.mesh_shape(MC(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+  for mc, words in ((MC(data=2, fsdp=2, tensor=2), '8 devices but 4'),
+                    (MC(data=-1, fsdp=3), 'does not divide'),
+                    (MC(data=-1, fsdp=-1), 'Only one'),
+                    (MC(data=0), 'positive integer')):
+    with pytest.raises(UserError, match=words):
+      shard_lib.mesh_shape(mc, 4)
+
+
+def _fake_mesh(owners):
+  """A stand-in mesh whose device [d, f, t] lives in process owners[d, f, t] (no real devices)."""
+  owners = np.asarray(owners)
+  devs = np.vectorize(lambda p: types.SimpleNamespace(process_index=int(p)),
+                      otypes=[object])(owners)
+  return types.SimpleNamespace(devices=devs, shape=dict(zip(shard_lib.AXES, owners.shape)))
+
+
+@pytest.mark.parametrize('owners,ok', [
+    (np.arange(8).reshape(2, 2, 2) // 4, True),
+    (np.arange(8).reshape(1, 2, 4) // 4, True),
+    (np.arange(8).reshape(8, 1, 1), True),                # one device per process
+    (np.array([0, 1, 0, 1]).reshape(1, 4, 1), True),      # interleaved shards are fine
+    (np.arange(8).reshape(1, 1, 8) // 4, False),          # tensor spans both processes
+    (np.arange(8).reshape(2, 1, 4) // 2, False),          # 4 processes, 2 batch shards
+    (np.array([0, 1, 1, 1]).reshape(1, 4, 1), False),     # unequal shares
+])
+def test_each_process_must_own_whole_batch_shards(owners, ok):
+  mc = ModelConfig(vocab_size=259, n_layers=1, d_model=32, n_heads=8, n_kv_heads=8, d_ff=64,
+                   max_len=32)
+  mesh = _fake_mesh(owners)
+  if ok:
+    shard_lib.check_divisibility(mesh, mc, 8)
+  else:
+    with pytest.raises(UserError, match='splits a batch shard across processes'):
+      shard_lib.check_divisibility(mesh, mc, 8)
+
+
+def test_coordinator_without_process_count_is_refused(monkeypatch):
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '127.0.0.1:1')
+  monkeypatch.delenv('JAX_NUM_PROCESSES', raising=False)
+  with pytest.raises(UserError, match='JAX_NUM_PROCESSES'):
+    shard_lib.maybe_initialize_distributed(shard_lib.MeshConfig())
+
+
+# --- two processes ------------------------------------------------------------------------------
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(meshes, cache_dir, tmp_path):
+  """2 processes x 4 devices on mesh (2,2,2), stopped at step 2 and resumed, in one workdir."""
+  port = _free_port()
+  outs = [tmp_path / f'out{i}.json' for i in range(2)]
+  _run_workers([(('multihost', cache_dir, str(tmp_path / 'work'), str(outs[i])),
+                 _env(WORKER_DEVICES='4', WORKER_MESH='2,2,2',
+                      JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+                      JAX_PROCESS_ID=str(i)))
+                for i in range(2)], timeout=400)
+  results = [json.loads(o.read_text()) for o in outs]
+  for i, r in enumerate(results):
+    assert (r['process_index'], r['process_count'], r['device_count'], r['local_devices']) == (
+        i, 2, 8, 4)
+    assert r['stopped_at'] == 2 and r['summary']['finished']
+  main = results[0]
+  assert main['manifest_mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  losses = [main['losses'][str(s)] for s in range(1, 5)]
+  np.testing.assert_allclose(losses, meshes['losses']['8x1x1'], rtol=RTOL)
+  np.testing.assert_allclose(main['summary']['eval_loss'], meshes['resume']['2x2x2']['eval_loss'],
+                             rtol=RTOL)
+  assert results[1]['summary'] == main['summary']
+
+
+def test_data_cache_survives_losing_the_build_race(tmp_path, monkeypatch):
+  """Two processes building one cache folder: the later one must keep the earlier one's copy.
+
+  Deterministic stand-in for the race: while this build writes its files, another build of the
+  same folder completes; the loser must not replace a complete folder someone may be reading.
+  """
+  c = base.get_config()
+  c.data.update(max_bytes=50_000, cache_dir=str(tmp_path))
+  write, winner = data_lib._write_contents, {}
+
+  def write_while_another_finishes(*args, **kw):
+    info = write(*args, **kw)
+    if not winner:
+      winner['started'] = True
+      ds = data_lib.prepare(c.data)
+      winner['ino'] = os.stat(os.path.join(ds.path, data_lib.INFO_JSON)).st_ino
+      winner['tokens'] = np.array(ds.train[:1000])
+    return info
+  monkeypatch.setattr(data_lib, '_write_contents', write_while_another_finishes)
+  loser = data_lib.prepare(c.data)
+  assert os.stat(os.path.join(loser.path, data_lib.INFO_JSON)).st_ino == winner['ino']
+  np.testing.assert_array_equal(loser.train[:1000], winner['tokens'])
+  assert [n for n in os.listdir(tmp_path) if n.startswith('.tmp')] == []

@@ -1,0 +1,158 @@
+"""Sweeps: the plan (budgets, centring, D from C), atomic results, skip / resume / retry, end to end."""
+import csv
+import glob
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs import sweep_smoke
+from lm import train as train_lib
+from lm.scaling import sweep as sweep_lib
+
+
+def tiny_sweep(cache_dir, budgets=(4e9, 1.2e10)):
+  c = sweep_smoke.get_config()
+  b = c.base
+  b.data.max_bytes, b.data.cache_dir = 300_000, cache_dir
+  b.model.max_len = 64
+  b.train.batch_size, b.train.seq_len, b.train.eval_batches = 8, 64, 2
+  b.train.progress = 'none'
+  s = c.sweep
+  s.budgets, s.sizes_per_budget, s.span = list(budgets), 3, 3.0
+  s.head_dim, s.aspect, s.bootstrap, s.max_attempts = 8, 16.0, 10, 2
+  s.evals_per_run, s.checkpoints_per_run = 1, 1
+  return c
+
+
+def test_isoflop_plan_is_centred_and_spends_the_budget():
+  c = sweep_smoke.get_config()
+  specs = sweep_lib.plan(c.sweep, c.base, 259)
+  tokens_per_step = c.base.train.batch_size * c.base.train.seq_len
+  assert len(specs) == 10
+  for C in c.sweep.budgets:
+    runs = [s for s in specs if s.budget == C]
+    assert len(runs) == 5
+    n_star = math.sqrt(C / (6 * 20))
+    n = np.array([s.params for s in runs])
+    # Centred on the predicted optimum (geometric mean) and spanning about N*/4 .. 4 N*.
+    assert abs(math.log(np.exp(np.log(n).mean()) / n_star)) < math.log(1.5)
+    assert n.min() < n_star / 2.5 and n.max() > n_star * 2.5
+    assert list(n) == sorted(n)
+    for s in runs:   # D = C / FLOPs-per-token, up to rounding to whole steps
+      spent = s.steps * tokens_per_step * s.flops_per_token
+      assert abs(spent / C - 1) < max(0.01, 1 / s.steps)
+      assert 0.25 <= (s.d_model / s.n_layers) / c.sweep.aspect <= 4
+      assert s.d_model % c.sweep.head_dim == 0 and s.n_heads == s.d_model // c.sweep.head_dim
+  # Wider models get smaller learning rates by the documented rule.
+  by_width = sorted({(s.d_model, s.lr) for s in specs})
+  assert all(a[1] >= b[1] for a, b in zip(by_width, by_width[1:]))
+
+
+def test_grid_plan():
+  c = sweep_smoke.get_config()
+  c.sweep.mode = 'grid'
+  c.sweep.grid_params, c.sweep.grid_tokens = [5e4, 2e5], [1e6, 4e6]
+  specs = sweep_lib.plan(c.sweep, c.base, 259)
+  assert len(specs) == 4 and all(s.budget is None for s in specs)
+  steps = sorted(s.steps for s in specs)
+  tokens_per_step = c.base.train.batch_size * c.base.train.seq_len
+  assert steps[0] == round(1e6 / tokens_per_step) and steps[-1] == round(4e6 / tokens_per_step)
+
+
+def test_results_csv_is_written_atomically(tmp_path, monkeypatch):
+  path = str(tmp_path / 'results.csv')
+  sweep_lib.write_results(path, [{'run': 'a', 'params': 1, 'tokens': 2, 'loss': 3.0}])
+  before = open(path).read()
+
+  class Boom(csv.DictWriter):
+    def writerow(self, row):
+      raise OSError('disk full')
+  monkeypatch.setattr(sweep_lib.csv, 'DictWriter', Boom)
+  with pytest.raises(OSError):
+    sweep_lib.write_results(path, [{'run': 'b', 'params': 1, 'tokens': 2, 'loss': 3.0}])
+  assert open(path).read() == before
+
+
+def test_runner_skips_retries_and_resumes(tmp_path):
+  """A fake trainer whose first run fails once: the rerun trains only that run, then nothing."""
+  cfg = tiny_sweep(str(tmp_path / 'cache'))
+  workdir = str(tmp_path / 'sweep')
+  calls = []
+  flaky = {'fail': None, 'failed_once': False}
+
+  def fake_train(run_cfg, rdir):
+    name = os.path.basename(rdir)
+    calls.append(name)
+    if flaky['fail'] is None:
+      flaky['fail'] = name
+    if name == flaky['fail'] and not flaky['failed_once']:
+      flaky['failed_once'] = True
+      raise RuntimeError('device lost')
+    n = run_cfg.model.d_model * 100
+    return {'finished': True, 'params': n, 'params_nonembed': n // 2, 'final_loss': 3.0,
+            'eval_loss': 3.0 + 1e5 / n, 'tokens': run_cfg.train.steps * 128,
+            'flops': 6.0 * n * run_cfg.train.steps * 128,
+            'flops_6nd': 6.0 * n * run_cfg.train.steps * 128, 'steps': run_cfg.train.steps}
+
+  out = sweep_lib.run_sweep(cfg, workdir, train_fn=fake_train, fit=False)
+  n_runs = len(calls)
+  assert out['finished'] == n_runs - 1 and out['failed'] == [flaky['fail']]
+  failures = [json.loads(l) for l in open(f'{workdir}/failures.jsonl')]
+  assert failures[0]['run'] == flaky['fail'] and 'device lost' in failures[0]['error']
+  with open(f'{workdir}/results.csv') as f:
+    assert len(list(csv.DictReader(f))) == n_runs - 1
+  # Second invocation: only the failed run is trained again.
+  calls.clear()
+  out = sweep_lib.run_sweep(cfg, workdir, train_fn=fake_train, fit=False)
+  assert calls == [flaky['fail']] and out['finished'] == n_runs and not out['failed']
+  # Third: nothing left to do.
+  calls.clear()
+  sweep_lib.run_sweep(cfg, workdir, train_fn=fake_train, fit=False)
+  assert calls == []
+
+
+def test_runner_gives_up_after_max_attempts(tmp_path):
+  cfg = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9,))
+
+  def always_fails(run_cfg, rdir):
+    raise RuntimeError('broken')
+  workdir = str(tmp_path / 'sweep')
+  for _ in range(3):
+    out = sweep_lib.run_sweep(cfg, workdir, train_fn=always_fails, fit=False)
+  n_runs = len(json.load(open(f'{workdir}/sweep.json'))['runs'])
+  lines = open(f'{workdir}/failures.jsonl').read().splitlines()
+  assert len(lines) == n_runs * 2       # max_attempts=2 per run, then no more tries
+  assert len(out['failed']) == n_runs
+
+
+def test_tiny_sweep_end_to_end(tmp_path):
+  """Real training: results.csv, fit.json and the plots; an interrupted run resumes."""
+  cfg = tiny_sweep(str(tmp_path / 'cache'))
+  workdir = str(tmp_path / 'sweep')
+  interrupted = []
+
+  def stop_first_once(run_cfg, rdir):
+    if not interrupted:
+      interrupted.append(rdir)
+      return train_lib.train(run_cfg, rdir, stop_at=max(1, run_cfg.train.steps // 2))
+    return train_lib.train(run_cfg, rdir)
+
+  assert sweep_lib.run_sweep(cfg, workdir, train_fn=stop_first_once) == {'stopped': True}
+  assert glob.glob(f'{interrupted[0]}/checkpoints/*')
+  out = sweep_lib.run_sweep(cfg, workdir, train_fn=stop_first_once)
+  n_runs = len(json.load(open(f'{workdir}/sweep.json'))['runs'])
+  assert n_runs >= 5 and out['finished'] == n_runs and not out['failed']
+  rows = list(csv.DictReader(open(f'{workdir}/results.csv')))
+  assert len(rows) == n_runs
+  for col in ('run', 'params', 'params_nonembed', 'tokens', 'flops', 'flops_6nd', 'final_loss',
+              'eval_loss', 'n_layers', 'd_model', 'lr', 'seed'):
+    assert all(r[col] != '' for r in rows), col
+  fit = json.load(open(f'{workdir}/fit.json'))
+  assert len(fit['approach2']['budgets']) == 2
+  assert fit['approach1'] is not None
+  pngs = glob.glob(f'{workdir}/*.png')
+  assert len(pngs) >= 4 and all(os.path.getsize(p) > 10_000 for p in pngs)
+  assert os.path.exists(f'{workdir}/report.md')
