@@ -7,6 +7,7 @@
   python run.py plot   --workdir=SWEEP_OR_FIT_DIR
   python run.py sample --workdir=DIR --prompt="..." [--max_new_tokens=N --temperature=T ...]
 """
+import re
 import sys
 
 from absl import app, flags, logging
@@ -48,5 +49,25 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl parsing, with an unknown --config.KEY named in one sentence instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    text = str(e).replace('\\n', ' ').replace('\\', '')
+    name = re.search(r"'([^']+)'", text)
+    name = name.group(1) if name else text
+    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    flag = next((b for b in bad if b.split('.')[-1] == name), '--config.' + name)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    print(f'error: {flag} is not a config key; '
+          + (f'did you mean {hint.group(1)!r}? ' if hint else '')
+          + 'configs/base.py lists the keys.', file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

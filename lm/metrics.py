@@ -86,7 +86,7 @@ class Progress:
       self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
 
   def update(self, step: int, row: dict) -> None:
-    text = f"loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s"
+    text = f"loss {row['loss_avg']:.4f}  {row['tokens_per_s']:,.0f} tok/s"
     if row.get('mfu'):
       text += f"  MFU {100 * row['mfu']:.1f}%"
     if self.mode == 'bar':

@@ -2,7 +2,7 @@
 
 Shape letters used in names:
   B batch, T query length, S key length (cache slots or T), D d_model, N query heads,
-  K key/value heads, H head dim, F d_ff, V vocabulary, L layers.
+  K key/value heads, H head dim, F d_ff, V vocabulary, L layers, M = B*T rows.
 
 Every parameter carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp,
 norm, pos, layers); lm/sharding.py maps them to mesh axes, the model never names a mesh axis.
@@ -77,17 +77,21 @@ class Mlp(nn.Module):
     dt = jnp.dtype(c.dtype)
     init = nn.initializers.normal(c.init_std)
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.n_layers))
+    # The matmuls run on [B*T, D]: with 3-D einsums XLA:CPU fuses the GELU backward into a
+    # transposed copy and the MLP becomes about twice as slow (benchmarks/train_step.py).
+    B, T, D = x_BTD.shape
+    x_MD = x_BTD.reshape(B * T, D)
     wi = _param(self, 'wi', init, (c.d_model, c.d_ff), ('embed', 'mlp'))
-    h_BTF = jnp.einsum('btd,df->btf', x_BTD, wi.astype(dt))
+    h_MF = x_MD @ wi.astype(dt)
     if c.use_bias:
-      h_BTF += _param(self, 'bi', nn.initializers.zeros, (c.d_ff,), ('mlp',)).astype(dt)
+      h_MF += _param(self, 'bi', nn.initializers.zeros, (c.d_ff,), ('mlp',)).astype(dt)
     if c.mlp == 'swiglu':
       wg = _param(self, 'wg', init, (c.d_model, c.d_ff), ('embed', 'mlp'))
-      h_BTF = nn.silu(jnp.einsum('btd,df->btf', x_BTD, wg.astype(dt))) * h_BTF
+      h_MF = nn.silu(x_MD @ wg.astype(dt)) * h_MF
     else:
-      h_BTF = nn.gelu(h_BTF)
+      h_MF = nn.gelu(h_MF)
     wo = _param(self, 'wo', out_init, (c.d_ff, c.d_model), ('mlp', 'embed'))
-    y_BTD = jnp.einsum('btf,fd->btd', h_BTF, wo.astype(dt))
+    y_BTD = (h_MF @ wo.astype(dt)).reshape(B, T, D)
     if c.use_bias:
       y_BTD += _param(self, 'bo', nn.initializers.zeros, (c.d_model,), ('embed',)).astype(dt)
     return y_BTD

@@ -376,27 +376,33 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   bpt = run.dataset.bytes_per_token('val')
   last_row, eval_loss = None, None
   pending = None                      # (step, metrics on device): pulled one step later
-  t_last, step_last = time.time(), start
+  since = {'time': time.time(), 'step': start, 'losses': []}   # since the last written row
 
   def finish_row(step, m):
-    nonlocal t_last, step_last, last_row
+    """Host-side metrics of one step; the row's averages cover the steps since the last row."""
     m = jax.device_get(m)
     loss = float(m['loss'])
     if not math.isfinite(loss):
       raise UserError(f'The loss became {loss} at step {step}; the last good checkpoint is kept. '
                       'Lower train.lr or raise train.warmup_steps, then rerun to resume.')
-    now = time.time()
-    tps = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-    t_last, step_last = now, step
+    since['losses'].append(loss)
     tokens = step * tokens_per_step
-    row = {'step': step, 'loss': loss, 'grad_norm': float(m['grad_norm']),
-           'lr': float(schedule(step - 1)), 'tokens': tokens,
-           'flops': tokens * fpt['chinchilla'], 'flops_6nd': tokens * fpt['6n'],
-           'tokens_per_s': tps, 'time': now}
+    return {'step': step, 'loss': loss, 'loss_avg': float(np.mean(since['losses'])),
+            'grad_norm': float(m['grad_norm']), 'lr': float(schedule(step - 1)),
+            'tokens': tokens, 'flops': tokens * fpt['chinchilla'],
+            'flops_6nd': tokens * fpt['6n']}
+
+  def write(row):
+    nonlocal last_row
+    now = time.time()
+    tps = (row['step'] - since['step']) * tokens_per_step / max(now - since['time'], 1e-9)
+    row.update(tokens_per_s=tps, time=now)
     if peak:
       row['mfu'] = tps * fpt['chinchilla'] / (peak * jax.device_count())
+    writer.write(row)
+    progress.update(row['step'], row)
+    since.update(time=now, step=row['step'], losses=[])
     last_row = row
-    return row
 
   stopped = False
   with _StopFlag() as flag:
@@ -408,8 +414,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
       if pending is not None:
         row = finish_row(*pending)
         if pending[0] % tc.log_every == 0:
-          writer.write(row)
-          progress.update(pending[0], row)
+          write(row)
       pending = (step, m)
       is_eval = step % tc.eval_every == 0 or step == tc.steps
       stop = flag.stop
@@ -427,8 +432,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
           if bpt:
             row['eval_bpb'] = eval_loss / (math.log(2) * bpt)
         if is_eval or step % tc.log_every == 0:
-          writer.write(row)
-          progress.update(step, row)
+          write(row)
         ckpts.save(step, state)
         if stop or step == stop_at:
           stopped = True
@@ -437,7 +441,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   progress.close()
   writer.close()
   ckpts.close()
-  summary = {'steps': step, 'final_loss': last_row['loss'] if last_row else None,
+  # final_loss: the mean train loss over the last logging interval (one batch is too noisy).
+  summary = {'steps': step, 'final_loss': last_row['loss_avg'] if last_row else None,
              'eval_loss': eval_loss, 'tokens': step * tokens_per_step,
              'flops': step * tokens_per_step * fpt['chinchilla'],
              'flops_6nd': step * tokens_per_step * fpt['6n'],

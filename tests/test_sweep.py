@@ -24,6 +24,7 @@ def tiny_sweep(cache_dir, budgets=(4e9, 1.2e10)):
   s.budgets, s.sizes_per_budget, s.span = list(budgets), 3, 3.0
   s.head_dim, s.aspect, s.bootstrap, s.max_attempts = 8, 16.0, 10, 2
   s.evals_per_run, s.checkpoints_per_run = 1, 1
+  s.tokens_per_param = 20.0
   return c
 
 
@@ -35,7 +36,7 @@ def test_isoflop_plan_is_centred_and_spends_the_budget():
   for C in c.sweep.budgets:
     runs = [s for s in specs if s.budget == C]
     assert len(runs) == 5
-    n_star = math.sqrt(C / (6 * 20))
+    n_star = math.sqrt(C / (6 * c.sweep.tokens_per_param))
     n = np.array([s.params for s in runs])
     # Centred on the predicted optimum (geometric mean) and spanning about N*/4 .. 4 N*.
     assert abs(math.log(np.exp(np.log(n).mean()) / n_star)) < math.log(1.5)

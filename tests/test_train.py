@@ -289,3 +289,23 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(cache_dir, tmp_pa
   with pytest.raises(UserError, match=r'The loss became (nan|inf) at step \d+'):
     train_lib.train(cfg, workdir)
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+
+
+def test_sigterm_saves_and_stops_cleanly(cache_dir, reference_run, tmp_path, monkeypatch):
+  """SIGTERM mid-run: the loop checkpoints at the next step and returns; a rerun finishes it."""
+  import signal
+  workdir = str(tmp_path / 'term')
+  real_get_batch = train_lib.get_batch
+
+  def get_batch(run, split, index):
+    if split == 'train' and index == 3:
+      signal.raise_signal(signal.SIGTERM)
+    return real_get_batch(run, split, index)
+  monkeypatch.setattr(train_lib, 'get_batch', get_batch)
+  cfg = small_config(cache_dir)
+  partial = train_lib.train(cfg, workdir)
+  assert partial['finished'] is False and partial['steps'] == 4
+  assert os.listdir(f'{workdir}/checkpoints') == ['4']
+  monkeypatch.setattr(train_lib, 'get_batch', real_get_batch)
+  resumed = train_lib.train(cfg, workdir)
+  assert resumed['final_loss'] == reference_run[1]['final_loss']

@@ -166,10 +166,10 @@ def _curves(workdir: str, runs: list[tuple[RunSpec, dict]]) -> dict:
   out = {}
   for sp, summary in runs:
     rows = read_jsonl(os.path.join(workdir, 'runs', sp.name, 'metrics.jsonl'))
-    rows = [r for r in rows if isinstance(r.get('loss'), float)]
+    rows = [r for r in rows if isinstance(r.get('loss_avg'), float)]
     out[sp.name] = {'params': summary['params'], 'curve_flops': [r['flops'] for r in rows],
                     'curve_tokens': [r['tokens'] for r in rows],
-                    'curve_loss': [r['loss'] for r in rows]}
+                    'curve_loss': [r['loss_avg'] for r in rows]}
   return out
 
 

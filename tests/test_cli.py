@@ -1,0 +1,40 @@
+"""run.py: bad input gets one sentence and a non-zero exit, before anything is written."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+  out = subprocess.run([sys.executable, 'run.py', *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  return out.returncode, out.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--config.train.nope=1'], '--config.train.nope is not a config key'),
+    (['--config.model.n_layer=3'], "did you mean 'n_layers'"),
+    (['--config.train.steps=abc'], "invalid literal for int() with base 10: 'abc'"),
+    (['--config.train.steps=0'], 'train.steps=0 must be a positive integer.'),
+    (['--config.model.pos=xpos'], "model.pos='xpos' is not known"),
+])
+def test_bad_train_flags(tmp_path, args, needle):
+  workdir = tmp_path / 'run'
+  code, err = run('train', '--config=configs/tiny.py', f'--workdir={workdir}', *args)
+  assert code == 2
+  assert needle in err[-1] and len(err[-1].split('. ')) <= 3
+  assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_other_bad_commands(tmp_path):
+  code, err = run('bogus')
+  assert code != 0 and 'unknown subcommand' in '\n'.join(err)
+  code, err = run('sample', f'--workdir={tmp_path}', '--prompt=hi')
+  assert code == 2 and 'train first' in err[-1]
+  code, err = run('fit', f'--results={tmp_path}/none.csv', f'--workdir={tmp_path}/fit')
+  assert code == 2 and 'does not exist' in err[-1]
+  code, err = run('sweep', '--config=configs/tiny.py', f'--workdir={tmp_path}/sw')
+  assert code == 2 and 'not a sweep config' in err[-1]
