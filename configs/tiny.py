@@ -9,11 +9,11 @@ def get_config():
   c.model.n_heads = 4
   c.model.max_len = 128
   c.data.max_bytes = 8_000_000
-  c.train.steps = 300
+  c.train.steps = 800
   c.train.batch_size = 16
   c.train.seq_len = 128
   c.train.lr = 3e-3
   c.train.warmup_steps = 20
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
   return c
