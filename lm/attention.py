@@ -88,11 +88,19 @@ class Attention(nn.Module):
       mask = None  # plain causal: lets the fused kernels skip the upper triangle
     else:
       index, k_pos_BS, k_valid_BS = cache_meta
-      k_BSKH = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k_BTKH.astype(
-          layer_cache[0].dtype), index, axis=1)
-      v_BSKH = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v_BTKH.astype(
-          layer_cache[1].dtype), index, axis=1)
-      layer_cache = (k_BSKH, v_BSKH)
+      k_cache, v_cache, layer = layer_cache
+      if layer is None:   # this layer's own [B, S, K, H] slice (the scanned model)
+        k_BSKH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BTKH.astype(k_cache.dtype),
+                                                     index, axis=1)
+        v_BSKH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BTKH.astype(v_cache.dtype),
+                                                     index, axis=1)
+        layer_cache = (k_BSKH, v_BSKH, None)
+      else:  # the stacked [L, B, S, K, H] cache, updated in place rather than re-stacked
+        at = (layer, 0, index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTKH[None].astype(k_cache.dtype), at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTKH[None].astype(v_cache.dtype), at)
+        k_BSKH, v_BSKH = k_cache[layer], v_cache[layer]
+        layer_cache = (k_cache, v_cache, layer)
       S = k_BSKH.shape[1]
       mask = causal_mask(index + jnp.arange(T), jnp.arange(S), k_valid_BS)
       k_BSKH, v_BSKH = k_BSKH.astype(dt), v_BSKH.astype(dt)

@@ -158,9 +158,6 @@ class Transformer(nn.Module):
       pos = cache.pos.at[:, slot_T].set(positions_BT)
       valid = cache.valid.at[:, slot_T].set(True)
       cache_meta = (cache.index, pos, valid)
-      layer_caches = (cache.k, cache.v)
-    else:
-      layer_caches = None
 
     block_cls = _ScanBlock if c.scan_layers else Block
     if c.remat:
@@ -169,16 +166,16 @@ class Transformer(nn.Module):
       stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True,
                       'dropout': True}, in_axes=(0, nn.broadcast, nn.broadcast),
                       length=c.n_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+      scanned = None if cache is None else (cache.k, cache.v, None)
       x_BTD, new_kv = stack(c, deterministic, name='layers')(
-          x_BTD, layer_caches, positions_BT, cache_meta)
+          x_BTD, scanned, positions_BT, cache_meta)
     else:
-      new = []
+      # The whole [L, ...] cache goes through every layer; each writes its own slice in place.
+      new_kv = None if cache is None else (cache.k, cache.v, None)
       for i in range(c.n_layers):
-        lc = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-        x_BTD, lc = block_cls(c, deterministic, name=f'layer_{i}')(
+        lc = None if cache is None else (new_kv[0], new_kv[1], i)
+        x_BTD, new_kv = block_cls(c, deterministic, name=f'layer_{i}')(
             x_BTD, positions_BT, lc, cache_meta)
-        new.append(lc)
-      new_kv = None if cache is None else tuple(jnp.stack(z) for z in zip(*new))
 
     if c.block == 'prenorm':
       x_BTD = Norm(c, name='final_norm')(x_BTD)
