@@ -5,7 +5,6 @@ import os
 import sys
 import time
 
-from tensorboardX import SummaryWriter
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -23,14 +22,24 @@ def read_jsonl(path: str) -> list[dict]:
   return rows
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path, obj) -> None:
+  """JSON through a temporary file, fsync and a rename: a reader never sees half a file.
+
+  NaN and infinity are refused (they are not JSON); callers store them as null.
+  """
+  path = str(path)
   tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
+      f.write('\n')
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def _finite(v):
@@ -55,6 +64,7 @@ class MetricsWriter:
         f.write(json.dumps(r) + '\n')
     os.replace(tmp, self.path)
     self.file = open(self.path, 'a')
+    from tensorboardX import SummaryWriter  # here: lm.metrics is also imported by the fits
     self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, row: dict) -> None:

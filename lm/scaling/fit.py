@@ -16,8 +16,6 @@ vectorised pass (~40 ms) and refining only the best 100 starts takes ~0.7 s and 
 import csv
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from scipy import optimize
 from threadpoolctl import threadpool_limits
 
 from lm.errors import UserError
+from lm.metrics import write_json_atomic
 
 HUBER_DELTA = 1e-3
 # Hoffmann et al. 2022 (Approach 3, fitting details in Appendix D): the initialisation grid.
@@ -552,19 +551,6 @@ def read_curves(curves):
   return data
 
 
-def write_json_atomic(obj, path):
-  """Write JSON through a temp file and os.replace, so a reader never sees half a file."""
-  path = Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(obj, f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def run_fit(results_csv, workdir, loss_key=None, params_key='params', flops_key=None, bootstrap=100,
             curves=None, seed=0, top_k=DEFAULT_TOP_K):
   """Read results, fit, write workdir/fit.json, the plots and workdir/report.md; return the fit."""
@@ -577,7 +563,7 @@ def run_fit(results_csv, workdir, loss_key=None, params_key='params', flops_key=
                     seed=seed, curves=curves, top_k=top_k)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(fit, workdir / 'fit.json')
+  write_json_atomic(workdir / 'fit.json', fit)
   plot.make_all(fit, rows, workdir, curves=curves)
   report.write_report(fit, workdir)
   return fit
