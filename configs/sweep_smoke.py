@@ -38,5 +38,8 @@ def get_config():
   s.evals_per_run = 4             # evaluations (and eval rows) spread over each run
   s.checkpoints_per_run = 4
   s.max_attempts = 3
+  # Runs at once, each in its own process on an equal share of the GPUs or CPU cores
+  # (lm/scaling/parallel.py); 1 runs them one after another in the sweep's own process.
+  s.parallel = 1
   s.bootstrap = 100
   return c

@@ -4,12 +4,14 @@ import glob
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pytest
 
 from configs import sweep_smoke
 from lm import train as train_lib
+from lm.metrics import read_jsonl
 from lm.scaling import sweep as sweep_lib
 
 
@@ -157,3 +159,60 @@ def test_tiny_sweep_end_to_end(tmp_path):
   pngs = glob.glob(f'{workdir}/*.png')
   assert len(pngs) >= 4 and all(os.path.getsize(p) > 10_000 for p in pngs)
   assert os.path.exists(f'{workdir}/report.md')
+
+
+def test_device_slots_split_cores_and_gpus(monkeypatch):
+  from lm.errors import UserError
+  from lm.scaling import parallel as par
+  cpu = par.device_slots(2, 'cpu', 1, cpus=[0, 1, 2, 3])
+  assert [s.env['LM_WORKER_CPUS'] for s in cpu] == ['0,1', '2,3']
+  assert [s.env['LM_WORKER_CPUS'] for s in par.device_slots(3, 'cpu', 1, cpus=[0, 1, 2, 3])] \
+      == ['0,1', '2', '3']
+  monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+  gpu = par.device_slots(2, 'gpu', 8)
+  assert [s.env['CUDA_VISIBLE_DEVICES'] for s in gpu] == ['0,1,2,3', '4,5,6,7']
+  for args, words in [((3, 'cpu', 1, [0, 1]), 'at most 2'), ((9, 'gpu', 8), 'at most 8'),
+                      ((2, 'tpu', 4), 'sweep.parallel=1')]:
+    with pytest.raises(UserError, match=words):
+      par.device_slots(*args)
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3,5,6')   # only these are ours: 2 slots of 1
+  assert [s.env['CUDA_VISIBLE_DEVICES'] for s in par.device_slots(2, 'gpu', 3)] == ['3', '5']
+
+
+def test_parallel_sweep_stops_on_sigterm_resumes_and_matches_in_process(tmp_path):
+  """sweep.parallel=2: two worker processes (one CPU core each here). SIGTERM to the sweep while
+  the longest run trains: every worker stops at a checkpoint, nothing is booked as failed, and
+  the rerun finishes the sweep; a run's losses equal the same run trained in this process."""
+  import signal
+  import threading
+  cfg = tiny_sweep(str(tmp_path / 'cache'), budgets=(1e11,))
+  cfg.sweep.parallel = 2
+  cfg.sweep.checkpoints_per_run = 4
+  cfg.base.train.progress = 'log'   # the worker's train.log then says when it resumes
+  workdir = str(tmp_path / 'sweep')
+  specs = sweep_lib.plan(cfg.sweep, cfg.base, 259)
+  longest = f'{workdir}/runs/{specs[0].name}'   # first in the queue, most steps
+  assert specs[0].steps == max(s.steps for s in specs) and len(specs) == 3
+
+  def term_when_training():
+    deadline = time.time() + 120
+    while time.time() < deadline and not read_jsonl(f'{longest}/metrics.jsonl'):
+      time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGTERM)
+  threading.Thread(target=term_when_training, daemon=True).start()
+  assert sweep_lib.run_sweep(cfg, workdir, fit=False) == {'stopped': True}
+  assert glob.glob(f'{longest}/checkpoints/*') and not os.path.exists(f'{longest}/summary.json')
+  assert not os.path.exists(f'{workdir}/failures.jsonl')
+
+  out = sweep_lib.run_sweep(cfg, workdir, fit=False)
+  assert out['finished'] == 3 and not out['failed']
+  assert 'resuming from step' in open(f'{longest}/train.log').read()
+  rows = {r['run']: r for r in csv.DictReader(open(f'{workdir}/results.csv'))}
+  assert [r for r in rows] == [s.name for s in specs]          # plan order, whatever finished first
+  assert int(rows[specs[0].name]['steps']) == specs[0].steps
+
+  sp = specs[-1]
+  ref = train_lib.train(sweep_lib.run_config(cfg.base, sp, cfg.sweep.evals_per_run,
+                                             cfg.sweep.checkpoints_per_run),
+                        str(tmp_path / 'ref'))
+  assert abs(float(rows[sp.name]['eval_loss']) - ref['eval_loss']) < 1e-5

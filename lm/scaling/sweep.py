@@ -1,5 +1,6 @@
 """Scaling sweeps: plan the runs (a model-size ladder; IsoFLOP budgets or an N x D grid), run them
-one after another in their own folders, keep results.csv current, then fit and plot.
+in their own folders (one after another, or sweep.parallel at once on separate devices or CPU
+cores), keep results.csv current, then fit and plot.
 
 Rules (documented in the README, set in the sweep config):
   shape:   for a target N (all parameters, embeddings included) pick n_layers and d_model so that
@@ -180,12 +181,46 @@ def _attempts(path: str) -> int:
     return 0
 
 
+def train_and_record(train_fn, cfg, rdir: str) -> dict:
+  """Trains one run (in this process) and, when it finished, stores its wall time in summary.json."""
+  t0 = time.time()
+  summary = train_fn(cfg, rdir)
+  if summary.get('finished'):
+    summary['wall_s'] = time.time() - t0
+    write_json_atomic(os.path.join(rdir, 'summary.json'), summary)
+  return summary
+
+
+def record_failure(workdir: str, name: str, attempt: int, error: str, tb: str = '') -> None:
+  with open(os.path.join(workdir, 'failures.jsonl'), 'a') as f:
+    f.write(json.dumps({'run': name, 'attempt': attempt, 'time': time.time(), 'error': error,
+                        'traceback': tb}) + '\n')
+
+
+@dataclasses.dataclass
+class Job:
+  """One run the sweep still has to train."""
+  index: int
+  spec: RunSpec
+  cfg: object
+  rdir: str
+  attempt: int   # this try's number, 1-based
+
+
 def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> dict:
-  """Runs every planned run not yet finished, then fits and plots. Returns a short summary."""
+  """Runs every planned run not yet finished, then fits and plots. Returns a short summary.
+
+  sweep.parallel > 1 trains that many runs at once, each in its own process on its own share of
+  the devices (lm.scaling.parallel); otherwise runs go one after another in this process."""
   from lm import data as data_lib
   from lm import train as train_lib
-  train_fn = train_fn or train_lib.train
   s, base_cfg = sweep_file_cfg.sweep, sweep_file_cfg.base
+  parallel = int(s.get('parallel', 1))
+  if parallel < 1:
+    raise UserError(f'sweep.parallel={parallel} must be at least 1 (1: runs one after another).')
+  if parallel > 1 and train_fn is not None:
+    raise ValueError('train_fn applies to in-process runs only (sweep.parallel=1).')
+  train_fn = train_fn or train_lib.train
   os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
   dataset = data_lib.prepare(data_lib.DataConfig.from_config(base_cfg.data))
   vocab = dataset.tokenizer.vocab_size
@@ -198,52 +233,70 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   print(f'sweep: {len(specs)} runs, {total_flops:.3g} FLOPs planned (Chinchilla App. F count); '
         f'outputs in {workdir}', flush=True)
 
-  finished, failed = [], []
+  finished, failed, jobs = {}, [], []
   results_path = os.path.join(workdir, 'results.csv')
   t_sweep = time.time()
+  n = len(specs)
   for i, sp in enumerate(specs):
     rdir = os.path.join(workdir, 'runs', sp.name)
     cfg = run_config(base_cfg, sp, s.evals_per_run, s.checkpoints_per_run)
     summary_path = os.path.join(rdir, 'summary.json')
     if os.path.exists(summary_path):
       with open(summary_path) as f:
-        finished.append((sp, cfg, json.load(f)))
-      print(f'[{i + 1}/{len(specs)}] {sp.name}: finished earlier, skipped', flush=True)
+        finished[sp.name] = (sp, cfg, json.load(f))
+      print(f'[{i + 1}/{n}] {sp.name}: finished earlier, skipped', flush=True)
       continue
     attempts_path = os.path.join(rdir, 'attempts.json')
     attempts = _attempts(attempts_path)
     if attempts >= s.max_attempts:
-      print(f'[{i + 1}/{len(specs)}] {sp.name}: failed {attempts} times, not retried '
+      print(f'[{i + 1}/{n}] {sp.name}: failed {attempts} times, not retried '
             f'(see failures.jsonl; delete {attempts_path} to try again)', flush=True)
       failed.append(sp.name)
       continue
-    print(f'[{i + 1}/{len(specs)}] {sp.name}: N={sp.params:,} steps={sp.steps} lr={sp.lr:.2g}',
-          flush=True)
-    os.makedirs(rdir, exist_ok=True)
-    write_json_atomic(attempts_path, {'attempts': attempts + 1})
-    t0 = time.time()
-    try:
-      summary = train_fn(cfg, rdir)
-    except KeyboardInterrupt:
-      raise
-    except Exception as e:  # recorded and retried on the next invocation
-      with open(os.path.join(workdir, 'failures.jsonl'), 'a') as f:
-        f.write(json.dumps({'run': sp.name, 'attempt': attempts + 1, 'time': time.time(),
-                            'error': f'{type(e).__name__}: {e}',
-                            'traceback': traceback.format_exc(limit=5)}) + '\n')
-      print(f'    failed ({type(e).__name__}: {e}); recorded in failures.jsonl', flush=True)
-      failed.append(sp.name)
-      continue
-    if not summary.get('finished'):
-      print('sweep stopped (SIGTERM); rerun the same command to resume.', flush=True)
-      return {'stopped': True}
-    summary['wall_s'] = time.time() - t0
-    write_json_atomic(summary_path, summary)
-    print(f"    done in {summary['wall_s']:.0f} s: eval loss {summary['eval_loss']:.4f}, "
-          f"{summary['flops']:.3g} FLOPs", flush=True)
-    finished.append((sp, cfg, summary))
-    write_results(results_path, [_result_row(a, b, c) for a, b, c in finished])
-  write_results(results_path, [_result_row(a, b, c) for a, b, c in finished])
+    jobs.append(Job(i, sp, cfg, rdir, attempts + 1))
+
+  def start(job: Job, where: str = '') -> None:
+    sp = job.spec
+    print(f'[{job.index + 1}/{n}] {sp.name}: N={sp.params:,} steps={sp.steps} lr={sp.lr:.2g}'
+          + (f' on {where}' if where else ''), flush=True)
+    os.makedirs(job.rdir, exist_ok=True)
+    write_json_atomic(os.path.join(job.rdir, 'attempts.json'), {'attempts': job.attempt})
+
+  def done(job: Job, summary: dict | None, error: str | None = None, tb: str = '') -> None:
+    """Books one run's outcome; results.csv is rewritten (atomically) after every success."""
+    if summary is None:
+      record_failure(workdir, job.spec.name, job.attempt, error, tb)
+      print(f'    {job.spec.name} failed ({error}); recorded in failures.jsonl', flush=True)
+      failed.append(job.spec.name)
+      return
+    print(f"    {job.spec.name} done in {summary.get('wall_s', 0):.0f} s: eval loss "
+          f"{summary['eval_loss']:.4f}, {summary['flops']:.3g} FLOPs", flush=True)
+    finished[job.spec.name] = (job.spec, job.cfg, summary)
+    write_results(results_path, _rows(specs, finished))
+
+  if parallel > 1:
+    from lm.scaling import parallel as parallel_lib
+    stopped = parallel_lib.run_jobs(jobs, parallel, start, done)
+  else:
+    stopped = False
+    for job in jobs:
+      start(job)
+      try:
+        summary = train_and_record(train_fn, job.cfg, job.rdir)
+      except KeyboardInterrupt:
+        raise
+      except Exception as e:  # recorded and retried on the next invocation
+        done(job, None, f'{type(e).__name__}: {e}', traceback.format_exc(limit=5))
+        continue
+      if not summary.get('finished'):
+        stopped = True
+        break
+      done(job, summary)
+  if stopped:
+    print('sweep stopped (SIGTERM); rerun the same command to resume.', flush=True)
+    return {'stopped': True}
+  write_results(results_path, _rows(specs, finished))
+  finished = [finished[sp.name] for sp in specs if sp.name in finished]
   out = {'finished': len(finished), 'failed': failed, 'results': results_path,
          'wall_s': time.time() - t_sweep}
   if fit and len(finished) < 5:
@@ -259,6 +312,11 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
       _append_truth(workdir, result, truth)
     out['fit'] = result
   return out
+
+
+def _rows(specs: list[RunSpec], finished: dict) -> list[dict]:
+  """results.csv rows in plan order (runs that finish out of order still sort the same)."""
+  return [_result_row(*finished[sp.name]) for sp in specs if sp.name in finished]
 
 
 def _append_truth(workdir: str, fit: dict, entropy_rate: float) -> None:

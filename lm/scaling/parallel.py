@@ -1,0 +1,194 @@
+"""Several sweep runs at once, each in its own process on its own share of the machine.
+
+`sweep.parallel = P` splits the local devices into P equal slots: on GPUs each slot gets
+len(GPUs) // P of them (through CUDA_VISIBLE_DEVICES), on a CPU each gets its share of the cores
+(the worker pins itself to them). Small models use a few cores poorly, so on a CPU two 1-core
+runs side by side get through a sweep faster than one 2-core run at a time. TPUs are not split:
+there a run spreads over every chip through the mesh (sweep.parallel = 1).
+
+Each run is `python -m lm.worker RUN_DIR` with its output in RUN_DIR/train.log. The sweep
+process books each outcome as its run ends (results.csv rewritten atomically, failures to
+failures.jsonl). SIGTERM or Ctrl-C to the sweep is passed to the running workers, which save a
+checkpoint and stop; if the sweep is killed outright the kernel sends them SIGTERM
+(lm.worker). Rerunning the same command resumes.
+"""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from lm.errors import UserError
+from lm.metrics import read_jsonl, write_json_atomic
+
+STATUS_EVERY_S = 60.0   # how often the sweep prints where its running runs are
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass
+class Slot:
+  label: str           # e.g. 'cpu 0-1' or 'gpu 2,3'
+  env: dict            # extra environment for the worker
+
+
+def _probe_devices() -> tuple[str, int]:
+  """(platform, local device count) as JAX sees them, asked in a throwaway process so that this
+  process never claims the accelerators its workers need."""
+  code = 'import jax; d = jax.local_devices(); print(d[0].platform, len(d))'
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, PYTHONPATH=_pythonpath()))
+  if out.returncode != 0:
+    raise UserError('JAX could not list the devices for sweep.parallel (it said: '
+                    f'{out.stderr.strip().splitlines()[-1:]}); fix the JAX install or set '
+                    'sweep.parallel=1.')
+  platform, count = out.stdout.split()[-2:]
+  return platform, int(count)
+
+
+def _pythonpath() -> str:
+  old = os.environ.get('PYTHONPATH')
+  return _ROOT + (os.pathsep + old if old else '')
+
+
+def _span(ids) -> str:
+  ids = list(ids)
+  consecutive = all(b == a + 1 for a, b in zip(ids, ids[1:]))
+  return f'{ids[0]}-{ids[-1]}' if len(ids) > 2 and consecutive else ','.join(map(str, ids))
+
+
+def device_slots(parallel: int, platform: str | None = None, count: int | None = None,
+                 cpus: list[int] | None = None) -> list[Slot]:
+  """P equal, disjoint shares of this machine (the arguments override what is detected)."""
+  if platform is None:
+    platform, count = _probe_devices()
+  if platform == 'cpu':
+    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    if parallel > len(cpus):
+      raise UserError(f'sweep.parallel={parallel} asks for more runs at once than the '
+                      f'{len(cpus)} CPU cores this process may use; set sweep.parallel to at '
+                      f'most {len(cpus)}.')
+    per, extra = divmod(len(cpus), parallel)
+    slots, at = [], 0
+    for i in range(parallel):   # the first `extra` slots take one core more
+      mine = cpus[at:at + per + (i < extra)]
+      at += len(mine)
+      slots.append(Slot(f'cpu {_span(mine)}', {'LM_WORKER_CPUS': ','.join(map(str, mine))}))
+    return slots
+  if platform in ('gpu', 'cuda', 'rocm'):
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+    ids = [v for v in visible.split(',') if v] if visible else [str(i) for i in range(count)]
+    ids = ids[:count]
+    if parallel > len(ids):
+      raise UserError(f'sweep.parallel={parallel} asks for more runs at once than the '
+                      f'{len(ids)} GPUs here; set sweep.parallel to at most {len(ids)}.')
+    per = len(ids) // parallel
+    return [Slot(f'gpu {",".join(ids[i * per:(i + 1) * per])}',
+                 {'CUDA_VISIBLE_DEVICES': ','.join(ids[i * per:(i + 1) * per])})
+            for i in range(parallel)]
+  raise UserError(f'sweep.parallel={parallel} splits CPU cores or GPUs between runs, and this '
+                  f'machine has {platform} devices; set sweep.parallel=1 and let the mesh spread '
+                  'each run over all of them.')
+
+
+def _last_line(path: str) -> str:
+  try:
+    with open(path, 'rb') as f:
+      f.seek(0, os.SEEK_END)
+      f.seek(max(0, f.tell() - 4096))
+      lines = [l for l in f.read().decode('utf-8', 'replace').splitlines() if l.strip()]
+  except OSError:
+    return ''
+  return lines[-1].strip() if lines else ''
+
+
+def _where(job) -> str:
+  rows = read_jsonl(os.path.join(job.rdir, 'metrics.jsonl'))
+  if not rows:
+    return f'{job.spec.name} starting'
+  r = rows[-1]
+  return f"{job.spec.name} step {r['step']}/{job.spec.steps} loss {r.get('loss_avg', 0):.3f}"
+
+
+def run_jobs(jobs, parallel: int, start, done, slots: list[Slot] | None = None) -> bool:
+  """Trains `jobs` (sweep.Job) at most `parallel` at a time; `start(job, where)` and
+  `done(job, summary | None, error)` are the sweep's booking callbacks. True if stopped."""
+  import json
+  if not jobs:
+    return False
+  slots = slots or device_slots(parallel)
+  free = list(range(len(slots)))
+  queue = list(jobs)
+  running = {}   # slot index -> (job, Popen, log file)
+  stop = {'requested': False}
+
+  def on_term(*_):
+    stop['requested'] = True
+  try:
+    previous = signal.signal(signal.SIGTERM, on_term)
+  except ValueError:   # not the main thread
+    previous = None
+
+  def launch(job, k):
+    start(job, slots[k].label)
+    write_json_atomic(os.path.join(job.rdir, 'run_config.json'), json.loads(job.cfg.to_json()))
+    log = open(os.path.join(job.rdir, 'train.log'), 'a')
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), LM_WORKER_PARENT=str(os.getpid()),
+               **slots[k].env)
+    proc = subprocess.Popen([sys.executable, '-m', 'lm.worker', os.path.abspath(job.rdir)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_ROOT)
+    running[k] = (job, proc, log)
+
+  def reap(k) -> None:
+    """Books slot k's ended worker: finished, stopped at a checkpoint, or failed."""
+    job, proc, log = running.pop(k)
+    log.close()
+    free.append(k)
+    code = proc.returncode
+    summary_path = os.path.join(job.rdir, 'summary.json')
+    if code == 0 and os.path.exists(summary_path):
+      with open(summary_path) as f:
+        done(job, json.load(f))
+    elif code == 3 or (code < 0 and stop['requested']):
+      print(f'    {job.spec.name} stopped at a checkpoint', flush=True)
+    else:
+      last = _last_line(os.path.join(job.rdir, 'train.log'))
+      done(job, None, f'worker exited with status {code}: {last[:500]} '
+                      f'(log: {job.rdir}/train.log)')
+
+  def stop_all(wait_s: float = 300.0):
+    for _, proc, _ in running.values():
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + wait_s
+    for k in list(running):
+      proc = running[k][1]
+      try:
+        proc.wait(timeout=max(1.0, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+      reap(k)
+
+  last_status = time.time()
+  try:
+    while queue or running:
+      if stop['requested']:
+        stop_all()
+        return True
+      while queue and free:
+        launch(queue.pop(0), free.pop(0))
+      for k in [k for k, (_, proc, _) in running.items() if proc.poll() is not None]:
+        reap(k)
+      if running and time.time() - last_status >= STATUS_EVERY_S:
+        print('    running: ' + '; '.join(_where(j) for j, _, _ in running.values()),
+              flush=True)
+        last_status = time.time()
+      time.sleep(0.2)
+    return stop['requested']
+  except KeyboardInterrupt:
+    stop_all(wait_s=60.0)
+    raise
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
