@@ -216,3 +216,21 @@ def test_parallel_sweep_stops_on_sigterm_resumes_and_matches_in_process(tmp_path
                                              cfg.sweep.checkpoints_per_run),
                         str(tmp_path / 'ref'))
   assert abs(float(rows[sp.name]['eval_loss']) - ref['eval_loss']) < 1e-5
+
+
+def test_parallel_worker_failure_is_booked_with_its_message(tmp_path):
+  """A worker that exits on bad input: the sweep books a failure that quotes its last line."""
+  from lm.scaling import parallel as par
+  cfg = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9,))
+  sp = sweep_lib.plan(cfg.sweep, cfg.base, 259)[0]
+  run_cfg = sweep_lib.run_config(cfg.base, sp)
+  run_cfg.train.warmup_steps = run_cfg.train.steps + 1      # refused before any training
+  job = sweep_lib.Job(0, sp, run_cfg, str(tmp_path / 'run'), attempt=1)
+  os.makedirs(job.rdir)
+  booked = []
+  stopped = par.run_jobs([job], 1, start=lambda j, where: None,
+                         done=lambda j, summary, error=None: booked.append((summary, error)),
+                         slots=[par.Slot('cpu', {})])
+  assert not stopped and len(booked) == 1
+  summary, error = booked[0]
+  assert summary is None and 'status 2' in error and 'warmup' in error
