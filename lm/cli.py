@@ -62,10 +62,16 @@ def default(FLAGS):
 
 def fit(FLAGS):
   from lm.scaling import fit as fit_lib
+  from lm.scaling import sweep as sweep_lib
   results = _need(FLAGS.results, 'results', '--results=runs/sweep_smoke/results.csv')
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/fit')
+  # A sweep's results.csv (even mid-sweep) comes with its runs' training curves: Approach 1.
+  curves = sweep_lib.curves_beside(results) if os.path.exists(results) else None
   out = fit_lib.run_fit(results, workdir, loss_key=FLAGS.loss_key, params_key=FLAGS.params_key,
-                        flops_key=FLAGS.flops_key, bootstrap=FLAGS.bootstrap)
+                        flops_key=FLAGS.flops_key, bootstrap=FLAGS.bootstrap, curves=curves)
+  if curves:
+    from lm.metrics import write_json_atomic
+    write_json_atomic(os.path.join(workdir, 'curves.json'), curves)   # for `run.py plot`
   a3 = out['approach3']
   print(f"approach 3: E={a3['E']:.4g} A={a3['A']:.4g} B={a3['B']:.4g} alpha={a3['alpha']:.4g} "
         f"beta={a3['beta']:.4g} a={a3['a']:.4g}")

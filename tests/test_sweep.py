@@ -156,6 +156,10 @@ def test_tiny_sweep_end_to_end(tmp_path):
   fit = json.load(open(f'{workdir}/fit.json'))
   assert len(fit['approach2']['budgets']) == 2
   assert fit['approach1'] is not None
+  # `run.py fit` on the sweep's results.csv finds the same training curves beside it.
+  beside = sweep_lib.curves_beside(f'{workdir}/results.csv')
+  assert beside == json.load(open(f'{workdir}/curves.json'))
+  assert sweep_lib.curves_beside(str(tmp_path / 'elsewhere.csv')) is None
   pngs = glob.glob(f'{workdir}/*.png')
   assert len(pngs) >= 4 and all(os.path.getsize(p) > 10_000 for p in pngs)
   assert os.path.exists(f'{workdir}/report.md')

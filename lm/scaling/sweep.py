@@ -161,16 +161,28 @@ def write_results(path: str, rows: list[dict]) -> None:
   os.replace(tmp, path)
 
 
-def _curves(workdir: str, runs: list[tuple[RunSpec, dict]]) -> dict:
+def _curves(workdir: str, runs: list[tuple[str, int]]) -> dict:
   """Per-run training curves (flops, tokens, loss) from metrics.jsonl, for Approach 1."""
   out = {}
-  for sp, summary in runs:
-    rows = read_jsonl(os.path.join(workdir, 'runs', sp.name, 'metrics.jsonl'))
+  for name, params in runs:
+    rows = read_jsonl(os.path.join(workdir, 'runs', name, 'metrics.jsonl'))
     rows = [r for r in rows if isinstance(r.get('loss_avg'), float)]
-    out[sp.name] = {'params': summary['params'], 'curve_flops': [r['flops'] for r in rows],
-                    'curve_tokens': [r['tokens'] for r in rows],
-                    'curve_loss': [r['loss_avg'] for r in rows]}
+    out[name] = {'params': params, 'curve_flops': [r['flops'] for r in rows],
+                 'curve_tokens': [r['tokens'] for r in rows],
+                 'curve_loss': [r['loss_avg'] for r in rows]}
   return out
+
+
+def curves_beside(results_csv: str) -> dict | None:
+  """The training curves of the runs in a sweep's results.csv (None if it is not in a sweep
+  folder), so that fitting a sweep's results mid-way still gets Approach 1."""
+  workdir = os.path.dirname(os.path.abspath(results_csv))
+  if not os.path.isdir(os.path.join(workdir, 'runs')):
+    return None
+  with open(results_csv, newline='') as f:
+    rows = [r for r in csv.DictReader(f) if r.get('run') and r.get('params')]
+  curves = _curves(workdir, [(r['run'], int(float(r['params']))) for r in rows])
+  return {k: v for k, v in curves.items() if v['curve_flops']} or None
 
 
 def _attempts(path: str) -> int:
@@ -303,7 +315,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     print(f'fit skipped: Approach 3 needs at least 5 finished runs, {len(finished)} are done.')
   elif fit:
     from lm.scaling import fit as fit_lib
-    curves = _curves(workdir, [(a, c) for a, b, c in finished])
+    curves = _curves(workdir, [(a.name, c['params']) for a, b, c in finished])
     write_json_atomic(os.path.join(workdir, 'curves.json'), curves)
     result = fit_lib.run_fit(results_path, workdir, loss_key='eval_loss', bootstrap=s.bootstrap,
                              curves=curves)
