@@ -195,7 +195,7 @@ def test_parallel_sweep_stops_on_sigterm_resumes_and_matches_in_process(tmp_path
   cfg.base.train.progress = 'log'   # the worker's train.log then says when it resumes
   workdir = str(tmp_path / 'sweep')
   specs = sweep_lib.plan(cfg.sweep, cfg.base, 259)
-  longest = f'{workdir}/runs/{specs[0].name}'   # first in the queue, most steps
+  longest = f'{workdir}/runs/{specs[0].name}'   # in the first pair to start; most steps
   assert specs[0].steps == max(s.steps for s in specs) and len(specs) == 3
 
   def term_when_training():
@@ -238,3 +238,15 @@ def test_parallel_worker_failure_is_booked_with_its_message(tmp_path):
   assert not stopped and len(booked) == 1
   summary, error = booked[0]
   assert summary is None and 'status 2' in error and 'warmup' in error
+
+
+def test_runs_start_from_each_budgets_middle():
+  """Within a budget the sizes nearest the predicted optimum train first, smaller budgets before
+  larger ones: a sweep stopped part-way has bracketed its minima."""
+  c = sweep_smoke.get_config()
+  specs = sweep_lib.plan(c.sweep, c.base, 259)
+  order = sorted(specs, key=lambda sp: sweep_lib._priority(specs, sp))
+  for C, runs in [(C, [s for s in specs if s.budget == C]) for C in c.sweep.budgets]:
+    got = [s for s in order if s.budget == C]
+    assert [runs.index(s) for s in got] == [2, 1, 3, 0, 4]
+  assert [s.budget for s in order] == sorted(s.budget for s in specs)

@@ -193,6 +193,18 @@ def _attempts(path: str) -> int:
     return 0
 
 
+def _priority(specs: list[RunSpec], sp: RunSpec) -> tuple:
+  """Run order: budget by budget (smallest first), and within a budget the sizes nearest its
+  middle (the predicted optimum) first, then outwards, so that a sweep stopped part-way through
+  a budget has already bracketed that budget's minimum. Grid sweeps keep the plan's order."""
+  if sp.budget is None:
+    return (0, specs.index(sp))
+  same = [x for x in specs if x.budget == sp.budget and x.seed == sp.seed]
+  centre = (len(same) - 1) / 2
+  budgets = sorted({x.budget for x in specs if x.budget is not None})
+  return (sp.seed, budgets.index(sp.budget), abs(same.index(sp) - centre), same.index(sp))
+
+
 def train_and_record(train_fn, cfg, rdir: str) -> dict:
   """Trains one run (in this process) and, when it finished, stores its wall time in summary.json."""
   t0 = time.time()
@@ -266,6 +278,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
       failed.append(sp.name)
       continue
     jobs.append(Job(i, sp, cfg, rdir, attempts + 1))
+  jobs.sort(key=lambda j: _priority(specs, j.spec))
 
   def start(job: Job, where: str = '') -> None:
     sp = job.spec
