@@ -1,5 +1,6 @@
 """Sweeps: the plan (budgets, centring, D from C), atomic results, skip / resume / retry, end to end."""
 import csv
+import dataclasses
 import glob
 import json
 import math
@@ -250,3 +251,39 @@ def test_runs_start_from_each_budgets_middle():
     got = [s for s in order if s.budget == C]
     assert [runs.index(s) for s in got] == [2, 1, 3, 0, 4]
   assert [s.budget for s in order] == sorted(s.budget for s in specs)
+
+
+def test_worker_stops_at_a_checkpoint_when_the_sweep_is_killed(tmp_path):
+  """SIGKILL to the sweep process leaves no orphan: its worker gets SIGTERM from the kernel and
+  stops at a checkpoint (that a rerun resumes from is tested in test_train)."""
+  import signal
+  import subprocess
+  import sys
+  cfg = tiny_sweep(str(tmp_path / 'cache'), budgets=(1e11,))
+  cfg.base.train.progress = 'log'
+  sp = sweep_lib.plan(cfg.sweep, cfg.base, 259)[0]
+  job_cfg = sweep_lib.run_config(cfg.base, sp)
+  rdir = str(tmp_path / 'run')
+  os.makedirs(rdir)
+  with open(tmp_path / 'job.json', 'w') as f:
+    f.write(job_cfg.to_json())
+  script = f'''
+import json, ml_collections
+from lm.scaling import parallel, sweep
+cfg = ml_collections.ConfigDict(json.load(open({str(tmp_path / 'job.json')!r})))
+job = sweep.Job(0, sweep.RunSpec(**{json.dumps(dataclasses.asdict(sp))}), cfg, {rdir!r}, 1)
+parallel.run_jobs([job], 1, lambda j, w: None, lambda *a: None, [parallel.Slot('cpu', {{}})])
+'''
+  sweep_proc = subprocess.Popen([sys.executable, '-c', script], cwd=os.path.dirname(
+      os.path.dirname(os.path.abspath(__file__))))
+  deadline = time.time() + 120
+  while time.time() < deadline and not read_jsonl(f'{rdir}/metrics.jsonl'):
+    time.sleep(0.05)
+  assert read_jsonl(f'{rdir}/metrics.jsonl'), 'the worker never started training'
+  sweep_proc.send_signal(signal.SIGKILL)
+  sweep_proc.wait()
+  while time.time() < deadline and 'checkpoint saved' not in open(f'{rdir}/train.log').read():
+    time.sleep(0.1)
+  assert 'checkpoint saved' in open(f'{rdir}/train.log').read()
+  saved = [int(os.path.basename(p)) for p in glob.glob(f'{rdir}/checkpoints/*')]
+  assert saved and 0 < max(saved) < sp.steps and not os.path.exists(f'{rdir}/summary.json')
