@@ -14,7 +14,7 @@ def get_config():
   c.base.train.batch_size, c.base.train.seq_len = 32, 256
   c.base.train.eval_batches = 16
   s = c.sweep
-  s.budgets = [1e13, 2e13, 4e13, 7e13, 1e14]
+  s.budgets = (1e13, 2e13, 4e13, 7e13, 1e14)
   s.sizes_per_budget = 7
   s.head_dim = 32
   s.aspect = 48.0

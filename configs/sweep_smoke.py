@@ -19,14 +19,14 @@ def get_config():
 
   s = c.sweep = ml_collections.ConfigDict()
   s.mode = 'isoflop'              # isoflop | grid
-  s.budgets = [1e12, 3e12]        # FLOPs per run (Chinchilla App. F count)
+  s.budgets = (1e12, 3e12)        # FLOPs per run (Chinchilla App. F count)
   s.sizes_per_budget = 5
   s.span = 4.0                    # sizes from N*/span to N*·span around the predicted optimum
   # The predicted optimum N* = sqrt(C / (6 · tokens_per_param)). Chinchilla's ~20 holds at
   # 1e20+ FLOPs; byte-level models of 1e4-1e6 parameters measured here sit near 70-100.
   s.tokens_per_param = 80.0
-  s.grid_params = [100_000.0]     # grid mode: target N values ...
-  s.grid_tokens = [2_000_000.0]   # ... times these token counts
+  s.grid_params = (100_000.0,)     # grid mode: target N values ...
+  s.grid_tokens = (2_000_000.0,)   # ... times these token counts
   s.head_dim = 16
   s.aspect = 32.0                 # d_model / n_layers kept near this
   s.lr = 3e-3                     # at d_model = lr_ref_width; scaled by (ref / d_model)^power

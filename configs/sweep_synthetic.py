@@ -9,5 +9,5 @@ def get_config():
   d.corpus, d.tokenizer = 'synthetic', 'bytes'
   d.synthetic_vocab, d.synthetic_order, d.synthetic_branching = 64, 2, 6
   d.synthetic_tokens = 20_000_000
-  c.sweep.budgets = [3e11, 1e12, 3e12]
+  c.sweep.budgets = (3e11, 1e12, 3e12)
   return c

@@ -38,3 +38,8 @@ def test_other_bad_commands(tmp_path):
   assert code == 2 and 'does not exist' in err[-1]
   code, err = run('sweep', '--config=configs/tiny.py', f'--workdir={tmp_path}/sw')
   assert code == 2 and 'not a sweep config' in err[-1]
+  # Budgets are a tuple, so they can be overridden on the command line; parallel is checked first.
+  code, err = run('sweep', '--config=configs/sweep_smoke.py', '--config.sweep.budgets=(1e9, 2e9)',
+                  '--config.sweep.parallel=0', f'--workdir={tmp_path}/sw2')
+  assert code == 2 and 'sweep.parallel=0 must be at least 1' in err[-1]
+  assert not os.path.exists(f'{tmp_path}/sw2')

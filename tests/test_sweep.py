@@ -24,7 +24,7 @@ def tiny_sweep(cache_dir, budgets=(4e9, 1.2e10)):
   b.train.batch_size, b.train.seq_len, b.train.eval_batches = 8, 64, 2
   b.train.progress = 'none'
   s = c.sweep
-  s.budgets, s.sizes_per_budget, s.span = list(budgets), 3, 3.0
+  s.budgets, s.sizes_per_budget, s.span = tuple(budgets), 3, 3.0
   s.head_dim, s.aspect, s.bootstrap, s.max_attempts = 8, 16.0, 10, 2
   s.evals_per_run, s.checkpoints_per_run = 1, 1
   s.tokens_per_param = 20.0
@@ -58,7 +58,7 @@ def test_isoflop_plan_is_centred_and_spends_the_budget():
 def test_grid_plan():
   c = sweep_smoke.get_config()
   c.sweep.mode = 'grid'
-  c.sweep.grid_params, c.sweep.grid_tokens = [5e4, 2e5], [1e6, 4e6]
+  c.sweep.grid_params, c.sweep.grid_tokens = (5e4, 2e5), (1e6, 4e6)
   specs = sweep_lib.plan(c.sweep, c.base, 259)
   assert len(specs) == 4 and all(s.budget is None for s in specs)
   steps = sorted(s.steps for s in specs)
