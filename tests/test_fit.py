@@ -230,3 +230,19 @@ def test_too_few_runs_and_bad_curves_raise_user_error(tmp_path):
     F.fit_approach1({'r': {'params': 1e6, 'curve_flops': [1, 2], 'curve_tokens': [1, 2]}})
   with pytest.raises(UserError, match='does not exist'):
     F.read_curves(tmp_path / 'missing.json')
+
+
+def test_single_budget_fit_survives_degenerate_bootstrap():
+  """One IsoFLOP budget cannot separate the N and D terms: resampled fits run off to e^1000.
+  Measured runs (byte-level Python, 1e13 FLOPs, batch 8 x 256) that once crashed the sweep's fit."""
+  measured = [(33024, 22315008, 1.4892), (65920, 14387200, 1.4623), (115200, 8394752, 1.3805),
+              (135744, 7913472, 1.4043), (230144, 5050368, 1.3993), (357312, 3131392, 1.4707),
+              (578880, 1951744, 1.5704)]
+  rows = [{'params': n, 'tokens': d, 'loss': l, 'flops': 1e13, 'budget': 1e13}
+          for n, d, l in measured]
+  got = F.fit_results(rows, bootstrap=30, top_k=TOP_K)
+  json.dumps(got, allow_nan=False)                     # standard JSON: no inf or NaN left
+  assert got['approach2']['budgets'][0]['minimum_inside_grid']
+  assert 1e5 < got['approach2']['budgets'][0]['N_opt'] < 2.5e5
+  for v in got['approach3']['ci'].values():
+    assert v is None or not isinstance(v, list) or all(math.isfinite(x) for x in v)

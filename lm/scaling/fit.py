@@ -96,14 +96,19 @@ def _minimize(theta0, x, y, t, delta, reduction, options):
   return res.fun, res.x
 
 
+def _exp(v: float) -> float:
+  return math.exp(v) if v < 709.0 else math.inf   # a degenerate fit can run off to e^1000
+
+
 def _law_from_theta(theta):
   a, b, e, alpha, beta = (float(v) for v in theta)
-  out = {'E': math.exp(e), 'A': math.exp(a), 'B': math.exp(b), 'alpha': alpha, 'beta': beta,
+  out = {'E': _exp(e), 'A': _exp(a), 'B': _exp(b), 'alpha': alpha, 'beta': beta,
          'a': None, 'b': None, 'G': None}
   if alpha > 0 and beta > 0:
     out['a'] = beta / (alpha + beta)
     out['b'] = alpha / (alpha + beta)
-    out['G'] = (alpha * out['A'] / (beta * out['B'])) ** (1.0 / (alpha + beta))
+    if math.isfinite(out['A']) and math.isfinite(out['B']):
+      out['G'] = (alpha * out['A'] / (beta * out['B'])) ** (1.0 / (alpha + beta))
   return out
 
 
@@ -154,7 +159,7 @@ def bootstrap_approach3(N, D, L, theta, n_boot=100, seed=0, n_grid_starts=2, del
     fits = [_minimize(s, x, y, t, delta, 'sum', LBFGS_OPTIONS) for s in starts]
     law = _law_from_theta(min(fits, key=lambda ft: ft[0])[1])
     for k in keys:
-      if law[k] is not None:
+      if law[k] is not None and math.isfinite(law[k]):
         samples[k].append(law[k])
   ci = {k: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= 2 else None)
         for k, v in samples.items()}
