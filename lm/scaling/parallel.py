@@ -13,6 +13,7 @@ checkpoint and stop; if the sweep is killed outright the kernel sends them SIGTE
 (lm.worker). Rerunning the same command resumes.
 """
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -113,7 +114,6 @@ def _where(job) -> str:
 def run_jobs(jobs, parallel: int, start, done, slots: list[Slot] | None = None) -> bool:
   """Trains `jobs` (sweep.Job) at most `parallel` at a time; `start(job, where)` and
   `done(job, summary | None, error)` are the sweep's booking callbacks. True if stopped."""
-  import json
   if not jobs:
     return False
   slots = slots or device_slots(parallel)
