@@ -3,8 +3,9 @@
 7 sizes per budget (N*/4 .. 4·N*), 34 distinct runs (two targets share a shape), 1.66e15 FLOPs
 in all (Chinchilla App. F count), 343K optimizer steps. Byte tokenizer, the whole Python stdlib.
 
-Cost, measured at 1e13 on a 2-core CPU: 3.1e10 FLOP/s per core, so about 7-8 hours for the whole
-sweep with --config.sweep.parallel=2 (one run per core). On one GPU
+Cost, measured on a 2-core CPU with --config.sweep.parallel=2 (one run per core, 3.1-3.8e10 FLOP/s
+each): 22, 30, 70 and 110 minutes for 1e13, 2e13, 4e13 and 7e13, about 3 hours more for 1e14,
+about 7 hours in all; results of the first four budgets in docs/results/chinchilla_cpu. On one GPU
 (not measured) these models are too small to keep it busy: the 343K steps at a few milliseconds
 each, plus 34 compilations, come to roughly 30-60 minutes. Start with the small budgets, e.g.
 --config.sweep.budgets='(1e13, 2e13)'; rerunning with more budgets skips what is done.

@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -161,6 +162,14 @@ def test_tiny_sweep_end_to_end(tmp_path):
   beside = sweep_lib.curves_beside(f'{workdir}/results.csv')
   assert beside == json.load(open(f'{workdir}/curves.json'))
   assert sweep_lib.curves_beside(str(tmp_path / 'elsewhere.csv')) is None
+  # A copy of the results with the saved curves.json (no run folders) still has them.
+  copied = tmp_path / 'copied'
+  copied.mkdir()
+  for name in ('results.csv', 'curves.json'):
+    shutil.copy(f'{workdir}/{name}', copied / name)
+  assert sweep_lib.curves_beside(str(copied / 'results.csv')) == beside
+  os.remove(copied / 'curves.json')
+  assert sweep_lib.curves_beside(str(copied / 'results.csv')) is None
   pngs = glob.glob(f'{workdir}/*.png')
   assert len(pngs) >= 4 and all(os.path.getsize(p) > 10_000 for p in pngs)
   assert os.path.exists(f'{workdir}/report.md')

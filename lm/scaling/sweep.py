@@ -174,11 +174,16 @@ def _curves(workdir: str, runs: list[tuple[str, int]]) -> dict:
 
 
 def curves_beside(results_csv: str) -> dict | None:
-  """The training curves of the runs in a sweep's results.csv (None if it is not in a sweep
-  folder), so that fitting a sweep's results mid-way still gets Approach 1."""
+  """The training curves of the runs in a sweep's results.csv, so that fitting a sweep's results
+  mid-way still gets Approach 1: read from the sweep's run folders, else from a curves.json saved
+  beside the CSV (a copied results folder); None when there are neither."""
   workdir = os.path.dirname(os.path.abspath(results_csv))
   if not os.path.isdir(os.path.join(workdir, 'runs')):
-    return None
+    saved = os.path.join(workdir, 'curves.json')
+    if not os.path.exists(saved):
+      return None
+    from lm.scaling import fit as fit_lib   # scipy, which training workers do not need
+    return fit_lib.read_curves(saved)
   with open(results_csv, newline='') as f:
     rows = [r for r in csv.DictReader(f) if r.get('run') and r.get('params')]
   curves = _curves(workdir, [(r['run'], int(float(r['params']))) for r in rows])
