@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.max_bytes = 0           # 0 = the whole corpus; else read at most this many bytes
   d.cache_dir = ''          # '' means $LM_CACHE_DIR or ~/.cache/lm
   d.sp_train_bytes = 20_000_000  # sentencepiece trains on a seeded sample this big (0 = all)
+  d.chat_tokens = True      # reserve <|system|> <|user|> <|assistant|> <|end|> ids (lm/tokenizer.py)
   d.synthetic_vocab = 64
   d.synthetic_order = 1
   d.synthetic_branching = 4  # nonzero next-symbol choices per context (sparsity)

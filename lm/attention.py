@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm import lora
 from lm.config import ModelConfig
 
 
@@ -55,12 +56,24 @@ def causal_mask(q_slot_T, k_slot_S, k_valid_BS=None):
   return mask
 
 
+def segment_mask(segment_ids_BT):
+  """[B, 1, T, T] causal and within one segment: packed examples never see each other."""
+  T = segment_ids_BT.shape[1]
+  same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return same[:, None] & causal_mask(jnp.arange(T), jnp.arange(T))
+
+
 class Attention(nn.Module):
-  """Causal self-attention; with a cache, writes this call's k/v at the cache index first."""
+  """Causal self-attention; with a cache, writes this call's k/v at the cache index first.
+
+  segment_ids_BT (training only): tokens attend only within their own segment (packed rows).
+  """
   cfg: ModelConfig
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, layer_cache=None, cache_meta=None):
+  def __call__(self, x_BTD, positions_BT, layer_cache=None, cache_meta=None,
+               segment_ids_BT=None):
     c = self.cfg
     dt = jnp.dtype(c.dtype)
     N, K, H, D = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
@@ -70,6 +83,8 @@ class Attention(nn.Module):
       w = self.param(name, nn.with_logical_partitioning(init, ('embed', axes, 'head_dim')),
                      (D, heads, H), jnp.float32)
       y = jnp.einsum('btd,dnh->btnh', x_BTD, w.astype(dt))
+      y += lora.adapter(self, name[1], x_BTD, (D, heads, H), 1, ('embed',), (axes, 'head_dim'),
+                        self.deterministic)
       if c.use_bias:
         y += self.param(name + '_bias', nn.with_logical_partitioning(
             nn.initializers.zeros, (axes, 'head_dim')), (heads, H), jnp.float32).astype(dt)
@@ -85,7 +100,8 @@ class Attention(nn.Module):
     T = x_BTD.shape[1]
     if layer_cache is None:
       k_BSKH, v_BSKH, k_pos_BS = k_BTKH, v_BTKH, positions_BT
-      mask = None  # plain causal: lets the fused kernels skip the upper triangle
+      # Plain causal (mask None) lets the fused kernels skip the upper triangle.
+      mask = None if segment_ids_BT is None else segment_mask(segment_ids_BT)
     else:
       index, k_pos_BS, k_valid_BS = cache_meta
       k_cache, v_cache, layer = layer_cache
@@ -121,6 +137,8 @@ class Attention(nn.Module):
         nn.initializers.normal(c.init_std / math.sqrt(2 * c.n_layers)),
         ('heads', 'head_dim', 'embed')), (N, H, D), jnp.float32)
     y_BTD = jnp.einsum('btnh,nhd->btd', out_BTNH, wo.astype(dt))
+    y_BTD += lora.adapter(self, 'o', out_BTNH, (N, H, D), 2, ('heads', 'head_dim'), ('embed',),
+                          self.deterministic)
     if c.use_bias:
       y_BTD += self.param('bo', nn.with_logical_partitioning(
           nn.initializers.zeros, ('embed',)), (D,), jnp.float32).astype(dt)

@@ -14,6 +14,9 @@ MLP_KINDS = ('gelu', 'swiglu')
 BLOCK_KINDS = ('prenorm', 'postnorm')
 DTYPES = ('float32', 'bfloat16')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+# LoRA target names -> (module, matrix) in the params tree.
+LORA_TARGETS = {'q': ('attn', 'wq'), 'k': ('attn', 'wk'), 'v': ('attn', 'wv'), 'o': ('attn', 'wo'),
+                'up': ('mlp', 'wi'), 'gate': ('mlp', 'wg'), 'down': ('mlp', 'wo')}
 
 
 def _check(ok: bool, msg: str):
@@ -57,10 +60,22 @@ class ModelConfig:
   scan_layers: bool = False
   attention_impl: str = 'auto'
   init_std: float = 0.02
+  # LoRA adapters (lm/lora.py): rank 0 means none. Set by fine-tuning, not by pretraining configs.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple = ()
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
+
+  def lora_fans(self, target: str) -> tuple[int, int]:
+    """(fan_in, fan_out) of a LoRA target matrix, whatever its stored shape."""
+    D, F, H = self.d_model, self.d_ff, self.head_dim
+    return {'q': (D, self.n_heads * H), 'k': (D, self.n_kv_heads * H),
+            'v': (D, self.n_kv_heads * H), 'o': (self.n_heads * H, D), 'up': (D, F),
+            'gate': (D, F), 'down': (F, D)}[target]
 
   def __post_init__(self):
     p = 'model.'
@@ -90,6 +105,26 @@ class ModelConfig:
     _check(self.rope_base > 0, f'{p}rope_base={self.rope_base} must be positive.')
     _check(self.norm_eps > 0, f'{p}norm_eps={self.norm_eps} must be positive.')
     _check(self.init_std > 0, f'{p}init_std={self.init_std} must be positive.')
+    if self.lora_rank:
+      self._check_lora()
+
+  def _check_lora(self):
+    p = 'lora.'
+    _check(isinstance(self.lora_rank, int) and self.lora_rank > 0,
+           f'{p}rank={self.lora_rank} must be a positive integer (0 means full fine-tuning).')
+    _check(bool(self.lora_targets), f'{p}targets is empty; name at least one of '
+           f"{', '.join(LORA_TARGETS)}.")
+    for t in self.lora_targets:
+      _check(t in LORA_TARGETS, f"{p}targets names {t!r}, which is not a LoRA target; use "
+             f"{', '.join(LORA_TARGETS)}.")
+      _check(t != 'gate' or self.mlp == 'swiglu', f"{p}targets names 'gate' but model.mlp="
+             f"{self.mlp!r} has no gate matrix; drop it or use a SwiGLU model.")
+      fan_in, fan_out = self.lora_fans(t)
+      _check(self.lora_rank <= min(fan_in, fan_out),
+             f'{p}rank={self.lora_rank} is larger than the {fan_in}x{fan_out} {t!r} matrix allows '
+             f'(at most {min(fan_in, fan_out)}); lower it.')
+    _check(self.lora_alpha > 0, f'{p}alpha={self.lora_alpha} must be positive.')
+    _check(0.0 <= self.lora_dropout < 1.0, f'{p}dropout={self.lora_dropout} must be in [0, 1).')
 
   @classmethod
   def from_config(cls, model_cfg: Any, vocab_size: int = 0) -> 'ModelConfig':

@@ -71,6 +71,7 @@ class DataConfig:
   vocab_size: int
   sp_model_type: str
   sp_train_bytes: int
+  chat_tokens: bool
   val_fraction: float
   max_bytes: int
   cache_dir: str
@@ -143,10 +144,11 @@ def _typed(name: str, v, kind: str):
   number = (int, float, np.integer, np.floating)
   ok = {'str': isinstance(v, str),
         'int': isinstance(v, (int, np.integer)) and not isinstance(v, bool),
-        'float': isinstance(v, number) and not isinstance(v, bool)}[kind]
+        'float': isinstance(v, number) and not isinstance(v, bool),
+        'bool': isinstance(v, (bool, np.bool_))}[kind]
   if not ok:
     raise UserError(f'data.{name}={v!r} must be a {kind}; fix --config.data.{name}')
-  return {'str': str, 'int': int, 'float': float}[kind](v)
+  return {'str': str, 'int': int, 'float': float, 'bool': bool}[kind](v)
 
 
 def cache_root(cfg: DataConfig) -> str:
@@ -178,6 +180,8 @@ def _key_material(cfg: DataConfig, files) -> dict:
   else:
     m['tokenizer'] = {'type': 'sentencepiece', 'vocab_size': cfg.vocab_size,
                       'model_type': cfg.sp_model_type, 'train_bytes': cfg.sp_train_bytes}
+  if cfg.chat_tokens:   # absent when off, so folders built before chat tokens stay valid
+    m['tokenizer']['chat'] = True
   return m
 
 
@@ -286,11 +290,12 @@ def _write_contents(cfg: DataConfig, files, material: dict, key: str, out: str,
     text = corpus_lib.read_text_corpus(cfg.corpus, files, text_field=cfg.text_field,
                                        val_fraction=cfg.val_fraction, max_bytes=cfg.max_bytes)
     if cfg.tokenizer == 'bytes':
-      tok = tokenizer_lib.ByteTokenizer()
+      tok = tokenizer_lib.ByteTokenizer(chat=cfg.chat_tokens)
     else:
       tok = tokenizer_lib.train_sentencepiece(text.train, vocab_size=cfg.vocab_size,
                                               model_type=cfg.sp_model_type,
-                                              max_train_bytes=cfg.sp_train_bytes)
+                                              max_train_bytes=cfg.sp_train_bytes,
+                                              chat=cfg.chat_tokens)
     dtype = _dtype(tok.vocab_size)
     show = progress if progress is not None else (sys.stderr.isatty()
                                                   and text.stats['bytes'] >= _PROGRESS_MIN_BYTES)

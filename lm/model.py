@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm import lora
 from lm.config import ModelConfig
 from lm.attention import Attention, sinusoidal_table
 
@@ -70,6 +71,7 @@ class Norm(nn.Module):
 class Mlp(nn.Module):
   """GELU MLP (D -> F -> D) or SwiGLU (gate and up D -> F, down F -> D)."""
   cfg: ModelConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_BTD):
@@ -83,18 +85,24 @@ class Mlp(nn.Module):
     x_MD = x_BTD.reshape(B * T, D)
     wi = _param(self, 'wi', init, (c.d_model, c.d_ff), ('embed', 'mlp'))
     h_MF = x_MD @ wi.astype(dt)
+    h_MF += self._lora('up', x_MD, (D, c.d_ff))
     if c.use_bias:
       h_MF += _param(self, 'bi', nn.initializers.zeros, (c.d_ff,), ('mlp',)).astype(dt)
     if c.mlp == 'swiglu':
       wg = _param(self, 'wg', init, (c.d_model, c.d_ff), ('embed', 'mlp'))
-      h_MF = nn.silu(x_MD @ wg.astype(dt)) * h_MF
+      h_MF = nn.silu(x_MD @ wg.astype(dt) + self._lora('gate', x_MD, (D, c.d_ff))) * h_MF
     else:
       h_MF = nn.gelu(h_MF)
     wo = _param(self, 'wo', out_init, (c.d_ff, c.d_model), ('mlp', 'embed'))
-    y_BTD = (h_MF @ wo.astype(dt)).reshape(B, T, D)
+    y_BTD = (h_MF @ wo.astype(dt) + self._lora('down', h_MF, (c.d_ff, D))).reshape(B, T, D)
     if c.use_bias:
       y_BTD += _param(self, 'bo', nn.initializers.zeros, (c.d_model,), ('embed',)).astype(dt)
     return y_BTD
+
+  def _lora(self, target, x, shape):
+    axes = {'up': (('embed',), ('mlp',)), 'gate': (('embed',), ('mlp',)),
+            'down': (('mlp',), ('embed',))}[target]
+    return lora.adapter(self, target, x, shape, 1, *axes, self.deterministic)
 
 
 class Block(nn.Module):
@@ -103,17 +111,18 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, layer_cache, cache_meta):
+  def __call__(self, x_BTD, positions_BT, layer_cache, cache_meta, segment_ids_BT=None):
     c = self.cfg
     drop = nn.Dropout(c.dropout, deterministic=self.deterministic)
-    attn = Attention(c, name='attn')
-    mlp = Mlp(c, name='mlp')
+    attn = Attention(c, self.deterministic, name='attn')
+    mlp = Mlp(c, self.deterministic, name='mlp')
     if c.block == 'prenorm':
-      a, layer_cache = attn(Norm(c, name='norm1')(x_BTD), positions_BT, layer_cache, cache_meta)
+      a, layer_cache = attn(Norm(c, name='norm1')(x_BTD), positions_BT, layer_cache, cache_meta,
+                            segment_ids_BT)
       x_BTD = x_BTD + drop(a)
       x_BTD = x_BTD + drop(mlp(Norm(c, name='norm2')(x_BTD)))
     else:
-      a, layer_cache = attn(x_BTD, positions_BT, layer_cache, cache_meta)
+      a, layer_cache = attn(x_BTD, positions_BT, layer_cache, cache_meta, segment_ids_BT)
       x_BTD = Norm(c, name='norm1')(x_BTD + drop(a))
       x_BTD = Norm(c, name='norm2')(x_BTD + drop(mlp(x_BTD)))
     return x_BTD, layer_cache
@@ -122,17 +131,21 @@ class Block(nn.Module):
 class _ScanBlock(Block):
   """Block with the (carry, scanned inputs) signature that nn.scan expects."""
 
-  def __call__(self, x_BTD, layer_cache, positions_BT, cache_meta):
-    return super().__call__(x_BTD, positions_BT, layer_cache, cache_meta)
+  def __call__(self, x_BTD, layer_cache, positions_BT, cache_meta, segment_ids_BT=None):
+    return super().__call__(x_BTD, positions_BT, layer_cache, cache_meta, segment_ids_BT)
 
 
 class Transformer(nn.Module):
-  """tokens [B, T] -> logits [B, T, V] in float32 (and the updated cache when one is given)."""
+  """tokens [B, T] -> logits [B, T, V] in float32 (and the updated cache when one is given).
+
+  segment_ids_BT (training without a cache): packed examples, each attending only to itself;
+  pass positions_BT restarting at 0 for each example too.
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, cache: KVCache | None = None,
-               deterministic: bool = True):
+               deterministic: bool = True, segment_ids_BT=None):
     c = self.cfg
     dt = jnp.dtype(c.dtype)
     B, T = tokens_BT.shape
@@ -163,19 +176,20 @@ class Transformer(nn.Module):
     if c.remat:
       block_cls = nn.remat(block_cls, prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True,
-                      'dropout': True}, in_axes=(0, nn.broadcast, nn.broadcast),
+      stack = nn.scan(block_cls, variable_axes={'params': 0, lora.COLLECTION: 0},
+                      split_rngs={'params': True, 'dropout': True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=c.n_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
       scanned = None if cache is None else (cache.k, cache.v, None)
       x_BTD, new_kv = stack(c, deterministic, name='layers')(
-          x_BTD, scanned, positions_BT, cache_meta)
+          x_BTD, scanned, positions_BT, cache_meta, segment_ids_BT)
     else:
       # The whole [L, ...] cache goes through every layer; each writes its own slice in place.
       new_kv = None if cache is None else (cache.k, cache.v, None)
       for i in range(c.n_layers):
         lc = None if cache is None else (new_kv[0], new_kv[1], i)
         x_BTD, new_kv = block_cls(c, deterministic, name=f'layer_{i}')(
-            x_BTD, positions_BT, lc, cache_meta)
+            x_BTD, positions_BT, lc, cache_meta, segment_ids_BT)
 
     if c.block == 'prenorm':
       x_BTD = Norm(c, name='final_norm')(x_BTD)
@@ -193,17 +207,22 @@ class Transformer(nn.Module):
     return logits_BTV, new_cache
 
 
+def init_variables(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+  """{'params': ..., 'lora': ...} (lora only with cfg.lora_rank), float32, boxes removed."""
+  tokens = jnp.zeros((1, min(seq_len, cfg.max_len)), jnp.int32)
+  return nn.meta.unbox(Transformer(cfg).init(rng, tokens))
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
   """Plain float32 params pytree (metadata boxes removed)."""
-  tokens = jnp.zeros((1, min(seq_len, cfg.max_len)), jnp.int32)
-  return nn.meta.unbox(Transformer(cfg).init(rng, tokens)['params'])
+  return init_variables(cfg, rng, seq_len)['params']
 
 
-def logical_specs(cfg: ModelConfig):
-  """The params pytree's logical axis names, as PartitionSpecs of logical names."""
+def logical_specs(cfg: ModelConfig, collection: str = 'params'):
+  """A collection's logical axis names, as PartitionSpecs of logical names."""
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens))
-  return nn.get_partition_spec(boxed)['params']
+  return nn.get_partition_spec(boxed)[collection]
 
 
 def param_shapes(cfg: ModelConfig):
@@ -216,7 +235,11 @@ def is_embedding_path(path: tuple[str, ...]) -> bool:
   return path[-1] in ('embed', 'pos_embed', 'head')
 
 
-def apply(cfg: ModelConfig, params, tokens_BT, **kw) -> Any:
-  """Functional forward pass: `Transformer(cfg).apply({'params': params}, tokens, ...)`."""
+def apply(cfg: ModelConfig, params, tokens_BT, adapters=None, **kw) -> Any:
+  """Functional forward pass: `Transformer(cfg).apply({'params': params}, tokens, ...)`; a LoRA
+  model also takes its adapters (the 'lora' collection, lm/lora.py)."""
   rngs = kw.pop('rngs', None)
-  return Transformer(cfg).apply({'params': params}, tokens_BT, rngs=rngs, **kw)
+  variables = {'params': params}
+  if adapters is not None:
+    variables[lora.COLLECTION] = adapters
+  return Transformer(cfg).apply(variables, tokens_BT, rngs=rngs, **kw)

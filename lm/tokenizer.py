@@ -6,13 +6,22 @@ Every tokenizer has `encode(text) -> list[int]` (no BOS/EOS added), `decode(ids)
 `decode` drops the special ids. `decode(encode(s)) == s` for every str s; invalid UTF-8 can only
 come from ids a model produced, and `decode` replaces it with U+FFFD.
 
-  * `bytes`: UTF-8 bytes are ids 0..255, then BOS=256, EOS=257, PAD=258 (vocab 259).
+  * `bytes`: UTF-8 bytes are ids 0..255, then BOS=256, EOS=257, PAD=258, then the chat tokens
+    259..262 (vocab 263). `ByteTokenizer(chat=False)` is the 259-id vocabulary without them (runs
+    made before chat tokens existed load as that).
   * `sentencepiece`: BPE or unigram trained on training text with byte fallback, so every string
     is representable. Ids 0..3 are <unk> (never produced), BOS, EOS, PAD; then the 256 byte pieces,
     then newline and tab (own pieces so code's line structure is cheap), then learned pieces.
     Normalisation is off and whitespace is kept verbatim, so round trips are exact.
   * `symbols`: the identity tokenizer of the synthetic corpus: symbols 0..n-1 are their own ids,
     then BOS=n, EOS=n+1, PAD=n+2. Its text form is the ids in decimal separated by spaces.
+
+Chat tokens. `CHAT_TOKENS` (<|system|>, <|user|>, <|assistant|>, <|end|>) are special ids that the
+byte and SentencePiece vocabularies reserve, so a model pretrained with either already has
+embedding rows for them and fine-tuning needs no vocabulary change. Text never encodes to them
+(writing "<|user|>" in a prompt gives its characters); only the chat template (lm/sft.py) inserts
+them, by id, from `tokenizer.chat_ids` ({'system', 'user', 'assistant', 'end'} -> id, or None for a
+vocabulary without them). `decode` drops them like the other special ids.
 """
 from __future__ import annotations
 
@@ -30,8 +39,10 @@ TOKENIZER_JSON = 'tokenizer.json'
 SP_MODEL_FILE = 'tokenizer.model'
 # SentencePiece ids 0..3 and the pieces every model has besides the learned ones.
 _SP_SPECIALS = 4
+CHAT_ROLES = ('system', 'user', 'assistant', 'end')
+CHAT_TOKENS = tuple(f'<|{r}|>' for r in CHAT_ROLES)
 _SP_USER_SYMBOLS = ['\n', '\t']
-SP_MIN_VOCAB = _SP_SPECIALS + 256 + len(_SP_USER_SYMBOLS)
+SP_MIN_VOCAB = _SP_SPECIALS + len(CHAT_TOKENS) + 256 + len(_SP_USER_SYMBOLS)
 # SentencePiece escapes spaces as U+2581; a literal one in the text must bypass that escaping.
 _SPACE_MARK = '\u2581'
 
@@ -43,6 +54,7 @@ class Tokenizer:
   bos_id: int
   eos_id: int
   pad_id: int
+  chat_ids: dict | None = None
 
   def encode(self, text: str) -> list[int]:
     raise NotImplementedError
@@ -89,10 +101,14 @@ def _write_file(path: str, data: bytes) -> None:
 
 
 class ByteTokenizer(Tokenizer):
-  """UTF-8 bytes 0..255, then BOS, EOS, PAD."""
+  """UTF-8 bytes 0..255, then BOS, EOS, PAD, then (unless chat=False) the four chat tokens."""
   name = 'bytes'
-  vocab_size = 259
   bos_id, eos_id, pad_id = 256, 257, 258
+
+  def __init__(self, chat: bool = True):
+    self.chat = chat
+    self.vocab_size = 259 + (len(CHAT_TOKENS) if chat else 0)
+    self.chat_ids = dict(zip(CHAT_ROLES, range(259, 263))) if chat else None
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode('utf-8'))
@@ -105,6 +121,7 @@ class ByteTokenizer(Tokenizer):
     return data.decode('utf-8', errors='replace')
 
   def settings(self) -> dict:
+    # A vocabulary without chat tokens keeps the settings (and hash) it had before they existed.
     return {'type': 'bytes', 'vocab_size': self.vocab_size}
 
 
@@ -156,6 +173,9 @@ class SentencePieceTokenizer(Tokenizer):
         table.append(piece.replace(_SPACE_MARK, ' ').encode('utf-8'))
     self._bytes = table
     self._mark_ids = [self._sp.piece_to_id(f'<0x{b:02X}>') for b in _SPACE_MARK.encode('utf-8')]
+    ids = [self._sp.piece_to_id(t) for t in CHAT_TOKENS]
+    known = all(self._sp.is_control(i) and i != self._sp.unk_id() for i in ids)
+    self.chat_ids = dict(zip(CHAT_ROLES, ids)) if known else None
 
   def encode(self, text: str) -> list[int]:
     if _SPACE_MARK not in text:
@@ -195,7 +215,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def train_sentencepiece(texts: list[str], *, vocab_size: int, model_type: str,
-                        max_train_bytes: int, seed: int = 0) -> SentencePieceTokenizer:
+                        max_train_bytes: int, seed: int = 0,
+                        chat: bool = True) -> SentencePieceTokenizer:
   """Trains on the lines of texts; above max_train_bytes a seeded random subset of lines is used."""
   import sentencepiece as spm
   if vocab_size < SP_MIN_VOCAB:
@@ -221,7 +242,7 @@ def train_sentencepiece(texts: list[str], *, vocab_size: int, model_type: str,
         byte_fallback=True, character_coverage=0.9995,
         normalization_rule_name='identity', remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=False,
-        user_defined_symbols=_SP_USER_SYMBOLS,
+        user_defined_symbols=_SP_USER_SYMBOLS, control_symbols=list(CHAT_TOKENS) if chat else [],
         unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         max_sentence_length=max(4192, min(longest, 1 << 20)),
         input_sentence_size=0, shuffle_input_sentence=False,
@@ -263,7 +284,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
     raise UserError(f'cannot read {path} ({e}); prepare the data again') from None
   kind = meta.get('type')
   if kind == 'bytes':
-    tok: Tokenizer = ByteTokenizer()
+    tok: Tokenizer = ByteTokenizer(chat=int(meta.get('vocab_size', 263)) != 259)
   elif kind == 'symbols':
     tok = SymbolTokenizer(int(meta['n_symbols']))
   elif kind == 'sentencepiece':

@@ -65,7 +65,9 @@ def fake_dataset(n_tokens, n_val=1000):
 
 def test_bytes_round_trip():
   tok = tokenizer_lib.ByteTokenizer()
-  assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (259, 256, 257, 258)
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (263, 256, 257, 258)
+  assert tok.chat_ids == {'system': 259, 'user': 260, 'assistant': 261, 'end': 262}
+  assert tok.encode('<|user|>') == list(b'<|user|>')   # text never becomes a chat token
   rng = random.Random(0)
   for s in SAMPLES + [random_text(rng, 200) for _ in range(20)]:
     ids = tok.encode(s)
@@ -78,6 +80,9 @@ def test_bytes_round_trip():
 def test_sentencepiece_round_trip(sp_ds, tmp_path):
   tok = sp_ds.tokenizer
   assert tok.name == 'sentencepiece' and tok.vocab_size == 400
+  assert sorted(tok.chat_ids.values()) == [4, 5, 6, 7]       # control pieces, never from text
+  assert tok.decode(list(tok.chat_ids.values())) == ''
+  assert all(i not in tok.chat_ids.values() for i in tok.encode('<|user|><|end|>'))
   assert len({tok.bos_id, tok.eos_id, tok.pad_id}) == 3
   rng = random.Random(1)
   for s in SAMPLES + [random_text(rng, 300) for _ in range(30)]:
@@ -96,10 +101,13 @@ def test_symbol_tokenizer_and_load(tmp_path):
   tok = tokenizer_lib.SymbolTokenizer(64)
   assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (67, 64, 65, 66)
   assert tok.encode('3 0 63') == [3, 0, 63] and tok.decode([3, 0, 63, 65]) == '3 0 63'
-  for t in (tok, tokenizer_lib.ByteTokenizer()):
-    t.save(str(tmp_path / t.name))
-    back = tokenizer_lib.load_tokenizer(str(tmp_path / t.name))
+  for i, t in enumerate((tok, tokenizer_lib.ByteTokenizer(), tokenizer_lib.ByteTokenizer(False))):
+    t.save(str(tmp_path / f'{i}'))
+    back = tokenizer_lib.load_tokenizer(str(tmp_path / f'{i}'))
     assert back.settings() == t.settings() and back.hash == t.hash
+    assert back.vocab_size == t.vocab_size and back.chat_ids == t.chat_ids
+  # Runs saved before chat tokens existed (vocab 259) load as the 259-id vocabulary.
+  assert tokenizer_lib.ByteTokenizer(False).settings() == {'type': 'bytes', 'vocab_size': 259}
   with pytest.raises(UserError, match='tokenizer.json'):
     tokenizer_lib.load_tokenizer(str(tmp_path / 'nothing'))
 

@@ -1,0 +1,281 @@
+"""The one training loop that every objective runs through.
+
+A `Stage` says what differs between pretraining, fine-tuning and later objectives: the loss (as a
+jitted step over a train state and a frozen tree), the batches, the evaluation, how the state is
+initialised, and what the workdir records. `run(stage, workdir)` does the rest, identically for
+all of them: config.json (a rerun with other settings is refused), manifest.json, the tokenizer,
+orbax checkpoints with exact resume, metrics.jsonl and TensorBoard, progress, SIGTERM (checkpoint
+and stop at the next step), a NaN stop that keeps the last good checkpoint, and summary.json.
+
+The state is {'params': the trainable tree, 'opt_state', 'step'}; `frozen` is an input to every
+step that is never differentiated and never checkpointed with the run (a LoRA run's base model,
+or None). `make_step` builds a step from a loss of (trainable, frozen, batch, rng) returning
+(loss sum, weight): the reported loss is sum / weight over the whole batch, so micro-batches of
+unequal weight (a packed fine-tuning batch's response tokens) accumulate exactly.
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from lm import checkpoint as ckpt_lib
+from lm import flops as flops_lib
+from lm import metrics as metrics_lib
+from lm.errors import UserError
+from lm.optim import TrainConfig, learning_rate_schedule
+
+# Keys that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_every',
+                     'train.keep_checkpoints', 'train.progress', 'train.peak_flops',
+                     'data.cache_dir', 'mesh.data', 'mesh.fsdp', 'mesh.tensor',
+                     'mesh.distributed', 'model.remat', 'model.attention_impl')
+
+LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, jax.Array]]
+
+
+def make_step(loss_fn: LossFn, tc: TrainConfig, optimizer, seed: int):
+  """(state, frozen, batch) -> (state, metrics) for loss_fn(trainable, frozen, batch, rng) ->
+  (loss sum, weight). With grad_accum A, the batch's rows i*A + a form micro-batch a."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  A = tc.grad_accum
+
+  def step(state, frozen, batch):
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state['step'])
+    params = state['params']
+    if A == 1:
+      (total, weight), grads = grad_fn(params, frozen, batch, rng)
+    else:
+      # Row i*A + a goes to micro-batch a, so each micro-batch spans every data shard.
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1),
+                           batch)
+
+      def body(carry, xs):
+        mb, i = xs
+        (l, w), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (l, w, g)), None
+      zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+              jax.tree.map(jnp.zeros_like, params))
+      (total, weight, grads), _ = jax.lax.scan(body, zero, (micro, jnp.arange(A)))
+    weight = jnp.maximum(weight, 1e-9)   # a batch with nothing to learn from gives loss 0
+    loss, grads = total / weight, jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+    new_state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
+                 'step': state['step'] + 1}
+    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  return step
+
+
+@dataclasses.dataclass
+class Stage:
+  """What `run` needs from one objective.
+
+  batch(step) gives the global batch of a step (a pure function of the step, for exact resume);
+  evaluate(params, frozen) gives the fields of an evaluation row (e.g. eval_loss); summary(
+  last_eval) gives the stage's own summary.json fields.
+  """
+  config: dict
+  train: TrainConfig
+  dtype: str
+  manifest: Callable[[], dict]
+  tokenizer: Any
+  abstract_state: Any
+  init_state: Callable[[], Any]
+  frozen: Any
+  train_step: Any
+  batch: Callable[[int], Any]
+  evaluate: Callable[[Any, Any], dict]
+  tokens_per_step: int
+  flops_per_token: dict
+  n_params: dict
+  summary: Callable[[dict], dict] | None = None
+  resumable_changes: tuple = RESUMABLE_CHANGES
+
+
+def git_commit() -> str | None:
+  try:
+    out = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def versions() -> dict:
+  import flax
+  import orbax.checkpoint
+  return {'python': platform.python_version(), 'jax': jax.__version__,
+          'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__') else None,
+          'flax': flax.__version__, 'optax': optax.__version__,
+          'orbax_checkpoint': orbax.checkpoint.__version__, 'numpy': np.__version__}
+
+
+def flatten(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def check_resumable(old: dict, new: dict, allowed=RESUMABLE_CHANGES) -> None:
+  """Refuses to resume a run whose config differs in anything but harmless keys."""
+  a, b = flatten(old), flatten(new)
+  diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in allowed)
+  if diff:
+    shown = ', '.join(f'{k} ({a.get(k)!r} -> {b.get(k)!r})' for k in diff[:4])
+    raise UserError(f'The workdir holds a run with a different config ({shown}); '
+                    'use a new --workdir or the same settings to resume.')
+
+
+def check_config(workdir: str, new_cfg: dict, allowed=RESUMABLE_CHANGES) -> None:
+  """Before anything is built: a workdir's existing config.json must match (see above)."""
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      check_resumable(json.load(f), new_cfg, allowed)
+
+
+class _StopFlag:
+  """Turns SIGTERM into a request to checkpoint and stop at the next step boundary."""
+
+  def __init__(self):
+    self.stop = False
+    self.previous = None
+
+  def __enter__(self):
+    try:
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no signal handling
+      self.previous = None
+    return self
+
+  def _handle(self, *_):
+    self.stop = True
+
+  def __exit__(self, *exc):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
+  """Trains (or resumes) the stage in workdir; returns the summary. `stop_at` simulates a kill."""
+  os.makedirs(workdir, exist_ok=True)
+  config_path = os.path.join(workdir, 'config.json')
+  check_config(workdir, stage.config, stage.resumable_changes)
+  summary_path = os.path.join(workdir, 'summary.json')
+  is_main = jax.process_index() == 0
+  tc = stage.train
+  if is_main:
+    metrics_lib.write_json_atomic(config_path, stage.config)
+    metrics_lib.write_json_atomic(os.path.join(workdir, 'manifest.json'), stage.manifest())
+    stage.tokenizer.save(os.path.join(workdir, 'tokenizer'))
+
+  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), tc.keep_checkpoints)
+  state, start = ckpts.restore_latest(stage.abstract_state)
+  if state is None:
+    state, start = stage.init_state(), 0
+  if start >= tc.steps and os.path.exists(summary_path):
+    ckpts.close()
+    with open(summary_path) as f:
+      return json.load(f)
+
+  writer = metrics_lib.MetricsWriter(workdir, start, enabled=is_main)
+  progress = metrics_lib.Progress(tc.steps, start, tc.progress, enabled=is_main)
+  if start:
+    progress.message(f'resuming from step {start}')
+  tokens_per_step = stage.tokens_per_step
+  fpt = stage.flops_per_token
+  peak = flops_lib.peak_flops(jax.devices()[0].device_kind, stage.dtype, tc.peak_flops)
+  schedule = learning_rate_schedule(tc)
+  last_row, last_eval = None, {}
+  pending = None                      # (step, metrics on device): pulled one step later
+  since = {'time': time.time(), 'step': start, 'losses': []}   # since the last written row
+
+  def finish_row(step, m):
+    """Host-side metrics of one step; the row's averages cover the steps since the last row."""
+    m = jax.device_get(m)
+    loss = float(m['loss'])
+    if not math.isfinite(loss):
+      raise UserError(f'The loss became {loss} at step {step}; the last good checkpoint is kept. '
+                      'Lower train.lr or raise train.warmup_steps, then rerun to resume.')
+    since['losses'].append(loss)
+    tokens = step * tokens_per_step
+    return {'step': step, 'loss': loss, 'loss_avg': float(np.mean(since['losses'])),
+            'grad_norm': float(m['grad_norm']), 'lr': float(schedule(step - 1)),
+            'tokens': tokens, 'flops': tokens * fpt['chinchilla'],
+            'flops_6nd': tokens * fpt['6n']}
+
+  def write(row):
+    nonlocal last_row
+    now = time.time()
+    tps = (row['step'] - since['step']) * tokens_per_step / max(now - since['time'], 1e-9)
+    row.update(tokens_per_s=tps, time=now)
+    if peak:
+      row['mfu'] = tps * fpt['chinchilla'] / (peak * jax.device_count())
+    writer.write(row)
+    progress.update(row['step'], row)
+    since.update(time=now, step=row['step'], losses=[])
+    last_row = row
+
+  stopped = False
+  with _StopFlag() as flag:
+    step = start
+    while step < tc.steps:
+      batch = stage.batch(step)
+      state, m = stage.train_step(state, stage.frozen, batch)
+      step += 1
+      if pending is not None:
+        row = finish_row(*pending)
+        if pending[0] % tc.log_every == 0:
+          write(row)
+      pending = (step, m)
+      is_eval = step % tc.eval_every == 0 or step == tc.steps
+      stop = flag.stop
+      if jax.process_count() > 1 and step % tc.log_every == 0:
+        # Every host must stop at the same step, or the others wait forever in the next step.
+        stop = bool(multihost_utils.process_allgather(np.int32(flag.stop)).max())
+      elif jax.process_count() > 1:
+        stop = False
+      if is_eval or step % tc.checkpoint_every == 0 or stop or step == stop_at:
+        row = finish_row(*pending)   # makes sure the state is finite before saving it
+        pending = None
+        if is_eval:
+          t0 = time.time()
+          last_eval = stage.evaluate(state['params'], stage.frozen)
+          since['time'] += time.time() - t0   # evaluation time is not training throughput
+          row.update(last_eval)
+        if is_eval or step % tc.log_every == 0:
+          write(row)
+        ckpts.save(step, state)
+        if stop or step == stop_at:
+          stopped = True
+          progress.message(f'stopped at step {step}; checkpoint saved, rerun to resume.')
+          break
+  progress.close()
+  writer.close()
+  ckpts.close()
+  # final_loss: the mean train loss over the last logging interval (one batch is too noisy).
+  summary = {'steps': step, 'final_loss': last_row['loss_avg'] if last_row else None,
+             'eval_loss': last_eval.get('eval_loss'), 'tokens': step * tokens_per_step,
+             'flops': step * tokens_per_step * fpt['chinchilla'],
+             'flops_6nd': step * tokens_per_step * fpt['6n'],
+             'params': stage.n_params['total'], 'params_nonembed': stage.n_params['nonembed'],
+             'finished': not stopped}
+  if not stopped and stage.summary is not None:
+    summary.update(stage.summary(last_eval))
+  if not stopped and is_main:
+    metrics_lib.write_json_atomic(summary_path, summary)
+  return summary

@@ -1,0 +1,116 @@
+"""Optimisation settings: the `train` config section, learning-rate schedules and AdamW.
+
+Shared by every training stage (pretraining, fine-tuning, and later objectives): each builds its
+optimizer here over whatever tree it trains (all params, or LoRA adapters only).
+"""
+import dataclasses
+
+import jax
+import optax
+
+from lm.errors import UserError
+
+SCHEDULES = ('cosine', 'wsd', 'constant')
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, evaluation and checkpointing options (see configs/base.py)."""
+  steps: int = 200
+  batch_size: int = 16
+  seq_len: int = 128
+  lr: float = 3e-3
+  warmup_steps: int = 20
+  schedule: str = 'cosine'
+  final_lr_fraction: float = 0.1
+  decay_fraction: float = 0.2
+  b1: float = 0.9
+  b2: float = 0.99
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  decay_embeddings: bool = False
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+  eval_every: int = 100
+  eval_batches: int = 8
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  peak_flops: float = 0.0
+  progress: str = 'auto'
+
+  def __post_init__(self):
+    p = 'train.'
+    for key in ('steps', 'batch_size', 'seq_len', 'grad_accum', 'eval_every', 'eval_batches',
+                'log_every', 'checkpoint_every', 'keep_checkpoints'):
+      v = getattr(self, key)
+      if not isinstance(v, int) or v < 1:
+        raise UserError(f'{p}{key}={v} must be a positive integer.')
+    if not self.lr > 0:
+      raise UserError(f'{p}lr={self.lr} must be positive.')
+    if not 0 <= self.warmup_steps < self.steps:
+      raise UserError(f'{p}warmup_steps={self.warmup_steps} must be in [0, train.steps) '
+                      f'= [0, {self.steps}).')
+    if self.schedule not in SCHEDULES:
+      raise UserError(f"{p}schedule={self.schedule!r} is not known; use one of "
+                      f"{', '.join(SCHEDULES)}.")
+    if not 0 <= self.final_lr_fraction <= 1:
+      raise UserError(f'{p}final_lr_fraction={self.final_lr_fraction} must be in [0, 1].')
+    if not 0 < self.decay_fraction <= 1:
+      raise UserError(f'{p}decay_fraction={self.decay_fraction} must be in (0, 1].')
+    if self.batch_size % self.grad_accum:
+      raise UserError(f'{p}grad_accum={self.grad_accum} does not divide '
+                      f'{p}batch_size={self.batch_size}; pick a divisor.')
+    for key in ('b1', 'b2'):
+      if not 0 <= getattr(self, key) < 1:
+        raise UserError(f'{p}{key}={getattr(self, key)} must be in [0, 1).')
+    if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+      raise UserError(f'{p}weight_decay, {p}grad_clip must be >= 0 and {p}eps > 0.')
+    if self.progress not in ('auto', 'bar', 'log', 'none'):
+      raise UserError(f"{p}progress={self.progress!r} must be auto, bar, log or none.")
+
+  @classmethod
+  def from_config(cls, train_cfg) -> 'TrainConfig':
+    return cls(**dict(train_cfg))
+
+
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+  """Step -> learning rate. Warmup reaches the peak at step warmup_steps - 1 (from peak/W at 0);
+  cosine and WSD reach peak * final_lr_fraction exactly at the last step (steps - 1)."""
+  peak, final, W = tc.lr, tc.lr * tc.final_lr_fraction, tc.warmup_steps
+  parts, bounds = [], []
+  if W > 0:
+    parts.append(optax.linear_schedule(peak / W, peak, max(W - 1, 1)))
+    bounds.append(W)
+  rest = tc.steps - W                 # steps from the end of warmup to the end, inclusive
+  if tc.schedule == 'cosine':
+    parts.append(optax.cosine_decay_schedule(peak, max(rest - 1, 1), alpha=tc.final_lr_fraction))
+  elif tc.schedule == 'constant':
+    parts.append(optax.constant_schedule(peak))
+  else:  # wsd: stable at the peak, then a linear decay over the last decay_fraction of steps
+    decay = min(max(1, round(tc.decay_fraction * tc.steps)), rest)
+    if rest - decay > 0:
+      parts.append(optax.constant_schedule(peak))
+      bounds.append(tc.steps - decay)
+    parts.append(optax.linear_schedule(peak, final, max(decay - 1, 1)))
+  return parts[0] if len(parts) == 1 else optax.join_schedules(parts, bounds)
+
+
+def decay_mask(params, decay_embeddings: bool):
+  """True for weight matrices and LoRA factors; norms, biases and (unless asked) embeddings are
+  not decayed."""
+  matrices = ('wq', 'wk', 'wv', 'wo', 'wi', 'wg', 'head')
+
+  def keep(path, x):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    if name in ('embed', 'pos_embed'):
+      return decay_embeddings
+    return name in matrices or name[:-2] in matrices and name[-2:] in ('_a', '_b')
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(tc: TrainConfig, params) -> optax.GradientTransformation:
+  """AdamW with the decay mask, after global-norm clipping (clip 0 disables it)."""
+  adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                      weight_decay=tc.weight_decay, mask=decay_mask(params, tc.decay_embeddings))
+  if tc.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
+  return adamw
