@@ -6,6 +6,8 @@
   python run.py fit    --results=FILE.csv --workdir=OUT
   python run.py plot   --workdir=SWEEP_OR_FIT_DIR
   python run.py sample --workdir=DIR --prompt="..." [--max_new_tokens=N --temperature=T ...]
+  python run.py finetune --config=configs/sft.py --workdir=DIR --config.finetune.init_from=RUN
+  python run.py merge  --workdir=LORA_RUN --out=DIR
 """
 import re
 import sys
@@ -16,7 +18,7 @@ from ml_collections import config_flags
 from lm import cli
 from lm.errors import UserError
 
-SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample')
+SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample', 'finetune', 'merge')
 
 config_flags.DEFINE_config_file('config', None, 'An ml-collections config file (configs/*.py).',
                                 lock_config=True)
@@ -34,6 +36,10 @@ flags.DEFINE_integer('top_k', 0, 'sample: keep the k most likely tokens (0 keeps
 flags.DEFINE_float('top_p', 1.0, 'sample: nucleus mass in (0, 1] (1 keeps all).')
 flags.DEFINE_integer('seed', 0, 'sample: random seed.')
 flags.DEFINE_integer('num_samples', 1, 'sample: continuations per prompt.')
+flags.DEFINE_bool('raw', False, 'sample: continue the prompt as raw text, even from a fine-tuned '
+                  'run (which otherwise gets the chat template).')
+flags.DEFINE_string('system', '', 'sample: a system message for the chat template.')
+flags.DEFINE_string('out', None, 'merge: the folder to write the merged model into.')
 
 
 def main(argv):

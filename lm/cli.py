@@ -21,11 +21,39 @@ def train(FLAGS):
           + (f', eval loss {ev:.4f}' if ev is not None else '') + f'; outputs in {workdir}')
 
 
+def finetune(FLAGS):
+  from lm import finetune as finetune_lib
+  cfg = _need(FLAGS.config, 'config', '--config=configs/sft.py')
+  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sft')
+  if 'finetune' not in cfg:
+    raise UserError('--config is not a fine-tuning config (it has no `finetune` section); use '
+                    'e.g. --config=configs/sft.py.')
+  summary = finetune_lib.finetune(cfg, workdir)
+  if summary.get('finished'):
+    ft = summary['finetune']
+    acc = lambda d: ', '.join(f"{k[4:]} {v:.0%}" for k, v in sorted(d.items())
+                              if k.startswith('acc/') and k != 'acc/all')
+    print(f"done: {summary['steps']} steps, held-out loss {summary['eval_loss']:.4f}; "
+          f"{ft['trainable_params']:,} trainable parameters ({ft['trainable_fraction']:.2%})")
+    if 'acc/all' in ft['after']:
+      print(f"exact match before: {ft['before']['acc/all']:.1%} ({acc(ft['before'])})")
+      print(f"exact match after:  {ft['after']['acc/all']:.1%} ({acc(ft['after'])})")
+    print(f'outputs in {workdir}')
+
+
+def merge(FLAGS):
+  from lm import finetune as finetune_lib
+  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sft_lora')
+  out = _need(FLAGS.out, 'out', '--out=runs/sft_lora_merged')
+  finetune_lib.merge(workdir, out)
+  print(f'wrote the merged model to {out}')
+
+
 def sample(FLAGS):
   from lm import sample as sample_lib
   sample_lib.sample_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny'), FLAGS.prompt,
                         FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
-                        FLAGS.seed, FLAGS.num_samples)
+                        FLAGS.seed, FLAGS.num_samples, raw=FLAGS.raw, system=FLAGS.system)
 
 
 def sweep(FLAGS, cfg=None, workdir=None):

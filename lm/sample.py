@@ -107,8 +107,18 @@ def _abstract_state(cfg: dict, mc: ModelConfig):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), state)
 
 
+def is_finetuned(workdir: str) -> bool:
+  """True for a run that `run.py finetune` wrote (it answers in the chat template)."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      return 'finetune' in json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return False
+
+
 def load(workdir: str):
-  """(model_cfg, params, tokenizer) from the newest readable checkpoint of a training run."""
+  """(model_cfg, params, tokenizer) from the newest readable checkpoint of a training run; a
+  fine-tuning run's LoRA adapters come merged into its base's weights."""
   from lm import checkpoint as ckpt_lib
   config_path = os.path.join(workdir, 'config.json')
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -117,6 +127,10 @@ def load(workdir: str):
     raise UserError(f'{workdir} has no config.json, so it is not a training run; {hint}.')
   with open(config_path) as f:
     cfg = json.load(f)
+  if 'finetune' in cfg:
+    from lm import finetune as finetune_lib
+    mc, params, tokenizer, _ = finetune_lib.load_model(workdir)
+    return mc, params, tokenizer
   # Checkpoints() creates the folder, so look before handing it over.
   if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
     raise UserError(f'{workdir} has no checkpoint; {hint}.')
@@ -314,12 +328,42 @@ def continuation_logprob(mc: ModelConfig, params, prompt_ids, continuation_ids) 
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
+def chat(mc: ModelConfig, params, tokenizer, messages: list[dict], max_new_tokens: int = 200,
+         temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+         num_samples: int = 1) -> list[str]:
+  """Replies to a conversation in the chat template (lm/sft.py), each cut at <|end|>."""
+  from lm import sft
+  check_sampling(temperature, top_k, top_p, num_samples, max_new_tokens)
+  ids, _ = sft.encode_chat(tokenizer, messages, generation_prompt=True)
+  end = tokenizer.chat_ids['end']
+  out = generate_tokens(mc, params, [ids] * num_samples, max_new_tokens, temperature, top_k,
+                        top_p, seed, eos_id=end, pad_id=tokenizer.pad_id)
+  return [tokenizer.decode(cut_at_eos(row, end)) for row in out]
+
+
 def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-               top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1
-               ) -> list[str]:
-  """`python run.py sample`: prints prompt + continuation for each sample; returns the texts."""
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
+               raw: bool = False, system: str = '') -> list[str]:
+  """`python run.py sample`: prints prompt + continuation for each sample; returns the texts.
+
+  A fine-tuned run gets the prompt as a user turn of the chat template (and `system` as its
+  system message) and prints its reply; raw=True continues the text as pretraining would.
+  """
   check_sampling(temperature, top_k, top_p, num_samples, max_new_tokens)
   mc, params, tokenizer = load(workdir)
+  if is_finetuned(workdir) and not raw:
+    from lm import sft
+    messages = ([{'role': 'system', 'content': system}] if system else []) + [
+        {'role': 'user', 'content': prompt}]
+    n = len(sft.encode_chat(tokenizer, messages, generation_prompt=True)[0])
+    check_lengths(mc, n, max_new_tokens)
+    texts = chat(mc, params, tokenizer, messages, max_new_tokens, temperature, top_k, top_p, seed,
+                 num_samples)
+    for i, text in enumerate(texts):
+      if num_samples > 1:
+        print(f'--- sample {i + 1}/{num_samples} ---')
+      print(f'user: {prompt}\nassistant: {text}', flush=True)
+    return texts
   n = 1 + len(tokenizer.encode(prompt))
   check_lengths(mc, n, max_new_tokens)
   if n + max_new_tokens - 1 > mc.max_len:

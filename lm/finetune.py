@@ -1,0 +1,506 @@
+"""Fine-tuning a trained run: supervised / instruction tuning, fully or with LoRA adapters.
+
+`finetune(cfg, workdir)` loads the model named by finetune.init_from (a pretraining run, or an
+earlier fine-tuning run, finished or resumable), builds the examples (the built-in instruction set
+of lm/instruct.py, or the user's JSONL), and trains them through the one training loop
+(lm/loop.py) with the masked, packed loss of lm/sft.py. What trains:
+
+  * full fine-tuning (lora.rank = 0): the train state holds every parameter;
+  * LoRA (lora.rank > 0): the train state holds the adapters alone and the base parameters are the
+    loop's frozen input, so gradients and optimizer moments exist only for the adapters and the
+    base is held once. Checkpoints hold the adapters; config.json names the base run, its step
+    and a hash of its parameters, and a resume with a changed base is refused.
+
+Evaluation (every train.eval_every steps and at the end): the loss on held-out examples, the
+pretraining corpus's validation loss (forgetting), and for the built-in set the exact-match
+accuracy per task family by greedy decoding with the KV cache, on held-out instances in training
+phrasings ('eval') and in phrasings never trained on ('eval_phrasing'). The base model's numbers
+are measured once before training (base_eval.json) and reported beside the final ones.
+
+`load_model(workdir)` reads any run (pretraining or fine-tuning, LoRA merged) as (model config,
+params, tokenizer, identity); `merge(workdir, out)` writes a LoRA run as a plain model folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import checkpoint as ckpt_lib
+from lm import data as data_lib
+from lm import flops as flops_lib
+from lm import instruct
+from lm import lora as lora_lib
+from lm import loop
+from lm import metrics as metrics_lib
+from lm import model as model_lib
+from lm import sample as sample_lib
+from lm import sft
+from lm import sharding as shard_lib
+from lm.config import LORA_TARGETS, ModelConfig
+from lm.errors import UserError
+from lm.optim import TrainConfig, make_optimizer
+
+BASE_EVAL = 'base_eval.json'
+# Keys of a fine-tuning config that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = loop.RESUMABLE_CHANGES + ('finetune.eval_batch_size',)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """The `finetune` and `lora` sections (keys and meanings: configs/sft.py)."""
+  init_from: str
+  data: str
+  eval_data: str
+  families: tuple
+  train_per_family: int
+  eval_per_family: int
+  data_seed: int
+  max_new_tokens: int
+  eval_batch_size: int
+  lora_rank: int
+  lora_alpha: float
+  lora_dropout: float
+  lora_targets: tuple
+
+  @classmethod
+  def from_config(cls, cfg) -> 'FinetuneConfig':
+    f, lo = cfg.finetune, cfg.lora
+    fams = tuple(x.strip() for x in str(f.families).split(',') if x.strip())
+    targets = tuple(x.strip() for x in str(lo.targets).split(',') if x.strip())
+    c = cls(init_from=str(f.init_from), data=str(f.data), eval_data=str(f.eval_data),
+            families=fams, train_per_family=int(f.train_per_family),
+            eval_per_family=int(f.eval_per_family), data_seed=int(f.data_seed),
+            max_new_tokens=int(f.max_new_tokens), eval_batch_size=int(f.eval_batch_size),
+            lora_rank=int(lo.rank), lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout),
+            lora_targets=targets)
+    if not c.init_from:
+      raise UserError('finetune.init_from is empty; point it at a trained run, e.g. '
+                      '--config.finetune.init_from=runs/base_small.')
+    if c.lora_rank < 0:
+      raise UserError(f'lora.rank={c.lora_rank} must be >= 1 for LoRA, or 0 for full '
+                      'fine-tuning.')
+    for key in ('train_per_family', 'eval_per_family', 'max_new_tokens', 'eval_batch_size'):
+      if getattr(c, key) < 1:
+        raise UserError(f'finetune.{key}={getattr(c, key)} must be a positive integer.')
+    if c.data == 'builtin':
+      for fam in c.families:
+        if fam not in instruct.FAMILIES:
+          raise UserError(f"finetune.families names {fam!r}, which is not a built-in task family; "
+                          f"use some of {', '.join(instruct.FAMILIES)}.")
+      if not c.families:
+        raise UserError('finetune.families is empty; name at least one built-in task family.')
+    for t in c.lora_targets:
+      if t not in LORA_TARGETS:
+        raise UserError(f"lora.targets names {t!r}, which is not a LoRA target; use "
+                        f"{', '.join(LORA_TARGETS)}.")
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading any run as a model.
+
+def params_hash(params) -> str:
+  """sha256 over the parameters' paths, shapes and bytes: the identity of a set of weights."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}{a.shape}{a.dtype}'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _read_config(workdir: str) -> dict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise UserError(f'{workdir} has no config.json, so it is not a training run; point '
+                    'finetune.init_from at a folder that run.py train or run.py finetune wrote.')
+  with open(path) as f:
+    return json.load(f)
+
+
+def _restore(workdir: str, cfg: dict, trainable_shapes):
+  """(state, step) of a run's newest readable checkpoint, on one device."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    raise UserError(f'{workdir} has no checkpoint, so it is neither finished nor resumable; '
+                    'train it first (or point at another run).')
+  tc = TrainConfig.from_config(cfg['train'])
+  optimizer = make_optimizer(tc, trainable_shapes)
+  shapes = jax.eval_shape(lambda p: {'params': p, 'opt_state': optimizer.init(p),
+                                     'step': jnp.zeros((), jnp.int32)}, trainable_shapes)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          shapes)
+  ckpts = ckpt_lib.Checkpoints(ckpt_dir, keep=int(cfg['train'].get('keep_checkpoints', 2)))
+  try:
+    state, step = ckpts.restore_latest(abstract)
+  finally:
+    ckpts.close()
+  if state is None:
+    raise UserError(f'{workdir} has no checkpoint; train it first.')
+  return state, step
+
+
+def _plain(mc: ModelConfig) -> ModelConfig:
+  if mc.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
+    mc = dataclasses.replace(mc, attention_impl='auto')   # a GPU-trained run used elsewhere
+  return lora_lib.base_config(mc)
+
+
+def load_model(workdir: str, _depth: int = 0):
+  """(model config without adapters, params, tokenizer, identity) of any trained run.
+
+  A LoRA run's adapters are merged into its base's weights. identity names the run, the step and
+  the params hash.
+  """
+  from lm import tokenizer as tokenizer_lib
+  if _depth > 8:
+    raise UserError(f'{workdir} starts a chain of more than 8 fine-tuning runs; merge it first.')
+  cfg = _read_config(workdir)
+  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  if 'finetune' not in cfg:                                # a pretraining (or merged) run
+    mc = ModelConfig.from_config(cfg['model'], tokenizer.vocab_size)
+    state, step = _restore(workdir, cfg, model_lib.param_shapes(mc))
+    params = state['params']
+  else:
+    mc = ModelConfig(**_model_fields(cfg['base']['model']))
+    if mc.lora_rank:
+      base_mc, base_params, _, base_id = load_model(cfg['base']['workdir'], _depth + 1)
+      _check_same_base(cfg['base'], base_id, workdir)
+      shapes = jax.eval_shape(lambda: model_lib.init_variables(mc, jax.random.PRNGKey(0)))
+      state, step = _restore(workdir, cfg, shapes[lora_lib.COLLECTION])
+      params = jax.jit(lora_lib.merge, static_argnums=0)(mc, base_params, state['params'])
+    else:
+      state, step = _restore(workdir, cfg, model_lib.param_shapes(mc))
+      params = state['params']
+  mc = _plain(mc)
+  identity = {'workdir': os.path.abspath(workdir), 'step': int(step),
+              'params_sha256': params_hash(params), 'tokenizer_hash': tokenizer.hash,
+              'model': dataclasses.asdict(mc)}
+  return mc, params, tokenizer, identity
+
+
+def _model_fields(d: dict) -> dict:
+  d = dict(d)
+  d['lora_targets'] = tuple(d.get('lora_targets', ()))
+  return d
+
+
+def _check_same_base(recorded: dict, found: dict, workdir: str) -> None:
+  for key in ('params_sha256', 'tokenizer_hash'):
+    if recorded.get(key) != found[key]:
+      what = 'weights' if key == 'params_sha256' else 'tokenizer'
+      raise UserError(f"the base run {recorded['workdir']} of {workdir} has changed since it was "
+                      f'fine-tuned (its {what} differ); restore that base or fine-tune again.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples.
+
+def load_records(fc: FinetuneConfig) -> dict:
+  """{'train': [...], 'eval': [...], ('eval_phrasing': [...])} of the configured data."""
+  if fc.data == 'builtin':
+    return instruct.build_instruction_set(fc.data_seed, fc.train_per_family, fc.eval_per_family,
+                                          fc.families)
+  train = sft.load_jsonl(fc.data)
+  if fc.eval_data:
+    return {'train': train, 'eval': sft.load_jsonl(fc.eval_data)}
+  # No held-out file: a seeded 5% (at least one) of the user's examples is held out.
+  order = np.random.default_rng(fc.data_seed).permutation(len(train))
+  n_eval = max(1, len(train) // 20) if len(train) > 1 else 0
+  held = set(order[:n_eval].tolist())
+  return {'train': [r for i, r in enumerate(train) if i not in held],
+          'eval': [r for i, r in enumerate(train) if i in held]}
+
+
+def exact_match_accuracy(mc: ModelConfig, params, tokenizer, records: list[dict],
+                         max_new_tokens: int, batch_size: int) -> dict:
+  """Greedy answers through the KV-cache sampler, scored by exact match (surrounding whitespace
+  ignored): {'all': accuracy, family: accuracy, ...} and the answers."""
+  end = tokenizer.chat_ids['end']
+  prompts = []
+  for rec in records:
+    msgs, _ = sft.prompt_messages(rec)
+    prompts.append(sft.encode_chat(tokenizer, msgs, generation_prompt=True)[0])
+  answers = []
+  longest = max(len(p) for p in prompts)
+  new = min(max_new_tokens, mc.max_len - longest + 1) if mc.pos == 'learned' else max_new_tokens
+  for i in range(0, len(prompts), batch_size):
+    chunk = prompts[i:i + batch_size]
+    # A full-size last chunk (repeating its first prompt) reuses the compiled shapes.
+    padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+    out = sample_lib.generate_tokens(mc, params, padded, new, temperature=0.0, eos_id=end,
+                                     pad_id=tokenizer.pad_id)
+    answers += [tokenizer.decode(sample_lib.cut_at_eos(row, end)) for row in out[:len(chunk)]]
+  hits: dict = {}
+  for rec, ans in zip(records, answers):
+    fam = rec.get('family', 'all')
+    ok = ans.strip() == sft.prompt_messages(rec)[1].strip()
+    hits.setdefault(fam, []).append(ok)
+  acc = {fam: float(np.mean(v)) for fam, v in sorted(hits.items())}
+  acc['all'] = float(np.mean([ok for v in hits.values() for ok in v]))
+  return {'accuracy': acc, 'answers': answers}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+@dataclasses.dataclass
+class Job:
+  stage: loop.Stage
+  evaluate_plain: object   # (params) -> eval dict, for the base model before training
+  base_params: object
+  info: dict
+
+
+def build(cfg, workdir: str) -> Job:
+  seed = int(cfg.seed)
+  tc = TrainConfig.from_config(cfg.train)
+  fc = FinetuneConfig.from_config(cfg)
+  mesh_cfg = shard_lib.MeshConfig.from_config(cfg.mesh)
+  shard_lib.maybe_initialize_distributed(mesh_cfg)
+  mesh = shard_lib.make_mesh(mesh_cfg)
+  base_mc, base_params, tokenizer, base_id = load_model(fc.init_from)
+  sft._chat_ids(tokenizer)   # a base without chat tokens is refused here, before any work
+  if tc.seq_len > base_mc.max_len:
+    raise UserError(f'train.seq_len={tc.seq_len} is longer than the base model\'s max_len='
+                    f'{base_mc.max_len}; lower train.seq_len.')
+  mc = dataclasses.replace(base_mc, lora_rank=fc.lora_rank, lora_alpha=fc.lora_alpha,
+                           lora_dropout=fc.lora_dropout,
+                           lora_targets=fc.lora_targets if fc.lora_rank else ())
+  shard_lib.check_divisibility(mesh, mc, tc.batch_size)
+  if tc.batch_size % jax.process_count():
+    raise UserError(f'train.batch_size={tc.batch_size} must divide evenly over '
+                    f'{jax.process_count()} processes.')
+  use_lora = fc.lora_rank > 0
+
+  records = load_records(fc)
+  train_ex = sft.Examples(records['train'], tokenizer, tc.seq_len, 'training examples')
+  stream = sft.PackedStream(train_ex, seed)
+  eval_ex = sft.Examples(records['eval'], tokenizer, tc.seq_len, 'held-out examples')
+  eval_packed = eval_ex.pack(np.arange(len(eval_ex)))
+  acc_splits = {k: records[k] for k in ('eval', 'eval_phrasing') if k in records}
+  builtin = fc.data == 'builtin'
+  for name, ex in (('training', train_ex), ('held-out', eval_ex)):
+    if ex.too_long:
+      print(f'note: {ex.too_long} {name} examples are longer than train.seq_len={tc.seq_len} '
+            'tokens and were left out (counted in manifest.json).', file=sys.stderr, flush=True)
+
+  # The pretraining corpus's validation windows, to measure forgetting.
+  base_cfg = _read_config(fc.init_from)
+  while 'finetune' in base_cfg:        # a fine-tuned base: its pretraining data is further back
+    base_cfg = _read_config(base_cfg['base']['workdir'])
+  dataset = data_lib.prepare(data_lib.DataConfig.from_config(base_cfg['data']))
+  if dataset.tokenizer.hash != tokenizer.hash:
+    raise UserError(f'the tokenizer of {fc.init_from} differs from its pretraining data\'s; '
+                    'the base run is inconsistent, pretrain it again.')
+  pre_rows = dataset.eval_batches(tc.eval_batches, tc.batch_size, tc.seq_len,
+                                  jax.process_index(), jax.process_count())
+  pre_batches = [shard_lib.global_batch(r, mesh) for r in pre_rows]
+
+  # Shardings: params by their logical axes, adapters likewise.
+  p_shard = shard_lib.param_shardings(mesh, model_lib.logical_specs(base_mc),
+                                      model_lib.param_shapes(base_mc))
+  base_params = jax.device_put(base_params, p_shard)
+  if use_lora:
+    var_shapes = jax.eval_shape(lambda: model_lib.init_variables(mc, jax.random.PRNGKey(0)))
+    t_shapes = var_shapes[lora_lib.COLLECTION]
+    t_shard = shard_lib.param_shardings(mesh, model_lib.logical_specs(mc, lora_lib.COLLECTION),
+                                        t_shapes)
+    frozen = base_params
+  else:
+    t_shapes, t_shard, frozen = model_lib.param_shapes(base_mc), p_shard, None
+  optimizer = make_optimizer(tc, t_shapes)
+
+  def init_state():
+    if use_lora:
+      trainable = model_lib.init_variables(mc, jax.random.PRNGKey(seed))[lora_lib.COLLECTION]
+    else:
+      trainable = base_params
+    return {'params': trainable, 'opt_state': optimizer.init(trainable),
+            'step': jnp.zeros((), jnp.int32)}
+  state_shapes = jax.eval_shape(init_state)
+  s_shard = shard_lib.state_shardings(mesh, state_shapes, t_shard)
+  s_shard['params'] = t_shard
+  batch_sh = shard_lib.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  frozen_sh = p_shard if use_lora else None
+
+  if use_lora:
+    def loss_fn(trainable, base, batch, rng):
+      return sft.masked_loss(mc, base, batch, trainable, rng)
+  else:
+    def loss_fn(trainable, _, batch, rng):
+      return sft.masked_loss(mc, trainable, batch, None, rng)
+  train_step = jax.jit(loop.make_step(loss_fn, tc, optimizer, seed),
+                       in_shardings=(s_shard, frozen_sh, batch_sh),
+                       out_shardings=(s_shard, replicated), donate_argnums=0)
+
+  plain = _plain(mc)
+
+  @jax.jit
+  def merged(trainable, base):
+    return lora_lib.merge(mc, base, trainable) if use_lora else trainable
+
+  sft_eval = jax.jit(lambda p, b: sft.masked_loss(plain, p, b))
+  pre_eval = jax.jit(lambda p, b: _next_token_loss(plain, p, b))
+
+  def device_batch(rows: dict):
+    return {k: shard_lib.global_batch(v, mesh) for k, v in rows.items()}
+  eval_sft_batches = []
+  for i in range(0, len(eval_packed['tokens']), tc.batch_size):
+    rows = {k: v[i:i + tc.batch_size] for k, v in eval_packed.items()}
+    short = tc.batch_size - len(rows['tokens'])
+    if short:   # pad with empty rows (weight 0) so every evaluation batch has one shape
+      rows = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+              for k, v in rows.items()}
+    eval_sft_batches.append(device_batch(rows))
+
+  def evaluate_plain(params) -> dict:
+    sums = [sft_eval(params, b) for b in eval_sft_batches]
+    total, weight = (float(sum(float(s[i]) for s in sums)) for i in (0, 1))
+    pre = float(np.mean(jax.device_get([pre_eval(params, b) for b in pre_batches])))
+    row = {'eval_loss': total / max(weight, 1e-9), 'pretrain_eval_loss': pre}
+    if builtin:
+      for split, recs in acc_splits.items():
+        acc = exact_match_accuracy(plain, params, tokenizer, recs, fc.max_new_tokens,
+                                   fc.eval_batch_size)['accuracy']
+        tag = 'acc' if split == 'eval' else 'acc_phrasing'
+        row.update({f'{tag}/{fam}': v for fam, v in acc.items()})
+    return row
+
+  def evaluate(trainable, base) -> dict:
+    return evaluate_plain(merged(trainable, base))
+
+  n_base = flops_lib.param_counts(model_lib.param_shapes(base_mc))
+  n_trainable = lora_lib.tree_size(t_shapes)
+  opt_bytes = lora_lib.tree_bytes(state_shapes['opt_state'])
+  info = {
+      'base': base_id, 'mode': 'lora' if use_lora else 'full',
+      'trainable_params': n_trainable, 'base_params': n_base['total'],
+      'trainable_fraction': n_trainable / n_base['total'],
+      'lora_closed_form': lora_lib.trainable_count(mc) if use_lora else None,
+      'optimizer_state_bytes': opt_bytes,
+      'data': {'source': fc.data, 'train': train_ex.info(), 'eval': eval_ex.info(),
+               'rows_per_epoch': stream.rows_per_epoch(),
+               'packing_fill': train_ex.info()['pairs'] / (stream.rows_per_epoch() * tc.seq_len)},
+  }
+  fpt = flops_lib.flops_per_token(base_mc, tc.seq_len, n_base['total'])
+  config = json.loads(cfg.to_json())
+  # The base's identity is part of the run's: a resume against other weights is refused.
+  config['base'] = {k: base_id[k] for k in ('workdir', 'step', 'params_sha256', 'tokenizer_hash')}
+  config['base']['model'] = dataclasses.asdict(mc)
+  config = json.loads(json.dumps(config))     # tuples as lists, as config.json will read back
+
+  def manifest() -> dict:
+    dev = jax.devices()[0]
+    return {'versions': loop.versions(), 'git_commit': loop.git_commit(), 'command': sys.argv,
+            'device_kind': dev.device_kind, 'platform': dev.platform,
+            'device_count': jax.device_count(), 'process_count': jax.process_count(),
+            'mesh': dict(zip(mesh.axis_names, mesh.devices.shape)),
+            'params': n_base['total'], 'params_nonembed': n_base['nonembed'],
+            'flops_per_token': {'chinchilla_appendix_f': fpt['chinchilla'], '6n': fpt['6n']},
+            'model': dataclasses.asdict(mc), **info}
+
+  def summary(last_eval: dict) -> dict:
+    return {'finetune': _summary(workdir, info, last_eval, tc)}
+
+  stage = loop.Stage(
+      config=config, train=tc, dtype=mc.dtype, manifest=manifest, tokenizer=tokenizer,
+      abstract_state=ckpt_lib.abstract(state_shapes, s_shard), init_state=jax.jit(
+          init_state, out_shardings=s_shard),
+      frozen=frozen, train_step=train_step,
+      batch=lambda step: device_batch(stream.batch(step, tc.batch_size, jax.process_index(),
+                                                   jax.process_count())),
+      evaluate=evaluate, tokens_per_step=tc.batch_size * tc.seq_len, flops_per_token=fpt,
+      n_params=n_base, summary=summary, resumable_changes=RESUMABLE_CHANGES)
+  return Job(stage=stage, evaluate_plain=evaluate_plain, base_params=base_params, info=info)
+
+
+def _next_token_loss(mc: ModelConfig, params, batch_BT1):
+  import optax
+  logits = model_lib.apply(mc, params, batch_BT1[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch_BT1[:, 1:]).mean()
+
+
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _summary(workdir: str, info: dict, last_eval: dict, tc: TrainConfig) -> dict:
+  """Before/after numbers, sizes and speed of a finished fine-tuning run."""
+  with open(os.path.join(workdir, BASE_EVAL)) as f:
+    before = json.load(f)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  rows = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+          if r.get('tokens_per_s')]
+  tps = float(np.median([r['tokens_per_s'] for r in rows])) if rows else None
+  return {**{k: v for k, v in info.items() if k != 'data'}, 'data': info['data'],
+          'before': before, 'after': last_eval,
+          'checkpoint_bytes': _dir_bytes(os.path.join(ckpt_dir, str(steps[-1]))) if steps else None,
+          'step_time_s': tc.batch_size * tc.seq_len / tps if tps else None}
+
+
+def finetune(cfg, workdir: str, stop_at: int | None = None) -> dict:
+  """Fine-tunes (or resumes) the run in workdir; returns the summary."""
+  job = build(cfg, workdir)
+  loop.check_config(workdir, job.stage.config, RESUMABLE_CHANGES)
+  before_path = os.path.join(workdir, BASE_EVAL)
+  if not os.path.exists(before_path):
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.time()
+    print('evaluating the base model before fine-tuning ...', file=sys.stderr, flush=True)
+    before = job.evaluate_plain(job.base_params)
+    before['eval_seconds'] = time.time() - t0
+    if jax.process_index() == 0:
+      metrics_lib.write_json_atomic(before_path, before)
+  return loop.run(job.stage, workdir, stop_at)
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging.
+
+def merge(workdir: str, out: str) -> dict:
+  """Writes the run in workdir (LoRA merged) as a plain model folder that every command reads.
+
+  The folder is a pretraining-style run: config.json (model, data and train of the pretraining
+  base, so its pretraining data is known), tokenizer/, and one checkpoint whose params are the
+  merged weights (optimizer moments fresh). manifest.json names where the weights came from.
+  """
+  from lm.optim import make_optimizer as _mk
+  if os.path.exists(os.path.join(out, 'checkpoints')):
+    raise UserError(f'{out} already holds a run; choose a new --out folder.')
+  cfg = _read_config(workdir)
+  if 'finetune' not in cfg:
+    raise UserError(f'{workdir} is not a fine-tuning run; it is already a plain model.')
+  mc, params, tokenizer, ident = load_model(workdir)
+  root = cfg
+  while 'finetune' in root:
+    root = _read_config(root['base']['workdir'])
+  plain_cfg = {k: root[k] for k in root if k in ('seed', 'model', 'data', 'train', 'mesh')}
+  plain_cfg['model'] = {k: v for k, v in dataclasses.asdict(mc).items()
+                        if k in root['model'] and not k.startswith('lora')}
+  os.makedirs(out, exist_ok=True)
+  tc = TrainConfig.from_config(plain_cfg['train'])
+  optimizer = _mk(tc, params)
+  state = {'params': params, 'opt_state': optimizer.init(params),
+           'step': jnp.asarray(ident['step'], jnp.int32)}
+  ckpts = ckpt_lib.Checkpoints(os.path.join(out, 'checkpoints'), 1)
+  ckpts.save(ident['step'], state)
+  ckpts.close()
+  tokenizer.save(os.path.join(out, 'tokenizer'))
+  metrics_lib.write_json_atomic(os.path.join(out, 'config.json'), plain_cfg)
+  manifest = {'merged_from': ident['workdir'], 'step': ident['step'],
+              'params_sha256': ident['params_sha256'], 'model': dataclasses.asdict(mc),
+              'versions': loop.versions(), 'git_commit': loop.git_commit()}
+  metrics_lib.write_json_atomic(os.path.join(out, 'manifest.json'), manifest)
+  return manifest
