@@ -6,7 +6,8 @@ A 4-layer byte model is pretrained on the Python standard library (configs/pretr
 then taught the built-in instruction set (lm/instruct.py: addition, subtraction, reversing and
 upper-casing a word, counting a letter, sorting numbers, naming a function from its `def` line
 and a module from its import) three ways from the same weights: every parameter trained, and
-LoRA adapters at two ranks with the base frozen (configs/sft.py). Each run is an ordinary workdir
+LoRA adapters at two ranks with the base frozen (configs/sft.py; LoRA at a peak learning rate
+of 1e-2 against 3e-3 for full fine-tuning). Each run is an ordinary workdir
 (rerunning skips what is finished and resumes what was interrupted). The lesson then prints:
 
   * exact-match accuracy per task family on held-out instances, for the base model and each
@@ -30,6 +31,8 @@ from experiments import common
 NAME = 'instruction_tuning'
 _RUNS = flags.DEFINE_string('runs', os.path.join('runs', NAME), 'Folder for the four runs.')
 _RANKS = flags.DEFINE_string('ranks', '4,16', 'LoRA ranks, comma-separated.')
+_LORA_LR = flags.DEFINE_float('lora_lr', 1e-2, 'Peak learning rate of the LoRA runs (full '
+                               'fine-tuning uses configs/sft.py\'s train.lr).')
 _BASE = flags.DEFINE_string('base', None, 'An already pretrained run to start from (default: '
                             'pretrain configs/pretrain_small.py into RUNS/base).')
 PROMPTS = ('Name the module: import os.path', 'def splitext(p): What is it called?',
@@ -38,7 +41,7 @@ PROMPTS = ('Name the module: import os.path', 'def splitext(p): What is it calle
 
 
 def run(runs_dir=None, ranks=None, pretrain_overrides=None, sft_overrides=None,
-        prompts=PROMPTS, base_dir=None):
+        prompts=PROMPTS, base_dir=None, lora_lr=None):
   """Pretrains (or reuses) the base, fine-tunes it fully and with LoRA; returns the numbers."""
   from configs import pretrain_small, sft as sft_config
   from lm import finetune as ft
@@ -61,6 +64,8 @@ def run(runs_dir=None, ranks=None, pretrain_overrides=None, sft_overrides=None,
     cfg = sft_config.get_config()
     cfg.finetune.init_from = base_dir
     cfg.lora.rank = rank
+    if rank:   # adapters start at zero and carry few numbers: they want a larger step
+      cfg.train.lr = lora_lr or (_LORA_LR.value if flags.FLAGS.is_parsed() else 1e-2)
     for k, v in (sft_overrides or {}).items():
       _set(cfg, k, v)
     workdir = os.path.join(runs_dir, name)

@@ -165,6 +165,10 @@ def load_model(workdir: str, _depth: int = 0):
   if _depth > 8:
     raise UserError(f'{workdir} starts a chain of more than 8 fine-tuning runs; merge it first.')
   cfg = _read_config(workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    raise UserError(f'{workdir} has no checkpoint, so it is neither finished nor resumable; '
+                    'train it first (or point at another run).')
   tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
   if 'finetune' not in cfg:                                # a pretraining (or merged) run
     mc = ModelConfig.from_config(cfg['model'], tokenizer.vocab_size)

@@ -396,6 +396,7 @@ def test_base_without_chat_tokens_is_refused(cache_dir, tmp_path):
   old = str(tmp_path / 'old')
   cfg = pretrain_config(cache_dir, chat_tokens=False)
   cfg.train.steps, cfg.train.eval_every, cfg.train.checkpoint_every = 2, 2, 2
+  cfg.train.warmup_steps = 1
   train_lib.train(cfg, old)
   with pytest.raises(UserError, match='has no chat tokens'):
     ft.finetune(sft_config(old), str(tmp_path / 'ft'))

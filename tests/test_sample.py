@@ -248,7 +248,7 @@ def workdir(tmp_path_factory):
 def test_load_and_sample_cli(workdir, capsys):
   path, params = workdir
   mc, loaded, tok = sample.load(path)
-  assert mc.pos == 'learned' and tok.vocab_size == 259
+  assert mc.pos == 'learned' and tok.vocab_size == 263     # bytes, specials and chat tokens
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   kw = dict(max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.9, seed=1, num_samples=2)
   # Emoji and CJK encode through bytes; an empty prompt starts a document.

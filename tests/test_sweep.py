@@ -15,6 +15,9 @@ from configs import sweep_smoke
 from lm import train as train_lib
 from lm.metrics import read_jsonl
 from lm.scaling import sweep as sweep_lib
+from lm.tokenizer import ByteTokenizer
+
+BYTES_VOCAB = ByteTokenizer().vocab_size   # what the sweeps' byte corpus runs with (chat tokens in)
 
 
 def tiny_sweep(cache_dir, budgets=(4e9, 1.2e10)):
@@ -34,7 +37,7 @@ def tiny_sweep(cache_dir, budgets=(4e9, 1.2e10)):
 
 def test_isoflop_plan_is_centred_and_spends_the_budget():
   c = sweep_smoke.get_config()
-  specs = sweep_lib.plan(c.sweep, c.base, 259)
+  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   tokens_per_step = c.base.train.batch_size * c.base.train.seq_len
   assert len(specs) == 10
   for C in c.sweep.budgets:
@@ -60,7 +63,7 @@ def test_grid_plan():
   c = sweep_smoke.get_config()
   c.sweep.mode = 'grid'
   c.sweep.grid_params, c.sweep.grid_tokens = (5e4, 2e5), (1e6, 4e6)
-  specs = sweep_lib.plan(c.sweep, c.base, 259)
+  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   assert len(specs) == 4 and all(s.budget is None for s in specs)
   steps = sorted(s.steps for s in specs)
   tokens_per_step = c.base.train.batch_size * c.base.train.seq_len
@@ -204,7 +207,7 @@ def test_parallel_sweep_stops_on_sigterm_resumes_and_matches_in_process(tmp_path
   cfg.sweep.checkpoints_per_run = 4
   cfg.base.train.progress = 'log'   # the worker's train.log then says when it resumes
   workdir = str(tmp_path / 'sweep')
-  specs = sweep_lib.plan(cfg.sweep, cfg.base, 259)
+  specs = sweep_lib.plan(cfg.sweep, cfg.base, BYTES_VOCAB)
   longest = f'{workdir}/runs/{specs[0].name}'   # in the first pair to start; most steps
   assert specs[0].steps == max(s.steps for s in specs) and len(specs) == 3
 
@@ -236,7 +239,7 @@ def test_parallel_worker_failure_is_booked_with_its_message(tmp_path):
   """A worker that exits on bad input: the sweep books a failure that quotes its last line."""
   from lm.scaling import parallel as par
   cfg = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9,))
-  sp = sweep_lib.plan(cfg.sweep, cfg.base, 259)[0]
+  sp = sweep_lib.plan(cfg.sweep, cfg.base, BYTES_VOCAB)[0]
   run_cfg = sweep_lib.run_config(cfg.base, sp)
   run_cfg.train.warmup_steps = run_cfg.train.steps + 1      # refused before any training
   job = sweep_lib.Job(0, sp, run_cfg, str(tmp_path / 'run'), attempt=1)
@@ -254,7 +257,7 @@ def test_runs_start_from_each_budgets_middle():
   """Within a budget the sizes nearest the predicted optimum train first, smaller budgets before
   larger ones: a sweep stopped part-way has bracketed its minima."""
   c = sweep_smoke.get_config()
-  specs = sweep_lib.plan(c.sweep, c.base, 259)
+  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   order = sorted(specs, key=lambda sp: sweep_lib._priority(specs, sp))
   for C, runs in [(C, [s for s in specs if s.budget == C]) for C in c.sweep.budgets]:
     got = [s for s in order if s.budget == C]
@@ -270,7 +273,7 @@ def test_worker_stops_at_a_checkpoint_when_the_sweep_is_killed(tmp_path):
   import sys
   cfg = tiny_sweep(str(tmp_path / 'cache'), budgets=(1e11,))
   cfg.base.train.progress = 'log'
-  sp = sweep_lib.plan(cfg.sweep, cfg.base, 259)[0]
+  sp = sweep_lib.plan(cfg.sweep, cfg.base, BYTES_VOCAB)[0]
   job_cfg = sweep_lib.run_config(cfg.base, sp)
   rdir = str(tmp_path / 'run')
   os.makedirs(rdir)

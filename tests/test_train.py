@@ -216,6 +216,12 @@ def test_every_config_file_builds(path):
   if name == '__init__':
     return
   cfg = importlib.import_module(f'configs.{name}').get_config()
+  if 'finetune' in cfg:    # fine-tuning configs take their model from the base run
+    from lm import finetune as finetune_lib
+    cfg.finetune.init_from = 'runs/any'
+    finetune_lib.FinetuneConfig.from_config(cfg)
+    train_lib.TrainConfig.from_config(cfg.train)
+    return
   if 'model' not in cfg:   # sweep configs carry their base under `base`
     cfg = cfg.base
   mc = ModelConfig.from_config(cfg.model, 259)
