@@ -44,6 +44,7 @@ from lm import model as model_lib
 from lm import sample as sample_lib
 from lm import sft
 from lm import sharding as shard_lib
+from lm import train as train_lib
 from lm.config import LORA_TARGETS, ModelConfig
 from lm.errors import UserError
 from lm.optim import TrainConfig, make_optimizer
@@ -355,7 +356,7 @@ def build(cfg, workdir: str) -> Job:
     return lora_lib.merge(mc, base, trainable) if use_lora else trainable
 
   sft_eval = jax.jit(lambda p, b: sft.masked_loss(plain, p, b))
-  pre_eval = jax.jit(lambda p, b: _next_token_loss(plain, p, b))
+  pre_eval = jax.jit(lambda p, b: train_lib.next_token_loss(plain, p, b))
 
   def device_batch(rows: dict):
     return {k: shard_lib.global_batch(v, mesh) for k, v in rows.items()}
@@ -429,12 +430,6 @@ def build(cfg, workdir: str) -> Job:
   return Job(stage=stage, evaluate_plain=evaluate_plain, base_params=base_params, info=info)
 
 
-def _next_token_loss(mc: ModelConfig, params, batch_BT1):
-  import optax
-  logits = model_lib.apply(mc, params, batch_BT1[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch_BT1[:, 1:]).mean()
-
-
 def _dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -480,7 +475,6 @@ def merge(workdir: str, out: str) -> dict:
   base, so its pretraining data is known), tokenizer/, and one checkpoint whose params are the
   merged weights (optimizer moments fresh). manifest.json names where the weights came from.
   """
-  from lm.optim import make_optimizer as _mk
   if os.path.exists(os.path.join(out, 'checkpoints')):
     raise UserError(f'{out} already holds a run; choose a new --out folder.')
   cfg = _read_config(workdir)
@@ -495,7 +489,7 @@ def merge(workdir: str, out: str) -> dict:
                         if k in root['model'] and not k.startswith('lora')}
   os.makedirs(out, exist_ok=True)
   tc = TrainConfig.from_config(plain_cfg['train'])
-  optimizer = _mk(tc, params)
+  optimizer = make_optimizer(tc, params)
   state = {'params': params, 'opt_state': optimizer.init(params),
            'step': jnp.asarray(ident['step'], jnp.int32)}
   ckpts = ckpt_lib.Checkpoints(os.path.join(out, 'checkpoints'), 1)
