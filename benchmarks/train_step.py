@@ -54,6 +54,8 @@ flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first (compiling) one
 flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype (default: the size).')
 flags.DEFINE_bool('compare', False, 'Also time the plain Flax GPT (always on at --size=ref).')
 flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of one device for MFU (0: look it up).')
+flags.DEFINE_bool('torch', False, 'Also time an equivalent PyTorch eager GPT (needs torch).')
+flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for --torch (0: its default).')
 
 
 class _Block(nn.Module):
@@ -127,6 +129,70 @@ def plain_candidate(s, dtype, batch_BT1):
   return run, flops_lib.count_params(params)
 
 
+def torch_candidate(s, dtype, batch_BT1, threads: int):
+  """(run(n) -> last loss, n_params) for an equivalent PyTorch eager GPT and torch.optim.AdamW:
+  learned positions, pre-LN blocks of nn.LayerNorm and nn.Linear (with biases),
+  F.scaled_dot_product_attention(is_causal=True), a 4x GELU(tanh) MLP, a head tied to the
+  embedding. torch is optional (not in requirements.txt): pip install torch==2.13.0."""
+  try:
+    import torch
+    from torch import nn as tnn
+    from torch.nn import functional as F
+  except ImportError as e:
+    raise SystemExit('--torch needs PyTorch, which is not installed; pip install torch==2.13.0 '
+                     '(the CPU build).') from e
+  if dtype != 'float32':
+    raise SystemExit('--torch compares float32 steps only; drop --dtype or use --dtype=float32.')
+  if threads:
+    torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  D, N = s['d_model'], s['n_heads']
+
+  class Block(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.ln1, self.ln2 = tnn.LayerNorm(D), tnn.LayerNorm(D)
+      self.qkv, self.out = tnn.Linear(D, 3 * D), tnn.Linear(D, D)
+      self.up, self.down = tnn.Linear(D, s['d_ff']), tnn.Linear(s['d_ff'], D)
+
+    def forward(self, x):
+      B, T, _ = x.shape
+      q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, N, D // N).permute(2, 0, 3, 1, 4)
+      o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+      x = x + self.out(o.transpose(1, 2).reshape(B, T, D))
+      return x + self.down(F.gelu(self.up(self.ln2(x)), approximate='tanh'))
+
+  class GPT(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.embed = tnn.Embedding(s['vocab'], D)
+      self.pos = tnn.Embedding(s['max_len'], D)
+      self.blocks = tnn.ModuleList(Block() for _ in range(s['n_layers']))
+      self.ln = tnn.LayerNorm(D)
+
+    def forward(self, tokens):
+      x = self.embed(tokens) + self.pos(torch.arange(tokens.shape[1]))
+      for b in self.blocks:
+        x = b(x)
+      return self.ln(x) @ self.embed.weight.T
+
+  model = GPT()
+  opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+  batch = torch.from_numpy(np.asarray(batch_BT1)).long()
+  inputs, targets = batch[:, :-1], batch[:, 1:]
+
+  def run(n):
+    loss = None
+    for _ in range(n):
+      logits = model(inputs)
+      loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+    return jnp.asarray(loss.item())
+  return run, sum(p.numel() for p in model.parameters())
+
+
 def project_config(s, dtype, pos):
   return ModelConfig(vocab_size=s['vocab'], n_layers=s['n_layers'], d_model=s['d_model'],
                      n_heads=s['n_heads'], n_kv_heads=s['n_heads'], d_ff=s['d_ff'],
@@ -164,6 +230,8 @@ def main(argv):
   cands = {}
   if FLAGS.compare or FLAGS.size == 'ref':
     cands['plain flax'] = plain_candidate(s, dtype, batch)
+  if FLAGS.torch:
+    cands['torch eager'] = torch_candidate(s, dtype, batch, FLAGS.torch_threads)
   mcs = {}
   for pos in ('learned', 'rope'):
     for clip in (1.0, 0.0):

@@ -65,6 +65,9 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
   lora_targets: tuple = ()
+  # Token ids whose embedding rows (and head columns when untied) train beside the adapters:
+  # tokens the base never saw in pretraining, such as the chat markers.
+  lora_tokens: tuple = ()
 
   @property
   def head_dim(self) -> int:
@@ -125,6 +128,9 @@ class ModelConfig:
              f'(at most {min(fan_in, fan_out)}); lower it.')
     _check(self.lora_alpha > 0, f'{p}alpha={self.lora_alpha} must be positive.')
     _check(0.0 <= self.lora_dropout < 1.0, f'{p}dropout={self.lora_dropout} must be in [0, 1).')
+    for t in self.lora_tokens:
+      _check(isinstance(t, int) and 0 <= t < self.vocab_size,
+             f'{p}train_tokens names token id {t}, outside the vocabulary of {self.vocab_size}.')
 
   @classmethod
   def from_config(cls, model_cfg: Any, vocab_size: int = 0) -> 'ModelConfig':

@@ -70,6 +70,7 @@ class FinetuneConfig:
   lora_alpha: float
   lora_dropout: float
   lora_targets: tuple
+  lora_train_tokens: str
 
   @classmethod
   def from_config(cls, cfg) -> 'FinetuneConfig':
@@ -81,7 +82,7 @@ class FinetuneConfig:
             eval_per_family=int(f.eval_per_family), data_seed=int(f.data_seed),
             max_new_tokens=int(f.max_new_tokens), eval_batch_size=int(f.eval_batch_size),
             lora_rank=int(lo.rank), lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout),
-            lora_targets=targets)
+            lora_targets=targets, lora_train_tokens=str(lo.get('train_tokens', '')).strip())
     if not c.init_from:
       raise UserError('finetune.init_from is empty; point it at a trained run, e.g. '
                       '--config.finetune.init_from=runs/base_small.')
@@ -98,6 +99,10 @@ class FinetuneConfig:
                           f"use some of {', '.join(instruct.FAMILIES)}.")
       if not c.families:
         raise UserError('finetune.families is empty; name at least one built-in task family.')
+    if c.lora_train_tokens not in ('', 'chat') and not all(
+        x.strip().isdigit() for x in c.lora_train_tokens.split(',')):
+      raise UserError(f"lora.train_tokens={c.lora_train_tokens!r} must be 'chat', '' (none) or "
+                      'comma-separated token ids.')
     for t in c.lora_targets:
       if t not in LORA_TARGETS:
         raise UserError(f"lora.targets names {t!r}, which is not a LoRA target; use "
@@ -150,6 +155,12 @@ def _restore(workdir: str, cfg: dict, trainable_shapes):
   return state, step
 
 
+def _train_tokens(fc: FinetuneConfig, tokenizer) -> tuple:
+  if fc.lora_train_tokens == 'chat':
+    return tuple(sorted(int(i) for i in sft._chat_ids(tokenizer).values()))
+  return tuple(int(x) for x in fc.lora_train_tokens.split(',') if x.strip())
+
+
 def _plain(mc: ModelConfig) -> ModelConfig:
   if mc.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
     mc = dataclasses.replace(mc, attention_impl='auto')   # a GPU-trained run used elsewhere
@@ -196,6 +207,7 @@ def load_model(workdir: str, _depth: int = 0):
 def _model_fields(d: dict) -> dict:
   d = dict(d)
   d['lora_targets'] = tuple(d.get('lora_targets', ()))
+  d['lora_tokens'] = tuple(d.get('lora_tokens', ()))
   return d
 
 
@@ -280,7 +292,8 @@ def build(cfg, workdir: str) -> Job:
                     f'{base_mc.max_len}; lower train.seq_len.')
   mc = dataclasses.replace(base_mc, lora_rank=fc.lora_rank, lora_alpha=fc.lora_alpha,
                            lora_dropout=fc.lora_dropout,
-                           lora_targets=fc.lora_targets if fc.lora_rank else ())
+                           lora_targets=fc.lora_targets if fc.lora_rank else (),
+                           lora_tokens=_train_tokens(fc, tokenizer) if fc.lora_rank else ())
   shard_lib.check_divisibility(mesh, mc, tc.batch_size)
   if tc.batch_size % jax.process_count():
     raise UserError(f'train.batch_size={tc.batch_size} must divide evenly over '

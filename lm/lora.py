@@ -13,6 +13,12 @@ module paths: params ['layer_0']['attn']['wq'] has adapters ['layer_0']['attn'][
 
 Trainable numbers per adapted matrix: r (fan_in + fan_out); for a 4096 x 4096 matrix at rank 16
 that is 131,072 of 16,777,216 (0.78%). `merge` folds the adapters back: W + (alpha / r) A B.
+
+Token rows (mc.lora_tokens): tokens that never occurred in pretraining, such as the chat markers,
+have embeddings the base never trained, and a low-rank update of the layers cannot give them a
+meaning. Their rows of the embedding table (and of the head when it is untied) get a trainable
+additive delta, zero at step 0, like the trainable-token option of Hugging Face PEFT: d_model
+numbers per token ('embed_rows', 'head_rows' in the lora collection).
 """
 import dataclasses
 import math
@@ -54,11 +60,30 @@ def adapter(module: nn.Module, target: str, x, w_shape: tuple[int, ...], in_ndim
   return (c.lora_alpha / r) * jnp.tensordot(xa, b.astype(dt), axes=1)
 
 
+def token_rows(module: nn.Module, table, name: str, transposed: bool = False):
+  """`table` ([V, D], or [D, V] when transposed) with a trainable delta added at mc.lora_tokens."""
+  c: ModelConfig = module.cfg
+  if not c.lora_rank or not c.lora_tokens:
+    return table
+  delta = module.variable(COLLECTION, name + '_rows', lambda: nn.LogicallyPartitioned(
+      jnp.zeros((len(c.lora_tokens), c.d_model), jnp.float32), (None, 'embed')))
+  return _add_rows(table, nn.meta.unbox(delta.value), c.lora_tokens, transposed)
+
+
+def _add_rows(table, delta, ids, transposed):
+  ids = np.asarray(ids, np.int32)
+  if transposed:
+    return table.at[:, ids].add(delta.T.astype(table.dtype))
+  return table.at[ids].add(delta.astype(table.dtype))
+
+
 def trainable_count(mc: ModelConfig) -> int:
-  """Adapter numbers in closed form: n_layers * sum over targets of r (fan_in + fan_out)."""
+  """Trainable numbers in closed form: n_layers * sum over targets of r (fan_in + fan_out), plus
+  d_model per trained token row (twice with an untied head)."""
   if not mc.lora_rank:
     return 0
-  return mc.n_layers * sum(mc.lora_rank * sum(mc.lora_fans(t)) for t in mc.lora_targets)
+  rows = len(mc.lora_tokens) * mc.d_model * (1 if mc.tie_embeddings else 2)
+  return mc.n_layers * sum(mc.lora_rank * sum(mc.lora_fans(t)) for t in mc.lora_targets) + rows
 
 
 def split_variables(variables):
@@ -85,6 +110,8 @@ def merge(mc: ModelConfig, params, adapters):
         out[k] = visit(v, l.get(k, {}))
       elif k + '_a' in l:
         out[k] = merge_fn(v, l[k + '_a'], l[k + '_b'], scale)
+      elif k + '_rows' in l:
+        out[k] = _add_rows(v, l[k + '_rows'], mc.lora_tokens, transposed=k == 'head')
       else:
         out[k] = v
     return out
@@ -93,7 +120,7 @@ def merge(mc: ModelConfig, params, adapters):
 
 def base_config(mc: ModelConfig) -> ModelConfig:
   """The same model without adapters (what merged params are applied with)."""
-  return dataclasses.replace(mc, lora_rank=0, lora_targets=(), lora_dropout=0.0)
+  return dataclasses.replace(mc, lora_rank=0, lora_targets=(), lora_dropout=0.0, lora_tokens=())
 
 
 def tree_bytes(tree) -> int:

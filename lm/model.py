@@ -155,6 +155,7 @@ class Transformer(nn.Module):
 
     embed_VD = _param(self, 'embed', nn.initializers.normal(c.init_std),
                       (c.vocab_size, c.d_model), ('vocab', 'embed'))
+    embed_VD = lora.token_rows(self, embed_VD, 'embed')
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dt)
     if c.pos == 'learned':
       pos_PD = _param(self, 'pos_embed', nn.initializers.normal(c.init_std),
@@ -198,6 +199,7 @@ class Transformer(nn.Module):
     else:
       head_DV = _param(self, 'head', nn.initializers.normal(c.init_std),
                        (c.d_model, c.vocab_size), ('embed', 'vocab'))
+      head_DV = lora.token_rows(self, head_DV, 'head', transposed=True)
       logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head_DV.astype(dt))
     logits_BTV = logits_BTV.astype(jnp.float32)
     if cache is None:

@@ -137,7 +137,9 @@ LORA_ALL = ('q', 'k', 'v', 'o', 'up', 'gate', 'down')
 
 @pytest.mark.parametrize('scan', [False, True])
 def test_lora_starts_at_the_base_and_merges_exactly(scan):
-  mc = tiny_mc(mlp='swiglu', scan_layers=scan, lora_rank=4, lora_targets=LORA_ALL)
+  # Trained token rows too: in the tied table, and in an untied head with the scanned stack.
+  mc = tiny_mc(mlp='swiglu', scan_layers=scan, lora_rank=4, lora_targets=LORA_ALL,
+               lora_tokens=(3, 7), tie_embeddings=not scan)
   v = model_lib.init_variables(mc, jax.random.PRNGKey(0))
   params, adapters = v['params'], v['lora']
   plain = lora_lib.base_config(mc)
@@ -154,7 +156,9 @@ def test_lora_starts_at_the_base_and_merges_exactly(scan):
 
 @pytest.mark.parametrize('kw', [dict(lora_targets=('q', 'v')),
                                 dict(lora_targets=LORA_ALL, mlp='swiglu'),
-                                dict(lora_targets=('k', 'o', 'down'), scan_layers=True, n_kv_heads=1)])
+                                dict(lora_targets=('k', 'o', 'down'), scan_layers=True, n_kv_heads=1),
+                                dict(lora_targets=('q',), lora_tokens=(1, 2, 3)),
+                                dict(lora_targets=('v',), lora_tokens=(4,), tie_embeddings=False)])
 def test_trainable_count_matches_the_closed_form(kw):
   mc = tiny_mc(lora_rank=3, **kw)
   shapes = jax.eval_shape(lambda: model_lib.init_variables(mc, jax.random.PRNGKey(0)))
@@ -372,6 +376,8 @@ def test_examples_longer_than_seq_len_are_counted_not_cut():
     (dict(lora_rank=100), r'lora.rank=100 is larger than the 64x64'),
     (dict(lora_rank=2, lora_targets='q,zz'), r"lora.targets names 'zz'"),
     (dict(lora_rank=2, lora_targets='gate'), r"has no gate matrix"),
+    (dict(lora_rank=2, lora_train_tokens='embed'), r"lora.train_tokens='embed' must be"),
+    (dict(lora_rank=2, lora_train_tokens='5,9999'), r"token id 9999, outside the vocabulary"),
 ])
 def test_bad_lora_settings_are_refused(base_run, tmp_path, kw, match):
   workdir = tmp_path / 'bad'
