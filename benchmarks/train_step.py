@@ -38,6 +38,9 @@ SIZES = {
                 batch=16, seq_len=256, dtype='float32'),
     'tiny': dict(n_layers=2, d_model=128, n_heads=4, d_ff=512, vocab=259, max_len=128,
                  batch=16, seq_len=128, dtype='float32'),
+    # A sweep-sized point with a SentencePiece-sized vocabulary.
+    'sweep': dict(n_layers=4, d_model=128, n_heads=4, d_ff=512, vocab=2048, max_len=128,
+                  batch=32, seq_len=128, dtype='float32'),
     'small': dict(n_layers=8, d_model=512, n_heads=8, d_ff=2048, vocab=4096, max_len=256,
                   batch=16, seq_len=256, dtype='float32'),
     'gpt2_small': dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072, vocab=32768,

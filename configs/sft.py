@@ -44,5 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
   lo.alpha = 16.0           # the adapter update is scaled by alpha / rank
   lo.dropout = 0.0
   lo.targets = 'q,k,v,o,up,down'   # any of q, k, v, o (attention), up, gate, down (MLP)
+  lo.b_lr_ratio = 1.0       # LoRA+: the B factors' learning rate is this multiple of train.lr
   lo.train_tokens = 'chat'  # embedding rows that train too: 'chat' (the chat markers), '' or ids
   return c

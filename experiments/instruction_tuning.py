@@ -1,13 +1,16 @@
 """Instruction tuning: one pretrained model, answered before and after full fine-tuning and LoRA.
 
-  python -m experiments.instruction_tuning [--runs=runs/instruction_tuning] [--ranks=4,16]
+  python -m experiments.instruction_tuning [--runs=runs/instruction_tuning] [--ranks=4,8]
 
 A 4-layer byte model is pretrained on the Python standard library (configs/pretrain_small.py),
 then taught the built-in instruction set (lm/instruct.py: addition, subtraction, reversing and
 upper-casing a word, counting a letter, sorting numbers, naming a function from its `def` line
 and a module from its import) three ways from the same weights: every parameter trained, and
-LoRA adapters at two ranks with the base frozen (configs/sft.py; LoRA at a peak learning rate
-of 1e-2 against 3e-3 for full fine-tuning). Each run is an ordinary workdir
+LoRA adapters at two ranks with the base frozen (configs/sft.py). The LoRA recipe: adapters on
+the attention projections q, k, v, o (per trainable number they buy more here than adapters on
+the MLP), the embedding rows of the four chat tokens trained beside them (the base never saw
+those tokens), a peak learning rate of 1e-2 against 3e-3 for full fine-tuning, and twice the
+steps (the adapters learn the new skills more slowly). Each run is an ordinary workdir
 (rerunning skips what is finished and resumes what was interrupted). The lesson then prints:
 
   * exact-match accuracy per task family on held-out instances, for the base model and each
@@ -17,7 +20,7 @@ of 1e-2 against 3e-3 for full fine-tuning). Each run is an ordinary workdir
   * forgetting: the validation loss on the pretraining corpus before and after;
   * the same prompts answered by each model.
 
-On 2 CPU cores the whole lesson takes about 25 minutes; the numbers are in the README.
+On 2 CPU cores the whole lesson takes about 40 minutes; the numbers are in the README.
 """
 import json
 import os
@@ -30,9 +33,12 @@ from experiments import common
 
 NAME = 'instruction_tuning'
 _RUNS = flags.DEFINE_string('runs', os.path.join('runs', NAME), 'Folder for the four runs.')
-_RANKS = flags.DEFINE_string('ranks', '4,16', 'LoRA ranks, comma-separated.')
+_RANKS = flags.DEFINE_string('ranks', '4,8', 'LoRA ranks, comma-separated.')
 _LORA_LR = flags.DEFINE_float('lora_lr', 1e-2, 'Peak learning rate of the LoRA runs (full '
                                'fine-tuning uses configs/sft.py\'s train.lr).')
+_LORA_STEPS = flags.DEFINE_integer('lora_steps', 3000, 'Steps of the LoRA runs (full fine-tuning '
+                                   'uses configs/sft.py\'s train.steps).')
+_LORA_TARGETS = flags.DEFINE_string('lora_targets', 'q,k,v,o', 'Matrices the LoRA runs adapt.')
 _BASE = flags.DEFINE_string('base', None, 'An already pretrained run to start from (default: '
                             'pretrain configs/pretrain_small.py into RUNS/base).')
 PROMPTS = ('Name the module: import os.path', 'def splitext(p): What is it called?',
@@ -65,7 +71,12 @@ def run(runs_dir=None, ranks=None, pretrain_overrides=None, sft_overrides=None,
     cfg.finetune.init_from = base_dir
     cfg.lora.rank = rank
     if rank:   # adapters start at zero and carry few numbers: they want a larger step
-      cfg.train.lr = lora_lr or (_LORA_LR.value if flags.FLAGS.is_parsed() else 1e-2)
+      parsed = flags.FLAGS.is_parsed()
+      cfg.train.lr = lora_lr or (_LORA_LR.value if parsed else 1e-2)
+      cfg.train.steps = _LORA_STEPS.value if parsed else 3000
+      cfg.train.eval_every = cfg.train.checkpoint_every = max(1, cfg.train.steps // 3)
+      cfg.lora.targets = _LORA_TARGETS.value if parsed else 'q,k,v,o'
+
     for k, v in (sft_overrides or {}).items():
       _set(cfg, k, v)
     workdir = os.path.join(runs_dir, name)

@@ -71,6 +71,7 @@ class FinetuneConfig:
   lora_dropout: float
   lora_targets: tuple
   lora_train_tokens: str
+  lora_b_lr_ratio: float
 
   @classmethod
   def from_config(cls, cfg) -> 'FinetuneConfig':
@@ -82,7 +83,8 @@ class FinetuneConfig:
             eval_per_family=int(f.eval_per_family), data_seed=int(f.data_seed),
             max_new_tokens=int(f.max_new_tokens), eval_batch_size=int(f.eval_batch_size),
             lora_rank=int(lo.rank), lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout),
-            lora_targets=targets, lora_train_tokens=str(lo.get('train_tokens', '')).strip())
+            lora_targets=targets, lora_train_tokens=str(lo.get('train_tokens', '')).strip(),
+            lora_b_lr_ratio=float(lo.get('b_lr_ratio', 1.0)))
     if not c.init_from:
       raise UserError('finetune.init_from is empty; point it at a trained run, e.g. '
                       '--config.finetune.init_from=runs/base_small.')
@@ -99,6 +101,9 @@ class FinetuneConfig:
                           f"use some of {', '.join(instruct.FAMILIES)}.")
       if not c.families:
         raise UserError('finetune.families is empty; name at least one built-in task family.')
+    if not c.lora_b_lr_ratio > 0:
+      raise UserError(f'lora.b_lr_ratio={c.lora_b_lr_ratio} must be positive (1 trains A and B at '
+                      'the same learning rate).')
     if c.lora_train_tokens not in ('', 'chat') and not all(
         x.strip().isdigit() for x in c.lora_train_tokens.split(',')):
       raise UserError(f"lora.train_tokens={c.lora_train_tokens!r} must be 'chat', '' (none) or "
@@ -139,7 +144,7 @@ def _restore(workdir: str, cfg: dict, trainable_shapes):
     raise UserError(f'{workdir} has no checkpoint, so it is neither finished nor resumable; '
                     'train it first (or point at another run).')
   tc = TrainConfig.from_config(cfg['train'])
-  optimizer = make_optimizer(tc, trainable_shapes)
+  optimizer = make_optimizer(tc, trainable_shapes, _b_lr_ratio(cfg))
   shapes = jax.eval_shape(lambda p: {'params': p, 'opt_state': optimizer.init(p),
                                      'step': jnp.zeros((), jnp.int32)}, trainable_shapes)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -153,6 +158,12 @@ def _restore(workdir: str, cfg: dict, trainable_shapes):
   if state is None:
     raise UserError(f'{workdir} has no checkpoint; train it first.')
   return state, step
+
+
+def _b_lr_ratio(cfg: dict) -> float:
+  """The LoRA+ ratio a run's optimizer was built with (1 for full fine-tuning and pretraining)."""
+  lo = cfg.get('lora') or {}
+  return float(lo.get('b_lr_ratio', 1.0)) if int(lo.get('rank', 0)) else 1.0
 
 
 def _train_tokens(fc: FinetuneConfig, tokenizer) -> tuple:
@@ -336,7 +347,7 @@ def build(cfg, workdir: str) -> Job:
     frozen = base_params
   else:
     t_shapes, t_shard, frozen = model_lib.param_shapes(base_mc), p_shard, None
-  optimizer = make_optimizer(tc, t_shapes)
+  optimizer = make_optimizer(tc, t_shapes, fc.lora_b_lr_ratio if use_lora else 1.0)
 
   def init_state():
     if use_lora:

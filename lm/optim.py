@@ -107,10 +107,21 @@ def decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(tc: TrainConfig, params) -> optax.GradientTransformation:
-  """AdamW with the decay mask, after global-norm clipping (clip 0 disables it)."""
+def make_optimizer(tc: TrainConfig, params, lora_b_lr_ratio: float = 1.0
+                   ) -> optax.GradientTransformation:
+  """AdamW with the decay mask, after global-norm clipping (clip 0 disables it).
+
+  lora_b_lr_ratio != 1 gives the LoRA B factors (leaves named *_b) that multiple of the learning
+  rate, as LoRA+ does (Hayou et al. 2024: B learns efficiently with a larger step than A).
+  """
   adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
                       weight_decay=tc.weight_decay, mask=decay_mask(params, tc.decay_embeddings))
+  if lora_b_lr_ratio != 1.0:
+    ratio = jax.tree_util.tree_map_with_path(
+        lambda path, _: lora_b_lr_ratio if str(getattr(path[-1], 'key', '')).endswith('_b')
+        else 1.0, params)
+    adamw = optax.chain(adamw, optax.stateless(
+        lambda updates, _: jax.tree.map(lambda u, r: u * r, updates, ratio)))
   if tc.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
   return adamw

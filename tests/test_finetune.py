@@ -197,6 +197,23 @@ def test_lora_gradients_and_optimizer_state_cover_the_adapters_only():
   assert np.abs(np.asarray(b_after)).max() > 0            # B left zero: the adapters learn
 
 
+def test_lora_plus_scales_the_b_updates_only():
+  mc = tiny_mc(lora_rank=2, lora_targets=('q', 'up'), lora_tokens=(3,))
+  adapters = model_lib.init_variables(mc, jax.random.PRNGKey(0))['lora']
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(4), x.shape), adapters)
+  tc = optim.TrainConfig(steps=10, warmup_steps=0, grad_clip=0.0)
+  updates = {}
+  for ratio in (1.0, 4.0):
+    opt = optim.make_optimizer(tc, adapters, lora_b_lr_ratio=ratio)
+    updates[ratio] = opt.update(grads, opt.init(adapters), adapters)[0]
+  flat1 = jax.tree_util.tree_flatten_with_path(updates[1.0])[0]
+  flat4 = jax.tree.leaves(updates[4.0])
+  names = [str(path[-1].key) for path, _ in flat1]
+  assert any(n.endswith('_b') for n in names) and 'embed_rows' in names
+  for name, (_, u1), u4 in zip(names, flat1, flat4):
+    np.testing.assert_allclose(u4, (4.0 if name.endswith('_b') else 1.0) * u1, rtol=1e-6)
+
+
 # ---- the fine-tuning stage --------------------------------------------------------------------
 
 
