@@ -40,6 +40,8 @@ FLAGS = flags.FLAGS
 # --size, --steps and --rounds are benchmarks/train_step.py's flags (imported with it).
 flags.DEFINE_enum('pos', 'learned', ['learned', 'rope'], 'Positional encoding.')
 flags.DEFINE_bool('trace', False, 'Per-kernel breakdown of the step from a profiler trace.')
+flags.DEFINE_string('kernels_of', '', 'With --trace: list every kernel of the places whose name '
+                    'contains this (e.g. "forward norm").')
 
 
 def kernel_kind(name: str) -> str:
@@ -52,6 +54,31 @@ def kernel_kind(name: str) -> str:
   if 'reduce' in base:
     return 'reduction'
   return 'elementwise'
+
+
+def hlo_ops(compiled_text: str) -> dict:
+  """{instruction name: (result shape, op_name metadata)} of a compiled module's text."""
+  import re
+  out = {}
+  for m in re.finditer(r'^\s*%?([\w.-]+) = (\S+) .*?op_name="([^"]*)"', compiled_text, re.M):
+    out[m.group(1)] = (m.group(2), m.group(3))
+  return out
+
+
+def where(op_name: str) -> str:
+  """A coarse place in the model for an op_name: pass (forward / backward) and part."""
+  backward = 'transpose(' in op_name
+  if 'optimizer' in op_name or ('jvp(' not in op_name and 'transpose(' not in op_name):
+    return 'optimizer and the rest'
+  if '/attn/' in op_name:
+    part = 'attn projections' if ('btd,dnh' in op_name or 'btnh,nhd' in op_name) else 'attn core'
+  elif '/mlp/' in op_name:
+    part = 'mlp'
+  elif 'norm' in op_name:
+    part = 'norm'
+  else:
+    part = 'embed/head/loss'
+  return f"{'backward' if backward else 'forward'} {part}"
 
 
 def trace_breakdown(step, state, batch, n: int = 10):
@@ -90,9 +117,13 @@ def trace_breakdown(step, state, batch, n: int = 10):
       covered += b - max(a, end)
       end = b
   kinds = collections.Counter()
+  places = collections.Counter()
+  ops = hlo_ops(step.lower(state, batch).compile().as_text())
   for name, ms in kernels.items():
     kinds[kernel_kind(name)] += ms
-  return kinds, kernels.most_common(12), 1e3 * wall, covered / 1e6 / n
+    places[where(ops[name][1]) if name in ops else 'runtime'] += ms
+  top = [(name, ms, *ops.get(name, ('', ''))) for name, ms in kernels.most_common()]
+  return kinds, places, top, 1e3 * wall, covered / 1e6 / n
 
 
 @contextlib.contextmanager
@@ -145,16 +176,23 @@ def main(argv):
   if FLAGS.trace:
     state = {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32)}
     step = jax.jit(train_lib.make_train_step(mc, tc, opt, 0), donate_argnums=0)
-    kinds, top, wall, covered = trace_breakdown(step, state, batch)
+    kinds, places, top, wall, covered = trace_breakdown(step, state, batch)
     busy = sum(kinds.values())
     print(f"{jax.devices()[0].device_kind}, size {FLAGS.size}, batch {B} x {T}: {wall:.1f} ms "
           f"a step (wall, while traced); kernels {busy:.1f} ms of thread time; some kernel "
           f"running {covered:.1f} ms, none {max(wall - covered, 0):.1f} ms")
     for kind, ms in kinds.most_common():
       print(f'  {kind:<16} {ms:8.2f} ms  {100 * ms / busy:5.1f}% of kernel time')
+    print('by place:')
+    for place, ms in places.most_common():
+      print(f'  {place:<28} {ms:8.2f} ms  {100 * ms / busy:5.1f}%')
+      if FLAGS.kernels_of and FLAGS.kernels_of in place:
+        for name, k_ms, shape, op in top:
+          if op and where(op) == place:
+            print(f'      {name:<26} {k_ms:6.2f} ms  {shape:<22} {op[-60:]}')
     print('busiest kernels:')
-    for name, ms in top:
-      print(f'  {name:<40} {ms:8.2f} ms')
+    for name, ms, shape, op in top[:15]:
+      print(f'  {name:<26} {ms:6.2f} ms  {shape:<22} {op[-70:]}')
     return
 
   fwd = jax.jit(loss)
@@ -170,7 +208,7 @@ def main(argv):
               'fwd+bwd': lambda: fwd_bwd(params)[0],
               'forward': lambda: fwd(params),
               'optimizer': lambda: opt_only(grads, opt_state, params)[0]}
-  with patched(jax.nn, 'dot_product_attention', _no_attention):
+  with patched(jax.nn, 'dot_product_attention', _no_attention):   # what lm/attention.py calls
     variants['no attention'] = whole_step()
     jax.block_until_ready(variants['no attention']())      # compiled while patched
   with patched(model_lib.Mlp, '__call__', _no_mlp):
