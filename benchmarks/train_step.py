@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lm import attention as attention_lib
 from lm import flops as flops_lib
 from lm import model as model_lib
 from lm import train as train_lib
@@ -59,6 +60,8 @@ flags.DEFINE_bool('compare', False, 'Also time the plain Flax GPT (always on at 
 flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s of one device for MFU (0: look it up).')
 flags.DEFINE_bool('all_variants', True, 'Time learned and RoPE positions with clipping on and off '
                   '(else learned positions with clipping alone).')
+flags.DEFINE_bool('unblocked', False, 'Also time the step with causal attention over the whole '
+                  'T x T square (no query blocks).')
 flags.DEFINE_bool('torch', False, 'Also time an equivalent PyTorch eager GPT (needs torch).')
 flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for --torch (0: its default).')
 
@@ -205,13 +208,24 @@ def project_config(s, dtype, pos):
                      use_bias=False, dropout=0.0, dtype=dtype, remat=False, scan_layers=False)
 
 
-def project_candidate(mc, tc, batch_BT1):
-  """(run(n) -> last loss, n_params) for lm.train's step, jitted as lm.train.build does."""
+def project_candidate(mc, tc, batch_BT1, unblocked: bool = False):
+  """(run(n) -> last loss, n_params) for lm.train's step, jitted as lm.train.build does.
+
+  unblocked: compiled with causal attention over the whole T x T square (no query blocks,
+  lm/attention.py), to show what the blocks buy in the same run.
+  """
   params = jax.jit(model_lib.init_params, static_argnums=0)(mc, jax.random.PRNGKey(0))
   optimizer = train_lib.make_optimizer(tc, params)
-  step = jax.jit(train_lib.make_train_step(mc, tc, optimizer, seed=0), donate_argnums=0)
   state = [{'params': params, 'opt_state': optimizer.init(params),
             'step': jnp.zeros((), jnp.int32)}]
+  step = jax.jit(train_lib.make_train_step(mc, tc, optimizer, seed=0), donate_argnums=0)
+  if unblocked:   # compiled here, under the switch (its "1st step" column is then one step)
+    blocks = attention_lib.causal_blocks
+    attention_lib.causal_blocks = lambda T: 1
+    try:
+      step = step.lower(state[0], batch_BT1).compile()
+    finally:
+      attention_lib.causal_blocks = blocks
 
   def run(n):
     for _ in range(n):
@@ -246,6 +260,9 @@ def main(argv):
       name = f'lm {pos} clip {clip:g}'
       cands[name] = project_candidate(mc, tc, batch)
       mcs[name] = mc
+      if FLAGS.unblocked:
+        cands[name + ' unblk'] = project_candidate(mc, tc, batch, unblocked=True)
+        mcs[name + ' unblk'] = mc
 
   dev = jax.devices()[0]
   peak = flops_lib.peak_flops(dev.device_kind, dtype, FLAGS.peak_flops)
@@ -275,7 +292,7 @@ def main(argv):
   # Ratios are against the PyTorch step when it runs, else against the plain Flax step.
   ref_name = 'torch eager' if 'torch eager' in tps else 'plain flax'
   plain = tps.get(ref_name)
-  print(f"{'candidate':<18} {'params':>9} {'1st step':>8} {'tokens/s':>8} {'per round':>17} "
+  print(f"{'candidate':<24} {'params':>9} {'1st step':>8} {'tokens/s':>8} {'per round':>17} "
         f"{'vs ' + ref_name.split()[0]:>8} {'cpu s/step':>10} {'FLOPs/tok':>9} {'FLOP/s':>7} {'MFU':>6}")
   for name, (_, n_params) in cands.items():
     med = statistics.median(tps[name])
@@ -286,7 +303,7 @@ def main(argv):
     # Paired per round, so a slow spell shared by both candidates cancels.
     ratio = (f'{statistics.median(a / b for a, b in zip(tps[name], plain)):.3f}x' if plain
              else '-')
-    print(f'{name:<18} {n_params:>9,} {compile_s[name]:>7.1f}s {med:>8,.0f} {rounds:>17} '
+    print(f'{name:<24} {n_params:>9,} {compile_s[name]:>7.1f}s {med:>8,.0f} {rounds:>17} '
           f'{ratio:>8} {statistics.median(cpu[name]):>10.3f} {fpt / 1e6:>8.2f}M '
           f'{med * fpt / 1e9:>6.1f}G {mfu:>6}')
 

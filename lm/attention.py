@@ -63,6 +63,36 @@ def segment_mask(segment_ids_BT):
   return same[:, None] & causal_mask(jnp.arange(T), jnp.arange(T))
 
 
+def causal_blocks(T: int) -> int:
+  """Query blocks for causal training attention: 4 where T allows (see `blocked_attention`)."""
+  return 4 if T >= 64 and T % 4 == 0 else 1
+
+
+def blocked_attention(q_BTNH, k_BTKH, v_BTKH, blocks: int, bias=None, mask=None,
+                      implementation=None):
+  """Causal self-attention computed block by block over the queries.
+
+  Query block i (rows [i c, (i+1) c), c = T / blocks) can only see keys [0, (i+1) c), so it is
+  scored against that prefix alone: the scores and softmax cover (blocks + 1) / (2 blocks) of
+  the T x T square (5/8 at 4 blocks) instead of all of it. The keys a block skips are exactly
+  the ones the causal mask removes, so the result equals full causal attention up to float
+  rounding. bias [B or 1, N, T, T] and mask [B or 1, 1 or N, T, T] (segments) are cut to match.
+  On CPU at T = 128-256 this makes the training step 10-15% faster (benchmarks/README.md).
+  """
+  T = q_BTNH.shape[1]
+  c = T // blocks
+  outs = []
+  for i in range(blocks):
+    rows, S = slice(i * c, (i + 1) * c), (i + 1) * c
+    keep = (jnp.arange(S)[None, :] <= (i * c + jnp.arange(c))[:, None])[None, None]
+    if mask is not None:
+      keep = keep & mask[:, :, rows, :S]
+    b = None if bias is None else bias[:, :, rows, :S]
+    outs.append(jax.nn.dot_product_attention(q_BTNH[:, rows], k_BTKH[:, :S], v_BTKH[:, :S],
+                                             bias=b, mask=keep, implementation=implementation))
+  return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
   """Causal self-attention; with a cache, writes this call's k/v at the cache index first.
 
@@ -129,9 +159,14 @@ class Attention(nn.Module):
         mask = causal_mask(jnp.arange(T), jnp.arange(T))
 
     impl = None if c.attention_impl == 'auto' else c.attention_impl
-    out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask, is_causal=mask is None,
-        implementation=impl)
+    blocks = causal_blocks(T) if layer_cache is None and impl != 'cudnn' else 1
+    if blocks > 1:
+      out_BTNH = blocked_attention(q_BTNH, k_BSKH, v_BSKH, blocks, bias=bias, mask=mask,
+                                   implementation=impl)
+    else:
+      out_BTNH = jax.nn.dot_product_attention(
+          q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask, is_causal=mask is None,
+          implementation=impl)
 
     wo = self.param('wo', nn.with_logical_partitioning(
         nn.initializers.normal(c.init_std / math.sqrt(2 * c.n_layers)),

@@ -275,3 +275,39 @@ def test_parameter_count_from_config_equals_the_tree(kw):
   """Sweeps plan with the closed-form count; it must equal the count of the real params."""
   cfg = tiny(**kw)
   assert flops.param_counts_from_config(cfg) == flops.param_counts(model.param_shapes(cfg))
+
+
+@pytest.mark.parametrize('n_kv,with_mask,with_bias', [(4, False, False), (2, True, False),
+                                                      (1, False, True), (4, True, True)])
+def test_blocked_causal_attention_equals_full(n_kv, with_mask, with_bias):
+  """Query blocks scored against their key prefix only: the same as full causal attention."""
+  from lm.attention import blocked_attention, causal_mask, segment_mask
+  B, T, N, H = 2, 64, 4, 8
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  q = jax.random.normal(ks[0], (B, T, N, H))
+  k, v = (jax.random.normal(key, (B, T, n_kv, H)) for key in ks[1:3])
+  seg = jnp.cumsum(jax.random.bernoulli(ks[3], 0.1, (B, T)), axis=1)
+  mask = segment_mask(seg) if with_mask else None
+  bias = (-0.1 * jnp.abs(jnp.arange(T)[:, None] - jnp.arange(T)[None, :]) *
+          jnp.arange(1, N + 1)[:, None, None])[None] if with_bias else None
+  full_mask = mask if mask is not None else causal_mask(jnp.arange(T), jnp.arange(T))
+  want = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=full_mask)
+  for blocks in (2, 4):
+    got = blocked_attention(q, k, v, blocks, bias=bias, mask=mask)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+@pytest.mark.parametrize('pos', ('learned', 'rope', 'alibi'))
+def test_blocked_attention_leaves_losses_and_gradients_unchanged(pos, monkeypatch):
+  """The training loss and its gradients, with query blocks (T=64) and without, to fp32 noise."""
+  from lm import attention
+  cfg = tiny(pos=pos, max_len=64, n_kv_heads=2)
+  params = model.init_params(cfg, jax.random.PRNGKey(0))
+  x = tokens(b=2, t=65)
+  assert attention.causal_blocks(64) == 4
+  blocked = _loss_and_grads(cfg, params, x)
+  monkeypatch.setattr(attention, 'causal_blocks', lambda T: 1)
+  full = _loss_and_grads(cfg, params, x)
+  np.testing.assert_allclose(blocked[0], full[0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(full[1])):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
