@@ -1,4 +1,9 @@
-"""Training throughput: python -m benchmarks.train_step [--size=ref] [--batch=...] [--compare].
+"""Training throughput: python -m benchmarks.train_step [--size=ref] [--batch=...] [--compare]
+[--torch] [--unblocked] [--noall_variants].
+
+--torch adds an equivalent PyTorch eager step (optional dependency), and the ratio column is
+then against it; --unblocked adds the project's step with causal attention over the whole
+T x T square (no query blocks). Measurements and the breakdown of the step: benchmarks/README.md.
 
 Times the project's jitted training step (`lm.train.make_train_step` with `make_optimizer`) on
 random tokens with every model feature off (LayerNorm, GELU, no bias, dropout, remat or scan),
