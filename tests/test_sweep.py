@@ -196,6 +196,7 @@ def test_device_slots_split_cores_and_gpus(monkeypatch):
   assert [s.env['CUDA_VISIBLE_DEVICES'] for s in par.device_slots(2, 'gpu', 3)] == ['3', '5']
 
 
+@pytest.mark.slow   # about a minute: the default suite keeps the single-worker SIGTERM test
 def test_parallel_sweep_stops_on_sigterm_resumes_and_matches_in_process(tmp_path):
   """sweep.parallel=2: two worker processes (one CPU core each here). SIGTERM to the sweep while
   the longest run trains: every worker stops at a checkpoint, nothing is booked as failed, and
