@@ -21,6 +21,7 @@ CPU seconds per step (less disturbed than wall time by other loads on the machin
 token are the Chinchilla App. F count (`lm.flops.flops_per_token`); MFU needs a peak
 (--peak_flops, else the device table in lm/flops.py) and shows n/a on CPUs.
 """
+import contextlib
 import statistics
 import time
 
@@ -213,6 +214,17 @@ def project_config(s, dtype, pos):
                      use_bias=False, dropout=0.0, dtype=dtype, remat=False, scan_layers=False)
 
 
+@contextlib.contextmanager
+def patched(obj, name, value):
+  """obj.name = value for the duration of the block (e.g. while a variant compiles)."""
+  old = getattr(obj, name)
+  setattr(obj, name, value)
+  try:
+    yield
+  finally:
+    setattr(obj, name, old)
+
+
 def project_candidate(mc, tc, batch_BT1, unblocked: bool = False):
   """(run(n) -> last loss, n_params) for lm.train's step, jitted as lm.train.build does.
 
@@ -225,12 +237,8 @@ def project_candidate(mc, tc, batch_BT1, unblocked: bool = False):
             'step': jnp.zeros((), jnp.int32)}]
   step = jax.jit(train_lib.make_train_step(mc, tc, optimizer, seed=0), donate_argnums=0)
   if unblocked:   # compiled here, under the switch (its "1st step" column is then one step)
-    blocks = attention_lib.causal_blocks
-    attention_lib.causal_blocks = lambda T: 1
-    try:
+    with patched(attention_lib, 'causal_blocks', lambda T: 1):
       step = step.lower(state[0], batch_BT1).compile()
-    finally:
-      attention_lib.causal_blocks = blocks
 
   def run(n):
     for _ in range(n):
@@ -280,7 +288,8 @@ def main(argv):
     t = time.perf_counter()
     jax.block_until_ready(run(1))   # compiles, so this shows the compile cost
     compile_s[name] = time.perf_counter() - t
-    jax.block_until_ready(run(FLAGS.warmup))
+    if FLAGS.warmup:
+      jax.block_until_ready(run(FLAGS.warmup))
 
   tps = {name: [] for name in cands}
   cpu = {name: [] for name in cands}

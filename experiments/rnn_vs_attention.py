@@ -31,6 +31,7 @@ from configs import base
 from experiments import common
 from lm import data as data_lib
 from lm import model as model_lib
+from lm import optim
 from lm import train as train_lib
 from lm.config import ModelConfig
 from lm.flops import count_params
@@ -75,12 +76,12 @@ def matched_hidden(target: int, vocab_size: int, d_embed: int) -> int:
 
 def make_optimizer(tc: train_lib.TrainConfig, params) -> optax.GradientTransformation:
   """lm.train's AdamW for any parameter tree: its schedule and settings, and weight decay on
-  matrices except the embedding (for the transformer this is exactly lm.train.decay_mask)."""
+  matrices except the embedding (for the transformer this is exactly lm.optim.decay_mask)."""
   def decay(path, x):
     names = [str(getattr(k, 'key', k)) for k in path]
     return x.ndim >= 2 and 'embed' not in names
   mask = jax.tree_util.tree_map_with_path(decay, params)
-  adamw = optax.adamw(train_lib.learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+  adamw = optax.adamw(optim.learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
                       weight_decay=tc.weight_decay, mask=mask)
   return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
 

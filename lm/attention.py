@@ -85,7 +85,7 @@ def blocked_attention(q_BTNH, k_BTKH, v_BTKH, blocks: int, bias=None, mask=None,
   outs = []
   for i in range(blocks):
     rows, S = slice(i * c, (i + 1) * c), (i + 1) * c
-    keep = (jnp.arange(S)[None, :] <= (i * c + jnp.arange(c))[:, None])[None, None]
+    keep = causal_mask(i * c + jnp.arange(c), jnp.arange(S))
     if mask is not None:
       keep = keep & mask[:, :, rows, :S]
     b = None if bias is None else bias[:, :, rows, :S]

@@ -86,11 +86,6 @@ def trainable_count(mc: ModelConfig) -> int:
   return mc.n_layers * sum(mc.lora_rank * sum(mc.lora_fans(t)) for t in mc.lora_targets) + rows
 
 
-def split_variables(variables):
-  """{'params': ..., 'lora': ...} -> (params, adapters); adapters is {} without LoRA."""
-  return variables['params'], variables.get(COLLECTION, {})
-
-
 def _merge_one(w, a, b, scale: float):
   """W + scale * A B with A [*in, r], B [r, *out] and W [*in, *out]."""
   return w + scale * jnp.tensordot(a, b, axes=1)

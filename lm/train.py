@@ -24,10 +24,9 @@ from lm import model as model_lib
 from lm import sharding as shard_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
-from lm.optim import (SCHEDULES, TrainConfig, decay_mask, learning_rate_schedule,  # noqa: F401
-                      make_optimizer)
-# TrainConfig, the schedules and the optimizer live in lm/optim.py; they are re-exported here for
-# code that thinks of them as part of training.
+# TrainConfig, the schedules and the optimizer live in lm/optim.py (train.TrainConfig and
+# train.make_optimizer stay reachable here for callers that build a training step).
+from lm.optim import TrainConfig, make_optimizer
 
 
 def next_token_loss(mc: ModelConfig, params, batch_BT1, rng=None):

@@ -8,11 +8,6 @@ from experiments import temperature
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('cache'))
-
-
-@pytest.fixture(scope='module')
 def rnn_result(cache_dir):
   # One layer and short windows keep compilation short; 200 steps of this size take about a
   # second and are enough for the transformer to start using context beyond the previous byte.

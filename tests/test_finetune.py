@@ -217,11 +217,6 @@ def test_lora_plus_scales_the_b_updates_only():
 # ---- the fine-tuning stage --------------------------------------------------------------------
 
 
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('cache'))
-
-
 def pretrain_config(cache_dir, **data):
   c = base_cfg.get_config()
   c.model.n_layers, c.model.d_model, c.model.n_heads, c.model.max_len = 2, 64, 4, 128

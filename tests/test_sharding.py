@@ -63,11 +63,6 @@ def _run_workers(commands, timeout: float):
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('cache'))
-
-
-@pytest.fixture(scope='module')
 def meshes(cache_dir, tmp_path_factory):
   """One subprocess: refusals, every mesh's losses and shardings, save/restore/resume."""
   work = tmp_path_factory.mktemp('meshes')

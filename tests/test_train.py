@@ -14,16 +14,12 @@ from configs import base
 from lm import checkpoint as ckpt_lib
 from lm import flops as flops_lib
 from lm import model as model_lib
+from lm import optim
 from lm import train as train_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('cache'))
 
 
 def small_config(cache_dir, **train):
@@ -141,7 +137,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 def lr_at(steps, **kw):
   tc = train_lib.TrainConfig(steps=steps, lr=1.0, **kw)
-  s = train_lib.learning_rate_schedule(tc)
+  s = optim.learning_rate_schedule(tc)
   return lambda i: float(s(i))
 
 
@@ -164,12 +160,12 @@ def test_schedules_at_their_corner_steps():
 def test_weight_decay_mask():
   mc = ModelConfig(vocab_size=50, n_layers=1, d_model=16, n_heads=2, n_kv_heads=2, d_ff=32,
                    max_len=8, use_bias=True, norm='layernorm', tie_embeddings=False)
-  mask = train_lib.decay_mask(model_lib.param_shapes(mc), decay_embeddings=False)
+  mask = optim.decay_mask(model_lib.param_shapes(mc), decay_embeddings=False)
   assert mask['embed'] is False and mask['head'] is True
   layer = mask['layer_0']
   assert layer['attn']['wq'] and layer['mlp']['wi'] and layer['attn']['wo']
   assert not layer['attn']['wq_bias'] and not layer['norm1']['scale'] and not layer['mlp']['bi']
-  assert train_lib.decay_mask(model_lib.param_shapes(mc), True)['embed'] is True
+  assert optim.decay_mask(model_lib.param_shapes(mc), True)['embed'] is True
 
 
 def test_flops_against_hand_count():
