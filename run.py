@@ -8,6 +8,9 @@
   python run.py sample --workdir=DIR --prompt="..." [--max_new_tokens=N --temperature=T ...]
   python run.py finetune --config=configs/sft.py --workdir=DIR --config.finetune.init_from=RUN
   python run.py merge  --workdir=LORA_RUN --out=DIR
+  python run.py reward --config=configs/reward.py --workdir=DIR --config.reward.init_from=SFT_RUN
+  python run.py dpo    --config=configs/dpo.py --workdir=DIR --config.dpo.init_from=SFT_RUN
+  python run.py ppo    --config=configs/ppo.py --workdir=DIR --config.ppo.init_from=SFT_RUN
 """
 import re
 import sys
@@ -18,7 +21,8 @@ from ml_collections import config_flags
 from lm import cli
 from lm.errors import UserError
 
-SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample', 'finetune', 'merge')
+SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample', 'finetune', 'merge', 'reward', 'dpo',
+               'ppo')
 
 config_flags.DEFINE_config_file('config', None, 'An ml-collections config file (configs/*.py).',
                                 lock_config=True)

@@ -41,6 +41,45 @@ def finetune(FLAGS):
     print(f'outputs in {workdir}')
 
 
+def _stage(FLAGS, section: str, example: str):
+  cfg = _need(FLAGS.config, 'config', f'--config=configs/{example}.py')
+  workdir = _need(FLAGS.workdir, 'workdir', f'--workdir=runs/{example}')
+  if section not in cfg:
+    raise UserError(f'--config has no `{section}` section; use --config=configs/{example}.py.')
+  return cfg, workdir
+
+
+def reward(FLAGS):
+  from lm.align import reward as reward_lib
+  cfg, workdir = _stage(FLAGS, 'reward', 'reward')
+  summary = reward_lib.train_reward(cfg, workdir)
+  if summary.get('finished'):
+    r = summary['reward']
+    print(f"done: {summary['steps']} steps on {r['train_pairs']} pairs; held-out pair accuracy "
+          f"{r['eval_accuracy']:.1%} on {r['eval_pairs']} pairs; outputs in {workdir}")
+
+
+def dpo(FLAGS):
+  from lm.align import dpo as dpo_lib
+  cfg, workdir = _stage(FLAGS, 'dpo', 'dpo')
+  summary = dpo_lib.train_dpo(cfg, workdir)
+  if summary.get('finished'):
+    a = summary['dpo']['after']
+    print(f"done: {summary['steps']} steps; held-out gold reward {a['eval_gold']:.3f} at KL "
+          f"{a['eval_kl']:.2f} nats to the SFT model; outputs in {workdir}")
+
+
+def ppo(FLAGS):
+  from lm.align import ppo as ppo_lib
+  cfg, workdir = _stage(FLAGS, 'ppo', 'ppo')
+  summary = ppo_lib.train_ppo(cfg, workdir)
+  if summary.get('finished'):
+    a = summary['ppo']['after']
+    print(f"done: {summary['steps']} iterations; held-out gold reward {a['eval_gold']:.3f}, "
+          f"proxy {a['eval_proxy']:.3f}, at KL {a['eval_kl']:.2f} nats to the SFT model; "
+          f'outputs in {workdir}')
+
+
 def merge(FLAGS):
   from lm import finetune as finetune_lib
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sft_lora')

@@ -37,6 +37,7 @@ from lm import checkpoint as ckpt_lib
 from lm import data as data_lib
 from lm import flops as flops_lib
 from lm import instruct
+from lm.align import code_task
 from lm import lora as lora_lib
 from lm import loop
 from lm import metrics as metrics_lib
@@ -137,16 +138,22 @@ def _read_config(workdir: str) -> dict:
     return json.load(f)
 
 
-def _restore(workdir: str, cfg: dict, trainable_shapes):
-  """(state, step) of a run's newest readable checkpoint, on one device."""
+def restore_state(workdir: str, cfg: dict, trainable_shapes, optimizer=None, extra=None):
+  """(state, step) of a run's newest readable checkpoint, on one device.
+
+  The state is {'params', 'opt_state', 'step'} plus the `extra` entries (a dict of abstract
+  shapes); `optimizer` is the one the run trained with (default: make_optimizer of its train
+  section).
+  """
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
     raise UserError(f'{workdir} has no checkpoint, so it is neither finished nor resumable; '
                     'train it first (or point at another run).')
   tc = TrainConfig.from_config(cfg['train'])
-  optimizer = make_optimizer(tc, trainable_shapes, _b_lr_ratio(cfg))
+  optimizer = optimizer or make_optimizer(tc, trainable_shapes, _b_lr_ratio(cfg))
   shapes = jax.eval_shape(lambda p: {'params': p, 'opt_state': optimizer.init(p),
                                      'step': jnp.zeros((), jnp.int32)}, trainable_shapes)
+  shapes.update(extra or {})
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                           shapes)
@@ -193,9 +200,17 @@ def load_model(workdir: str, _depth: int = 0):
     raise UserError(f'{workdir} has no checkpoint, so it is neither finished nor resumable; '
                     'train it first (or point at another run).')
   tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-  if 'finetune' not in cfg:                                # a pretraining (or merged) run
+  if 'reward' in cfg:
+    raise UserError(f'{workdir} is a reward model, not a language model; sample its SFT run '
+                    f"{cfg['base']['workdir']} instead (run.py sample on the reward run shows the "
+                    "SFT run's samples with their rewards).")
+  if 'dpo' in cfg or 'ppo' in cfg:                         # a preference-tuned policy
+    from lm.align import dpo, ppo
+    mc = _plain(ModelConfig(**_model_fields(cfg['base']['model'])))
+    params, step = (dpo if 'dpo' in cfg else ppo).load_params(workdir, cfg, mc)
+  elif 'finetune' not in cfg:                              # a pretraining (or merged) run
     mc = ModelConfig.from_config(cfg['model'], tokenizer.vocab_size)
-    state, step = _restore(workdir, cfg, model_lib.param_shapes(mc))
+    state, step = restore_state(workdir, cfg, model_lib.param_shapes(mc))
     params = state['params']
   else:
     mc = ModelConfig(**_model_fields(cfg['base']['model']))
@@ -203,10 +218,10 @@ def load_model(workdir: str, _depth: int = 0):
       base_mc, base_params, _, base_id = load_model(cfg['base']['workdir'], _depth + 1)
       _check_same_base(cfg['base'], base_id, workdir)
       shapes = jax.eval_shape(lambda: model_lib.init_variables(mc, jax.random.PRNGKey(0)))
-      state, step = _restore(workdir, cfg, shapes[lora_lib.COLLECTION])
+      state, step = restore_state(workdir, cfg, shapes[lora_lib.COLLECTION])
       params = jax.jit(lora_lib.merge, static_argnums=0)(mc, base_params, state['params'])
     else:
-      state, step = _restore(workdir, cfg, model_lib.param_shapes(mc))
+      state, step = restore_state(workdir, cfg, model_lib.param_shapes(mc))
       params = state['params']
   mc = _plain(mc)
   identity = {'workdir': os.path.abspath(workdir), 'step': int(step),
@@ -235,6 +250,8 @@ def _check_same_base(recorded: dict, found: dict, workdir: str) -> None:
 
 def load_records(fc: FinetuneConfig) -> dict:
   """{'train': [...], 'eval': [...], ('eval_phrasing': [...])} of the configured data."""
+  if fc.data == 'code':
+    return code_task.records(fc.train_per_family, fc.eval_per_family)
   if fc.data == 'builtin':
     return instruct.build_instruction_set(fc.data_seed, fc.train_per_family, fc.eval_per_family,
                                           fc.families)
@@ -249,15 +266,12 @@ def load_records(fc: FinetuneConfig) -> dict:
           'eval': [r for i, r in enumerate(train) if i in held]}
 
 
-def exact_match_accuracy(mc: ModelConfig, params, tokenizer, records: list[dict],
-                         max_new_tokens: int, batch_size: int) -> dict:
-  """Greedy answers through the KV-cache sampler, scored by exact match (surrounding whitespace
-  ignored): {'all': accuracy, family: accuracy, ...} and the answers."""
+def greedy_answers(mc: ModelConfig, params, tokenizer, records: list[dict], max_new_tokens: int,
+                   batch_size: int) -> list[str]:
+  """Each record's last assistant turn answered by greedy decoding through the KV-cache sampler."""
   end = tokenizer.chat_ids['end']
-  prompts = []
-  for rec in records:
-    msgs, _ = sft.prompt_messages(rec)
-    prompts.append(sft.encode_chat(tokenizer, msgs, generation_prompt=True)[0])
+  prompts = [sft.encode_chat(tokenizer, sft.prompt_messages(rec)[0], generation_prompt=True)[0]
+             for rec in records]
   answers = []
   longest = max(len(p) for p in prompts)
   new = min(max_new_tokens, mc.max_len - longest + 1) if mc.pos == 'learned' else max_new_tokens
@@ -268,6 +282,14 @@ def exact_match_accuracy(mc: ModelConfig, params, tokenizer, records: list[dict]
     out = sample_lib.generate_tokens(mc, params, padded, new, temperature=0.0, eos_id=end,
                                      pad_id=tokenizer.pad_id)
     answers += [tokenizer.decode(sample_lib.cut_at_eos(row, end)) for row in out[:len(chunk)]]
+  return answers
+
+
+def exact_match_accuracy(mc: ModelConfig, params, tokenizer, records: list[dict],
+                         max_new_tokens: int, batch_size: int) -> dict:
+  """Greedy answers scored by exact match (surrounding whitespace ignored): {'accuracy': {'all':
+  accuracy, family: accuracy, ...}, 'answers': [...]}."""
+  answers = greedy_answers(mc, params, tokenizer, records, max_new_tokens, batch_size)
   hits: dict = {}
   for rec, ans in zip(records, answers):
     fam = rec.get('family', 'all')
@@ -398,6 +420,11 @@ def build(cfg, workdir: str) -> Job:
     total, weight = (float(sum(float(s[i]) for s in sums)) for i in (0, 1))
     pre = float(np.mean(jax.device_get([pre_eval(params, b) for b in pre_batches])))
     row = {'eval_loss': total / max(weight, 1e-9), 'pretrain_eval_loss': pre}
+    if fc.data == 'code':   # the gold reward of greedy answers (lm/align/code_task.py)
+      answers = greedy_answers(plain, params, tokenizer, records['eval'], fc.max_new_tokens,
+                               fc.eval_batch_size)
+      row['gold'] = float(np.mean([code_task.gold(r['prompt'], a)
+                                   for r, a in zip(records['eval'], answers)]))
     if builtin:
       for split, recs in acc_splits.items():
         acc = exact_match_accuracy(plain, params, tokenizer, recs, fc.max_new_tokens,

@@ -46,15 +46,21 @@ LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, jax.Array]]
 
 def make_step(loss_fn: LossFn, tc: TrainConfig, optimizer, seed: int):
   """(state, frozen, batch) -> (state, metrics) for loss_fn(trainable, frozen, batch, rng) ->
-  (loss sum, weight). With grad_accum A, the batch's rows i*A + a form micro-batch a."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss sum, weight), or (loss sum, (weight, {name: sum})) for further metrics, which are
+  reported as sum / weight like the loss. With grad_accum A, the batch's rows i*A + a form
+  micro-batch a."""
+  def split_loss(*args):
+    total, aux = loss_fn(*args)
+    weight, extra = aux if isinstance(aux, tuple) else (aux, {})
+    return total, (weight, extra)
+  grad_fn = jax.value_and_grad(split_loss, has_aux=True)
   A = tc.grad_accum
 
   def step(state, frozen, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state['step'])
     params = state['params']
     if A == 1:
-      (total, weight), grads = grad_fn(params, frozen, batch, rng)
+      (total, (weight, extra)), grads = grad_fn(params, frozen, batch, rng)
     else:
       # Row i*A + a goes to micro-batch a, so each micro-batch spans every data shard.
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1),
@@ -62,17 +68,23 @@ def make_step(loss_fn: LossFn, tc: TrainConfig, optimizer, seed: int):
 
       def body(carry, xs):
         mb, i = xs
-        (l, w), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (l, w, g)), None
+        (l, (w, e)), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (l, w, e, g)), None
+      first = jax.tree.map(lambda x: x[0], micro)
+      shapes = jax.eval_shape(grad_fn, params, frozen, first, rng)
+      (_, (_, e_shape)), _ = shapes
       zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), e_shape),
               jax.tree.map(jnp.zeros_like, params))
-      (total, weight, grads), _ = jax.lax.scan(body, zero, (micro, jnp.arange(A)))
+      (total, weight, extra, grads), _ = jax.lax.scan(body, zero, (micro, jnp.arange(A)))
     weight = jnp.maximum(weight, 1e-9)   # a batch with nothing to learn from gives loss 0
     loss, grads = total / weight, jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = optimizer.update(grads, state['opt_state'], params)
     new_state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
                  'step': state['step'] + 1}
-    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    metrics = {k: v / weight for k, v in extra.items()}
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+    return new_state, metrics
   return step
 
 
@@ -100,6 +112,9 @@ class Stage:
   n_params: dict
   summary: Callable[[dict], dict] | None = None
   resumable_changes: tuple = RESUMABLE_CHANGES
+  # A step that is dispatched asynchronously has its metrics pulled one step later, so the host
+  # never waits on the device; a step that returns host values (PPO) is finished at once.
+  defer_metrics: bool = True
 
 
 def git_commit() -> str | None:
@@ -213,10 +228,12 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
                       'Lower train.lr or raise train.warmup_steps, then rerun to resume.')
     since['losses'].append(loss)
     tokens = step * tokens_per_step
-    return {'step': step, 'loss': loss, 'loss_avg': float(np.mean(since['losses'])),
-            'grad_norm': float(m['grad_norm']), 'lr': float(schedule(step - 1)),
-            'tokens': tokens, 'flops': tokens * fpt['chinchilla'],
-            'flops_6nd': tokens * fpt['6n']}
+    row = {'step': step, 'loss': loss, 'loss_avg': float(np.mean(since['losses'])),
+           'grad_norm': float(m['grad_norm']), 'lr': float(schedule(step - 1)),
+           'tokens': tokens, 'flops': tokens * fpt['chinchilla'],
+           'flops_6nd': tokens * fpt['6n']}
+    row.update({k: float(v) for k, v in m.items() if k not in row})   # the stage's own metrics
+    return row
 
   def write(row):
     nonlocal last_row
@@ -249,7 +266,8 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
         stop = bool(multihost_utils.process_allgather(np.int32(flag.stop)).max())
       elif jax.process_count() > 1:
         stop = False
-      if is_eval or step % tc.checkpoint_every == 0 or stop or step == stop_at:
+      save = is_eval or step % tc.checkpoint_every == 0 or stop or step == stop_at
+      if save or not stage.defer_metrics:
         row = finish_row(*pending)   # makes sure the state is finite before saving it
         pending = None
         if is_eval:
@@ -259,6 +277,7 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
           row.update(last_eval)
         if is_eval or step % tc.log_every == 0:
           write(row)
+      if save:
         ckpts.save(step, state)
         if stop or step == stop_at:
           stopped = True

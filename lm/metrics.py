@@ -22,17 +22,13 @@ def read_jsonl(path: str) -> list[dict]:
   return rows
 
 
-def write_json_atomic(path, obj) -> None:
-  """JSON through a temporary file, fsync and a rename: a reader never sees half a file.
-
-  NaN and infinity are refused (they are not JSON); callers store them as null.
-  """
+def write_text_atomic(path, text: str) -> None:
+  """Text through a temporary file, fsync and a rename: a reader never sees half a file."""
   path = str(path)
   tmp = f'{path}.tmp{os.getpid()}'
   try:
     with open(tmp, 'w') as f:
-      json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
-      f.write('\n')
+      f.write(text)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -40,6 +36,12 @@ def write_json_atomic(path, obj) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def write_json_atomic(path, obj) -> None:
+  """JSON, written atomically (write_text_atomic). NaN and infinity are refused (they are not
+  JSON); callers store them as null."""
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + '\n')
 
 
 def _finite(v):

@@ -139,13 +139,14 @@ class Transformer(nn.Module):
   """tokens [B, T] -> logits [B, T, V] in float32 (and the updated cache when one is given).
 
   segment_ids_BT (training without a cache): packed examples, each attending only to itself;
-  pass positions_BT restarting at 0 for each example too.
+  pass positions_BT restarting at 0 for each example too. return_hidden: the final (normed) hidden
+  states [B, T, D] in float32 instead of logits, for heads of other shapes (a reward or value head).
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, cache: KVCache | None = None,
-               deterministic: bool = True, segment_ids_BT=None):
+               deterministic: bool = True, segment_ids_BT=None, return_hidden: bool = False):
     c = self.cfg
     dt = jnp.dtype(c.dtype)
     B, T = tokens_BT.shape
@@ -194,6 +195,8 @@ class Transformer(nn.Module):
 
     if c.block == 'prenorm':
       x_BTD = Norm(c, name='final_norm')(x_BTD)
+    if return_hidden and cache is None:
+      return x_BTD.astype(jnp.float32)
     if c.tie_embeddings:
       logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, embed_VD.astype(dt))
     else:

@@ -107,11 +107,16 @@ def _abstract_state(cfg: dict, mc: ModelConfig):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), state)
 
 
+CHAT_STAGES = ('finetune', 'dpo', 'ppo', 'reward')   # config sections of runs that chat
+
+
 def is_finetuned(workdir: str) -> bool:
-  """True for a run that `run.py finetune` wrote (it answers in the chat template)."""
+  """True for a run that `run.py finetune`, `dpo`, `ppo` or `reward` wrote (it answers in the
+  chat template)."""
   try:
     with open(os.path.join(workdir, 'config.json')) as f:
-      return 'finetune' in json.load(f)
+      cfg = json.load(f)
+    return any(k in cfg for k in CHAT_STAGES)
   except (OSError, json.JSONDecodeError):
     return False
 
@@ -127,7 +132,7 @@ def load(workdir: str):
     raise UserError(f'{workdir} has no config.json, so it is not a training run; {hint}.')
   with open(config_path) as f:
     cfg = json.load(f)
-  if 'finetune' in cfg:
+  if any(k in cfg for k in ('finetune', 'dpo', 'ppo')):
     from lm import finetune as finetune_lib
     mc, params, tokenizer, _ = finetune_lib.load_model(workdir)
     return mc, params, tokenizer
@@ -350,6 +355,9 @@ def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature
   system message) and prints its reply; raw=True continues the text as pretraining would.
   """
   check_sampling(temperature, top_k, top_p, num_samples, max_new_tokens)
+  if _is_reward_run(workdir):
+    return _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                                num_samples, system)
   mc, params, tokenizer = load(workdir)
   if is_finetuned(workdir) and not raw:
     from lm import sft
@@ -375,4 +383,37 @@ def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature
     if num_samples > 1:
       print(f'--- sample {i + 1}/{num_samples} ---')
     print(prompt + text, flush=True)
+  return texts
+
+
+def _is_reward_run(workdir: str) -> bool:
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      return 'reward' in json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return False
+
+
+def _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                         num_samples, system) -> list[str]:
+  """A reward-model run: its SFT policy's replies, each with the reward model's normalised score."""
+  from lm import sft
+  from lm.align import common, reward
+  rm = reward.load(workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    policy = common.load_policy(json.load(f)['base']['workdir'])
+  messages = ([{'role': 'system', 'content': system}] if system else []) + [
+      {'role': 'user', 'content': prompt}]
+  prompt_ids = sft.encode_chat(policy.tokenizer, messages, generation_prompt=True)[0]
+  check_lengths(policy.mc, len(prompt_ids), max_new_tokens)
+  texts = chat(policy.mc, policy.params, policy.tokenizer, messages, max_new_tokens, temperature,
+               top_k, top_p, seed, num_samples)
+  resp = [common.response_ids(policy.tokenizer, t) for t in texts]
+  rows = common.make_rows([prompt_ids] * len(texts), resp,
+                          len(prompt_ids) + max(len(r) for r in resp), policy.tokenizer.pad_id)
+  scores = rm.scores(rows, len(texts))
+  for i, (text, s) in enumerate(zip(texts, scores)):
+    if num_samples > 1:
+      print(f'--- sample {i + 1}/{num_samples} ---')
+    print(f'user: {prompt}\nassistant: {text}\nreward: {s:+.3f}', flush=True)
   return texts

@@ -1,0 +1,39 @@
+"""Direct preference optimisation of an SFT run on preference pairs (lm/align/dpo.py).
+
+  python run.py dpo --config=configs/dpo.py --workdir=runs/dpo \
+      --config.dpo.init_from=runs/sft_code --config.dpo.pairs=runs/rm/pairs.jsonl \
+      [--config.dpo.reward_from=runs/rm]
+
+train.batch_size counts pairs.
+"""
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.train = base.get_config().train
+  t = c.train
+  t.steps = 300
+  t.batch_size = 32          # pairs per step (64 sequences)
+  t.seq_len = 128
+  t.lr = 1e-4
+  t.warmup_steps = 20
+  t.weight_decay = 0.0
+  t.eval_every = 100
+  t.checkpoint_every = 100
+
+  d = c.dpo = ml_collections.ConfigDict()
+  d.init_from = ''           # the SFT run: the initial policy and the frozen reference (required)
+  d.pairs = ''               # JSONL of {"prompt", "chosen", "rejected"} (required)
+  d.eval_pairs = ''          # optional held-out pairs: DPO loss and implicit-reward accuracy
+  d.beta = 0.1               # strength of the implicit KL constraint
+  d.reward_from = ''         # optional reward-model run: its score of the samples is logged
+  d.eval_prompts = 200       # held-out prompts sampled at each evaluation
+  d.eval_samples = 2         # samples per held-out prompt
+  d.max_new_tokens = 48
+  d.temperature = 1.0        # sampling temperature of the evaluation samples
+  d.sample_batch = 128
+  return c

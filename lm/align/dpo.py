@@ -1,0 +1,197 @@
+"""Direct preference optimisation (Rafailov et al. 2023): the policy learns from the pairs alone.
+
+For a pair (prompt x, chosen y_w, rejected y_l), with the SFT model as the frozen reference,
+
+    loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+
+where log pi(y|x) sums the response tokens' log-probabilities (the end-of-turn marker included).
+beta * (log pi - log ref) is the policy's implicit reward; the logged 'accuracy' is the share of
+pairs whose chosen response has the larger implicit reward and 'margin' the mean difference.
+At step 0 the policy is the reference, so the loss is exactly log 2.
+
+The reference log-probabilities never change, so they are computed once for every pair before
+training and travel with the batches: the reference is never held in the train state and costs
+no forward pass per step. `train_dpo(cfg, workdir)` runs through the one training loop
+(lm/loop.py); the evaluation samples the policy on held-out prompts for its gold reward, its KL to
+the reference and (with dpo.reward_from) the reward model's score.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import flops as flops_lib
+from lm import loop
+from lm.align import common
+from lm.align import pairs as pairs_lib
+from lm.errors import UserError
+from lm.optim import TrainConfig, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoConfig:
+  """The `dpo` section (keys and meanings: configs/dpo.py)."""
+  init_from: str
+  pairs: str
+  eval_pairs: str
+  beta: float
+  reward_from: str
+  eval_prompts: int
+  eval_samples: int
+  max_new_tokens: int
+  temperature: float
+  sample_batch: int
+
+  @classmethod
+  def from_config(cls, s) -> 'DpoConfig':
+    c = cls(init_from=str(s.init_from), pairs=str(s.pairs), eval_pairs=str(s.eval_pairs),
+            beta=float(s.beta), reward_from=str(s.reward_from), eval_prompts=int(s.eval_prompts),
+            eval_samples=int(s.eval_samples), max_new_tokens=int(s.max_new_tokens),
+            temperature=float(s.temperature), sample_batch=int(s.sample_batch))
+    if not c.init_from:
+      raise UserError('dpo.init_from is empty; name the SFT run to start from, e.g. '
+                      '--config.dpo.init_from=runs/sft_code.')
+    if not c.pairs:
+      raise UserError('dpo.pairs is empty; name a JSONL of {"prompt", "chosen", "rejected"}, e.g. '
+                      'the pairs.jsonl that run.py reward wrote: --config.dpo.pairs=runs/rm/'
+                      'pairs.jsonl.')
+    if not c.beta > 0:
+      raise UserError(f'dpo.beta={c.beta} must be positive (it scales the implicit reward).')
+    for key in ('eval_prompts', 'eval_samples', 'max_new_tokens', 'sample_batch'):
+      if getattr(c, key) < 1:
+        raise UserError(f'dpo.{key}={getattr(c, key)} must be a positive integer.')
+    if not c.temperature > 0:
+      raise UserError(f'dpo.temperature={c.temperature} must be positive.')
+    return c
+
+
+def dpo_loss_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+  """(per-pair loss, implicit reward of chosen, of rejected) from summed log-probabilities."""
+  r_w = beta * (policy_chosen - ref_chosen)
+  r_l = beta * (policy_rejected - ref_rejected)
+  return -jax.nn.log_sigmoid(r_w - r_l), r_w, r_l
+
+
+def pair_loss(mc, params, batch, beta: float):
+  """(loss sum, (pairs, metric sums)) of a batch of chosen then rejected rows."""
+  logp = common.sequence_logprob(mc, params, batch)
+  B = logp.shape[0] // 2
+  loss, r_w, r_l = dpo_loss_terms(logp[:B], logp[B:], batch['ref'][:B], batch['ref'][B:], beta)
+  w = batch['weight'][:B]
+  return jnp.sum(loss * w), (jnp.sum(w), {
+      'accuracy': jnp.sum((r_w > r_l) * w), 'margin': jnp.sum((r_w - r_l) * w),
+      'reward_chosen': jnp.sum(r_w * w), 'reward_rejected': jnp.sum(r_l * w)})
+
+
+def _reference_logprobs(mc, params, rows: dict, batch: int) -> np.ndarray:
+  return common.batched(lambda r: common.jit_sequence_logprob(params, r, mc=mc), rows, batch)
+
+
+def build(cfg, workdir: str) -> loop.Stage:
+  seed = int(cfg.seed)
+  tc = TrainConfig.from_config(cfg.train)
+  dc = DpoConfig.from_config(cfg.dpo)
+  common.check_single_process()
+  policy = common.load_policy(dc.init_from)
+  mc, tok = policy.mc, policy.tokenizer
+  if tc.seq_len > mc.max_len:
+    raise UserError(f'train.seq_len={tc.seq_len} is longer than the SFT model\'s max_len='
+                    f'{mc.max_len}; lower train.seq_len.')
+  rm = None
+  if dc.reward_from:
+    from lm.align import reward as reward_lib
+    rm = reward_lib.load(dc.reward_from)
+    common.check_compatible(policy, rm.mc, rm.tokenizer, 'reward model')
+  config = json.loads(cfg.to_json())
+  config['base'] = common.base_identity(policy)
+  loop.check_config(workdir, config)
+
+  train_pairs, dropped = pairs_lib.fitting(tok, pairs_lib.read_pairs(dc.pairs), tc.seq_len)
+  if not train_pairs:
+    raise UserError(f'every pair of {dc.pairs} is longer than train.seq_len={tc.seq_len} tokens.')
+  rows = pairs_lib.pair_rows(tok, train_pairs, tc.seq_len)
+  B = tc.batch_size
+  for side in ('chosen', 'rejected'):
+    rows[side]['ref'] = _reference_logprobs(mc, policy.params, rows[side], 2 * B)
+  eval_rows = None
+  if dc.eval_pairs:
+    ev, _ = pairs_lib.fitting(tok, pairs_lib.read_pairs(dc.eval_pairs), tc.seq_len)
+    eval_rows = pairs_lib.pair_rows(tok, ev, tc.seq_len)
+    for side in ('chosen', 'rejected'):
+      eval_rows[side]['ref'] = _reference_logprobs(mc, policy.params, eval_rows[side], 2 * B)
+  n_pairs = len(train_pairs)
+
+  def stack(r: dict, idx) -> dict:
+    out = {k: np.concatenate([r['chosen'][k][idx], r['rejected'][k][idx]])
+           for k in ('tokens', 'mask', 'last', 'ref')}
+    out['weight'] = np.ones(2 * len(idx), np.float32)
+    return out
+
+  def batch(step: int) -> dict:
+    first, idx = step * B, []
+    while len(idx) < B:
+      e, at = divmod(first + len(idx), n_pairs)
+      perm = np.random.default_rng([seed, e, 0xD70]).permutation(n_pairs)
+      idx.extend(perm[at:at + B - len(idx)].tolist())
+    return jax.device_put(stack(rows, np.asarray(idx)))
+
+  optimizer = make_optimizer(tc, jax.eval_shape(lambda: policy.params))
+  init_state, abstract_state = common.initial_state(lambda: policy.params, optimizer)
+  beta = dc.beta
+  train_step = jax.jit(loop.make_step(lambda p, _, b, r: pair_loss(mc, p, b, beta), tc,
+                                      optimizer, seed), donate_argnums=0)
+  eval_loss = jax.jit(lambda p, b: pair_loss(mc, p, b, beta))
+  evaluator = common.Evaluator(common.task_prompts('eval', dc.eval_prompts), policy, rm,
+                               tc.seq_len, dc.max_new_tokens, dc.temperature, dc.sample_batch,
+                               samples=dc.eval_samples, seed=seed + 77)
+
+  def evaluate(params, _frozen) -> dict:
+    out = evaluator.evaluate(params)
+    if eval_rows is not None:
+      n = len(eval_rows['chosen']['tokens'])
+      sums = np.zeros(3)
+      for i in range(0, n, B):
+        idx = np.arange(i, min(i + B, n))
+        b = stack(eval_rows, idx)
+        if len(idx) < B:   # pad to the compiled batch with weight-0 pairs
+          pad = np.zeros(B - len(idx), int)
+          b = stack(eval_rows, np.concatenate([idx, pad]))
+          b['weight'][len(idx):B] = 0.0
+          b['weight'][B + len(idx):] = 0.0
+        total, (w, m) = eval_loss(params, b)
+        sums += [float(total), float(m['accuracy']), float(m['margin'])]
+      out.update(eval_pair_loss=sums[0] / n, eval_pair_accuracy=sums[1] / n,
+                 eval_pair_margin=sums[2] / n)
+    return out
+
+  n = flops_lib.param_counts(policy.params)
+  fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'])
+  info = {'pairs': dc.pairs, 'train_pairs': n_pairs, 'dropped_too_long': dropped,
+          'beta': beta}
+
+  def summary(last: dict) -> dict:
+    return {'dpo': {**info, 'after': last}}
+
+  return loop.Stage(
+      config=config, train=tc, dtype=mc.dtype,
+      manifest=lambda: common.manifest(policy, n, {'dpo': info}), tokenizer=tok,
+      abstract_state=abstract_state, init_state=init_state, frozen=None, train_step=train_step,
+      batch=batch, evaluate=evaluate, tokens_per_step=2 * B * tc.seq_len, flops_per_token=fpt,
+      n_params=n, summary=summary)
+
+
+def train_dpo(cfg, workdir: str, stop_at: int | None = None) -> dict:
+  """Trains (or resumes) DPO in workdir; returns the summary."""
+  return loop.run(build(cfg, workdir), workdir, stop_at)
+
+
+def load_params(workdir: str, cfg: dict, mc):
+  """(params, step) of a DPO run's newest checkpoint."""
+  from lm import finetune
+  from lm import model as model_lib
+  state, step = finetune.restore_state(workdir, cfg, model_lib.param_shapes(mc))
+  return state['params'], step

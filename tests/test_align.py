@@ -1,0 +1,354 @@
+"""Preference learning: the gold program, pairs, reward model, DPO and PPO (hand-worked numbers,
+tiny models, and one small pipeline of real runs)."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import dpo as dpo_cfg
+from configs import ppo as ppo_cfg
+from configs import reward as reward_cfg
+from configs import sft as sft_cfg
+from lm import finetune as ft
+from lm import model as model_lib
+from lm import sample as sample_lib
+from lm import tokenizer as tokenizer_lib
+from lm import train as train_lib
+from lm.align import code_task, common, dpo, pairs as pairs_lib, ppo, reward
+from lm.config import ModelConfig
+from lm.errors import UserError
+from tests.test_finetune import pretrain_config
+
+BYTES = tokenizer_lib.ByteTokenizer()
+
+
+def tiny_mc(**kw):
+  d = dict(vocab_size=BYTES.vocab_size, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_len=64)
+  d.update(kw)
+  return ModelConfig(**d)
+
+
+# ---- the gold program -----------------------------------------------------------------------
+
+@pytest.mark.parametrize('response, score', [
+    ('return a + b', 1.0),
+    ('x = a\nreturn x', 1.0),
+    ('if a:\n    return b', 1.0),
+    ('return 1', 0.75),                  # parses and does something, uses no argument
+    ('self.x = 1', 0.75),                # self is not an argument that counts
+    ('pass', 0.5),                       # parses, does nothing
+    ('"""just a docstring"""', 0.5),
+    ('return (a', 0.0),                  # does not parse
+    ('', 0.0), ('   \n', 0.0),
+    ('return a\nreturn b\n  x = 1', 0.0),   # bad indentation
+])
+def test_gold_reward_on_hand_cases(response, score):
+  assert code_task.gold('def f(self, a, b=2):', response) == score
+
+
+def test_gold_parts_and_task_extraction():
+  parts = code_task.gold_parts('def f(a):', 'return len(a)')
+  assert parts == {'parses': True, 'does_something': True, 'uses_argument': True, 'score': 1.0}
+  src = ('def add(a, b):\n    """Sum."""\n    return a + b\n\n'
+         'def noargs():\n    return 1\n\n'
+         'class C:\n    def get(self, key):\n        return self.d[key]\n'
+         '    def only_self(self):\n        return self.x\n'
+         'def long_first(a):\n    return ' + 'a' * 60 + '\n')
+  assert code_task.extract([src]) == [('def add(a, b):', 'return a + b'),
+                                      ('def get(self, key):', 'return self.d[key]')]
+
+
+def test_task_split_is_by_header_and_stable():
+  ex = code_task.examples()
+  train, held = {h for h, _ in ex['train']}, {h for h, _ in ex['eval']}
+  assert train and held and not train & held
+  assert all(code_task.is_heldout(h) for h in held)
+  assert all(code_task.gold(h, s) == 1.0 for h, s in ex['train'][:50])
+
+
+# ---- losses on hand-computed numbers --------------------------------------------------------
+
+def test_bradley_terry_loss_by_hand():
+  got = reward.bradley_terry(jnp.array([2.0, 0.0]), jnp.array([0.5, 1.0]))
+  np.testing.assert_allclose(got, [math.log(1 + math.exp(-1.5)), math.log(1 + math.exp(1.0))],
+                             rtol=1e-6)
+
+
+def test_dpo_loss_by_hand_and_log2_at_the_reference():
+  loss, r_w, r_l = dpo.dpo_loss_terms(jnp.array([-3.0]), jnp.array([-5.0]), jnp.array([-4.0]),
+                                      jnp.array([-4.5]), beta=0.5)
+  # implicit rewards 0.5 * (1) and 0.5 * (-0.5): margin 0.75
+  np.testing.assert_allclose(r_w, [0.5]), np.testing.assert_allclose(r_l, [-0.25])
+  np.testing.assert_allclose(loss, [math.log(1 + math.exp(-0.75))], rtol=1e-6)
+  same = jnp.array([-7.25, -1.0])
+  loss0, _, _ = dpo.dpo_loss_terms(same, same + 2, same, same + 2, beta=0.1)
+  np.testing.assert_allclose(loss0, [math.log(2)] * 2, rtol=1e-7)
+
+
+def test_gae_against_a_hand_worked_example():
+  # Three response tokens at positions 1..3 of a row of 5; gamma 1, lambda 0.5.
+  mask = jnp.array([[0, 1, 1, 1, 0]], jnp.float32)
+  values = jnp.array([[9.0, 1.0, 2.0, 3.0, 9.0]]) * mask
+  rewards = jnp.array([[0.0, 0.5, 0.0, 2.0, 0.0]])
+  adv, ret = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+  d3 = 2.0 - 3.0                    # terminal: no next value
+  d2 = 0.0 + 3.0 - 2.0
+  d1 = 0.5 + 2.0 - 1.0
+  a3, a2 = d3, d2 + 0.5 * d3
+  a1 = d1 + 0.5 * a2
+  np.testing.assert_allclose(adv, [[0, a1, a2, a3, 0]], rtol=1e-6)
+  np.testing.assert_allclose(ret, [[0, a1 + 1, a2 + 2, a3 + 3, 0]], rtol=1e-6)
+
+
+def test_kl_penalty_on_every_response_token_and_score_on_the_last():
+  logp = jnp.array([[-1.0, -2.0, -0.5, -3.0]])
+  ref = jnp.array([[-1.5, -1.0, -0.5, -9.0]])
+  mask = jnp.array([[0.0, 1.0, 1.0, 0.0]])
+  rewards, kl = ppo.token_rewards(logp, ref, mask, jnp.array([4.0]), jnp.array([2]), 0.1)
+  np.testing.assert_allclose(kl, [[0, -1.0, 0, 0]])
+  np.testing.assert_allclose(rewards, [[0, 0.1, 4.0, 0]], rtol=1e-6)
+
+
+def test_clipped_policy_objective_by_hand():
+  old = jnp.zeros((1, 3))
+  new = jnp.log(jnp.array([[1.5, 0.5, 1.1]]))
+  adv = jnp.array([[1.0, 1.0, -2.0]])
+  mask = jnp.ones((1, 3))
+  loss, ratio, clipfrac, approx_kl = ppo.policy_loss(new, old, adv, mask, clip=0.2)
+  # token 1: min(1.5, 1.2) * 1 = 1.2; token 2: min(0.5, 0.8) = 0.5; token 3: min(-2.2, -2.2)
+  np.testing.assert_allclose(loss, -(1.2 + 0.5 - 2.2) / 3, rtol=1e-6)
+  np.testing.assert_allclose(clipfrac, 2 / 3, rtol=1e-6)
+  r = np.array([1.5, 0.5, 1.1])
+  np.testing.assert_allclose(approx_kl, np.mean(r - 1 - np.log(r)), rtol=1e-5)
+  v = ppo.value_loss(jnp.array([[2.0]]), jnp.array([[1.0]]), jnp.array([[3.0]]), jnp.ones((1, 1)),
+                     clip=0.5)
+  np.testing.assert_allclose(v, 0.5 * max((2 - 3) ** 2, (1.5 - 3) ** 2))
+
+
+# ---- rows, temperature log-probabilities, scalar heads --------------------------------------
+
+def test_rows_mark_exactly_the_response_targets():
+  rows = common.make_rows([np.array([1, 2, 3]), np.array([4])], [np.array([7, 8]), np.array([9])],
+                          seq_len=6, pad_id=0)
+  np.testing.assert_array_equal(rows['tokens'], [[1, 2, 3, 7, 8, 0], [4, 9, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(rows['mask'], [[0, 0, 1, 1, 0], [1, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(rows['last'], [4, 1])
+  with pytest.raises(UserError, match='does not fit seq_len'):
+    common.make_rows([np.arange(5)], [np.arange(3)], seq_len=6, pad_id=0)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 0.7])
+def test_logprobs_at_temperature_match_the_samplers_distribution(temperature):
+  mc = tiny_mc(pos='rope')
+  params = model_lib.init_params(mc, jax.random.PRNGKey(3))
+  prompt = [BYTES.eos_id] + list(BYTES.encode('def f(a):'))
+  out = sample_lib.generate_tokens(mc, params, [prompt], 6, temperature=temperature, seed=2)
+  seq = np.asarray(prompt + list(out[0]), np.int32)[None]
+  got = common.token_logprobs(mc, params, jnp.asarray(seq), temperature)[0, len(prompt) - 1:]
+  # The sampler's own distribution, step by step through the KV cache.
+  logits, cache = sample_lib.prefill(mc, params, jnp.asarray(seq[:, :len(prompt)]),
+                                     jnp.array([len(prompt)]), slots=seq.shape[1])
+  want = []
+  for t in range(out.shape[1]):
+    tok = int(out[0, t])
+    want.append(float(jax.nn.log_softmax(logits[0] / temperature)[tok]))
+    logits, cache = sample_lib.decode_step(mc, params, cache, jnp.array([tok]),
+                                           jnp.array([len(prompt) + t]))
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_a_reward_model_learns_a_separable_toy_preference():
+  mc = tiny_mc()
+  trunk = model_lib.init_params(mc, jax.random.PRNGKey(0))
+  tok = BYTES
+  rng = np.random.default_rng(0)
+  words = ['alpha', 'beta', 'gamma', 'delta', 'omega', 'kappa', 'sigma', 'theta']
+
+  def pairs(n):
+    out = []
+    for _ in range(n):
+      w = words[rng.integers(len(words))]
+      out.append({'prompt': w, 'chosen': f'{w} yes', 'rejected': f'{w} no!'})
+    return out
+  train, held = pairs(64), pairs(32)
+  rows = pairs_lib.pair_rows(tok, train, 32)
+  held_rows = pairs_lib.pair_rows(tok, held, 32)
+  params = common.init_head(mc, trunk)
+  tc = train_lib.TrainConfig(steps=60, lr=3e-3, warmup_steps=0, weight_decay=0.0)
+  opt = train_lib.make_optimizer(tc, params)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, b):
+    (loss, aux), g = jax.value_and_grad(lambda p: reward.pair_loss(mc, p, b), has_aux=True)(params)
+    upd, state = opt.update(g, state, params)
+    return optax.apply_updates(params, upd), state, loss / aux[0]
+  for i in range(60):
+    idx = rng.choice(len(train), 16, replace=False)
+    params, state, loss = step(params, state, reward._stack(rows, idx))
+  held_b = reward._stack(held_rows, np.arange(len(held)))
+  _, (w, m) = reward.pair_loss(mc, params, held_b)
+  assert float(m['accuracy'] / w) == 1.0 and float(loss) < 0.1
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def test_pairs_file_errors_name_file_and_line(tmp_path):
+  path = tmp_path / 'p.jsonl'
+  good = {'prompt': 'def f(a):', 'chosen': 'return a', 'rejected': 'return ('}
+  cases = [('{"prompt": "x", "chosen": "a"', 'line 2 is not JSON'),
+           (json.dumps({**good, 'rejected': 'return a'}), 'line 2 has identical chosen'),
+           (json.dumps({'prompt': 'x', 'chosen': 'a'}), "line 2 has no string field 'rejected'"),
+           (json.dumps({**good, 'chosen': ' '}), 'line 2 has an empty response')]
+  for line, message in cases:
+    path.write_text(json.dumps(good) + '\n' + line + '\n')
+    with pytest.raises(UserError, match=message):
+      pairs_lib.read_pairs(str(path))
+  path.write_text(json.dumps(good) + '\n')
+  assert pairs_lib.read_pairs(str(path)) == [good]
+
+
+def test_ppo_and_dpo_configs_refuse_bad_values():
+  c = ppo_cfg.get_config()
+  c.ppo.init_from, c.ppo.reward_from = 'a', 'b'
+  ppo.PpoConfig.from_config(c.ppo, 64)
+  with pytest.raises(UserError, match='not divisible by ppo.minibatch=16'):
+    ppo.PpoConfig.from_config(c.ppo, 40)
+  c.ppo.kl_coef = -0.1
+  with pytest.raises(UserError, match='kl_coef=-0.1 must be >= 0'):
+    ppo.PpoConfig.from_config(c.ppo, 64)
+  d = dpo_cfg.get_config()
+  d.dpo.init_from, d.dpo.pairs, d.dpo.beta = 'a', 'p.jsonl', 0.0
+  with pytest.raises(UserError, match='beta=0.0 must be positive'):
+    dpo.DpoConfig.from_config(d.dpo)
+
+
+# ---- the stages, on tiny runs ---------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def sft_run(cache_dir, tmp_path_factory):
+  """A tiny base model, fine-tuned for a few steps on the code task (few source files)."""
+  base = str(tmp_path_factory.mktemp('base'))
+  c = pretrain_config(cache_dir)
+  c.train.steps, c.train.eval_every, c.train.checkpoint_every = 40, 40, 40
+  train_lib.train(c, base)
+  sft = str(tmp_path_factory.mktemp('sft'))
+  s = sft_cfg.get_config()
+  s.finetune.init_from, s.finetune.data = base, 'code'
+  s.finetune.train_per_family, s.finetune.eval_per_family = 100_000, 8
+  s.finetune.max_new_tokens, s.finetune.eval_batch_size = 16, 8
+  for k, v in dict(steps=20, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=2, eval_every=20,
+                   eval_batches=1, checkpoint_every=20, progress='none').items():
+    s.train[k] = v
+  ft.finetune(s, sft)
+  return sft
+
+
+@pytest.fixture(autouse=True, scope='module')
+def few_sources():
+  """The code task from the first 60 standard-library files: a few hundred headers."""
+  old = code_task.SOURCE_FILES
+  code_task.SOURCE_FILES = 60
+  yield
+  code_task.SOURCE_FILES = old
+
+
+def small(c, **train):
+  for k, v in dict(batch_size=8, seq_len=128, warmup_steps=1, progress='none', log_every=1,
+                   **train).items():
+    c.train[k] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def rm_run(sft_run, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('rm'))
+  c = small(reward_cfg.get_config(), steps=6, eval_every=3, checkpoint_every=3)
+  r = c.reward
+  r.init_from, r.prompts, r.eval_prompts, r.samples_per_prompt = sft_run, 48, 24, 3
+  r.max_new_tokens, r.sample_batch = 24, 48
+  return workdir, reward.train_reward(c, workdir)
+
+
+def test_reward_run_writes_pairs_and_normalises_on_sft_samples(rm_run, sft_run):
+  workdir, summary = rm_run
+  r = summary['reward']
+  pairs = pairs_lib.read_pairs(os.path.join(workdir, reward.PAIRS))
+  held = pairs_lib.read_pairs(os.path.join(workdir, reward.EVAL_PAIRS))
+  assert r['train_pairs'] == len(pairs) > 0 and r['eval_pairs'] == len(held) > 0
+  for p in pairs + held:   # the higher gold score is chosen unless the label was flipped
+    assert (p['gold_chosen'] > p['gold_rejected']) != p['flipped']
+    assert p['gold_chosen'] == code_task.gold(p['prompt'], p['chosen'])
+  assert not any(p['flipped'] for p in held)
+  assert 0 <= r['eval_accuracy'] <= 1 and r['norm']['std'] > 0
+  rm = reward.load(workdir)
+  rows = pairs_lib.pair_rows(rm.tokenizer, pairs, 128)
+  scores = np.concatenate([rm.scores(rows[s], 16) for s in ('chosen', 'rejected')])
+  n = min(len(pairs), reward.NORM_SAMPLES // 2)
+  scores = np.concatenate([scores[:n], scores[len(pairs):len(pairs) + n]])
+  np.testing.assert_allclose([scores.mean(), scores.std()], [0, 1], atol=1e-4)
+
+
+def test_reward_model_must_match_the_policy(rm_run, sft_run):
+  policy = common.load_policy(sft_run)
+  rm = reward.load(rm_run[0])
+  common.check_compatible(policy, rm.mc, rm.tokenizer, 'reward model')
+  other = ModelConfig(**{**rm.mc.__dict__, 'd_model': 2 * rm.mc.d_model})
+  with pytest.raises(UserError, match='d_model differ'):
+    common.check_compatible(policy, other, rm.tokenizer, 'reward model')
+
+
+def ppo_config(sft_run, rm_dir, steps=2):
+  c = small(ppo_cfg.get_config(), steps=steps, eval_every=2, checkpoint_every=1)
+  p = c.ppo
+  p.init_from, p.reward_from = sft_run, rm_dir
+  p.minibatch, p.epochs, p.max_new_tokens, p.eval_prompts, p.sample_batch = 4, 2, 24, 8, 8
+  p.kl_target = 3.0    # adaptive: kl_coef is state too
+  return c
+
+
+def test_ppo_logs_every_iteration_resumes_bitwise_and_samples(rm_run, sft_run, tmp_path):
+  full = str(tmp_path / 'full')
+  ppo.train_ppo(ppo_config(sft_run, rm_run[0]), full)
+  rows = [json.loads(l) for l in open(os.path.join(full, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows] == [1, 2]
+  for key in ('proxy_reward', 'gold_reward', 'kl', 'entropy', 'clipfrac', 'approx_kl',
+              'value_loss', 'response_length', 'kl_coef'):
+    assert all(math.isfinite(r[key]) for r in rows), key
+  assert rows[0]['kl'] == 0.0            # the first rollout comes from the reference itself
+  assert all(r['ratio_dev_first'] < 1e-5 for r in rows)
+  assert rows[1]['kl_coef'] != rows[0]['kl_coef']   # adapted after the first iteration
+  assert {'eval_gold', 'eval_kl', 'eval_proxy'} <= set(rows[-1])
+  part = str(tmp_path / 'part')
+  ppo.train_ppo(ppo_config(sft_run, rm_run[0]), part, stop_at=1)
+  ppo.train_ppo(ppo_config(sft_run, rm_run[0]), part)
+  cfg = json.load(open(os.path.join(full, 'config.json')))
+  mc = common.load_policy(sft_run).mc
+  a, _ = ppo.load_params(full, cfg, mc)
+  b, _ = ppo.load_params(part, cfg, mc)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  texts = sample_lib.sample_cli(full, 'def f(a, b):', max_new_tokens=16, num_samples=2)
+  assert len(texts) == 2
+
+
+def test_dpo_starts_at_log2_and_learns_the_pairs(rm_run, sft_run, tmp_path):
+  workdir = str(tmp_path / 'dpo')
+  c = small(dpo_cfg.get_config(), steps=8, eval_every=8, checkpoint_every=8, lr=1e-3)
+  d = c.dpo
+  d.init_from, d.pairs = sft_run, os.path.join(rm_run[0], reward.PAIRS)
+  d.eval_pairs, d.reward_from = os.path.join(rm_run[0], reward.EVAL_PAIRS), rm_run[0]
+  d.eval_prompts, d.eval_samples, d.max_new_tokens, d.sample_batch = 8, 1, 24, 8
+  summary = dpo.train_dpo(c, workdir)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  np.testing.assert_allclose(rows[0]['loss'], math.log(2), rtol=1e-5)   # step 1: policy == ref
+  assert rows[-1]['loss'] < rows[0]['loss'] and rows[-1]['accuracy'] > 0.5
+  after = summary['dpo']['after']
+  assert {'eval_gold', 'eval_kl', 'eval_proxy', 'eval_pair_accuracy'} <= set(after)
+  mc, params, tok = sample_lib.load(workdir)
+  assert tok.hash == common.load_policy(sft_run).tokenizer.hash
