@@ -352,3 +352,22 @@ def test_dpo_starts_at_log2_and_learns_the_pairs(rm_run, sft_run, tmp_path):
   assert {'eval_gold', 'eval_kl', 'eval_proxy', 'eval_pair_accuracy'} <= set(after)
   mc, params, tok = sample_lib.load(workdir)
   assert tok.hash == common.load_policy(sft_run).tokenizer.hash
+
+
+def test_lesson_report_and_plot_from_a_result(tmp_path, capsys):
+  from experiments import rlhf
+  row = lambda g, p, k: {'gold': g, 'proxy': p, 'kl': k, 'length': 20.0}
+  result = {'rows': {'sft': row(0.6, 0.0, 0.0), 'dpo': row(0.8, 0.9, 2.0),
+                     'ppo kl=0.05': row(0.85, 1.5, 3.0), 'best-of-1': row(0.6, 0.0, 0.0),
+                     'best-of-4': row(0.75, 1.0, math.log(4) - 0.75)},
+            'curves': {'0.05': [{'step': 0, 'kl': 0.0, 'gold': 0.6, 'proxy': 0.0},
+                                {'step': 10, 'kl': 3.0, 'gold': 0.85, 'proxy': 1.5}]},
+            'wall_s': {'sft': 1.0}, 'eval_prompts': 10, 'eval_samples': 2, 'best_of': [1, 4],
+            'reward_model': {'eval_accuracy': 0.9, 'eval_pairs': 5, 'train_pairs': 9,
+                             'train_flipped': 1}}
+  rlhf.report(result)
+  out = capsys.readouterr().out
+  assert 'dpo' in out and '50%' in out and '62%' in out   # (0.8-0.6)/0.4 and (0.85-0.6)/0.4
+  paths = rlhf.plot(result, str(tmp_path))
+  assert os.path.getsize(paths[0]) > 0
+  assert json.load(open(tmp_path / 'result.json'))['rows']['dpo']['gold'] == 0.8

@@ -43,3 +43,20 @@ def test_other_bad_commands(tmp_path):
                   '--config.sweep.parallel=0', f'--workdir={tmp_path}/sw2')
   assert code == 2 and 'sweep.parallel=0 must be at least 1' in err[-1]
   assert not os.path.exists(f'{tmp_path}/sw2')
+
+
+def test_bad_preference_stage_commands(tmp_path):
+  code, err = run('ppo', '--config=configs/ppo.py', f'--workdir={tmp_path}/ppo',
+                  '--config.ppo.init_from=x', '--config.ppo.reward_from=y',
+                  '--config.ppo.kl_coef=-0.5')
+  assert code == 2 and 'ppo.kl_coef=-0.5 must be >= 0' in err[-1]
+  code, err = run('ppo', '--config=configs/ppo.py', f'--workdir={tmp_path}/ppo',
+                  '--config.ppo.init_from=x', '--config.ppo.reward_from=y',
+                  '--config.train.batch_size=30')
+  assert code == 2 and 'not divisible by ppo.minibatch=16' in err[-1]
+  code, err = run('dpo', '--config=configs/dpo.py', f'--workdir={tmp_path}/dpo',
+                  f'--config.dpo.init_from={tmp_path}/nothing', '--config.dpo.pairs=p.jsonl')
+  assert code == 2 and 'has no config.json' in err[-1]
+  code, err = run('reward', '--config=configs/ppo.py', f'--workdir={tmp_path}/rm')
+  assert code == 2 and 'no `reward` section' in err[-1]
+  assert not any(os.path.exists(f'{tmp_path}/{d}') for d in ('ppo', 'dpo', 'rm'))

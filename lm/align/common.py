@@ -323,3 +323,28 @@ class Evaluator:
     if self.rm is not None:
       out[f'{prefix}proxy'] = float(self.rm.scores(rows, self.batch_size).mean())
     return out
+
+
+def best_of_n(policy: Policy, rm: RewardModel, headers: list[str], ns: tuple, seq_len: int,
+              max_new_tokens: int, temperature: float, batch_size: int, seed: int = 4321
+              ) -> dict:
+  """Best-of-n sampling with the reward model: for each n in `ns`, the response with the highest
+  score among the first n samples per prompt. {n: {'gold', 'proxy', 'kl'}}, where kl is the
+  closed form log n - (n - 1) / n of the best-of-n distribution's KL to the policy (Stiennon et
+  al. 2020, appendix G.3; exact when the n samples are distinct)."""
+  tok = policy.tokenizer
+  prompts = [prompt_ids(tok, h) for h in headers]
+  golds, scores = [], []
+  for k in range(max(ns)):
+    resp = sample_responses(policy, prompts, max_new_tokens, temperature, seed + 7919 * k,
+                            batch_size)
+    golds.append(gold_scores(headers, [response_text(tok, r) for r in resp]))
+    scores.append(rm.scores(make_rows(prompts, resp, seq_len, tok.pad_id), batch_size))
+  golds, scores = np.stack(golds), np.stack(scores)        # [samples, prompts]
+  out = {}
+  for n in ns:
+    pick = np.argmax(scores[:n], axis=0)
+    cols = np.arange(len(headers))
+    out[n] = {'gold': float(golds[pick, cols].mean()), 'proxy': float(scores[pick, cols].mean()),
+              'kl': float(np.log(n) - (n - 1) / n)}
+  return out

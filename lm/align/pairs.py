@@ -7,7 +7,8 @@ the simulated rater's label was flipped:
   * every prompt gets `samples_per_prompt` responses from the policy at the sampling temperature;
   * the responses are scored by the gold program (lm/align/code_task.py); a prompt whose responses
     all score the same gives no pair (a rater could only guess), otherwise two responses with
-    different scores are drawn at random and the higher-scoring one is chosen;
+    different scores are drawn at random and the higher-scoring one is chosen, up to
+    `pairs_per_prompt` such pairs per prompt with no response in two of them;
   * with probability `noise` the label is flipped, as human raters disagree with each other
     (InstructGPT reports about 73% agreement between labellers; Ouyang et al. 2022).
 
@@ -67,8 +68,8 @@ def write_pairs(path: str, pairs: list[dict]) -> None:
 
 
 def sample_pairs(policy: common.Policy, headers: list[str], samples_per_prompt: int, noise: float,
-                 max_new_tokens: int, temperature: float, seed: int, batch_size: int
-                 ) -> tuple[list[dict], dict]:
+                 max_new_tokens: int, temperature: float, seed: int, batch_size: int,
+                 pairs_per_prompt: int = 1) -> tuple[list[dict], dict]:
   """(pairs, statistics) sampled from `policy` on `headers` (module docstring)."""
   tok = policy.tokenizer
   prompts = [common.prompt_ids(tok, h) for h in headers]
@@ -88,14 +89,21 @@ def sample_pairs(policy: common.Policy, headers: list[str], samples_per_prompt: 
     if not options:
       ties += 1
       continue
-    a, b = options[int(rng.integers(len(options)))]
-    if gold[a] < gold[b]:
-      a, b = b, a
-    flipped = bool(rng.random() < noise)
-    if flipped:
-      a, b = b, a
-    pairs.append({'prompt': h, 'chosen': texts[a], 'rejected': texts[b],
-                  'gold_chosen': gold[a], 'gold_rejected': gold[b], 'flipped': flipped})
+    used = set()
+    for o in rng.permutation(len(options)):
+      a, b = options[int(o)]
+      if a in used or b in used or texts[a] == texts[b]:
+        continue
+      used.update((a, b))
+      if gold[a] < gold[b]:
+        a, b = b, a
+      flipped = bool(rng.random() < noise)
+      if flipped:
+        a, b = b, a
+      pairs.append({'prompt': h, 'chosen': texts[a], 'rejected': texts[b],
+                    'gold_chosen': gold[a], 'gold_rejected': gold[b], 'flipped': flipped})
+      if len(used) // 2 == pairs_per_prompt:
+        break
   stats = {'prompts': len(headers), 'pairs': len(pairs), 'prompts_without_pair': ties,
            'flipped': int(sum(p['flipped'] for p in pairs)), 'noise': noise,
            'sample_gold_mean': float(np.mean(scores)) if scores else None}

@@ -49,6 +49,7 @@ class RewardConfig:
   prompts: int
   eval_prompts: int
   samples_per_prompt: int
+  pairs_per_prompt: int
   noise: float
   max_new_tokens: int
   temperature: float
@@ -59,7 +60,8 @@ class RewardConfig:
     s = section
     c = cls(init_from=str(s.init_from), pairs=str(s.pairs), eval_pairs=str(s.eval_pairs),
             prompts=int(s.prompts), eval_prompts=int(s.eval_prompts),
-            samples_per_prompt=int(s.samples_per_prompt), noise=float(s.noise),
+            samples_per_prompt=int(s.samples_per_prompt),
+            pairs_per_prompt=int(s.pairs_per_prompt), noise=float(s.noise),
             max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
             sample_batch=int(s.sample_batch))
     if not c.init_from:
@@ -67,7 +69,8 @@ class RewardConfig:
                       'e.g. --config.reward.init_from=runs/sft_code.')
     if not 0 <= c.noise < 0.5:
       raise UserError(f'reward.noise={c.noise} must be in [0, 0.5) (the share of flipped labels).')
-    for key in ('samples_per_prompt', 'max_new_tokens', 'sample_batch', 'eval_prompts'):
+    for key in ('samples_per_prompt', 'pairs_per_prompt', 'max_new_tokens', 'sample_batch',
+                'eval_prompts'):
       if int(getattr(c, key)) < 1:
         raise UserError(f'reward.{key}={getattr(c, key)} must be a positive integer.')
     if c.samples_per_prompt < 2:
@@ -122,7 +125,8 @@ def get_pairs(rc: RewardConfig, policy: common.Policy, workdir: str, seed: int, 
             'prompts for preference pairs ...', file=sys.stderr, flush=True)
       made, st = pairs_lib.sample_pairs(policy, headers, rc.samples_per_prompt,
                                         rc.noise if split == 'train' else 0.0, rc.max_new_tokens,
-                                        rc.temperature, seed + (split == 'eval'), rc.sample_batch)
+                                        rc.temperature, seed + (split == 'eval'), rc.sample_batch,
+                                        rc.pairs_per_prompt if split == 'train' else 1)
       if not made:
         raise UserError(f'no {split} prompt gave two responses of different gold reward; raise '
                         'reward.samples_per_prompt or reward.temperature.')
