@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.pairs = ''               # JSONL of {"prompt", "chosen", "rejected"} (required)
   d.eval_pairs = ''          # optional held-out pairs: DPO loss and implicit-reward accuracy
   d.beta = 0.1               # strength of the implicit KL constraint
+  d.label_smoothing = 0.0    # conservative DPO: the share of labels assumed flipped
   d.reward_from = ''         # optional reward-model run: its score of the samples is logged
   d.eval_prompts = 200       # held-out prompts sampled at each evaluation
   d.eval_samples = 2         # samples per held-out prompt

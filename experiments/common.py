@@ -12,6 +12,24 @@ matplotlib.use('Agg')
 # Defined once here (not per experiment) so that importing several experiments in one
 # process, as the tests do, does not register the same flag twice.
 _OUT = flags.DEFINE_string('out', None, 'Folder for the plots (default out/experiments/NAME).')
+_RUNS = flags.DEFINE_string('runs', None, 'Folder for the training runs of the experiments that '
+                            'train (default runs/NAME).')
+_BASE = flags.DEFINE_string('base', None, 'An already pretrained run to start from (default: '
+                            'pretrain configs/pretrain_small.py into RUNS/base).')
+
+
+def runs_dir(name: str, runs: str | None = None) -> str:
+  """The folder an experiment's training runs go to: `runs`, else --runs, else runs/NAME."""
+  if runs is None:
+    runs = _RUNS.value if flags.FLAGS.is_parsed() else None
+  return runs or os.path.join('runs', name)
+
+
+def base_run(base: str | None = None) -> str | None:
+  """A pretrained run to start from: `base`, else --base, else None (pretrain one)."""
+  if base is None:
+    base = _BASE.value if flags.FLAGS.is_parsed() else None
+  return base or None
 
 
 def out_dir(name: str, out: str | None = None) -> str:

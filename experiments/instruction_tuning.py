@@ -32,15 +32,12 @@ import numpy as np
 from experiments import common
 
 NAME = 'instruction_tuning'
-_RUNS = flags.DEFINE_string('runs', os.path.join('runs', NAME), 'Folder for the four runs.')
 _RANKS = flags.DEFINE_string('ranks', '4,8', 'LoRA ranks, comma-separated.')
 _LORA_LR = flags.DEFINE_float('lora_lr', 1e-2, 'Peak learning rate of the LoRA runs (full '
                                'fine-tuning uses configs/sft.py\'s train.lr).')
 _LORA_STEPS = flags.DEFINE_integer('lora_steps', 3000, 'Steps of the LoRA runs (full fine-tuning '
                                    'uses configs/sft.py\'s train.steps).')
 _LORA_TARGETS = flags.DEFINE_string('lora_targets', 'q,k,v,o', 'Matrices the LoRA runs adapt.')
-_BASE = flags.DEFINE_string('base', None, 'An already pretrained run to start from (default: '
-                            'pretrain configs/pretrain_small.py into RUNS/base).')
 PROMPTS = ('Name the module: import os.path', 'def splitext(p): What is it called?',
            "Convert 'select' to upper case.", 'Write number backwards.', 'What is 12 plus 30?',
            'Sort these numbers from smallest to largest: 32 5 17')
@@ -53,9 +50,9 @@ def run(runs_dir=None, ranks=None, pretrain_overrides=None, sft_overrides=None,
   from lm import finetune as ft
   from lm import sample as sample_lib
   from lm import train as train_lib
-  runs_dir = runs_dir or _RUNS.value
+  runs_dir = common.runs_dir(NAME, runs_dir)
   ranks = ranks or tuple(int(r) for r in _RANKS.value.split(','))
-  base_dir = base_dir or (_BASE.value if flags.FLAGS.is_parsed() else None)
+  base_dir = common.base_run(base_dir)
   if not base_dir:
     base_dir = os.path.join(runs_dir, 'base')
     pcfg = pretrain_small.get_config()

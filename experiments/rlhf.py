@@ -31,9 +31,6 @@ from absl import flags
 from experiments import common
 
 NAME = 'rlhf'
-_RUNS = flags.DEFINE_string('runs', os.path.join('runs', NAME), 'Folder for the runs.')
-_BASE = flags.DEFINE_string('base', None, 'An already pretrained run to start from (default: '
-                            'pretrain configs/pretrain_small.py into RUNS/base).')
 _KL = flags.DEFINE_string('kl_coefs', '0.2,0.05,0.01', 'PPO KL coefficients, comma-separated.')
 _EVAL_PROMPTS = flags.DEFINE_integer('eval_prompts', 200, 'Held-out headers every policy is '
                                      'sampled on.')
@@ -66,10 +63,10 @@ def run(runs_dir=None, base_dir=None, kl_coefs=None, overrides=None, eval_prompt
   from lm import train as train_lib
   from lm.align import common as al, dpo, ppo, reward
   parsed = flags.FLAGS.is_parsed()
-  runs_dir = runs_dir or _RUNS.value
+  runs_dir = common.runs_dir(NAME, runs_dir)
   kl_coefs = kl_coefs or tuple(float(x) for x in _KL.value.split(','))
   eval_prompts = eval_prompts or (_EVAL_PROMPTS.value if parsed else 200)
-  base_dir = base_dir or (_BASE.value if parsed else None)
+  base_dir = common.base_run(base_dir)
   overrides = overrides or {}
   wall = {}
 

@@ -85,9 +85,14 @@ def test_dpo_loss_by_hand_and_log2_at_the_reference():
   # implicit rewards 0.5 * (1) and 0.5 * (-0.5): margin 0.75
   np.testing.assert_allclose(r_w, [0.5]), np.testing.assert_allclose(r_l, [-0.25])
   np.testing.assert_allclose(loss, [math.log(1 + math.exp(-0.75))], rtol=1e-6)
+  smooth, _, _ = dpo.dpo_loss_terms(jnp.array([-3.0]), jnp.array([-5.0]), jnp.array([-4.0]),
+                                    jnp.array([-4.5]), beta=0.5, label_smoothing=0.1)
+  np.testing.assert_allclose(smooth, [0.9 * math.log(1 + math.exp(-0.75))
+                                      + 0.1 * math.log(1 + math.exp(0.75))], rtol=1e-6)
   same = jnp.array([-7.25, -1.0])
-  loss0, _, _ = dpo.dpo_loss_terms(same, same + 2, same, same + 2, beta=0.1)
-  np.testing.assert_allclose(loss0, [math.log(2)] * 2, rtol=1e-7)
+  for eps in (0.0, 0.2):
+    loss0, _, _ = dpo.dpo_loss_terms(same, same + 2, same, same + 2, beta=0.1, label_smoothing=eps)
+    np.testing.assert_allclose(loss0, [math.log(2)] * 2, rtol=1e-7)
 
 
 def test_gae_against_a_hand_worked_example():

@@ -218,6 +218,21 @@ def test_every_config_file_builds(path):
     finetune_lib.FinetuneConfig.from_config(cfg)
     train_lib.TrainConfig.from_config(cfg.train)
     return
+  if any(k in cfg for k in ('reward', 'dpo', 'ppo')):   # preference stages: model from the SFT run
+    from lm.align import dpo, ppo, reward
+    for section in ('reward', 'dpo', 'ppo'):
+      if section in cfg:
+        for key in ('init_from', 'reward_from', 'pairs'):
+          if key in cfg[section]:
+            cfg[section][key] = 'runs/any'
+    if 'reward' in cfg:
+      reward.RewardConfig.from_config(cfg.reward)
+    if 'dpo' in cfg:
+      dpo.DpoConfig.from_config(cfg.dpo)
+    if 'ppo' in cfg:
+      ppo.PpoConfig.from_config(cfg.ppo, cfg.train.batch_size)
+    train_lib.TrainConfig.from_config(cfg.train)
+    return
   if 'model' not in cfg:   # sweep configs carry their base under `base`
     cfg = cfg.base
   mc = ModelConfig.from_config(cfg.model, 259)

@@ -39,6 +39,7 @@ class DpoConfig:
   pairs: str
   eval_pairs: str
   beta: float
+  label_smoothing: float
   reward_from: str
   eval_prompts: int
   eval_samples: int
@@ -49,7 +50,8 @@ class DpoConfig:
   @classmethod
   def from_config(cls, s) -> 'DpoConfig':
     c = cls(init_from=str(s.init_from), pairs=str(s.pairs), eval_pairs=str(s.eval_pairs),
-            beta=float(s.beta), reward_from=str(s.reward_from), eval_prompts=int(s.eval_prompts),
+            beta=float(s.beta), label_smoothing=float(s.label_smoothing),
+            reward_from=str(s.reward_from), eval_prompts=int(s.eval_prompts),
             eval_samples=int(s.eval_samples), max_new_tokens=int(s.max_new_tokens),
             temperature=float(s.temperature), sample_batch=int(s.sample_batch))
     if not c.init_from:
@@ -61,6 +63,9 @@ class DpoConfig:
                       'pairs.jsonl.')
     if not c.beta > 0:
       raise UserError(f'dpo.beta={c.beta} must be positive (it scales the implicit reward).')
+    if not 0 <= c.label_smoothing < 0.5:
+      raise UserError(f'dpo.label_smoothing={c.label_smoothing} must be in [0, 0.5) (the share '
+                      'of labels assumed flipped).')
     for key in ('eval_prompts', 'eval_samples', 'max_new_tokens', 'sample_batch'):
       if getattr(c, key) < 1:
         raise UserError(f'dpo.{key}={getattr(c, key)} must be a positive integer.')
@@ -69,18 +74,26 @@ class DpoConfig:
     return c
 
 
-def dpo_loss_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
-  """(per-pair loss, implicit reward of chosen, of rejected) from summed log-probabilities."""
+def dpo_loss_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
+                   label_smoothing: float = 0.0):
+  """(per-pair loss, implicit reward of chosen, of rejected) from summed log-probabilities.
+
+  label_smoothing e > 0 is conservative DPO (Mitchell 2023): each label is taken to be wrong with
+  probability e, loss = (1 - e) (-log sigmoid(m)) + e (-log sigmoid(-m)) for the margin m.
+  """
   r_w = beta * (policy_chosen - ref_chosen)
   r_l = beta * (policy_rejected - ref_rejected)
-  return -jax.nn.log_sigmoid(r_w - r_l), r_w, r_l
+  m = r_w - r_l
+  loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(m) - label_smoothing * jax.nn.log_sigmoid(-m)
+  return loss, r_w, r_l
 
 
-def pair_loss(mc, params, batch, beta: float):
+def pair_loss(mc, params, batch, beta: float, label_smoothing: float = 0.0):
   """(loss sum, (pairs, metric sums)) of a batch of chosen then rejected rows."""
   logp = common.sequence_logprob(mc, params, batch)
   B = logp.shape[0] // 2
-  loss, r_w, r_l = dpo_loss_terms(logp[:B], logp[B:], batch['ref'][:B], batch['ref'][B:], beta)
+  loss, r_w, r_l = dpo_loss_terms(logp[:B], logp[B:], batch['ref'][:B], batch['ref'][B:], beta,
+                                  label_smoothing)
   w = batch['weight'][:B]
   return jnp.sum(loss * w), (jnp.sum(w), {
       'accuracy': jnp.sum((r_w > r_l) * w), 'margin': jnp.sum((r_w - r_l) * w),
@@ -141,10 +154,10 @@ def build(cfg, workdir: str) -> loop.Stage:
 
   optimizer = make_optimizer(tc, jax.eval_shape(lambda: policy.params))
   init_state, abstract_state = common.initial_state(lambda: policy.params, optimizer)
-  beta = dc.beta
-  train_step = jax.jit(loop.make_step(lambda p, _, b, r: pair_loss(mc, p, b, beta), tc,
+  beta, eps = dc.beta, dc.label_smoothing
+  train_step = jax.jit(loop.make_step(lambda p, _, b, r: pair_loss(mc, p, b, beta, eps), tc,
                                       optimizer, seed), donate_argnums=0)
-  eval_loss = jax.jit(lambda p, b: pair_loss(mc, p, b, beta))
+  eval_loss = jax.jit(lambda p, b: pair_loss(mc, p, b, beta, eps))
   evaluator = common.Evaluator(common.task_prompts('eval', dc.eval_prompts), policy, rm,
                                tc.seq_len, dc.max_new_tokens, dc.temperature, dc.sample_batch,
                                samples=dc.eval_samples, seed=seed + 77)
@@ -171,7 +184,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   n = flops_lib.param_counts(policy.params)
   fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'])
   info = {'pairs': dc.pairs, 'train_pairs': n_pairs, 'dropped_too_long': dropped,
-          'beta': beta}
+          'beta': beta, 'label_smoothing': eps}
 
   def summary(last: dict) -> dict:
     return {'dpo': {**info, 'after': last}}
