@@ -316,10 +316,15 @@ def ppo_config(sft_run, rm_dir, steps=2):
   return c
 
 
-def test_ppo_logs_every_iteration_resumes_bitwise_and_samples(rm_run, sft_run, tmp_path):
-  full = str(tmp_path / 'full')
+@pytest.fixture(scope='module')
+def ppo_run(rm_run, sft_run, tmp_path_factory):
+  full = str(tmp_path_factory.mktemp('ppo'))
   ppo.train_ppo(ppo_config(sft_run, rm_run[0]), full)
-  rows = [json.loads(l) for l in open(os.path.join(full, 'metrics.jsonl'))]
+  return full
+
+
+def test_ppo_logs_every_iteration_and_samples(ppo_run):
+  rows = [json.loads(l) for l in open(os.path.join(ppo_run, 'metrics.jsonl'))]
   assert [r['step'] for r in rows] == [1, 2]
   for key in ('proxy_reward', 'gold_reward', 'kl', 'entropy', 'clipfrac', 'approx_kl',
               'value_loss', 'response_length', 'kl_coef'):
@@ -328,17 +333,21 @@ def test_ppo_logs_every_iteration_resumes_bitwise_and_samples(rm_run, sft_run, t
   assert all(r['ratio_dev_first'] < 1e-5 for r in rows)
   assert rows[1]['kl_coef'] != rows[0]['kl_coef']   # adapted after the first iteration
   assert {'eval_gold', 'eval_kl', 'eval_proxy'} <= set(rows[-1])
+  texts = sample_lib.sample_cli(ppo_run, 'def f(a, b):', max_new_tokens=16, num_samples=2)
+  assert len(texts) == 2
+
+
+@pytest.mark.slow   # two more PPO runs; the default suite keeps the LoRA and pretraining resumes
+def test_ppo_resume_is_bitwise_exact(ppo_run, rm_run, sft_run, tmp_path):
   part = str(tmp_path / 'part')
   ppo.train_ppo(ppo_config(sft_run, rm_run[0]), part, stop_at=1)
   ppo.train_ppo(ppo_config(sft_run, rm_run[0]), part)
-  cfg = json.load(open(os.path.join(full, 'config.json')))
+  cfg = json.load(open(os.path.join(ppo_run, 'config.json')))
   mc = common.load_policy(sft_run).mc
-  a, _ = ppo.load_params(full, cfg, mc)
+  a, _ = ppo.load_params(ppo_run, cfg, mc)
   b, _ = ppo.load_params(part, cfg, mc)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  texts = sample_lib.sample_cli(full, 'def f(a, b):', max_new_tokens=16, num_samples=2)
-  assert len(texts) == 2
 
 
 def test_dpo_starts_at_log2_and_learns_the_pairs(rm_run, sft_run, tmp_path):

@@ -95,7 +95,9 @@ def test_loss_mask_counts_exactly_the_response_tokens(which, sp_tokenizer):
                         [tok.chat_ids['end']] + [i for d in '0123456789' for i in tok.encode(d)]))
 
 
-@pytest.mark.parametrize('pos', ['rope', 'learned', 'alibi'])
+# rope in the default suite; the other position encodings (same code path for segments) are slow.
+@pytest.mark.parametrize('pos', ['rope', pytest.param('learned', marks=pytest.mark.slow),
+                                 pytest.param('alibi', marks=pytest.mark.slow)])
 def test_packed_losses_equal_each_example_alone(pos):
   mc = tiny_mc(pos=pos)
   params = model_lib.init_params(mc, jax.random.PRNGKey(1))
