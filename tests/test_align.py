@@ -157,12 +157,12 @@ def test_logprobs_at_temperature_match_the_samplers_distribution(temperature=0.7
   # The sampler's own distribution, step by step through the KV cache.
   logits, cache = sample_lib.prefill(mc, params, jnp.asarray(seq[:, :len(prompt)]),
                                      jnp.array([len(prompt)]), slots=seq.shape[1])
+  step = jax.jit(lambda p, c, t, pos: sample_lib.decode_step(mc, p, c, t, pos))
   want = []
   for t in range(out.shape[1]):
     tok = int(out[0, t])
     want.append(float(jax.nn.log_softmax(logits[0] / temperature)[tok]))
-    logits, cache = sample_lib.decode_step(mc, params, cache, jnp.array([tok]),
-                                           jnp.array([len(prompt) + t]))
+    logits, cache = step(params, cache, jnp.array([tok]), jnp.array([len(prompt) + t]))
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
@@ -239,15 +239,15 @@ def sft_run(cache_dir, tmp_path_factory):
   """A tiny base model, fine-tuned for a few steps on the code task (few source files)."""
   base = str(tmp_path_factory.mktemp('base'))
   c = pretrain_config(cache_dir)
-  c.train.steps, c.train.eval_every, c.train.checkpoint_every = 20, 20, 20
+  c.train.steps, c.train.eval_every, c.train.checkpoint_every = 40, 40, 40
   train_lib.train(c, base)
   sft = str(tmp_path_factory.mktemp('sft'))
   s = sft_cfg.get_config()
   s.finetune.init_from, s.finetune.data = base, 'code'
   s.finetune.train_per_family, s.finetune.eval_per_family = 100_000, 8
   s.finetune.max_new_tokens, s.finetune.eval_batch_size = 16, 8
-  for k, v in dict(steps=10, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=2, eval_every=10,
-                   eval_batches=1, checkpoint_every=10, progress='none').items():
+  for k, v in dict(steps=20, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=2, eval_every=20,
+                   eval_batches=1, checkpoint_every=20, progress='none').items():
     s.train[k] = v
   ft.finetune(s, sft)
   return sft
@@ -274,7 +274,7 @@ def rm_run(sft_run, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('rm'))
   c = small(reward_cfg.get_config(), steps=6, eval_every=3, checkpoint_every=3)
   r = c.reward
-  r.init_from, r.prompts, r.eval_prompts, r.samples_per_prompt = sft_run, 32, 16, 3
+  r.init_from, r.prompts, r.eval_prompts, r.samples_per_prompt = sft_run, 48, 24, 3
   r.max_new_tokens, r.sample_batch = 24, 48
   return workdir, reward.train_reward(c, workdir)
 
