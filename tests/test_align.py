@@ -151,19 +151,22 @@ def test_logprobs_at_temperature_match_the_samplers_distribution(temperature=0.7
   mc = tiny_mc(pos='rope')
   params = model_lib.init_params(mc, jax.random.PRNGKey(3))
   prompt = [BYTES.eos_id] + list(BYTES.encode('def f(a):'))
-  out = sample_lib.generate_tokens(mc, params, [prompt], 6, temperature=temperature, seed=2)
-  seq = np.asarray(prompt + list(out[0]), np.int32)[None]
-  got = common.token_logprobs(mc, params, jnp.asarray(seq), temperature)[0, len(prompt) - 1:]
-  # The sampler's own distribution, step by step through the KV cache.
-  logits, cache = sample_lib.prefill(mc, params, jnp.asarray(seq[:, :len(prompt)]),
-                                     jnp.array([len(prompt)]), slots=seq.shape[1])
+  n = 6
+  # Draw n tokens the way the sampler does (its own sample_logits on the cached logits) and
+  # record the log-probability of each draw under the distribution it was drawn from.
+  logits, cache = sample_lib.prefill(mc, params, jnp.asarray([prompt], jnp.int32),
+                                     jnp.array([len(prompt)]), slots=len(prompt) + n)
   step = jax.jit(lambda p, c, t, pos: sample_lib.decode_step(mc, p, c, t, pos))
-  want = []
-  for t in range(out.shape[1]):
-    tok = int(out[0, t])
+  drawn, want = [], []
+  for t in range(n):
+    tok = int(sample_lib.sample_logits(jax.random.PRNGKey(t), logits, temperature)[0])
+    drawn.append(tok)
     want.append(float(jax.nn.log_softmax(logits[0] / temperature)[tok]))
     logits, cache = step(params, cache, jnp.array([tok]), jnp.array([len(prompt) + t]))
-  np.testing.assert_allclose(got, want, atol=2e-5)
+  seq = jnp.asarray([prompt + drawn], jnp.int32)
+  got = jax.jit(lambda p, x: common.token_logprobs(mc, p, x, temperature))(params, seq)
+  np.testing.assert_allclose(got[0, len(prompt) - 1:], want, atol=2e-5)
+  assert len(set(drawn)) > 1    # a real draw, not one repeated argmax
 
 
 def test_a_reward_model_learns_a_separable_toy_preference():
