@@ -1,5 +1,9 @@
-"""The instruction-tuning lesson at toy size: every stage runs and the report and plot are made."""
+"""The instruction-tuning lesson at toy size: every stage runs and the report and plot are made.
+
+Slow (about 20 s of training): the stages themselves are tested in test_finetune.py."""
 import pytest
+
+pytestmark = pytest.mark.slow
 
 from experiments import instruction_tuning
 
