@@ -220,6 +220,22 @@ def test_pairs_file_errors_name_file_and_line(tmp_path):
   assert pairs_lib.read_pairs(str(path)) == [good]
 
 
+def test_ppo_learning_rate_schedule_spans_every_update_of_the_run():
+  from lm.optim import learning_rate_schedule
+  c = ppo_cfg.get_config()
+  c.ppo.init_from, c.ppo.reward_from = 'a', 'b'
+  c.train.schedule, c.train.steps, c.train.warmup_steps = 'cosine', 10, 2
+  tc = train_lib.TrainConfig.from_config(c.train)
+  pc = ppo.PpoConfig.from_config(c.ppo, tc.batch_size)
+  u = ppo.updates_per_iteration(tc, pc)
+  assert u == pc.epochs * tc.batch_size // pc.minibatch == 16
+  sched = learning_rate_schedule(ppo.per_update_config(tc, pc))
+  peak, final = tc.lr, tc.lr * tc.final_lr_fraction
+  assert float(sched(2 * u - 1)) == pytest.approx(peak)       # warmup ends after 2 iterations
+  assert float(sched(5 * u)) > 1.1 * final                      # still decaying mid-run
+  assert float(sched(10 * u - 1)) == pytest.approx(final)     # the last update of iteration 10
+
+
 def test_ppo_and_dpo_configs_refuse_bad_values():
   c = ppo_cfg.get_config()
   c.ppo.init_from, c.ppo.reward_from = 'a', 'b'

@@ -221,9 +221,22 @@ def _update(params, opt_state, data, key, *, mc, tc, pc):
 # ---------------------------------------------------------------------------------------------
 # The stage.
 
+def updates_per_iteration(tc: TrainConfig, pc: PpoConfig) -> int:
+  return pc.epochs * (tc.batch_size // pc.minibatch)
+
+
+def per_update_config(tc: TrainConfig, pc: PpoConfig) -> TrainConfig:
+  """train.steps and train.warmup_steps count iterations, but the optimizers step once per
+  minibatch: their schedule is stretched over every update of the run."""
+  u = updates_per_iteration(tc, pc)
+  return dataclasses.replace(tc, steps=tc.steps * u, warmup_steps=tc.warmup_steps * u)
+
+
 def _optimizers(tc: TrainConfig, pc: PpoConfig, shapes):
-  value_tc = dataclasses.replace(tc, lr=tc.lr * pc.value_lr_ratio)
-  return {'policy': make_optimizer(tc, shapes['policy']),
+  """AdamW for the policy and for the value network (per_update_config schedules)."""
+  per_update = per_update_config(tc, pc)
+  value_tc = dataclasses.replace(per_update, lr=tc.lr * pc.value_lr_ratio)
+  return {'policy': make_optimizer(per_update, shapes['policy']),
           'value': make_optimizer(value_tc, shapes['value'])}
 
 
