@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.train = base.get_config().train
   t = c.train
-  t.steps = 600
+  t.steps = 1200
   t.batch_size = 32          # pairs per step (64 sequences)
   t.seq_len = 128            # prompt + response, at most the SFT model's max_len
   t.lr = 1e-4
@@ -31,8 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   r.eval_pairs = ''          # held-out pairs; '' samples them on held-out prompts, gold-labelled
   r.prompts = 0              # training prompts to sample pairs on (0: every training header)
   r.eval_prompts = 400       # held-out prompts to sample evaluation pairs on
-  r.samples_per_prompt = 8   # responses sampled per prompt; two of different gold make a pair
-  r.pairs_per_prompt = 4     # at most this many pairs per training prompt, no response reused
+  r.samples_per_prompt = 16  # responses sampled per prompt; two of different gold make a pair
+  r.pairs_per_prompt = 8     # at most this many pairs per training prompt, no response reused
   r.noise = 0.1              # share of training labels flipped (rater disagreement)
   r.max_new_tokens = 48      # response length limit when sampling
   r.temperature = 1.0        # sampling temperature of the SFT policy
