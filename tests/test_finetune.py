@@ -137,7 +137,8 @@ def test_packed_stream_is_a_pure_function_of_the_step():
 LORA_ALL = ('q', 'k', 'v', 'o', 'up', 'gate', 'down')
 
 
-@pytest.mark.parametrize('scan', [False, True])
+# The scanned-layers variant (leaves with a layer axis) is slow; the loop variant runs by default.
+@pytest.mark.parametrize('scan', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_lora_starts_at_the_base_and_merges_exactly(scan):
   # Trained token rows too: in the tied table, and in an untied head with the scanned stack.
   mc = tiny_mc(mlp='swiglu', scan_layers=scan, lora_rank=4, lora_targets=LORA_ALL,
