@@ -102,6 +102,7 @@ def test_same_seed_same_numbers_and_exact_resume(cache_dir, reference_run, tmp_p
   assert train_lib.train(cfg, workdir)['final_loss'] == ref_summary['final_loss']
 
 
+@pytest.mark.slow   # a second training run; same-seed determinism stays in the default suite
 def test_other_seed_other_numbers(cache_dir, reference_run, tmp_path):
   cfg = small_config(cache_dir, steps=2, eval_every=2, warmup_steps=1)
   cfg.seed = 1
