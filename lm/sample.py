@@ -110,15 +110,19 @@ def _abstract_state(cfg: dict, mc: ModelConfig):
 CHAT_STAGES = ('finetune', 'dpo', 'ppo', 'reward')   # config sections of runs that chat
 
 
+def _run_config(workdir: str) -> dict:
+  """A run's config.json, or {} when there is none readable."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return {}
+
+
 def is_finetuned(workdir: str) -> bool:
   """True for a run that `run.py finetune`, `dpo`, `ppo` or `reward` wrote (it answers in the
   chat template)."""
-  try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      cfg = json.load(f)
-    return any(k in cfg for k in CHAT_STAGES)
-  except (OSError, json.JSONDecodeError):
-    return False
+  return any(k in _run_config(workdir) for k in CHAT_STAGES)
 
 
 def load(workdir: str):
@@ -355,7 +359,7 @@ def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature
   system message) and prints its reply; raw=True continues the text as pretraining would.
   """
   check_sampling(temperature, top_k, top_p, num_samples, max_new_tokens)
-  if _is_reward_run(workdir):
+  if 'reward' in _run_config(workdir):
     return _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                                 num_samples, system)
   mc, params, tokenizer = load(workdir)
@@ -386,22 +390,13 @@ def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature
   return texts
 
 
-def _is_reward_run(workdir: str) -> bool:
-  try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      return 'reward' in json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return False
-
-
 def _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                          num_samples, system) -> list[str]:
   """A reward-model run: its SFT policy's replies, each with the reward model's normalised score."""
   from lm import sft
   from lm.align import common, reward
   rm = reward.load(workdir)
-  with open(os.path.join(workdir, 'config.json')) as f:
-    policy = common.load_policy(json.load(f)['base']['workdir'])
+  policy = common.load_policy(_run_config(workdir)['base']['workdir'])
   messages = ([{'role': 'system', 'content': system}] if system else []) + [
       {'role': 'user', 'content': prompt}]
   prompt_ids = sft.encode_chat(policy.tokenizer, messages, generation_prompt=True)[0]

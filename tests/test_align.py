@@ -197,8 +197,8 @@ def test_a_reward_model_learns_a_separable_toy_preference():
     return optax.apply_updates(params, upd), state, loss / aux[0]
   for i in range(60):
     idx = rng.choice(len(train), 16, replace=False)
-    params, state, loss = step(params, state, reward._stack(rows, idx))
-  held_b = reward._stack(held_rows, np.arange(len(held)))
+    params, state, loss = step(params, state, pairs_lib.stack(rows, idx))
+  held_b = pairs_lib.stack(held_rows, np.arange(len(held)))
   _, (w, m) = reward.pair_loss(mc, params, held_b)
   assert float(m['accuracy'] / w) == 1.0 and float(loss) < 0.1
 

@@ -101,6 +101,17 @@ def make_rows(prompts: list, responses: list, seq_len: int, pad_id: int) -> dict
   return {'tokens': tokens, 'mask': mask, 'last': last}
 
 
+def epoch_indices(step: int, batch_size: int, n: int, seed: int, salt: int) -> list[int]:
+  """The item indices of a step's batch: epoch e visits the n items in a permutation seeded by
+  (seed, e, salt), so every batch is a pure function of the step (exact resume)."""
+  first, idx = step * batch_size, []
+  while len(idx) < batch_size:
+    e, at = divmod(first + len(idx), n)
+    perm = np.random.default_rng([seed, e, salt]).permutation(n)
+    idx.extend(perm[at:at + batch_size - len(idx)].tolist())
+  return idx
+
+
 def pad_rows(rows: dict, size: int) -> dict:
   """Rows padded with empty copies of row 0 (mask 0) to `size`, for a fixed compiled shape."""
   short = size - len(rows['tokens'])

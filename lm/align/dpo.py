@@ -138,18 +138,11 @@ def build(cfg, workdir: str) -> loop.Stage:
       eval_rows[side]['ref'] = _reference_logprobs(mc, policy.params, eval_rows[side], 2 * B)
   n_pairs = len(train_pairs)
 
-  def stack(r: dict, idx) -> dict:
-    out = {k: np.concatenate([r['chosen'][k][idx], r['rejected'][k][idx]])
-           for k in ('tokens', 'mask', 'last', 'ref')}
-    out['weight'] = np.ones(2 * len(idx), np.float32)
-    return out
+  keys = ('tokens', 'mask', 'last', 'ref')
+  stack = lambda r, idx: pairs_lib.stack(r, idx, keys)
 
   def batch(step: int) -> dict:
-    first, idx = step * B, []
-    while len(idx) < B:
-      e, at = divmod(first + len(idx), n_pairs)
-      perm = np.random.default_rng([seed, e, 0xD70]).permutation(n_pairs)
-      idx.extend(perm[at:at + B - len(idx)].tolist())
+    idx = common.epoch_indices(step, B, n_pairs, seed, 0xD70)
     return jax.device_put(stack(rows, np.asarray(idx)))
 
   optimizer = make_optimizer(tc, jax.eval_shape(lambda: policy.params))

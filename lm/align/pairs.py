@@ -120,6 +120,14 @@ def pair_rows(tokenizer, pairs: list[dict], seq_len: int) -> dict:
   return out
 
 
+def stack(rows: dict, idx, keys=('tokens', 'mask', 'last')) -> dict:
+  """A batch of the chosen rows `idx` followed by the rejected rows `idx` (pair_rows' output),
+  with a weight of 1 per row."""
+  out = {k: np.concatenate([rows['chosen'][k][idx], rows['rejected'][k][idx]]) for k in keys}
+  out['weight'] = np.ones(2 * len(idx), np.float32)
+  return out
+
+
 def fitting(tokenizer, pairs: list[dict], seq_len: int) -> tuple[list[dict], int]:
   """The pairs whose prompt and both responses fit seq_len, and how many did not."""
   keep = []

@@ -319,12 +319,7 @@ def build(cfg, workdir: str) -> loop.Stage:
     return new_state, metrics
 
   def batch(step: int):
-    first, idx, n = step * B, [], len(prompts)
-    while len(idx) < B:
-      e, at = divmod(first + len(idx), n)
-      perm = np.random.default_rng([seed, e, 0x990]).permutation(n)
-      idx.extend(perm[at:at + B - len(idx)].tolist())
-    return idx
+    return common.epoch_indices(step, B, len(prompts), seed, 0x990)
 
   evaluator = common.Evaluator(common.task_prompts('eval', pc.eval_prompts), policy, rm,
                                tc.seq_len, pc.max_new_tokens, T, pc.sample_batch,
@@ -360,15 +355,10 @@ def load_params(workdir: str, cfg: dict, mc):
   from lm import finetune
   from lm import model as model_lib
   tc = TrainConfig.from_config(cfg['train'])
-  pc = PpoConfig.from_config(_section(cfg['ppo']), tc.batch_size)
+  pc = PpoConfig.from_config(cfg['ppo'], tc.batch_size)
   trunk = model_lib.param_shapes(mc)
   shapes = {'policy': trunk, 'value': jax.eval_shape(lambda t: common.init_head(mc, t), trunk)}
   state, step = finetune.restore_state(
       workdir, cfg, shapes, optimizer=_Optimizer(_optimizers(tc, pc, shapes)),
       extra={'kl_coef': jax.ShapeDtypeStruct((), jnp.float32)})
   return state['params']['policy'], step
-
-
-class _section(dict):
-  """A config.json section read like a ConfigDict (attribute and item access)."""
-  __getattr__ = dict.__getitem__

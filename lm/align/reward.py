@@ -97,14 +97,6 @@ def pair_loss(mc, params, batch):
           (jnp.sum(w), {'accuracy': jnp.sum((margin > 0) * w), 'margin': jnp.sum(margin * w)}))
 
 
-def _stack(rows: dict, idx) -> dict:
-  """A batch of the chosen rows `idx` followed by the rejected rows `idx`."""
-  out = {k: np.concatenate([rows['chosen'][k][idx], rows['rejected'][k][idx]])
-         for k in ('tokens', 'last')}
-  out['weight'] = np.ones(2 * len(idx), np.float32)
-  return out
-
-
 def get_pairs(rc: RewardConfig, policy: common.Policy, workdir: str, seed: int, seq_len: int):
   """(train pairs, eval pairs, statistics): read from the configured files or the workdir, or
   sampled and written into the workdir."""
@@ -168,14 +160,8 @@ def build(cfg, workdir: str) -> loop.Stage:
   B = tc.batch_size
 
   def batch(step: int) -> dict:
-    # Epoch e visits the pairs in a permutation seeded by (seed, e): a pure function of the step.
-    first = step * B
-    idx = []
-    while len(idx) < B:
-      e, at = divmod(first + len(idx), n_pairs)
-      perm = np.random.default_rng([seed, e, 0xB7]).permutation(n_pairs)
-      idx.extend(perm[at:at + B - len(idx)].tolist())
-    return jax.device_put(_stack(rows, np.asarray(idx)))
+    idx = common.epoch_indices(step, B, n_pairs, seed, 0xB7)
+    return jax.device_put(pairs_lib.stack(rows, np.asarray(idx)))
 
   shapes = jax.eval_shape(lambda p: common.init_head(mc, p), policy.params)
   optimizer = make_optimizer(tc, shapes)
