@@ -140,8 +140,12 @@ def fit(FLAGS):
     from lm.metrics import write_json_atomic
     write_json_atomic(os.path.join(workdir, 'curves.json'), curves)   # for `run.py plot`
   a3 = out['approach3']
-  print(f"approach 3: E={a3['E']:.4g} A={a3['A']:.4g} B={a3['B']:.4g} alpha={a3['alpha']:.4g} "
-        f"beta={a3['beta']:.4g} a={a3['a']:.4g}")
+  g = lambda v: 'none' if v is None else f'{v:.4g}'
+  print(f"approach 3: E={g(a3['E'])} A={g(a3['A'])} B={g(a3['B'])} alpha={g(a3['alpha'])} "
+        f"beta={g(a3['beta'])} a={g(a3['a'])}")
+  if a3['a'] is None:
+    print('approach 3 gives no exponent: a fitted alpha or beta is not positive, so loss does not '
+          'fall with parameters and data in these runs (see report.md).')
   print(f'wrote {workdir}/fit.json, {workdir}/report.md and the plots')
 
 

@@ -283,6 +283,14 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
           stopped = True
           progress.message(f'stopped at step {step}; checkpoint saved, rerun to resume.')
           break
+  if not stopped and start >= tc.steps:
+    # Resumed at the last step: the run died after its final checkpoint but before its summary.
+    # The summary is completed from that checkpoint (a fresh evaluation) and the logged rows.
+    last_eval = stage.evaluate(state['params'], stage.frozen)
+    logged = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+              if isinstance(r.get('loss_avg'), float) and r.get('step', 0) <= start]
+    last_row = logged[-1] if logged else None
+    progress.message(f'step {start} was already trained; evaluated its checkpoint for the summary')
   progress.close()
   writer.close()
   ckpts.close()

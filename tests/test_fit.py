@@ -11,7 +11,7 @@ import pytest
 from lm.errors import UserError
 from lm.scaling import fit as F
 
-EPOCH_CSV = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'chinchilla_svg_extracted.csv'
+EPOCH_CSV = Path(__file__).resolve().parent / 'data' / 'chinchilla_epoch.csv'   # source: data/README.md
 # Hoffmann et al. 2022, Section 3.3; Besiroglu et al. 2024 (arXiv:2404.10102), Section 3.
 PAPER = {'E': 1.69, 'A': 406.4, 'B': 410.7, 'alpha': 0.34, 'beta': 0.28}
 EPOCH = {'E': 1.817, 'A': 482.0, 'B': 2085.0, 'alpha': 0.348, 'beta': 0.366}
@@ -69,8 +69,6 @@ def test_approach3_recovers_known_law(seed, params):
 
 
 def epoch_data():
-  if not EPOCH_CSV.exists():
-    pytest.skip(f'{EPOCH_CSV} is absent: the Epoch AI extraction of Chinchilla Figure 4 lives in ../shared/data.')
   with open(EPOCH_CSV, newline='') as f:
     rows = list(csv.DictReader(f))
   N, C, L = (np.array([float(r[k]) for r in rows]) for k in ('Model Size', 'Training FLOP', 'loss'))
@@ -246,3 +244,30 @@ def test_single_budget_fit_survives_degenerate_bootstrap():
   assert 1e5 < got['approach2']['budgets'][0]['N_opt'] < 2.5e5
   for v in got['approach3']['ci'].values():
     assert v is None or not isinstance(v, list) or all(math.isfinite(x) for x in v)
+
+
+def test_fit_without_exponent_finishes_and_counts_bootstrap_failures(tmp_path, capsys):
+  """Loss that rises with N and D: Approach 3 has no exponent and every resample is degenerate.
+  `run.py fit` must still write fit.json, the plots and the report, say so, and exit cleanly;
+  the nearly flat IsoFLOP parabolas must not overflow Approach 2."""
+  import types
+  from lm import cli
+  rows = []
+  for C in (1e12, 1e13, 1e14):
+    for n in np.geomspace(1e5, 1e7, 5):
+      d = C / (6 * n)
+      rows.append({'params': int(n), 'tokens': d, 'flops': C, 'budget': C,
+                   'loss': 2.0 + 0.01 * math.log(n) + 0.02 * math.log(d)})
+  path = write_csv(tmp_path / 'results.csv', rows, ['params', 'tokens', 'flops', 'budget', 'loss'])
+  flags = types.SimpleNamespace(results=str(path), workdir=str(tmp_path / 'out'), loss_key=None,
+                                params_key='params', flops_key=None, bootstrap=8)
+  cli.fit(flags)
+  assert 'gives no exponent' in capsys.readouterr().out
+  fit = json.loads((tmp_path / 'out' / 'fit.json').read_text())
+  ci = fit['approach3']['ci']
+  assert fit['approach3']['a'] is None
+  assert ci['n_used'] + ci['n_failed'] + ci['n_degenerate'] == ci['n_boot'] == 8
+  assert ci['n_degenerate'] > 0 and ci['a'] is None
+  report = (tmp_path / 'out' / 'report.md').read_text()
+  assert 'no exponent' in report and f'{ci["n_used"]} of 8 resamples' in report
+  assert len(list((tmp_path / 'out').glob('*.png'))) == 4

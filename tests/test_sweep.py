@@ -13,6 +13,7 @@ import pytest
 
 from configs import sweep_smoke
 from lm import train as train_lib
+from lm.errors import UserError
 from lm.metrics import read_jsonl
 from lm.scaling import sweep as sweep_lib
 from lm.tokenizer import ByteTokenizer
@@ -120,6 +121,58 @@ def test_runner_skips_retries_and_resumes(tmp_path):
   calls.clear()
   sweep_lib.run_sweep(cfg, workdir, train_fn=fake_train, fit=False)
   assert calls == []
+
+
+def _fake_train(calls):
+  def train(run_cfg, rdir):
+    calls.append(os.path.basename(rdir))
+    n = run_cfg.model.d_model * 100
+    return {'finished': True, 'params': n, 'params_nonembed': n // 2, 'final_loss': 3.0,
+            'eval_loss': 3.0 + 1e5 / n, 'tokens': run_cfg.train.steps * 128,
+            'flops': 6.0 * n * run_cfg.train.steps * 128,
+            'flops_6nd': 6.0 * n * run_cfg.train.steps * 128, 'steps': run_cfg.train.steps}
+  return train
+
+
+def test_changed_plan_is_refused_naming_the_changed_keys(tmp_path):
+  """Rerunning a sweep folder under another lr (or batch, data, ...) must not book the old runs'
+  losses as the new plan's: it is refused before anything trains, and nothing is rewritten."""
+  cfg = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9,))
+  workdir = str(tmp_path / 'sweep')
+  calls = []
+  sweep_lib.run_sweep(cfg, workdir, train_fn=_fake_train(calls), fit=False)
+  assert calls
+  before = open(f'{workdir}/results.csv').read()
+  for key, value, needle in (('lr', cfg.sweep.lr * 2, 'train.lr'),
+                             ('batch', 4, 'train.batch_size')):
+    changed = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9,))
+    if key == 'lr':
+      changed.sweep.lr = value
+    else:
+      changed.base.train.batch_size = value
+    calls.clear()
+    with pytest.raises(UserError, match=needle.replace('.', r'\.')):
+      sweep_lib.run_sweep(changed, workdir, train_fn=_fake_train(calls), fit=False)
+    assert calls == [] and open(f'{workdir}/results.csv').read() == before
+  # An added budget keeps the finished runs and trains only the new ones.
+  grown = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9, 1.2e10))
+  calls.clear()
+  out = sweep_lib.run_sweep(grown, workdir, train_fn=_fake_train(calls), fit=False)
+  assert calls and all(name.startswith('C1.2e10') for name in calls)
+  assert out['finished'] == len(json.load(open(f'{workdir}/sweep.json'))['runs'])
+
+
+def test_run_names_are_unique_for_close_budgets():
+  """1.5e13 and 2e13 once shared the tag C2e13 and one budget's runs were silently dropped."""
+  c = sweep_smoke.get_config()
+  c.sweep.budgets = (1.5e13, 2e13)
+  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  assert len({s.name for s in specs}) == len(specs) == 2 * c.sweep.sizes_per_budget
+  assert {s.budget for s in specs} == {1.5e13, 2e13}
+  assert any(s.name.startswith('C1.5e13_') for s in specs)
+  c.sweep.mode = 'grid'
+  c.sweep.grid_params, c.sweep.grid_tokens = (5e4,), (1.2e6, 1.25e6)
+  assert len({s.name for s in sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)}) == 2
 
 
 def test_runner_gives_up_after_max_attempts(tmp_path):

@@ -102,6 +102,22 @@ def test_same_seed_same_numbers_and_exact_resume(cache_dir, reference_run, tmp_p
   assert train_lib.train(cfg, workdir)['final_loss'] == ref_summary['final_loss']
 
 
+def test_run_killed_after_its_final_checkpoint_completes_its_summary(reference_run, tmp_path,
+                                                                     cache_dir):
+  """The last checkpoint was written, the summary was not: rerunning evaluates that checkpoint
+  and writes a complete summary instead of one without losses."""
+  ref_dir, ref_summary = reference_run
+  workdir = str(tmp_path / 'died')
+  shutil.copytree(ref_dir, workdir)
+  os.remove(f'{workdir}/summary.json')
+  summary = train_lib.train(small_config(cache_dir), workdir)
+  assert summary['finished'] and summary['steps'] == 12
+  assert summary['final_loss'] == ref_summary['final_loss']
+  assert summary['eval_loss'] == pytest.approx(ref_summary['eval_loss'], rel=1e-6)
+  assert json.load(open(f'{workdir}/summary.json'))['eval_loss'] is not None
+  assert [r['step'] for r in read_metrics(workdir)] == [r['step'] for r in read_metrics(ref_dir)]
+
+
 @pytest.mark.slow   # a second training run; same-seed determinism stays in the default suite
 def test_other_seed_other_numbers(cache_dir, reference_run, tmp_path):
   cfg = small_config(cache_dir, steps=2, eval_every=2, warmup_steps=1)

@@ -153,18 +153,30 @@ def bootstrap_approach3(N, D, L, theta, n_boot=100, seed=0, n_grid_starts=2, del
   starts = np.vstack([theta, grid[np.argsort(screen)[:n_grid_starts]]])
   keys = ('E', 'A', 'B', 'alpha', 'beta', 'a', 'b', 'G')
   samples = {k: [] for k in keys}
+  failed = degenerate = 0
   for _ in range(n_boot):
     idx = rng.integers(0, len(L), len(L))
     x, y, t = np.log(N[idx]), np.log(D[idx]), np.log(L[idx])
-    fits = [_minimize(s, x, y, t, delta, 'sum', LBFGS_OPTIONS) for s in starts]
+    fits = [ft for ft in (_minimize(s, x, y, t, delta, 'sum', LBFGS_OPTIONS) for s in starts)
+            if np.isfinite(ft[0])]
+    if not fits:
+      failed += 1
+      continue
     law = _law_from_theta(min(fits, key=lambda ft: ft[0])[1])
+    if law['a'] is None:   # alpha or beta <= 0: no exponent, counted rather than folded in
+      degenerate += 1
+      continue
     for k in keys:
       if law[k] is not None and math.isfinite(law[k]):
         samples[k].append(law[k])
   ci = {k: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= 2 else None)
         for k, v in samples.items()}
   ci['n_boot'] = int(n_boot)
-  ci['method'] = 'bootstrap over runs, 2.5/97.5 percentiles'
+  ci['n_used'] = int(n_boot - failed - degenerate)
+  ci['n_failed'] = int(failed)
+  ci['n_degenerate'] = int(degenerate)
+  ci['method'] = ('bootstrap over runs, 2.5/97.5 percentiles of the resamples whose fit converged '
+                  'with alpha, beta > 0')
   return ci
 
 
@@ -217,10 +229,13 @@ def _isoflop_vertex(N, L):
   mu = u.mean()
   p2, p1, p0 = np.polyfit(u - mu, L, 2)
   coefs = [float(p2), float(p1 - 2 * p2 * mu), float(p2 * mu * mu - p1 * mu + p0)]
-  if p2 <= 0:  # no minimum: fall back to the best observed run and flag it
+  v = -p1 / (2 * p2) if p2 > 0 else None
+  span = float(np.ptp(u))
+  if v is None or not (u.min() - mu - 3 * span <= v <= u.max() - mu + 3 * span):
+    # No minimum, or one so far outside the grid (a nearly flat parabola) that it says nothing:
+    # fall back to the best observed run and flag it.
     i = int(np.argmin(L))
     return coefs, float(u[i]), float(L[i]), False, False
-  v = -p1 / (2 * p2)
   inside = bool(u.min() - mu <= v <= u.max() - mu)
   return coefs, float(v + mu), float(p0 - p1 * p1 / (4 * p2)), True, inside
 
@@ -286,6 +301,7 @@ def fit_approach2(N, D, L, C, budget=None, decades=0.1, n_boot=100, seed=0):
       out['a_ci'] = [float(np.percentile(a_s, 2.5)), float(np.percentile(a_s, 97.5))]
       out['b_ci'] = [float(np.percentile(b_s, 2.5)), float(np.percentile(b_s, 97.5))]
     out['n_boot'] = len(a_s)
+    out['n_boot_requested'] = int(n_boot)
   return out
 
 

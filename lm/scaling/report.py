@@ -56,6 +56,18 @@ def write_report(fit, workdir):
            '| quantity | this fit (95% CI) | Chinchilla (Hoffmann et al. 2022) | Epoch refit (Besiroglu et al. 2024) '
            '| Kaplan et al. 2020 |',
            '|---|---|---|---|---|']
+  notes = []
+  if a3['a'] is None:
+    notes.append('Approach 3 gives no exponent: a fitted α or β is not positive, so in these runs '
+                 'loss does not fall with both parameters and data. More runs, over a wider range '
+                 'of budgets, are what it needs.')
+  if ci and 'n_used' in ci:
+    notes.append(f'Bootstrap: {ci["n_used"]} of {ci["n_boot"]} resamples give the intervals; '
+                 f'{ci["n_failed"]} did not converge and {ci["n_degenerate"]} gave α or β ≤ 0 '
+                 '(no exponent), and are left out of them.')
+  if a2.get('n_boot_requested'):
+    notes.append(f'Approach 2 intervals: {a2["n_boot"]} of {a2["n_boot_requested"]} resamples had '
+                 'two or more usable IsoFLOP minima.')
   for key in ('E', 'A', 'B', 'alpha', 'beta'):
     lines.append(_row(f'{key} (Approach 3)', _num(a3[key]) + _ci(ci, key), CHINCHILLA[key], EPOCH[key]))
   lines.append(_row('a = β/(α+β) (Approach 3)', _num(a3['a']) + _ci(ci, 'a'), CHINCHILLA['a3'], EPOCH['a3'],
@@ -116,5 +128,7 @@ def write_report(fit, workdir):
   lines.append('- Approach-2 minima are biased by off-centre or narrow grids: centre each budget on the predicted '
                'optimum and span about 1/4 to 4 times it.')
   path = workdir / 'report.md'
+  if notes:
+    lines += [''] + [f'- {n}' for n in notes]
   path.write_text('\n'.join(lines) + '\n')
   return str(path)

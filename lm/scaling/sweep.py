@@ -12,7 +12,9 @@ Rules (documented in the README, set in the sweep config):
   steps:   D / (batch_size * seq_len), rounded; batch fixed per sweep.
   lr:      sweep.lr * (sweep.lr_ref_width / d_model) ** sweep.lr_width_power (wider -> smaller).
   warmup:  min(sweep.warmup_max, sweep.warmup_fraction * steps); cosine to 10% over each run.
-A run is finished when its summary.json exists; re-running skips it. An interrupted run resumes
+A run is finished when its summary.json exists; re-running skips it. A run's identity is its full
+resolved config (runs/NAME/run_config.json): a sweep folder whose runs were trained under another
+plan (lr, batch, schedule, data, ...) is refused before anything trains, naming the changed keys. An interrupted run resumes
 from its checkpoint; a failed run is retried up to sweep.max_attempts times, each failure
 recorded in DIR/failures.jsonl. results.csv is rewritten atomically after every run.
 """
@@ -82,6 +84,17 @@ def shape_for(target_n: float, base_model, vocab: int, head_dim: int, aspect: fl
   return best[1], best[2], best[3]
 
 
+def _exact(x: float, digits: int) -> str:
+  """x in scientific notation with as many digits as it takes to read back exactly (at least
+  `digits` after the point), without the '+': 1e13 -> '1e13', 1.5e13 -> '1.5e13'. Run names
+  built from it are distinct for distinct budgets."""
+  for p in range(digits, 17):
+    text = f'{x:.{p}e}'
+    if float(text) == x:
+      break
+  return text.replace('+', '')
+
+
 def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
   """The list of runs a sweep config describes (pure: same config, same plan)."""
   s = sweep_cfg
@@ -102,8 +115,8 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
     steps = max(1, round(tokens / tokens_per_step))
     lr = s.lr * (s.lr_ref_width / d) ** s.lr_width_power
     warmup = int(min(s.warmup_max, s.warmup_fraction * steps))
-    tag = f'C{budget:.0e}' if budget else f'D{tokens:.1e}'
-    name = f"{tag.replace('+', '')}_L{L}_d{d}_s{seed}"
+    tag = f'C{_exact(budget, 0)}' if budget else f'D{_exact(tokens, 1)}'
+    name = f'{tag}_L{L}_d{d}_s{seed}'
     return RunSpec(name, L, d, d // s.head_dim, steps, float(lr), warmup, seed,
                    float(budget) if budget else None, int(n), float(fpt))
 
@@ -190,6 +203,35 @@ def curves_beside(results_csv: str) -> dict | None:
   return {k: v for k, v in curves.items() if v['curve_flops']} or None
 
 
+RUN_IDENTITY = 'run_config.json'   # a run's full resolved config, written before it trains
+
+
+def check_run_identity(workdir: str, name: str, cfg) -> None:
+  """A run folder belongs to the run whose full resolved config it was trained with: if the
+  sweep's plan now resolves that run to a different config (another lr, batch, schedule, data
+  ...), its losses are not this plan's, and the sweep refuses rather than mixing them in."""
+  from lm import loop
+  rdir = os.path.join(workdir, 'runs', name)
+  for fname in (RUN_IDENTITY, 'config.json'):   # config.json: what the trainer itself wrote
+    path = os.path.join(rdir, fname)
+    if os.path.exists(path):
+      break
+  else:
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(cfg.to_json())
+  a, b = loop.flatten(old), loop.flatten(new)
+  diff = sorted(k for k in set(a) | set(b)
+                if a.get(k) != b.get(k) and k not in loop.RESUMABLE_CHANGES)
+  if diff:
+    shown = ', '.join(f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in diff[:4])
+    more = f' and {len(diff) - 4} more' if len(diff) > 4 else ''
+    raise UserError(f'{workdir} already holds run {name} trained with a different config '
+                    f'({shown}{more}); use a new sweep folder for the changed plan, or restore '
+                    'the settings that trained it.')
+
+
 def _attempts(path: str) -> int:
   try:
     with open(path) as f:
@@ -266,9 +308,11 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   results_path = os.path.join(workdir, 'results.csv')
   t_sweep = time.time()
   n = len(specs)
-  for i, sp in enumerate(specs):
+  cfgs = [run_config(base_cfg, sp, s.evals_per_run, s.checkpoints_per_run) for sp in specs]
+  for sp, cfg in zip(specs, cfgs):   # before anything trains: no run may hold another plan's work
+    check_run_identity(workdir, sp.name, cfg)
+  for i, (sp, cfg) in enumerate(zip(specs, cfgs)):
     rdir = os.path.join(workdir, 'runs', sp.name)
-    cfg = run_config(base_cfg, sp, s.evals_per_run, s.checkpoints_per_run)
     summary_path = os.path.join(rdir, 'summary.json')
     if os.path.exists(summary_path):
       with open(summary_path) as f:
@@ -290,6 +334,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     print(f'[{job.index + 1}/{n}] {sp.name}: N={sp.params:,} steps={sp.steps} lr={sp.lr:.2g}'
           + (f' on {where}' if where else ''), flush=True)
     os.makedirs(job.rdir, exist_ok=True)
+    write_json_atomic(os.path.join(job.rdir, RUN_IDENTITY), json.loads(job.cfg.to_json()))
     write_json_atomic(os.path.join(job.rdir, 'attempts.json'), {'attempts': job.attempt})
 
   def done(job: Job, summary: dict | None, error: str | None = None, tb: str = '') -> None:
