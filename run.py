@@ -12,6 +12,7 @@
   python run.py dpo    --config=configs/dpo.py --workdir=DIR --config.dpo.init_from=SFT_RUN
   python run.py ppo    --config=configs/ppo.py --workdir=DIR --config.ppo.init_from=SFT_RUN
 """
+import os
 import re
 import sys
 
@@ -59,8 +60,24 @@ def main(argv):
     sys.exit(2)
 
 
+def _config_path(argv):
+  """The file named by --config=FILE (or --config FILE), without config_flags' ':args' suffix."""
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1].split(':')[0]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1].split(':')[0]
+  return None
+
+
 def parse_flags(argv):
-  """absl parsing, with an unknown --config.KEY named in one sentence instead of a traceback."""
+  """absl parsing, with a missing or broken config file and an unknown --config.KEY each named in
+  one sentence instead of a traceback."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    print(f'error: the config file {path} does not exist; name one of configs/*.py, e.g. '
+          '--config=configs/tiny.py.', file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
@@ -76,6 +93,15 @@ def parse_flags(argv):
     sys.exit(2)
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:   # the config file itself failed to load (a syntax or import error ...)
+    if path is None:
+      raise
+    cause = e.__cause__ or e
+    detail = str(cause).strip().splitlines()[-1] if str(cause).strip() else ''
+    print(f'error: the config file {path} could not be loaded ({type(cause).__name__}'
+          + (f': {detail}' if detail else '') + '); fix it or name another config file.',
+          file=sys.stderr)
     sys.exit(2)
 
 

@@ -43,6 +43,19 @@ def test_other_bad_commands(tmp_path):
                   '--config.sweep.parallel=0', f'--workdir={tmp_path}/sw2')
   assert code == 2 and 'sweep.parallel=0 must be at least 1' in err[-1]
   assert not os.path.exists(f'{tmp_path}/sw2')
+  code, err = run('sweep', '--config=configs/sweep_smoke.py', '--config.sweep.budgets=(-1.0,)',
+                  f'--workdir={tmp_path}/sw3')
+  assert code == 2 and 'sweep.budgets=(-1.0,) must be a non-empty tuple of positive' in err[-1]
+  assert not os.path.exists(f'{tmp_path}/sw3')
+  # A missing or broken config file: one sentence naming it, for any subcommand.
+  code, err = run('train', '--config=configs/no_such_file.py', f'--workdir={tmp_path}/t')
+  assert code == 2 and err == ['error: the config file configs/no_such_file.py does not exist; '
+                               'name one of configs/*.py, e.g. --config=configs/tiny.py.']
+  broken = tmp_path / 'broken.py'
+  broken.write_text('import no_such_module\n')
+  code, err = run('sweep', f'--config={broken}', f'--workdir={tmp_path}/sw4')
+  assert code == 2 and len(err) == 1 and "No module named 'no_such_module'" in err[0]
+  assert not os.path.exists(f'{tmp_path}/t') and not os.path.exists(f'{tmp_path}/sw4')
 
 
 def test_bad_preference_stage_commands(tmp_path):

@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import time
 
@@ -173,6 +174,30 @@ def test_run_names_are_unique_for_close_budgets():
   c.sweep.mode = 'grid'
   c.sweep.grid_params, c.sweep.grid_tokens = (5e4,), (1.2e6, 1.25e6)
   assert len({s.name for s in sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)}) == 2
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('budgets', (-1.0,), 'sweep.budgets=(-1.0,) must be a non-empty tuple of positive numbers'),
+    ('budgets', (), 'sweep.budgets=() must be'),
+    ('sizes_per_budget', 0, 'sweep.sizes_per_budget=0 must be a positive integer'),
+    ('span', 0.5, 'sweep.span=0.5 must be at least 1'),
+    ('span', float('nan'), 'sweep.span=nan must be a positive number'),
+    ('tokens_per_param', 0.0, 'sweep.tokens_per_param=0.0 must be a positive number'),
+    ('aspect', -2.0, 'sweep.aspect=-2.0 must be a positive number'),
+    ('head_dim', 0, 'sweep.head_dim=0 must be a positive integer'),
+    ('seeds', 0, 'sweep.seeds=0 must be a positive integer'),
+    ('parallel', 0, 'sweep.parallel=0 must be a positive integer'),
+    ('mode', 'diagonal', "sweep.mode='diagonal' is not known"),
+])
+def test_every_sweep_key_is_validated_before_planning(tmp_path, key, value, needle):
+  c = sweep_smoke.get_config()
+  with c.sweep.unlocked():
+    c.sweep[key] = value
+  with pytest.raises(UserError, match=re.escape(needle)):
+    sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  with pytest.raises(UserError):
+    sweep_lib.run_sweep(c, str(tmp_path / 'sw'), train_fn=lambda *a: None, fit=False)
+  assert not (tmp_path / 'sw').exists()
 
 
 def test_runner_gives_up_after_max_attempts(tmp_path):

@@ -95,9 +95,48 @@ def _exact(x: float, digits: int) -> str:
   return text.replace('+', '')
 
 
+def _positive_numbers(s, key: str, integer: bool = False) -> None:
+  v = s.get(key)
+  values = v if isinstance(v, (tuple, list)) else (v,)
+  ok = len(values) > 0
+  for x in values:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+      ok = False
+    elif integer and int(x) != x:
+      ok = False
+  if not ok:
+    kind = 'a positive integer' if integer else 'a positive number'
+    what = f'a non-empty tuple of positive numbers, e.g. (1e12, 3e12)' if isinstance(
+        v, (tuple, list)) else kind
+    raise UserError(f'sweep.{key}={v!r} must be {what}.')
+
+
+def validate(s) -> None:
+  """Every sweep key checked before anything is planned or written: one sentence per problem."""
+  if s.mode not in ('isoflop', 'grid'):
+    raise UserError(f"sweep.mode={s.mode!r} is not known; use 'isoflop' or 'grid'.")
+  keys = ['span', 'tokens_per_param', 'aspect', 'lr', 'lr_ref_width']
+  keys += ['budgets'] if s.mode == 'isoflop' else ['grid_params', 'grid_tokens']
+  for key in keys:
+    _positive_numbers(s, key)
+  for key in ('sizes_per_budget', 'head_dim', 'seeds', 'evals_per_run', 'checkpoints_per_run',
+              'max_attempts', 'parallel'):
+    if key in s:
+      _positive_numbers(s, key, integer=True)
+  if s.span < 1:
+    raise UserError(f'sweep.span={s.span} must be at least 1 (sizes run from N*/span to N*·span).')
+  if not 0 <= s.warmup_fraction < 1:
+    raise UserError(f'sweep.warmup_fraction={s.warmup_fraction} must be in [0, 1).')
+  if s.warmup_max < 0:
+    raise UserError(f'sweep.warmup_max={s.warmup_max} must be >= 0.')
+  if s.bootstrap < 0:
+    raise UserError(f'sweep.bootstrap={s.bootstrap} must be >= 0 (0: no intervals).')
+
+
 def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
   """The list of runs a sweep config describes (pure: same config, same plan)."""
   s = sweep_cfg
+  validate(s)
   t = base_cfg.train
   tokens_per_step = t.batch_size * t.seq_len
   specs = []
@@ -292,10 +331,11 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   if parallel > 1 and train_fn is not None:
     raise ValueError('train_fn applies to in-process runs only (sweep.parallel=1).')
   train_fn = train_fn or train_lib.train
-  os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
+  validate(s)   # before the corpus is prepared or anything is written
   dataset = data_lib.prepare(data_lib.DataConfig.from_config(base_cfg.data))
   vocab = dataset.tokenizer.vocab_size
   specs = plan(s, base_cfg, vocab)
+  os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
   total_flops = sum(sp.steps * base_cfg.train.batch_size * base_cfg.train.seq_len
                     * sp.flops_per_token for sp in specs)
   write_json_atomic(os.path.join(workdir, 'sweep.json'), {
