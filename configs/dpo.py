@@ -4,6 +4,11 @@
       --config.dpo.init_from=runs/sft_code --config.dpo.pairs=runs/rm/pairs.jsonl \
       [--config.dpo.reward_from=runs/rm]
 
+A second round of iterative DPO: start from the first round and leave dpo.pairs empty, so the
+pairs are sampled from that policy and labelled by the gold program:
+
+  python run.py dpo --config=configs/dpo.py --workdir=runs/dpo2 --config.dpo.init_from=runs/dpo
+
 train.batch_size counts pairs.
 """
 import ml_collections
@@ -26,11 +31,15 @@ def get_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 100
 
   d = c.dpo = ml_collections.ConfigDict()
-  d.init_from = ''           # the SFT run: the initial policy and the frozen reference (required)
-  d.pairs = ''               # JSONL of {"prompt", "chosen", "rejected"} (required)
+  d.init_from = ''           # the SFT run (or a DPO run: another round): policy and reference
+  d.pairs = ''               # JSONL of {"prompt", "chosen", "rejected"}; '' samples them on-policy
+  d.samples_per_prompt = 8   # on-policy pairs: responses per training prompt ...
+  d.pairs_per_prompt = 4     # ... at most this many pairs per prompt, no response reused ...
+  d.noise = 0.1              # ... and this share of labels flipped
   d.eval_pairs = ''          # optional held-out pairs: DPO loss and implicit-reward accuracy
   d.beta = 0.1               # strength of the implicit KL constraint
   d.label_smoothing = 0.0    # conservative DPO: the share of labels assumed flipped
+  d.sft_weight = 0.0         # weight of the chosen responses' per-token NLL added to the loss
   d.reward_from = ''         # optional reward-model run: its score of the samples is logged
   d.eval_prompts = 200       # held-out prompts sampled at each evaluation
   d.eval_samples = 2         # samples per held-out prompt

@@ -79,6 +79,35 @@ def test_bradley_terry_loss_by_hand():
                              rtol=1e-6)
 
 
+def test_label_smoothed_bradley_terry_by_hand():
+  got = reward.bradley_terry(jnp.array([2.0]), jnp.array([0.5]), label_smoothing=0.1)
+  np.testing.assert_allclose(got, [0.9 * math.log(1 + math.exp(-1.5))
+                                   + 0.1 * math.log(1 + math.exp(1.5))], rtol=1e-6)
+  # Least at the margin log((1 - e) / e): a flipped label cannot pull it to infinity.
+  m = math.log(0.9 / 0.1)
+  at = lambda x: float(reward.bradley_terry(jnp.array([x]), jnp.array([0.0]), 0.1)[0])
+  assert at(m) < at(m - 0.1) and at(m) < at(m + 0.1)
+
+
+def test_dpo_nll_term_adds_the_chosen_per_token_nll():
+  """sft_weight a: the pair loss grows by a times the chosen response's mean token NLL."""
+  mc = tiny_mc()
+  params = model_lib.init_params(mc, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, mc.vocab_size, (4, 12)).astype(np.int32)   # 2 chosen, 2 rejected
+  mask = np.zeros((4, 11), np.float32)
+  mask[:, 4:9] = 1.0
+  mask[0, 9] = 1.0                       # chosen responses of 6 and 5 tokens
+  batch = {'tokens': tokens, 'mask': mask, 'ref': np.array([-20.0, -21.0, -22.0, -23.0]),
+           'weight': np.ones(4, np.float32)}
+  plain, _ = dpo.pair_loss(mc, params, batch, 0.1)
+  withnll, (_, m) = dpo.pair_loss(mc, params, batch, 0.1, sft_weight=0.5)
+  logp = np.asarray(common.sequence_logprob(mc, params, batch))
+  nll = -logp[:2] / np.array([6.0, 5.0])
+  np.testing.assert_allclose(float(withnll) - float(plain), 0.5 * nll.sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(m['chosen_nll']), nll.sum(), rtol=1e-5)
+
+
 def test_dpo_loss_by_hand_and_log2_at_the_reference():
   loss, r_w, r_l = dpo.dpo_loss_terms(jnp.array([-3.0]), jnp.array([-5.0]), jnp.array([-4.0]),
                                       jnp.array([-4.5]), beta=0.5)
@@ -384,6 +413,37 @@ def test_dpo_starts_at_log2_and_learns_the_pairs(rm_run, sft_run, tmp_path):
   assert {'eval_gold', 'eval_kl', 'eval_proxy', 'eval_pair_accuracy'} <= set(after)
   mc, params, tok = sample_lib.load(workdir)
   assert tok.hash == common.load_policy(sft_run).tokenizer.hash
+
+
+def test_dpo_second_round_samples_its_own_pairs_and_measures_kl_to_the_sft_run(
+    rm_run, sft_run, tmp_path):
+  """Iterative DPO: a round started from a DPO run with dpo.pairs empty samples its pairs from
+  that policy (gold-labelled, written to the workdir), uses it as the reference, and still
+  reports KL to the SFT model the chain began from."""
+  def config(init, pairs, steps):
+    c = small(dpo_cfg.get_config(), steps=steps, eval_every=steps, checkpoint_every=steps,
+              lr=1e-3)
+    d = c.dpo
+    d.init_from, d.pairs = init, pairs
+    d.eval_prompts, d.eval_samples, d.max_new_tokens, d.sample_batch = 4, 1, 16, 48
+    d.samples_per_prompt, d.pairs_per_prompt = 3, 1
+    return c
+  first = str(tmp_path / 'dpo1')
+  dpo.train_dpo(config(sft_run, os.path.join(rm_run[0], reward.PAIRS), 2), first)
+  second = str(tmp_path / 'dpo2')
+  summary = dpo.train_dpo(config(first, '', 2), second)
+  made = pairs_lib.read_pairs(os.path.join(second, dpo.PAIRS))
+  assert made and all(p['gold_chosen'] != p['gold_rejected'] for p in made)
+  info = summary['dpo']
+  assert info['train_pairs'] == len(made) and info['sampling']['pairs'] == len(made)
+  assert info['kl_reference'] == os.path.abspath(sft_run)
+  assert common.sft_root(second) == os.path.abspath(sft_run)
+  rows = [json.loads(l) for l in open(os.path.join(second, 'metrics.jsonl'))]
+  np.testing.assert_allclose(rows[0]['loss'], math.log(2), rtol=1e-5)   # reference = round 1
+  # The pairs file is read back on a rerun, not sampled again.
+  before = open(os.path.join(second, dpo.PAIRS)).read()
+  dpo.train_dpo(config(first, '', 2), second)
+  assert open(os.path.join(second, dpo.PAIRS)).read() == before
 
 
 def test_lesson_report_and_plot_from_a_result(tmp_path, capsys):

@@ -54,6 +54,18 @@ def load_policy(workdir: str) -> Policy:
   return Policy(mc, params, tokenizer, identity)
 
 
+def sft_root(workdir: str) -> str:
+  """The SFT run a chain of preference-tuned runs (DPO rounds, PPO) started from: the reference
+  that every stage's evaluation measures KL against. Absolute path."""
+  path = os.path.abspath(workdir)
+  for _ in range(16):
+    cfg = read_json(os.path.join(path, 'config.json'))
+    if not ('dpo' in cfg or 'ppo' in cfg):
+      return path
+    path = cfg['base']['workdir']
+  raise UserError(f'{workdir} starts a chain of more than 16 preference-tuned runs.')
+
+
 def prompt_ids(tokenizer, prompt: str) -> np.ndarray:
   """A user prompt in the chat template, ending with the opening assistant marker."""
   return sft.encode_chat(tokenizer, [{'role': 'user', 'content': prompt}],

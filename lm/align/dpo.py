@@ -9,6 +9,21 @@ beta * (log pi - log ref) is the policy's implicit reward; the logged 'accuracy'
 pairs whose chosen response has the larger implicit reward and 'margin' the mean difference.
 At step 0 the policy is the reference, so the loss is exactly log 2.
 
+dpo.sft_weight > 0 adds a ("RPO") term: that weight times the chosen response's negative
+log-likelihood per token (Pang et al. 2024, "Iterative Reasoning Preference Optimization"). Plain
+DPO only widens the margin, and often by lowering the chosen response's likelihood along with the
+rejected one, which moves probability onto responses neither side of any pair contains; the NLL
+term keeps the chosen responses likely.
+
+Pairs come from dpo.pairs (a JSONL, e.g. the reward model's pairs.jsonl: offline DPO on the SFT
+policy's samples) or, with dpo.pairs empty, are sampled here from the starting policy on the code
+task's training headers and labelled by the gold program with dpo.noise label noise, as run.py
+reward does (written to pairs.jsonl in the workdir, read back on a rerun). Started from a finished
+DPO run, that is a round of iterative ("online") DPO (Xu et al. 2023, "Some things are more CRINGE
+than others"; Guo et al. 2024): the new pairs are the current policy's own samples, so they hold
+the mistakes it still makes, and the starting policy is the new round's reference. The
+evaluation's KL is always to the SFT model the chain of runs began from.
+
 The reference log-probabilities never change, so they are computed once for every pair before
 training and travel with the batches: the reference is never held in the train state and costs
 no forward pass per step. `train_dpo(cfg, workdir)` runs through the one training loop
@@ -19,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +48,8 @@ from lm.align import pairs as pairs_lib
 from lm.errors import UserError
 from lm.optim import TrainConfig, make_optimizer
 
+PAIRS = 'pairs.jsonl'      # on-policy pairs sampled by the run itself (dpo.pairs empty)
+
 
 @dataclasses.dataclass(frozen=True)
 class DpoConfig:
@@ -40,6 +59,10 @@ class DpoConfig:
   eval_pairs: str
   beta: float
   label_smoothing: float
+  sft_weight: float
+  samples_per_prompt: int
+  pairs_per_prompt: int
+  noise: float
   reward_from: str
   eval_prompts: int
   eval_samples: int
@@ -51,21 +74,27 @@ class DpoConfig:
   def from_config(cls, s) -> 'DpoConfig':
     c = cls(init_from=str(s.init_from), pairs=str(s.pairs), eval_pairs=str(s.eval_pairs),
             beta=float(s.beta), label_smoothing=float(s.label_smoothing),
+            sft_weight=float(s.get('sft_weight', 0.0)),
+            samples_per_prompt=int(s.get('samples_per_prompt', 8)),
+            pairs_per_prompt=int(s.get('pairs_per_prompt', 4)), noise=float(s.get('noise', 0.1)),
             reward_from=str(s.reward_from), eval_prompts=int(s.eval_prompts),
             eval_samples=int(s.eval_samples), max_new_tokens=int(s.max_new_tokens),
             temperature=float(s.temperature), sample_batch=int(s.sample_batch))
     if not c.init_from:
       raise UserError('dpo.init_from is empty; name the SFT run to start from, e.g. '
                       '--config.dpo.init_from=runs/sft_code.')
-    if not c.pairs:
-      raise UserError('dpo.pairs is empty; name a JSONL of {"prompt", "chosen", "rejected"}, e.g. '
-                      'the pairs.jsonl that run.py reward wrote: --config.dpo.pairs=runs/rm/'
-                      'pairs.jsonl.')
+    if not 0 <= c.noise < 0.5:
+      raise UserError(f'dpo.noise={c.noise} must be in [0, 0.5) (the share of flipped labels).')
+    if c.samples_per_prompt < 2 or c.pairs_per_prompt < 1:
+      raise UserError(f'dpo.samples_per_prompt={c.samples_per_prompt} must be at least 2 and '
+                      f'dpo.pairs_per_prompt={c.pairs_per_prompt} at least 1.')
     if not c.beta > 0:
       raise UserError(f'dpo.beta={c.beta} must be positive (it scales the implicit reward).')
     if not 0 <= c.label_smoothing < 0.5:
       raise UserError(f'dpo.label_smoothing={c.label_smoothing} must be in [0, 0.5) (the share '
                       'of labels assumed flipped).')
+    if c.sft_weight < 0:
+      raise UserError(f'dpo.sft_weight={c.sft_weight} must be >= 0 (0: plain DPO).')
     for key in ('eval_prompts', 'eval_samples', 'max_new_tokens', 'sample_batch'):
       if getattr(c, key) < 1:
         raise UserError(f'dpo.{key}={getattr(c, key)} must be a positive integer.')
@@ -88,16 +117,21 @@ def dpo_loss_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, bet
   return loss, r_w, r_l
 
 
-def pair_loss(mc, params, batch, beta: float, label_smoothing: float = 0.0):
+def pair_loss(mc, params, batch, beta: float, label_smoothing: float = 0.0,
+              sft_weight: float = 0.0):
   """(loss sum, (pairs, metric sums)) of a batch of chosen then rejected rows."""
   logp = common.sequence_logprob(mc, params, batch)
   B = logp.shape[0] // 2
   loss, r_w, r_l = dpo_loss_terms(logp[:B], logp[B:], batch['ref'][:B], batch['ref'][B:], beta,
                                   label_smoothing)
   w = batch['weight'][:B]
+  nll = -logp[:B] / jnp.maximum(jnp.sum(batch['mask'][:B], axis=-1), 1.0)
+  if sft_weight:
+    loss = loss + sft_weight * nll
   return jnp.sum(loss * w), (jnp.sum(w), {
       'accuracy': jnp.sum((r_w > r_l) * w), 'margin': jnp.sum((r_w - r_l) * w),
-      'reward_chosen': jnp.sum(r_w * w), 'reward_rejected': jnp.sum(r_l * w)})
+      'reward_chosen': jnp.sum(r_w * w), 'reward_rejected': jnp.sum(r_l * w),
+      'chosen_nll': jnp.sum(nll * w)})
 
 
 def _reference_logprobs(mc, params, rows: dict, batch: int) -> np.ndarray:
@@ -123,9 +157,25 @@ def build(cfg, workdir: str) -> loop.Stage:
   config['base'] = common.base_identity(policy)
   loop.check_config(workdir, config)
 
-  train_pairs, dropped = pairs_lib.fitting(tok, pairs_lib.read_pairs(dc.pairs), tc.seq_len)
+  pairs_path, sampled = dc.pairs, None
+  if not pairs_path:            # on-policy pairs from the starting policy (module docstring)
+    pairs_path = os.path.join(workdir, PAIRS)
+    if not os.path.exists(pairs_path):
+      headers = common.task_prompts('train')
+      print(f'sampling {dc.samples_per_prompt} responses of the starting policy to each of '
+            f'{len(headers)} train prompts for preference pairs ...', file=sys.stderr, flush=True)
+      made, sampled = pairs_lib.sample_pairs(policy, headers, dc.samples_per_prompt, dc.noise,
+                                             dc.max_new_tokens, dc.temperature, seed,
+                                             dc.sample_batch, dc.pairs_per_prompt)
+      if not made:
+        raise UserError('no train prompt gave two responses of different gold reward; raise '
+                        'dpo.samples_per_prompt or dpo.temperature.')
+      os.makedirs(workdir, exist_ok=True)
+      pairs_lib.write_pairs(pairs_path, made)
+  train_pairs, dropped = pairs_lib.fitting(tok, pairs_lib.read_pairs(pairs_path), tc.seq_len)
   if not train_pairs:
-    raise UserError(f'every pair of {dc.pairs} is longer than train.seq_len={tc.seq_len} tokens.')
+    raise UserError(f'every pair of {pairs_path} is longer than train.seq_len={tc.seq_len} '
+                    'tokens.')
   rows = pairs_lib.pair_rows(tok, train_pairs, tc.seq_len)
   B = tc.batch_size
   for side in ('chosen', 'rejected'):
@@ -147,11 +197,13 @@ def build(cfg, workdir: str) -> loop.Stage:
 
   optimizer = make_optimizer(tc, jax.eval_shape(lambda: policy.params))
   init_state, abstract_state = common.initial_state(lambda: policy.params, optimizer)
-  beta, eps = dc.beta, dc.label_smoothing
-  train_step = jax.jit(loop.make_step(lambda p, _, b, r: pair_loss(mc, p, b, beta, eps), tc,
-                                      optimizer, seed), donate_argnums=0)
-  eval_loss = jax.jit(lambda p, b: pair_loss(mc, p, b, beta, eps))
-  evaluator = common.Evaluator(common.task_prompts('eval', dc.eval_prompts), policy, rm,
+  beta, eps, alpha = dc.beta, dc.label_smoothing, dc.sft_weight
+  train_step = jax.jit(loop.make_step(lambda p, _, b, r: pair_loss(mc, p, b, beta, eps, alpha),
+                                      tc, optimizer, seed), donate_argnums=0)
+  eval_loss = jax.jit(lambda p, b: pair_loss(mc, p, b, beta, eps))   # the DPO loss alone
+  root = common.sft_root(dc.init_from)
+  kl_ref = policy if root == policy.identity['workdir'] else common.load_policy(root)
+  evaluator = common.Evaluator(common.task_prompts('eval', dc.eval_prompts), kl_ref, rm,
                                tc.seq_len, dc.max_new_tokens, dc.temperature, dc.sample_batch,
                                samples=dc.eval_samples, seed=seed + 77)
 
@@ -176,8 +228,10 @@ def build(cfg, workdir: str) -> loop.Stage:
 
   n = flops_lib.param_counts(policy.params)
   fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'])
-  info = {'pairs': dc.pairs, 'train_pairs': n_pairs, 'dropped_too_long': dropped,
-          'beta': beta, 'label_smoothing': eps}
+  info = {'pairs': pairs_path, 'train_pairs': n_pairs, 'dropped_too_long': dropped,
+          'beta': beta, 'label_smoothing': eps, 'sft_weight': alpha, 'kl_reference': root}
+  if sampled is not None:
+    info['sampling'] = sampled
 
   def summary(last: dict) -> dict:
     return {'dpo': {**info, 'after': last}}

@@ -51,6 +51,7 @@ class RewardConfig:
   samples_per_prompt: int
   pairs_per_prompt: int
   noise: float
+  label_smoothing: float
   max_new_tokens: int
   temperature: float
   sample_batch: int
@@ -62,6 +63,7 @@ class RewardConfig:
             prompts=int(s.prompts), eval_prompts=int(s.eval_prompts),
             samples_per_prompt=int(s.samples_per_prompt),
             pairs_per_prompt=int(s.pairs_per_prompt), noise=float(s.noise),
+            label_smoothing=float(s.get('label_smoothing', 0.0)),
             max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
             sample_batch=int(s.sample_batch))
     if not c.init_from:
@@ -69,6 +71,9 @@ class RewardConfig:
                       'e.g. --config.reward.init_from=runs/sft_code.')
     if not 0 <= c.noise < 0.5:
       raise UserError(f'reward.noise={c.noise} must be in [0, 0.5) (the share of flipped labels).')
+    if not 0 <= c.label_smoothing < 0.5:
+      raise UserError(f'reward.label_smoothing={c.label_smoothing} must be in [0, 0.5) (the share '
+                      'of training labels assumed flipped).')
     for key in ('samples_per_prompt', 'pairs_per_prompt', 'max_new_tokens', 'sample_batch',
                 'eval_prompts'):
       if int(getattr(c, key)) < 1:
@@ -82,18 +87,24 @@ class RewardConfig:
     return c
 
 
-def bradley_terry(chosen, rejected):
-  """Per-pair Bradley-Terry loss -log sigmoid(chosen - rejected)."""
-  return -jax.nn.log_sigmoid(chosen - rejected)
+def bradley_terry(chosen, rejected, label_smoothing: float = 0.0):
+  """Per-pair Bradley-Terry loss -log sigmoid(chosen - rejected).
+
+  label_smoothing e > 0 takes each label to be wrong with probability e:
+  (1 - e) (-log sigmoid(m)) - e log sigmoid(-m) for the margin m, so that a flipped label cannot
+  pull a margin towards infinity (the loss is least at m = log((1 - e) / e)).
+  """
+  m = chosen - rejected
+  return -(1 - label_smoothing) * jax.nn.log_sigmoid(m) - label_smoothing * jax.nn.log_sigmoid(-m)
 
 
-def pair_loss(mc, params, batch):
+def pair_loss(mc, params, batch, label_smoothing: float = 0.0):
   """(loss sum, (pairs, {'accuracy', 'margin'} sums)) of a batch of chosen then rejected rows."""
   scores = common.last_scores(mc, params, batch)
   B = scores.shape[0] // 2
   margin = scores[:B] - scores[B:]
   w = batch['weight'][:B]
-  return (jnp.sum(bradley_terry(scores[:B], scores[B:]) * w),
+  return (jnp.sum(bradley_terry(scores[:B], scores[B:], label_smoothing) * w),
           (jnp.sum(w), {'accuracy': jnp.sum((margin > 0) * w), 'margin': jnp.sum(margin * w)}))
 
 
@@ -168,7 +179,8 @@ def build(cfg, workdir: str) -> loop.Stage:
   init_state, abstract_state = common.initial_state(lambda: common.init_head(mc, policy.params),
                                                     optimizer)
 
-  train_step = jax.jit(loop.make_step(lambda p, _, b, r: pair_loss(mc, p, b), tc, optimizer,
+  eps = rc.label_smoothing
+  train_step = jax.jit(loop.make_step(lambda p, _, b, r: pair_loss(mc, p, b, eps), tc, optimizer,
                                       seed), donate_argnums=0)
 
   def scores(params, r: dict) -> np.ndarray:
