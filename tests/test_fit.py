@@ -108,6 +108,44 @@ def test_frontier_closed_form_is_the_constrained_minimum():
   assert math.isclose(F.tokens_per_param(law, C), d_opt / n_opt)
 
 
+def test_frontier_with_each_runs_own_flops_per_token():
+  """C = k(N) N D with k falling as N^-0.15 (the Appendix-F count at small sizes): the closed form
+  is the constrained minimum, the fitted k law recovers k(N), and the slope of N_opt in C is
+  beta / (alpha + beta (1 + s)) rather than the constant-k a."""
+  law = CHIN_LIKE
+  kspec = {'ln_k0': math.log(60.0), 'slope': -0.15}
+  for C in (1e13, 1e15, 1e17):
+    n_opt, d_opt = F.frontier(law, C, kspec)
+    assert math.isclose(float(F.flops_per_nd(kspec, n_opt)) * n_opt * d_opt, C, rel_tol=1e-9)
+    ns = n_opt * np.geomspace(0.7, 1.4, 4001)
+    best = ns[np.argmin(F.predict_loss(law, ns, C / (F.flops_per_nd(kspec, ns) * ns)))]
+    assert abs(best / n_opt - 1) < 2e-3
+  n1, n2 = F.frontier(law, 1e13, kspec)[0], F.frontier(law, 1e17, kspec)[0]
+  slope = math.log(n2 / n1) / math.log(1e4)
+  assert abs(slope - law['beta'] / (law['alpha'] + law['beta'] * 0.85)) < 1e-9
+  N = np.geomspace(1e5, 1e7, 9)
+  D = 1e9 / N
+  got = F.flops_per_nd_law(N, D, F.flops_per_nd(kspec, N) * N * D)
+  assert abs(got['slope'] + 0.15) < 1e-9 and abs(got['ln_k0'] - math.log(60.0)) < 1e-9
+  assert F.flops_per_nd_law(N, D, 6 * N * D) == {'ln_k0': pytest.approx(math.log(6)), 'slope': 0.0}
+
+
+def test_approach2_converts_with_each_runs_own_flops_per_token():
+  """One budget whose runs spend C with k from 13 (small N) to 7 (large N): D_opt must use k at
+  N_opt, not the budget's median k (which puts D_opt 20-40% off at the edges of the grid)."""
+  C = 1e13
+  N = np.geomspace(2e4, 3.2e5, 5)
+  k = np.geomspace(13.0, 7.0, 5)
+  D = C / (k * N)
+  L = 2.0 + 0.3 * (np.log(N) - math.log(2e5)) ** 2      # minimum at 2e5, off the median k's run
+  got = F.fit_approach2(N, D, L, np.full(5, C), np.full(5, C), n_boot=0)
+  b = got['budgets'][0]
+  assert abs(b['N_opt'] / 2e5 - 1) < 1e-6
+  k_at = math.exp(np.interp(math.log(2e5), np.log(N), np.log(k)))
+  assert b['D_opt'] == pytest.approx(C / (k_at * 2e5), rel=1e-9)
+  assert abs(b['D_opt'] / (C / (np.median(k) * 2e5)) - 1) > 0.1
+
+
 def test_approach2_recovers_exponent_and_flags_offcentre_grid():
   budgets = [1e15, 1e16, 1e17, 1e18]
   rows = isoflop_sweep(CHIN_LIKE, budgets, offset={1e18: 16.0})  # last grid spans 4x-64x the optimum

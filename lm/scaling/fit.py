@@ -186,12 +186,46 @@ def predict_loss(law, N, D):
   return law['E'] + law['A'] / N ** law['alpha'] + law['B'] / D ** law['beta']
 
 
+def flops_per_nd_law(N, D, C) -> dict:
+  """k(N) = C / (N D) as a power of N fitted to the runs' own counts: ln k = ln_k0 + slope ln N.
+
+  With C = 6ND the slope is 0 and k = 6. Under the Appendix-F count, attention and embedding FLOPs
+  make k fall with N (about 13 to 7 over a CPU sweep's sizes, slope near -0.15).
+  """
+  N, D, C = (np.asarray(v, float) for v in (N, D, C))
+  lk, ln = np.log(C / (N * D)), np.log(N)
+  if np.ptp(ln) == 0 or np.ptp(lk) < 1e-9:
+    return {'ln_k0': float(np.mean(lk)), 'slope': 0.0}
+  slope, icpt = np.polyfit(ln, lk, 1)
+  return {'ln_k0': float(icpt), 'slope': float(slope)}
+
+
+def flops_per_nd(k, N):
+  """k(N) from a number (constant k) or a flops_per_nd_law dict."""
+  if isinstance(k, dict):
+    return np.exp(k['ln_k0']) * np.asarray(N, float) ** k['slope']
+  return np.full_like(np.asarray(N, float), float(k))
+
+
 def frontier(law, C, k=6.0):
-  """Compute-optimal (N_opt, D_opt) for budget C when C = k·N·D (k = 6 gives the closed form of the paper)."""
+  """Compute-optimal (N_opt, D_opt) for budget C when C = k(N)·N·D.
+
+  k a number: the paper's closed form N_opt = G (C/k)^a, D_opt = G^-1 (C/k)^b. k a flops_per_nd_law
+  dict (k = e^ln_k0 N^s, each run's own count): minimising E + A/N^α + B/D^β with D = C/(k(N) N)
+  gives, by the same algebra, N_opt = [αA / (β(1+s)B)]^(1/(α+β(1+s))) (C e^-ln_k0)^(β/(α+β(1+s))).
+  """
   C = np.asarray(C, float)
+  nan = (np.full_like(C, np.nan), np.full_like(C, np.nan))
   if law.get('G') is None:
-    return np.full_like(C, np.nan), np.full_like(C, np.nan)
-  return law['G'] * (C / k) ** law['a'], (C / k) ** law['b'] / law['G']
+    return nan
+  if not isinstance(k, dict):
+    return law['G'] * (C / k) ** law['a'], (C / k) ** law['b'] / law['G']
+  al, be, s = law['alpha'], law['beta'], k['slope']
+  denom = al + be * (1 + s)
+  if 1 + s <= 0 or denom <= 0:
+    return nan
+  n = (al * law['A'] / (be * (1 + s) * law['B'])) ** (1 / denom) * (C * math.exp(-k['ln_k0'])) ** (be / denom)
+  return n, C / (flops_per_nd(k, n) * n)
 
 
 def tokens_per_param(law, C, k=6.0):
@@ -240,6 +274,17 @@ def _isoflop_vertex(N, L):
   return coefs, float(v + mu), float(p0 - p1 * p1 / (4 * p2)), True, inside
 
 
+def flops_per_nd_at(N, D, C, n):
+  """k = C / (N D) at size n, read off the runs' own FLOPs per token: each run's k_i = C_i / (N_i D_i),
+  interpolated linearly in log N (the nearest run's value outside their range). Under the Appendix-F
+  count k falls from ~13 to ~7 over the sizes of a CPU sweep, so one median k for a budget would put
+  D_opt off by up to a factor 1.5 at the grid's edges."""
+  N, D, C = (np.asarray(v, float) for v in (N, D, C))
+  order = np.argsort(N)
+  k = C[order] / (N[order] * D[order])
+  return float(np.exp(np.interp(math.log(n), np.log(N[order]), np.log(k))))
+
+
 def _approach2_points(N, D, L, C, labels):
   budgets, skipped = [], []
   for lab in np.unique(labels):
@@ -248,9 +293,9 @@ def _approach2_points(N, D, L, C, labels):
     if n_distinct < 3:
       skipped.append({'C': float(lab), 'n_runs': int(m.sum()), 'reason': f'{n_distinct} distinct N (< 3)'})
       continue
-    k = float(np.median(C[m] / (N[m] * D[m])))
     coefs, u_min, loss_min, up, inside = _isoflop_vertex(N[m], L[m])
     n_opt = math.exp(u_min)
+    k = flops_per_nd_at(N[m], D[m], C[m], n_opt)
     budgets.append({'C': float(lab), 'N_opt': n_opt, 'D_opt': float(lab) / (k * n_opt), 'loss_min': loss_min,
                     'minimum_inside_grid': inside, 'opens_upward': up, 'n_runs': int(m.sum()),
                     'n_distinct_N': n_distinct, 'N_range': [float(N[m].min()), float(N[m].max())],
@@ -273,7 +318,8 @@ def _approach2_exponents(budgets):
 def fit_approach2(N, D, L, C, budget=None, decades=0.1, n_boot=100, seed=0):
   """IsoFLOP fits (Hoffmann et al. 2022, Approach 2): per-budget parabola minima, then N_opt ∝ C^a, D_opt ∝ C^b.
 
-  D_opt = C / (k N_opt) with k = median C/(N D) of the budget's runs, so the FLOP convention is respected.
+  D_opt = C / (k N_opt) with k = C/(N D) of the budget's own runs interpolated at N_opt (flops_per_nd_at), so the
+  FLOP convention is respected run by run.
   Power laws use budgets whose minimum lies inside their N grid (all upward-opening ones if fewer than two).
   Intervals: bootstrap resampling runs within each budget (a_ci, b_ci); least-squares standard errors of the
   slopes (a_se, b_se) when there are 3+ budgets.
@@ -431,7 +477,8 @@ def heldout_check(N, D, L, labels, **fit_kwargs):
                    for n, d, l, p in zip(N[test], D[test], L[test], pred)]}
 
 
-FLOPS_CONVENTIONS = {'flops': 'chinchilla_appendix_f', 'flops_6nd': '6nd'}
+FLOPS_CONVENTIONS = {'flops': 'chinchilla_appendix_f', 'flops_6nd': '6nd',
+                     'flops_6nd_nonembed': '6nd_nonembedding (Kaplan et al. 2020)'}
 PARAMS_CONVENTIONS = {'params': 'total', 'params_nonembed': 'nonembedding'}
 
 
@@ -465,18 +512,27 @@ def fit_results(rows, flops_key='flops', params_key='params', loss_key='loss', t
   a3['fit_seconds'] = time.perf_counter() - t0
   k = float(np.median(C / (N * D)))
   a3['flops_per_ND'] = k
-  a3['frontier'] = f'N_opt = G (C/{k:.4g})^a, D_opt = G^-1 (C/{k:.4g})^b, G = (alpha A / (beta B))^(1/(alpha+beta))'
+  kfit = flops_per_nd_law(N, D, C)
+  a3['flops_per_ND_law'] = kfit
+  a3['a_this_count'] = None
+  if a3['a'] is not None and a3['alpha'] + a3['beta'] * (1 + kfit['slope']) > 0:
+    # The slope of N_opt against this count of C: with k(N) falling as N^slope, larger models are
+    # relatively cheaper per token and the frontier tilts toward them.
+    a3['a_this_count'] = a3['beta'] / (a3['alpha'] + a3['beta'] * (1 + kfit['slope']))
+  a3['frontier'] = ('N_opt = G\' (C e^-ln_k0)^(beta/(alpha+beta(1+s))), D_opt = C/(k(N_opt) N_opt), '
+                    'k(N) = e^ln_k0 N^s fitted to the runs\' own C/(N D) (flops_per_ND_law); with s = 0 '
+                    'this is the paper\'s N_opt = G (C/k)^a')
   t0 = time.perf_counter()
   a3['ci'] = bootstrap_approach3(N, D, L, a3['theta'], n_boot=bootstrap, seed=seed) if bootstrap else None
   a3['bootstrap_seconds'] = time.perf_counter() - t0
   a2 = fit_approach2(N, D, L, C, budget, budget_decades, n_boot=bootstrap, seed=seed)
   labels = group_budgets(C, budget, budget_decades)
   tpp = {'approach2': [{'C': b['C'], 'tokens_per_param': b['D_opt'] / b['N_opt']} for b in a2['budgets']],
-         'approach3': [{'C': float(c), 'tokens_per_param': float(tokens_per_param(a3, c, k))}
+         'approach3': [{'C': float(c), 'tokens_per_param': float(tokens_per_param(a3, c, kfit))}
                        for c in ([b['C'] for b in a2['budgets']] or np.unique(labels))]
                       if a3['G'] is not None else [],
          'approach3_formula': {'expression': 'D_opt/N_opt = G^-2 (C/k)^((alpha-beta)/(alpha+beta))', 'G': a3['G'],
-                               'k': k, 'exponent': (a3['b'] - a3['a']) if a3['G'] is not None else None}}
+                               'k': kfit, 'exponent': (a3['b'] - a3['a']) if a3['G'] is not None else None}}
   out = {
       'approach3': a3,
       'approach2': a2,

@@ -53,6 +53,11 @@ def _save(fig, path):
   return str(path)
 
 
+def _kspec(a3):
+  """FLOPs per N·D as the fit has it: fitted against N (newer fits) or one median number."""
+  return a3.get('flops_per_ND_law') or a3['flops_per_ND']
+
+
 def _a3_law(fit):
   a3 = fit['approach3']
   return a3 if a3.get('G') is not None else None
@@ -80,7 +85,7 @@ def plot_loss_vs_compute(fit, rows, path, curves=None):
   law = _a3_law(fit)
   if law:
     cs = np.geomspace(C.min(), C.max(), 100)
-    n, d = fitlib.frontier(law, cs, fit['approach3']['flops_per_ND'])
+    n, d = fitlib.frontier(law, cs, _kspec(fit['approach3']))
     ax.plot(cs, fitlib.predict_loss(law, n, d), 'r--', lw=1.2, label='Approach 3 compute-optimal loss')
   ax.set(xscale='log', yscale='log', xlabel='Compute C (FLOPs)', title='Loss vs compute',
          ylabel='Loss (nats/token)' if curves else LOSS_LABEL)
@@ -142,7 +147,7 @@ def plot_optimal_allocation(fit, path):
       ax.plot(grid, np.exp(a1[f'{key}_intercept_ln']) * grid ** a1[letter], 'C2-',
               label=f'Approach 1 fit, {letter} = {a1[letter]:.3f}')
     if law:
-      n, d = fitlib.frontier(law, grid, fit['approach3']['flops_per_ND'])
+      n, d = fitlib.frontier(law, grid, _kspec(fit['approach3']))
       ax.plot(grid, n if key == 'N' else d, 'r--', label=f'Approach 3 frontier, {letter} = {law[letter]:.3f}')
     n_ref = np.sqrt(grid / (6 * CHINCHILLA_TOKENS_PER_PARAM))
     ax.plot(grid, n_ref if key == 'N' else CHINCHILLA_TOKENS_PER_PARAM * n_ref, 'k:',
@@ -174,14 +179,14 @@ def plot_approach3_fit(fit, rows, path):
   labels = fitlib.group_budgets(C, _budget_column(rows), _decades(fit))
   cmap = plt.get_cmap('plasma')
   bnorm = _lognorm(labels)
-  k = law['flops_per_ND']
+  k = _kspec(law)
   for lab in np.unique(labels):
     m = labels == lab
     col = cmap(bnorm(lab) * 0.9)
     axes[1].scatter(N[m], L[m], color=col, s=14)
     if len(np.unique(N[m])) >= 2:
       ns = np.geomspace(N[m].min(), N[m].max(), 60)
-      axes[1].plot(ns, fitlib.predict_loss(law, ns, lab / (k * ns)), color=col, lw=1)
+      axes[1].plot(ns, fitlib.predict_loss(law, ns, lab / (fitlib.flops_per_nd(k, ns) * ns)), color=col, lw=1)
   axes[1].set(xscale='log', xlabel='Parameters N', ylabel=LOSS_LABEL,
               title='Approach 3 along each budget (lines), data (points)')
   fig.colorbar(cm.ScalarMappable(norm=bnorm, cmap=cmap), ax=axes[1], label='FLOP budget C')

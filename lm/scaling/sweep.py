@@ -7,7 +7,8 @@ Rules (documented in the README, set in the sweep config):
            d_model / n_layers stays near `sweep.aspect`, with d_model a multiple of the fixed
            `sweep.head_dim` (n_heads = d_model / head_dim); N is counted exactly from the shapes.
   IsoFLOP: per budget C the predicted optimum is N* = sqrt(C / (k * tokens_per_param)) with
-           k = 6; sizes span N* / span .. N* * span evenly in log N; D = C / FLOPs-per-token of
+           k = FLOPs-per-token / N of the shape at N* (Chinchilla App. F, the count that spends
+           the budget: 7-13 at these sizes, not 6); sizes span N* / span .. N* * span evenly in log N; D = C / FLOPs-per-token of
            the chosen shape (Chinchilla App. F count, so C is the compute the run really spends).
   steps:   D / (batch_size * seq_len), rounded; batch fixed per sweep.
   lr:      sweep.lr * (sweep.lr_ref_width / d_model) ** sweep.lr_width_power (wider -> smaller).
@@ -35,7 +36,7 @@ from lm.errors import UserError
 from lm.metrics import read_jsonl, write_json_atomic
 
 RESULT_COLUMNS = ('run', 'budget', 'params', 'params_nonembed', 'tokens', 'flops', 'flops_6nd',
-                  'final_loss', 'eval_loss', 'loss', 'n_layers', 'd_model', 'n_heads', 'd_ff',
+                  'flops_6nd_nonembed', 'final_loss', 'eval_loss', 'loss', 'n_layers', 'd_model', 'n_heads', 'd_ff',
                   'steps', 'batch_size', 'seq_len', 'lr', 'seed', 'wall_s')
 
 
@@ -159,10 +160,25 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
     return RunSpec(name, L, d, d // s.head_dim, steps, float(lr), warmup, seed,
                    float(budget) if budget else None, int(n), float(fpt))
 
+  def optimum(C):
+    """N* with D* = tokens_per_param N* and C = FLOPs-per-token(N*) D*: the same (App. F)
+    count that spends the budget, per token of the shape nearest N* (a few fixed-point steps
+    from the 6 N D guess; the count per parameter varies slowly with N)."""
+    n = math.sqrt(C / (6.0 * s.tokens_per_param))
+    for _ in range(4):
+      key = round(n)
+      if key not in cache:
+        cache[key] = shape_for(n, base_cfg.model, vocab, s.head_dim, s.aspect)
+      L, d, n_shape = cache[key]
+      mc = _model_cfg(base_cfg.model, vocab, L, d, s.head_dim)
+      k = flops_lib.flops_per_token(mc, t.seq_len, n_shape)['chinchilla'] / n_shape
+      n = math.sqrt(C / (k * s.tokens_per_param))
+    return n
+
   for seed in range(s.seeds):
     if s.mode == 'isoflop':
       for C in s.budgets:
-        n_star = math.sqrt(C / (6.0 * s.tokens_per_param))
+        n_star = optimum(C)
         for f in np.geomspace(1 / s.span, s.span, s.sizes_per_budget):
           specs.append(spec(n_star * f, C, None, seed))
     elif s.mode == 'grid':
@@ -193,6 +209,7 @@ def _result_row(sp: RunSpec, cfg, summary: dict) -> dict:
   return {'run': sp.name, 'budget': sp.budget or '', 'params': summary['params'],
           'params_nonembed': summary['params_nonembed'], 'tokens': summary['tokens'],
           'flops': summary['flops'], 'flops_6nd': summary['flops_6nd'],
+          'flops_6nd_nonembed': 6.0 * summary['params_nonembed'] * summary['tokens'],
           'final_loss': summary['final_loss'], 'eval_loss': summary['eval_loss'],
           'loss': summary['eval_loss'], 'n_layers': sp.n_layers, 'd_model': sp.d_model,
           'n_heads': sp.n_heads, 'd_ff': summary.get('d_ff', ''), 'steps': sp.steps,
