@@ -95,6 +95,8 @@ def bradley_terry(chosen, rejected, label_smoothing: float = 0.0):
   pull a margin towards infinity (the loss is least at m = log((1 - e) / e)).
   """
   m = chosen - rejected
+  if not label_smoothing:
+    return -jax.nn.log_sigmoid(m)
   return -(1 - label_smoothing) * jax.nn.log_sigmoid(m) - label_smoothing * jax.nn.log_sigmoid(-m)
 
 
