@@ -92,7 +92,7 @@ def test_results_csv_is_written_atomically(tmp_path, monkeypatch):
   assert open(path).read() == before
 
 
-def test_runner_skips_retries_and_resumes(tmp_path):
+def test_runner_skips_retries_and_resumes(tmp_path, capsys):
   """A fake trainer whose first run fails once: the rerun trains only that run, then nothing."""
   cfg = tiny_sweep(str(tmp_path / 'cache'))
   workdir = str(tmp_path / 'sweep')
@@ -115,6 +115,7 @@ def test_runner_skips_retries_and_resumes(tmp_path):
 
   out = sweep_lib.run_sweep(cfg, workdir, train_fn=fake_train, fit=False)
   n_runs = len(calls)
+  assert f'sweep: {n_runs - 1}/{n_runs} runs' in capsys.readouterr().out
   assert out['finished'] == n_runs - 1 and out['failed'] == [flaky['fail']]
   failures = [json.loads(l) for l in open(f'{workdir}/failures.jsonl')]
   assert failures[0]['run'] == flaky['fail'] and 'device lost' in failures[0]['error']
@@ -167,6 +168,12 @@ def test_changed_plan_is_refused_naming_the_changed_keys(tmp_path):
   out = sweep_lib.run_sweep(grown, workdir, train_fn=_fake_train(calls), fit=False)
   assert calls and all(name.startswith('C1.2e10') for name in calls)
   assert out['finished'] == len(json.load(open(f'{workdir}/sweep.json'))['runs'])
+
+
+def test_sweep_progress_line():
+  line = sweep_lib.progress_line(4, 10, 1e13, 4e13, 6e12, 200.0)
+  assert line == 'sweep: 4/10 runs, 1e+13 of 4e+13 FLOPs (25%), 3e+10 FLOP/s, eta 17 min'
+  assert sweep_lib.progress_line(0, 3, 0.0, 1e12, 0.0, 0.0).endswith('0 FLOP/s, eta unknown')
 
 
 def test_run_names_are_unique_for_close_budgets():

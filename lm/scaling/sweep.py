@@ -308,6 +308,17 @@ def _priority(specs: list[RunSpec], sp: RunSpec) -> tuple:
   return (sp.seed, budgets.index(sp.budget), abs(same.index(sp) - centre), same.index(sp))
 
 
+def progress_line(done_runs: int, runs: int, done_flops: float, total_flops: float,
+                  session_flops: float, session_s: float) -> str:
+  """'sweep: 4/10 runs, 1.1e13 of 2.6e13 FLOPs (42%), 3.2e10 FLOP/s, eta 8 min': the FLOP
+  rate is this invocation's (runs finished earlier are not counted as fast work)."""
+  rate = session_flops / session_s if session_s > 0 and session_flops > 0 else 0.0
+  left = max(total_flops - done_flops, 0.0)
+  eta = f'eta {left / rate / 60:.0f} min' if rate else 'eta unknown'
+  return (f'sweep: {done_runs}/{runs} runs, {done_flops:.2g} of {total_flops:.2g} FLOPs '
+          f'({done_flops / total_flops:.0%}), {rate:.2g} FLOP/s, {eta}')
+
+
 def train_and_record(train_fn, cfg, rdir: str) -> dict:
   """Trains one run (in this process) and, when it finished, stores its wall time in summary.json."""
   t0 = time.time()
@@ -405,7 +416,13 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
           f"{summary['eval_loss']:.4f}, {summary['flops']:.3g} FLOPs", flush=True)
     finished[job.spec.name] = (job.spec, job.cfg, summary)
     write_results(results_path, _rows(specs, finished))
+    this_session['flops'] += float(summary['flops'])
+    print('    ' + progress_line(len(finished), n, planned_flops(finished), total_flops,
+                                 this_session['flops'], time.time() - t_sweep), flush=True)
 
+  this_session = {'flops': 0.0}
+  planned_flops = lambda fin: sum(sp.steps * base_cfg.train.batch_size * base_cfg.train.seq_len
+                                  * sp.flops_per_token for sp, _, _ in fin.values())
   if parallel > 1:
     from lm.scaling import parallel as parallel_lib
     stopped = parallel_lib.run_jobs(jobs, parallel, start, done)
