@@ -18,7 +18,7 @@ def get_config():
   t.eval_batches, t.keep_checkpoints, t.log_every = 8, 1, 100
 
   s = c.sweep = ml_collections.ConfigDict()
-  s.mode = 'isoflop'              # isoflop | grid
+  s.mode = 'isoflop'              # isoflop | grid | wsd (grid as warmup-stable-decay branches)
   s.budgets = (1e12, 3e12)        # FLOPs per run (Chinchilla App. F count)
   s.sizes_per_budget = 5
   s.span = 4.0                    # sizes from N*/span to N*·span around the predicted optimum
@@ -27,6 +27,7 @@ def get_config():
   s.tokens_per_param = 80.0
   s.grid_params = (100_000.0,)     # grid mode: target N values ...
   s.grid_tokens = (2_000_000.0,)   # ... times these token counts
+  s.cooldown = 0.2                # wsd mode: each run's last 20% decays; the rest is its trunk's
   s.head_dim = 16
   s.aspect = 32.0                 # d_model / n_layers kept near this
   s.lr = 3e-3                     # at d_model = lr_ref_width; scaled by (ref / d_model)^power

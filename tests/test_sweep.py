@@ -395,3 +395,52 @@ parallel.run_jobs([job], 1, lambda j, w: None, lambda *a: None, [parallel.Slot('
   assert 'checkpoint saved' in open(f'{rdir}/train.log').read()
   saved = [int(os.path.basename(p)) for p in glob.glob(f'{rdir}/checkpoints/*')]
   assert saved and 0 < max(saved) < sp.steps and not os.path.exists(f'{rdir}/summary.json')
+
+
+def test_wsd_branches_equal_standalone_runs_and_are_booked_once(tmp_path):
+  """sweep.mode=wsd: per size, one trunk at the longest token count and a branch per shorter
+  one that leaves it where its cooldown begins. A branch ends bitwise where a standalone WSD run
+  of its length ends; rerunning the sweep trains nothing and books each run once; Approach 1's
+  curve per size goes through the branches' final losses."""
+  cfg = tiny_sweep(str(tmp_path / 'cache'))
+  s = cfg.sweep
+  s.mode, s.grid_params, s.grid_tokens, s.cooldown = 'wsd', (6e4,), (12_288, 24_576, 49_152), 0.25
+  s.warmup_max, s.evals_per_run, s.checkpoints_per_run = 4, 1, 1
+  specs = sweep_lib.plan(s, cfg.base, BYTES_VOCAB)
+  assert [sp.steps for sp in specs] == [24, 48, 96]
+  trunk = specs[-1]
+  assert [sp.trunk for sp in specs] == [trunk.name, trunk.name, '']
+  assert [sp.branch_step for sp in specs[:2]] == [18, 36]
+  assert len({sp.warmup_steps for sp in specs}) == 1
+  calls = []
+
+  def counting_train(run_cfg, rdir, stop_at=None):
+    calls.append((os.path.basename(rdir), stop_at))
+    return train_lib.train(run_cfg, rdir, stop_at=stop_at)
+  workdir = str(tmp_path / 'sweep')
+  out = sweep_lib.run_sweep(cfg, workdir, train_fn=counting_train, fit=False)
+  assert out['finished'] == 3
+  # The trunk is trained in pieces: to each branch point, then to its end.
+  assert [c for c in calls if c[0] == trunk.name] == [(trunk.name, 18), (trunk.name, 36),
+                                                       (trunk.name, None)]
+  alone = str(tmp_path / 'alone')
+  summary = train_lib.train(sweep_lib.run_config(cfg.base, specs[1], 1, 1), alone)
+  branch = json.load(open(f'{workdir}/runs/{specs[1].name}/summary.json'))
+  assert branch['final_loss'] == summary['final_loss'] and branch['eval_loss'] == summary['eval_loss']
+  # ... and it trained only its cooldown: its rows up to the branch point are the trunk's own
+  # (same wall-clock stamps), after it they are new.
+  b_rows = read_jsonl(f'{workdir}/runs/{specs[1].name}/metrics.jsonl')
+  t_rows = {r['step']: r for r in read_jsonl(f'{workdir}/runs/{trunk.name}/metrics.jsonl')}
+  early = [r for r in b_rows if r['step'] <= 36]
+  assert early and all(r['time'] == t_rows[r['step']]['time'] for r in early)
+  assert all(r['time'] > early[-1]['time'] for r in b_rows if r['step'] > 36)
+  rows = list(csv.DictReader(open(f'{workdir}/results.csv')))
+  assert [r['run'] for r in rows] == [sp.name for sp in specs]
+  calls.clear()
+  sweep_lib.run_sweep(cfg, workdir, train_fn=counting_train, fit=False)
+  assert calls == [] and len(list(csv.DictReader(open(f'{workdir}/results.csv')))) == 3
+  curves = sweep_lib.wsd_curves([(sp, json.load(open(f'{workdir}/runs/{sp.name}/summary.json')))
+                                 for sp in specs])
+  (curve,) = curves.values()
+  assert curve['curve_tokens'] == [sp.steps * 8 * 64 for sp in specs]
+  assert curve['curve_loss'] == [float(r['eval_loss']) for r in rows]

@@ -53,6 +53,9 @@ class RunSpec:
   budget: float | None
   params: int
   flops_per_token: float
+  cooldown: float = 0.0   # wsd mode: the share of steps spent decaying (0: cosine)
+  trunk: str = ''         # wsd mode: the run this one branches from ('' for the trunk itself)
+  branch_step: int = 0    # wsd mode: the trunk step where this run's cooldown starts
 
 
 def _model_cfg(base_model, vocab: int, n_layers: int, d_model: int, head_dim: int) -> ModelConfig:
@@ -114,10 +117,17 @@ def _positive_numbers(s, key: str, integer: bool = False) -> None:
 
 def validate(s) -> None:
   """Every sweep key checked before anything is planned or written: one sentence per problem."""
-  if s.mode not in ('isoflop', 'grid'):
-    raise UserError(f"sweep.mode={s.mode!r} is not known; use 'isoflop' or 'grid'.")
+  if s.mode not in ('isoflop', 'grid', 'wsd'):
+    raise UserError(f"sweep.mode={s.mode!r} is not known; use 'isoflop', 'grid' or 'wsd'.")
   keys = ['span', 'tokens_per_param', 'aspect', 'lr', 'lr_ref_width']
   keys += ['budgets'] if s.mode == 'isoflop' else ['grid_params', 'grid_tokens']
+  if s.mode == 'wsd':
+    if not 0 < s.get('cooldown', 0.2) < 1:
+      raise UserError(f"sweep.cooldown={s.get('cooldown')} must be in (0, 1) (the share of "
+                      'each run spent decaying).')
+    if int(s.get('parallel', 1)) > 1:
+      raise UserError('sweep.mode=wsd runs its branches in the sweep\'s own process; set '
+                      'sweep.parallel=1.')
   for key in keys:
     _positive_numbers(s, key)
   for key in ('sizes_per_budget', 'head_dim', 'seeds', 'evals_per_run', 'checkpoints_per_run',
@@ -185,12 +195,36 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
       for n in s.grid_params:
         for d_tokens in s.grid_tokens:
           specs.append(spec(n, None, d_tokens, seed))
+    elif s.mode == 'wsd':
+      for n in s.grid_params:
+        specs.extend(_wsd_family([spec(n, None, d, seed) for d in sorted(s.grid_tokens)],
+                                 float(s.get('cooldown', 0.2))))
     else:
-      raise UserError(f"sweep.mode={s.mode!r} is not known; use 'isoflop' or 'grid'.")
+      raise UserError(f"sweep.mode={s.mode!r} is not known; use 'isoflop', 'grid' or 'wsd'.")
   unique = {}
   for sp in specs:   # two targets can round to the same shape: run it once
     unique.setdefault(sp.name, sp)
   return list(unique.values())
+
+
+def _wsd_family(specs: list[RunSpec], cooldown: float) -> list[RunSpec]:
+  """One model size at several token counts as warmup-stable-decay branches of one trunk
+  (Hägele et al. 2024): every run shares the trunk's warmup and constant learning rate, and run j
+  leaves the trunk at the step where its own linear cooldown (the last `cooldown` share of its
+  steps) begins. Until then it is the trunk, step for step, so it starts from the trunk's
+  checkpoint there; the longest run is the trunk itself."""
+  trunk = specs[-1]
+  out = []
+  for sp in specs:
+    decay = min(max(1, round(cooldown * sp.steps)), sp.steps - trunk.warmup_steps)
+    if decay < 1:
+      raise UserError(f'run {sp.name} has {sp.steps} steps, no more than the trunk\'s '
+                      f'{trunk.warmup_steps} warmup steps; raise the smallest of '
+                      'sweep.grid_tokens or lower sweep.warmup_max.')
+    out.append(dataclasses.replace(
+        sp, warmup_steps=trunk.warmup_steps, cooldown=cooldown,
+        trunk='' if sp is trunk else trunk.name, branch_step=sp.steps - decay))
+  return out
 
 
 def run_config(base_cfg, sp: RunSpec, evals: int = 4, checkpoints: int = 4):
@@ -202,6 +236,8 @@ def run_config(base_cfg, sp: RunSpec, evals: int = 4, checkpoints: int = 4):
   cfg.train.eval_every = max(1, sp.steps // evals)
   cfg.train.checkpoint_every = max(1, sp.steps // checkpoints)
   cfg.train.log_every = max(1, min(cfg.train.log_every, sp.steps // 10))
+  if sp.cooldown:
+    cfg.train.schedule, cfg.train.decay_fraction = 'wsd', sp.cooldown
   return cfg
 
 
@@ -242,12 +278,33 @@ def _curves(workdir: str, runs: list[tuple[str, int]]) -> dict:
   return out
 
 
+def wsd_curves(finished: list[tuple[RunSpec, dict]]) -> dict:
+  """Per model size, the curve through its WSD branches' final losses (flops, tokens, eval
+  loss at the end of each cooldown): each point is what a run of that length reaches, unlike
+  the middle of one long run, whose learning rate has not decayed there."""
+  by_size = {}
+  for sp, summary in finished:
+    by_size.setdefault((sp.n_layers, sp.d_model, sp.seed), []).append(summary)
+  out = {}
+  for (L, d, seed), runs in sorted(by_size.items()):
+    runs.sort(key=lambda r: r['tokens'])
+    out[f'L{L}_d{d}_s{seed}'] = {'params': runs[0]['params'],
+                                 'curve_flops': [r['flops'] for r in runs],
+                                 'curve_tokens': [r['tokens'] for r in runs],
+                                 'curve_loss': [r['eval_loss'] for r in runs]}
+  return out
+
+
 def curves_beside(results_csv: str) -> dict | None:
   """The training curves of the runs in a sweep's results.csv, so that fitting a sweep's results
   mid-way still gets Approach 1: read from the sweep's run folders, else from a curves.json saved
   beside the CSV (a copied results folder); None when there are neither."""
   workdir = os.path.dirname(os.path.abspath(results_csv))
-  if not os.path.isdir(os.path.join(workdir, 'runs')):
+  wsd = False
+  if os.path.exists(os.path.join(workdir, 'sweep.json')):
+    with open(os.path.join(workdir, 'sweep.json')) as f:
+      wsd = json.load(f).get('config', {}).get('sweep', {}).get('mode') == 'wsd'
+  if wsd or not os.path.isdir(os.path.join(workdir, 'runs')):   # WSD: the branches' finals
     saved = os.path.join(workdir, 'curves.json')
     if not os.path.exists(saved):
       return None
@@ -308,6 +365,46 @@ def _priority(specs: list[RunSpec], sp: RunSpec) -> tuple:
   return (sp.seed, budgets.index(sp.budget), abs(same.index(sp) - centre), same.index(sp))
 
 
+def _trained_steps(sp: RunSpec) -> int:
+  """The steps a run itself trains: a WSD branch only its cooldown (the rest is its trunk's)."""
+  return sp.steps - sp.branch_step if sp.trunk else sp.steps
+
+
+def branch_from_trunk(sp: RunSpec, rdir: str, trunk: RunSpec, trunk_cfg, workdir: str,
+                      train_fn) -> None:
+  """Starts WSD branch `sp` from its trunk's checkpoint at sp.branch_step: the trunk is trained
+  up to that step if it is not there yet (and stops with a checkpoint), then the checkpoint and
+  the trunk's metrics rows up to it are copied into the branch, which resumes from them as from
+  its own. A branch that already has a checkpoint just resumes."""
+  import shutil
+  from lm import checkpoint as ckpt_lib
+  mine = os.path.join(rdir, 'checkpoints')
+  if os.path.isdir(mine) and any(d.isdigit() for d in os.listdir(mine)):
+    return
+  tdir = os.path.join(workdir, 'runs', trunk.name)
+  step = sp.branch_step
+  at = os.path.join(tdir, 'checkpoints', str(step))
+  if not os.path.isdir(at):
+    have = ckpt_lib.Checkpoints(os.path.join(tdir, 'checkpoints'), 1000)
+    done = have.steps()
+    have.close()
+    if done and done[-1] > step:
+      raise UserError(f'trunk {trunk.name} is past step {step} without a checkpoint there, so '
+                      f'branch {sp.name} cannot start from it; delete {tdir} to retrain the trunk.')
+    os.makedirs(tdir, exist_ok=True)
+    write_json_atomic(os.path.join(tdir, RUN_IDENTITY), json.loads(trunk_cfg.to_json()))
+    print(f'    trunk {trunk.name}: training to step {step} for branch {sp.name}', flush=True)
+    train_fn(trunk_cfg, tdir, stop_at=step)
+  os.makedirs(mine, exist_ok=True)
+  shutil.copytree(at, os.path.join(mine, str(step)))
+  rows = [r for r in read_jsonl(os.path.join(tdir, 'metrics.jsonl')) if r.get('step', 0) <= step]
+  tmp = os.path.join(rdir, 'metrics.jsonl.tmp')
+  with open(tmp, 'w') as f:
+    for r in rows:
+      f.write(json.dumps(r) + '\n')
+  os.replace(tmp, os.path.join(rdir, 'metrics.jsonl'))
+
+
 def progress_line(done_runs: int, runs: int, done_flops: float, total_flops: float,
                   session_flops: float, session_s: float) -> str:
   """'sweep: 4/10 runs, 1.1e13 of 2.6e13 FLOPs (42%), 3.2e10 FLOP/s, eta 8 min': the FLOP
@@ -364,7 +461,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   vocab = dataset.tokenizer.vocab_size
   specs = plan(s, base_cfg, vocab)
   os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
-  total_flops = sum(sp.steps * base_cfg.train.batch_size * base_cfg.train.seq_len
+  total_flops = sum(_trained_steps(sp) * base_cfg.train.batch_size * base_cfg.train.seq_len
                     * sp.flops_per_token for sp in specs)
   write_json_atomic(os.path.join(workdir, 'sweep.json'), {
       'config': json.loads(sweep_file_cfg.to_json()), 'planned_flops': total_flops,
@@ -421,8 +518,10 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
                                  this_session['flops'], time.time() - t_sweep), flush=True)
 
   this_session = {'flops': 0.0}
-  planned_flops = lambda fin: sum(sp.steps * base_cfg.train.batch_size * base_cfg.train.seq_len
-                                  * sp.flops_per_token for sp, _, _ in fin.values())
+  planned_flops = lambda fin: sum(_trained_steps(sp) * base_cfg.train.batch_size
+                                  * base_cfg.train.seq_len * sp.flops_per_token
+                                  for sp, _, _ in fin.values())
+  by_name = {sp.name: (sp, cfg) for sp, cfg in zip(specs, cfgs)}
   if parallel > 1:
     from lm.scaling import parallel as parallel_lib
     stopped = parallel_lib.run_jobs(jobs, parallel, start, done)
@@ -431,6 +530,8 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     for job in jobs:
       start(job)
       try:
+        if job.spec.trunk:
+          branch_from_trunk(job.spec, job.rdir, *by_name[job.spec.trunk], workdir, train_fn)
         summary = train_and_record(train_fn, job.cfg, job.rdir)
       except KeyboardInterrupt:
         raise
@@ -452,7 +553,10 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     print(f'fit skipped: Approach 3 needs at least 5 finished runs, {len(finished)} are done.')
   elif fit:
     from lm.scaling import fit as fit_lib
-    curves = _curves(workdir, [(a.name, c['params']) for a, b, c in finished])
+    if s.mode == 'wsd':   # Approach 1 from the branches' finals: one honest point per length
+      curves = wsd_curves([(a, c) for a, b, c in finished])
+    else:
+      curves = _curves(workdir, [(a.name, c['params']) for a, b, c in finished])
     write_json_atomic(os.path.join(workdir, 'curves.json'), curves)
     result = fit_lib.run_fit(results_path, workdir, loss_key='eval_loss', bootstrap=s.bootstrap,
                              curves=curves)
