@@ -4,10 +4,12 @@
       --config.dpo.init_from=runs/sft_code --config.dpo.pairs=runs/rm/pairs.jsonl \
       [--config.dpo.reward_from=runs/rm]
 
-A second round of iterative DPO: start from the first round and leave dpo.pairs empty, so the
-pairs are sampled from that policy and labelled by the gold program:
+A second round of iterative DPO (`:round2`): start from the first round with dpo.pairs empty, so
+the pairs are sampled from that policy and labelled by the gold program, and add the chosen
+responses' NLL to the loss (iterative RPO, Pang et al. 2024), for 150 steps:
 
-  python run.py dpo --config=configs/dpo.py --workdir=runs/dpo2 --config.dpo.init_from=runs/dpo
+  python run.py dpo --config=configs/dpo.py:round2 --workdir=runs/dpo2 \
+      --config.dpo.init_from=runs/dpo [--config.dpo.reward_from=runs/rm]
 
 train.batch_size counts pairs.
 """
@@ -16,12 +18,15 @@ import ml_collections
 from configs import base
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  if variant not in ('', 'round2'):
+    raise ValueError(f"configs/dpo.py:{variant} is not known; use configs/dpo.py or "
+                     "configs/dpo.py:round2.")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.train = base.get_config().train
   t = c.train
-  t.steps = 300
+  t.steps = 450              # about one epoch of the reward model's 14,550 pairs
   t.batch_size = 32          # pairs per step (64 sequences)
   t.seq_len = 128
   t.lr = 1e-4
@@ -46,4 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.max_new_tokens = 48
   d.temperature = 1.0        # sampling temperature of the evaluation samples
   d.sample_batch = 128
+  if variant == 'round2':
+    t.steps, t.eval_every, t.checkpoint_every = 150, 50, 50
+    d.sft_weight = 1.0
   return c

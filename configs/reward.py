@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   r.samples_per_prompt = 16  # responses sampled per prompt; two of different gold make a pair
   r.pairs_per_prompt = 8     # at most this many pairs per training prompt, no response reused
   r.noise = 0.1              # share of training labels flipped (rater disagreement)
-  r.label_smoothing = 0.0    # share of training labels the Bradley-Terry loss assumes flipped
+  r.label_smoothing = 0.1    # share of training labels the Bradley-Terry loss assumes flipped
   r.max_new_tokens = 48      # response length limit when sampling
   r.temperature = 1.0        # sampling temperature of the SFT policy
   r.sample_batch = 128       # prompts sampled at once

@@ -444,6 +444,16 @@ def test_dpo_second_round_samples_its_own_pairs_and_measures_kl_to_the_sft_run(
   before = open(os.path.join(second, dpo.PAIRS)).read()
   dpo.train_dpo(config(first, '', 2), second)
   assert open(os.path.join(second, dpo.PAIRS)).read() == before
+  # The lesson's table: every policy and best-of-n on the same held-out prompts.
+  from experiments import rlhf
+  result = rlhf.evaluate_policies(sft_run, rm_run[0], {'dpo': first, 'dpo round 2': second},
+                                  eval_prompts=4, eval_samples=1, best_of=(1, 2),
+                                  max_new_tokens=16, batch=8)
+  rows = result['rows']
+  assert list(rows) == ['sft', 'dpo', 'dpo round 2', 'best-of-1', 'best-of-2']
+  assert abs(rows['sft']['kl']) < 1e-5 and rows['best-of-2']['kl'] == math.log(2) - 0.5
+  assert all(0.0 <= r['gold'] <= 1.0 for r in rows.values())
+  assert result['runs']['dpo round 2'] == os.path.abspath(second)
 
 
 def test_lesson_report_and_plot_from_a_result(tmp_path, capsys):
