@@ -13,6 +13,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', 'runs/wsd_branches', 'Output folder.')
@@ -33,6 +34,7 @@ def _sweep_config(mode: str, params, tokens, cooldown):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)   # orbax's INFO lines would bury the sweeps' progress
   from lm.scaling import sweep as sweep_lib
   params = [float(x) for x in FLAGS.params.split(',')]
   tokens = [float(x) for x in FLAGS.tokens.split(',')]
