@@ -67,7 +67,7 @@ def run(runs_dir=None, base_dir=None, kl_coefs=None, overrides=None, eval_prompt
   from configs import sft_code
   from lm import finetune as ft
   from lm import train as train_lib
-  from lm.align import common as al, dpo, ppo, reward
+  from lm.align import dpo, ppo, reward
   parsed = flags.FLAGS.is_parsed()
   runs_dir = common.runs_dir(NAME, runs_dir)
   kl_coefs = kl_coefs or tuple(float(x) for x in _KL.value.split(','))
@@ -97,7 +97,7 @@ def run(runs_dir=None, base_dir=None, kl_coefs=None, overrides=None, eval_prompt
   stage('sft', ft.finetune, cfg, sft_dir)
   cfg = _configure(reward_cfg.get_config(), overrides.get('reward'))
   cfg.reward.init_from = sft_dir
-  rm_summary = stage('reward', reward.train_reward, cfg, rm_dir)
+  stage('reward', reward.train_reward, cfg, rm_dir)
   dpo_dirs = {}
   for rnd in range(1, dpo_rounds + 1):
     # Round 1 learns from the reward model's pairs (the SFT model's samples); every later round

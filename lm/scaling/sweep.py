@@ -110,7 +110,7 @@ def _positive_numbers(s, key: str, integer: bool = False) -> None:
       ok = False
   if not ok:
     kind = 'a positive integer' if integer else 'a positive number'
-    what = f'a non-empty tuple of positive numbers, e.g. (1e12, 3e12)' if isinstance(
+    what = 'a non-empty tuple of positive numbers, e.g. (1e12, 3e12)' if isinstance(
         v, (tuple, list)) else kind
     raise UserError(f'sweep.{key}={v!r} must be {what}.')
 
