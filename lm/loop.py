@@ -145,12 +145,19 @@ def flatten(d, prefix=''):
   return out
 
 
+def config_changes(old: dict, new: dict, allowed=RESUMABLE_CHANGES) -> list[tuple]:
+  """(dotted key, old value, new value) of every key two configs differ in, harmless ones
+  (`allowed`) left out, sorted by key."""
+  a, b = flatten(old), flatten(new)
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and k not in allowed]
+
+
 def check_resumable(old: dict, new: dict, allowed=RESUMABLE_CHANGES) -> None:
   """Refuses to resume a run whose config differs in anything but harmless keys."""
-  a, b = flatten(old), flatten(new)
-  diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in allowed)
+  diff = config_changes(old, new, allowed)
   if diff:
-    shown = ', '.join(f'{k} ({a.get(k)!r} -> {b.get(k)!r})' for k in diff[:4])
+    shown = ', '.join(f'{k} ({x!r} -> {y!r})' for k, x, y in diff[:4])
     raise UserError(f'The workdir holds a run with a different config ({shown}); '
                     'use a new --workdir or the same settings to resume.')
 

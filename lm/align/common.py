@@ -66,6 +66,19 @@ def sft_root(workdir: str) -> str:
   raise UserError(f'{workdir} starts a chain of more than 16 preference-tuned runs.')
 
 
+def preference_loss(margin, label_smoothing: float = 0.0):
+  """-log sigmoid(margin) per pair: the Bradley-Terry loss of the reward model and of DPO.
+
+  label_smoothing e > 0 takes each label to be wrong with probability e:
+  (1 - e) (-log sigmoid(m)) + e (-log sigmoid(-m)), least at m = log((1 - e) / e), so a flipped
+  label cannot pull a margin towards infinity (conservative DPO, Mitchell 2023).
+  """
+  if not label_smoothing:
+    return -jax.nn.log_sigmoid(margin)
+  return (-(1 - label_smoothing) * jax.nn.log_sigmoid(margin)
+          - label_smoothing * jax.nn.log_sigmoid(-margin))
+
+
 def prompt_ids(tokenizer, prompt: str) -> np.ndarray:
   """A user prompt in the chat template, ending with the opening assistant marker."""
   return sft.encode_chat(tokenizer, [{'role': 'user', 'content': prompt}],

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -112,9 +111,7 @@ def dpo_loss_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, bet
   """
   r_w = beta * (policy_chosen - ref_chosen)
   r_l = beta * (policy_rejected - ref_rejected)
-  m = r_w - r_l
-  loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(m) - label_smoothing * jax.nn.log_sigmoid(-m)
-  return loss, r_w, r_l
+  return common.preference_loss(r_w - r_l, label_smoothing), r_w, r_l
 
 
 def pair_loss(mc, params, batch, beta: float, label_smoothing: float = 0.0,
@@ -161,17 +158,10 @@ def build(cfg, workdir: str) -> loop.Stage:
   if not pairs_path:            # on-policy pairs from the starting policy (module docstring)
     pairs_path = os.path.join(workdir, PAIRS)
     if not os.path.exists(pairs_path):
-      headers = common.task_prompts('train')
-      print(f'sampling {dc.samples_per_prompt} responses of the starting policy to each of '
-            f'{len(headers)} train prompts for preference pairs ...', file=sys.stderr, flush=True)
-      made, sampled = pairs_lib.sample_pairs(policy, headers, dc.samples_per_prompt, dc.noise,
-                                             dc.max_new_tokens, dc.temperature, seed,
-                                             dc.sample_batch, dc.pairs_per_prompt)
-      if not made:
-        raise UserError('no train prompt gave two responses of different gold reward; raise '
-                        'dpo.samples_per_prompt or dpo.temperature.')
-      os.makedirs(workdir, exist_ok=True)
-      pairs_lib.write_pairs(pairs_path, made)
+      _, sampled = pairs_lib.sample_to_file(
+          pairs_path, policy, common.task_prompts('train'), 'train', 'dpo',
+          dc.samples_per_prompt, dc.noise, dc.max_new_tokens, dc.temperature, seed,
+          dc.sample_batch, dc.pairs_per_prompt)
   train_pairs, dropped = pairs_lib.fitting(tok, pairs_lib.read_pairs(pairs_path), tc.seq_len)
   if not train_pairs:
     raise UserError(f'every pair of {pairs_path} is longer than train.seq_len={tc.seq_len} '

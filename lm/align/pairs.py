@@ -120,6 +120,25 @@ def pair_rows(tokenizer, pairs: list[dict], seq_len: int) -> dict:
   return out
 
 
+def sample_to_file(path: str, policy: common.Policy, headers: list[str], split: str,
+                   section: str, samples_per_prompt: int, noise: float, max_new_tokens: int,
+                   temperature: float, seed: int, batch_size: int, pairs_per_prompt: int
+                   ) -> tuple[list[dict], dict]:
+  """sample_pairs on `headers` (the `split` prompts), written to `path`: (pairs, statistics).
+  `section` names the config section whose keys the no-pair error points at."""
+  import sys
+  print(f'sampling {samples_per_prompt} responses to each of {len(headers)} {split} prompts for '
+        'preference pairs ...', file=sys.stderr, flush=True)
+  made, stats = sample_pairs(policy, headers, samples_per_prompt, noise, max_new_tokens,
+                             temperature, seed, batch_size, pairs_per_prompt)
+  if not made:
+    raise UserError(f'no {split} prompt gave two responses of different gold reward; raise '
+                    f'{section}.samples_per_prompt or {section}.temperature.')
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  write_pairs(path, made)
+  return made, stats
+
+
 def stack(rows: dict, idx, keys=('tokens', 'mask', 'last')) -> dict:
   """A batch of the chosen rows `idx` followed by the rejected rows `idx` (pair_rows' output),
   with a weight of 1 per row."""

@@ -94,10 +94,7 @@ def bradley_terry(chosen, rejected, label_smoothing: float = 0.0):
   (1 - e) (-log sigmoid(m)) - e log sigmoid(-m) for the margin m, so that a flipped label cannot
   pull a margin towards infinity (the loss is least at m = log((1 - e) / e)).
   """
-  m = chosen - rejected
-  if not label_smoothing:
-    return -jax.nn.log_sigmoid(m)
-  return -(1 - label_smoothing) * jax.nn.log_sigmoid(m) - label_smoothing * jax.nn.log_sigmoid(-m)
+  return common.preference_loss(chosen - rejected, label_smoothing)
 
 
 def pair_loss(mc, params, batch, label_smoothing: float = 0.0):
@@ -126,17 +123,11 @@ def get_pairs(rc: RewardConfig, policy: common.Policy, workdir: str, seed: int, 
     else:
       split = 'train' if name == PAIRS else 'eval'
       headers = common.task_prompts(split, rc.prompts if split == 'train' else rc.eval_prompts)
-      print(f'sampling {rc.samples_per_prompt} responses to each of {len(headers)} {split} '
-            'prompts for preference pairs ...', file=sys.stderr, flush=True)
-      made, st = pairs_lib.sample_pairs(policy, headers, rc.samples_per_prompt,
-                                        rc.noise if split == 'train' else 0.0, rc.max_new_tokens,
-                                        rc.temperature, seed + (split == 'eval'), rc.sample_batch,
-                                        rc.pairs_per_prompt if split == 'train' else 1)
-      if not made:
-        raise UserError(f'no {split} prompt gave two responses of different gold reward; raise '
-                        'reward.samples_per_prompt or reward.temperature.')
-      os.makedirs(workdir, exist_ok=True)
-      pairs_lib.write_pairs(here, made)
+      made, st = pairs_lib.sample_to_file(
+          here, policy, headers, split, 'reward', rc.samples_per_prompt,
+          rc.noise if split == 'train' else 0.0, rc.max_new_tokens, rc.temperature,
+          seed + (split == 'eval'), rc.sample_batch,
+          rc.pairs_per_prompt if split == 'train' else 1)
       got[name] = made
       stats[split] = st
   out = []

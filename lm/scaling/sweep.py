@@ -199,8 +199,6 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
       for n in s.grid_params:
         specs.extend(_wsd_family([spec(n, None, d, seed) for d in sorted(s.grid_tokens)],
                                  float(s.get('cooldown', 0.2))))
-    else:
-      raise UserError(f"sweep.mode={s.mode!r} is not known; use 'isoflop', 'grid' or 'wsd'.")
   unique = {}
   for sp in specs:   # two targets can round to the same shape: run it once
     unique.setdefault(sp.name, sp)
@@ -334,11 +332,9 @@ def check_run_identity(workdir: str, name: str, cfg) -> None:
   with open(path) as f:
     old = json.load(f)
   new = json.loads(cfg.to_json())
-  a, b = loop.flatten(old), loop.flatten(new)
-  diff = sorted(k for k in set(a) | set(b)
-                if a.get(k) != b.get(k) and k not in loop.RESUMABLE_CHANGES)
+  diff = loop.config_changes(old, new)
   if diff:
-    shown = ', '.join(f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in diff[:4])
+    shown = ', '.join(f'{k} {x!r} -> {y!r}' for k, x, y in diff[:4])
     more = f' and {len(diff) - 4} more' if len(diff) > 4 else ''
     raise UserError(f'{workdir} already holds run {name} trained with a different config '
                     f'({shown}{more}); use a new sweep folder for the changed plan, or restore '
@@ -377,7 +373,6 @@ def branch_from_trunk(sp: RunSpec, rdir: str, trunk: RunSpec, trunk_cfg, workdir
   the trunk's metrics rows up to it are copied into the branch, which resumes from them as from
   its own. A branch that already has a checkpoint just resumes."""
   import shutil
-  from lm import checkpoint as ckpt_lib
   mine = os.path.join(rdir, 'checkpoints')
   if os.path.isdir(mine) and any(d.isdigit() for d in os.listdir(mine)):
     return
@@ -385,9 +380,8 @@ def branch_from_trunk(sp: RunSpec, rdir: str, trunk: RunSpec, trunk_cfg, workdir
   step = sp.branch_step
   at = os.path.join(tdir, 'checkpoints', str(step))
   if not os.path.isdir(at):
-    have = ckpt_lib.Checkpoints(os.path.join(tdir, 'checkpoints'), 1000)
-    done = have.steps()
-    have.close()
+    tckpt = os.path.join(tdir, 'checkpoints')
+    done = sorted(int(d) for d in os.listdir(tckpt) if d.isdigit()) if os.path.isdir(tckpt) else []
     if done and done[-1] > step:
       raise UserError(f'trunk {trunk.name} is past step {step} without a checkpoint there, so '
                       f'branch {sp.name} cannot start from it; delete {tdir} to retrain the trunk.')
