@@ -11,6 +11,8 @@
   python run.py reward --config=configs/reward.py --workdir=DIR --config.reward.init_from=SFT_RUN
   python run.py dpo    --config=configs/dpo.py --workdir=DIR --config.dpo.init_from=SFT_RUN
   python run.py ppo    --config=configs/ppo.py --workdir=DIR --config.ppo.init_from=SFT_RUN
+  python run.py export --workdir=RUN --out=HF_DIR [--overwrite]        (GPT-2 or Llama folder)
+  python run.py import --hf=HF_DIR --workdir=DIR [--overwrite --add_chat_tokens]
 """
 import os
 import re
@@ -23,7 +25,7 @@ from lm import cli
 from lm.errors import UserError
 
 SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample', 'finetune', 'merge', 'reward', 'dpo',
-               'ppo')
+               'ppo', 'export', 'import')
 
 config_flags.DEFINE_config_file('config', None, 'An ml-collections config file (configs/*.py).',
                                 lock_config=True)
@@ -44,7 +46,15 @@ flags.DEFINE_integer('num_samples', 1, 'sample: continuations per prompt.')
 flags.DEFINE_bool('raw', False, 'sample: continue the prompt as raw text, even from a fine-tuned '
                   'run (which otherwise gets the chat template).')
 flags.DEFINE_string('system', '', 'sample: a system message for the chat template.')
-flags.DEFINE_string('out', None, 'merge: the folder to write the merged model into.')
+flags.DEFINE_string('out', None, 'merge, export: the folder to write the model into.')
+flags.DEFINE_string('hf', None, 'import: a Hugging Face model folder (config.json, safetensors, '
+                    'tokenizer.json).')
+flags.DEFINE_bool('overwrite', False, 'export, import: replace a non-empty output folder.')
+flags.DEFINE_bool('add_chat_tokens', False, 'import: add the chat tokens to a tokenizer that '
+                  'lacks them (the embedding grows by their rows), for fine-tuning with the chat '
+                  'template.')
+flags.DEFINE_integer('max_shard_mb', 2048, 'export: safetensors files above this size are '
+                     'split into shards with an index.')
 
 
 def main(argv):
@@ -54,7 +64,7 @@ def main(argv):
     raise app.UsageError(f'unknown subcommand {" ".join(argv[1:])!r}; '
                          f'use one of: {", ".join(SUBCOMMANDS)}')
   try:
-    getattr(cli, command)(flags.FLAGS)
+    getattr(cli, 'import_' if command == 'import' else command)(flags.FLAGS)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.corpus = 'pystdlib'     # pystdlib | text | synthetic
   d.path = ''               # file, folder or glob for corpus=text
   d.text_field = 'text'     # the field read from .jsonl lines
-  d.tokenizer = 'bytes'     # bytes | sentencepiece
+  d.tokenizer = 'bytes'     # bytes | sentencepiece | file (the tokenizer saved in tokenizer_path)
+  d.tokenizer_path = ''     # data.tokenizer=file: a tokenizer folder, such as a run's tokenizer/
   d.vocab_size = 4096       # sentencepiece vocabulary size (bytes is always 256 + specials)
   d.sp_model_type = 'bpe'   # bpe | unigram
   d.val_fraction = 0.05     # share of files (or documents) held out for validation
@@ -74,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2
   t.peak_flops = 0.0        # FLOP/s for MFU; 0 means look the device up in lm/flops.py
   t.progress = 'auto'       # auto | bar | log | none
+  t.init_from = ''          # continued pretraining: a run (or an imported model) whose weights,
+                            # shape and tokenizer this run starts from, with a fresh optimizer
 
   # Device mesh (lm/sharding.py). -1 means "the rest of the devices".
   mesh = c.mesh = ml_collections.ConfigDict()

@@ -9,8 +9,9 @@ and a module from its import) three ways from the same weights: every parameter 
 LoRA adapters at two ranks with the base frozen (configs/sft.py). The LoRA recipe: adapters on
 the attention projections q, k, v, o (per trainable number they buy more here than adapters on
 the MLP), the embedding rows of the four chat tokens trained beside them (the base never saw
-those tokens), a peak learning rate of 1e-2 against 3e-3 for full fine-tuning, and twice the
-steps (the adapters learn the new skills more slowly). Each run is an ordinary workdir
+those tokens), a peak learning rate of 7e-3 against 3e-3 for full fine-tuning with a 100-step
+warmup, and 4000 steps against 1500 (the adapters learn the new skills more slowly; at 1e-2 the
+adapters' loss spikes and a longer run ends worse). Each run is an ordinary workdir
 (rerunning skips what is finished and resumes what was interrupted). The lesson then prints:
 
   * exact-match accuracy per task family on held-out instances, for the base model and each
@@ -33,9 +34,10 @@ from experiments import common
 
 NAME = 'instruction_tuning'
 _RANKS = flags.DEFINE_string('ranks', '4,8', 'LoRA ranks, comma-separated.')
-_LORA_LR = flags.DEFINE_float('lora_lr', 1e-2, 'Peak learning rate of the LoRA runs (full '
+_LORA_LR = flags.DEFINE_float('lora_lr', 7e-3, 'Peak learning rate of the LoRA runs (full '
                                'fine-tuning uses configs/sft.py\'s train.lr).')
-_LORA_STEPS = flags.DEFINE_integer('lora_steps', 3000, 'Steps of the LoRA runs (full fine-tuning '
+_LORA_WARMUP = flags.DEFINE_integer('lora_warmup', 100, 'Warmup steps of the LoRA runs.')
+_LORA_STEPS = flags.DEFINE_integer('lora_steps', 4000, 'Steps of the LoRA runs (full fine-tuning '
                                    'uses configs/sft.py\'s train.steps).')
 _LORA_TARGETS = flags.DEFINE_string('lora_targets', 'q,k,v,o', 'Matrices the LoRA runs adapt.')
 PROMPTS = ('Name the module: import os.path', 'def splitext(p): What is it called?',
@@ -69,9 +71,10 @@ def run(runs_dir=None, ranks=None, pretrain_overrides=None, sft_overrides=None,
     cfg.lora.rank = rank
     if rank:   # adapters start at zero and carry few numbers: they want a larger step
       parsed = flags.FLAGS.is_parsed()
-      cfg.train.lr = lora_lr or (_LORA_LR.value if parsed else 1e-2)
-      cfg.train.steps = _LORA_STEPS.value if parsed else 3000
-      cfg.train.eval_every = cfg.train.checkpoint_every = max(1, cfg.train.steps // 3)
+      cfg.train.lr = lora_lr or (_LORA_LR.value if parsed else 7e-3)
+      cfg.train.steps = _LORA_STEPS.value if parsed else 4000
+      cfg.train.warmup_steps = min(_LORA_WARMUP.value if parsed else 100, cfg.train.steps - 1)
+      cfg.train.eval_every = cfg.train.checkpoint_every = max(1, cfg.train.steps // 4)
       cfg.lora.targets = _LORA_TARGETS.value if parsed else 'q,k,v,o'
 
     for k, v in (sft_overrides or {}).items():

@@ -88,6 +88,30 @@ def merge(FLAGS):
   print(f'wrote the merged model to {out}')
 
 
+def export(FLAGS):
+  from lm import hf
+  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/base_small')
+  out = _need(FLAGS.out, 'out', '--out=runs/base_small_hf')
+  if FLAGS.max_shard_mb < 1:
+    raise UserError(f'--max_shard_mb={FLAGS.max_shard_mb} must be at least 1.')
+  info = hf.export_run(workdir, out, overwrite=FLAGS.overwrite,
+                       max_shard_bytes=FLAGS.max_shard_mb << 20)
+  print(f"wrote {out}: a {info['family']} model ({info['bytes'] / 1e6:.1f} MB of float32 weights "
+        f"from step {info['step']}), files {', '.join(info['files'])}")
+
+
+def import_(FLAGS):
+  from lm import hf
+  src = _need(FLAGS.hf, 'hf', '--hf=path/to/hf_model')
+  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/imported')
+  info = hf.import_model(src, workdir, overwrite=FLAGS.overwrite,
+                         add_chat_tokens=FLAGS.add_chat_tokens)
+  m = info['model']
+  print(f"wrote {workdir}: {info['architecture']} with {m['n_layers']} layers, d_model "
+        f"{m['d_model']}, {m['n_heads']} heads ({m['n_kv_heads']} key/value), vocabulary "
+        f"{m['vocab_size']}; sample, finetune or train it with --config.train.init_from")
+
+
 def sample(FLAGS):
   from lm import sample as sample_lib
   sample_lib.sample_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny'), FLAGS.prompt,

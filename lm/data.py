@@ -50,7 +50,7 @@ from lm.errors import UserError
 # Bump when the layout or meaning of the token files changes, so old cache folders are not reused.
 FORMAT_VERSION = 1
 CORPORA = ('pystdlib', 'text', 'synthetic')
-TOKENIZERS = ('bytes', 'sentencepiece')
+TOKENIZERS = ('bytes', 'sentencepiece', 'file')
 SP_MODEL_TYPES = ('bpe', 'unigram')
 SPLITS = ('train', 'val')
 INFO_JSON = 'info.json'
@@ -81,6 +81,9 @@ class DataConfig:
   synthetic_concentration: float
   synthetic_tokens: int
   synthetic_seed: int
+  # data.tokenizer=file: a tokenizer folder that Tokenizer.save wrote (a run's tokenizer/).
+  # Optional so that configs written before it existed still read.
+  tokenizer_path: str = ''
 
   @classmethod
   def from_config(cls, cfg) -> DataConfig:
@@ -90,6 +93,8 @@ class DataConfig:
       try:
         v = cfg[f.name]
       except (KeyError, AttributeError):
+        if f.default is not dataclasses.MISSING:
+          continue
         raise UserError(f'the config has no data.{f.name}; start from configs/base.py, which sets '
                         'every key') from None
       values[f.name] = _typed(f.name, v, f.type)
@@ -105,6 +110,9 @@ class DataConfig:
       bad('corpus', f'is not a corpus (choose one of {", ".join(CORPORA)})')
     if self.tokenizer not in TOKENIZERS:
       bad('tokenizer', f'is not a tokenizer (choose one of {", ".join(TOKENIZERS)})')
+    if self.tokenizer == 'file' and not os.path.isdir(self.tokenizer_path):
+      bad('tokenizer_path', 'is not a folder, but data.tokenizer=file reads the tokenizer a run '
+          'saved there', "point it at a run's tokenizer/ folder")
     if self.sp_model_type not in SP_MODEL_TYPES:
       bad('sp_model_type',
           f'is not a sentencepiece model type (choose one of {", ".join(SP_MODEL_TYPES)})')
@@ -177,6 +185,9 @@ def _key_material(cfg: DataConfig, files) -> dict:
   m['files'] = [[f.relpath, f.size, f.mtime_ns] for f in files]
   if cfg.tokenizer == 'bytes':
     m['tokenizer'] = {'type': 'bytes'}
+  elif cfg.tokenizer == 'file':
+    m['tokenizer'] = {'type': 'file', 'hash': tokenizer_lib.load_tokenizer(cfg.tokenizer_path).hash}
+    return m
   else:
     m['tokenizer'] = {'type': 'sentencepiece', 'vocab_size': cfg.vocab_size,
                       'model_type': cfg.sp_model_type, 'train_bytes': cfg.sp_train_bytes}
@@ -291,6 +302,8 @@ def _write_contents(cfg: DataConfig, files, material: dict, key: str, out: str,
                                        val_fraction=cfg.val_fraction, max_bytes=cfg.max_bytes)
     if cfg.tokenizer == 'bytes':
       tok = tokenizer_lib.ByteTokenizer(chat=cfg.chat_tokens)
+    elif cfg.tokenizer == 'file':
+      tok = tokenizer_lib.load_tokenizer(cfg.tokenizer_path)
     else:
       tok = tokenizer_lib.train_sentencepiece(text.train, vocab_size=cfg.vocab_size,
                                               model_type=cfg.sp_model_type,

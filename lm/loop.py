@@ -41,6 +41,10 @@ RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_ev
                      'data.cache_dir', 'mesh.data', 'mesh.fsdp', 'mesh.tensor',
                      'mesh.distributed', 'model.remat', 'model.attention_impl')
 
+# Keys added after runs existed, with the value that means what their absence meant: a config
+# written before a key existed equals one that sets it to this default.
+ADDED_KEYS = {'train.init_from': '', 'data.tokenizer_path': ''}
+
 LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, jax.Array]]
 
 
@@ -149,6 +153,10 @@ def config_changes(old: dict, new: dict, allowed=RESUMABLE_CHANGES) -> list[tupl
   """(dotted key, old value, new value) of every key two configs differ in, harmless ones
   (`allowed`) left out, sorted by key."""
   a, b = flatten(old), flatten(new)
+  for k, default in ADDED_KEYS.items():
+    for d in (a, b):
+      if d.get(k) == default:
+        d.pop(k, None)
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
           if a.get(k) != b.get(k) and k not in allowed]
 

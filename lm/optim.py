@@ -36,6 +36,7 @@ class TrainConfig:
   keep_checkpoints: int = 2
   peak_flops: float = 0.0
   progress: str = 'auto'
+  init_from: str = ''       # pretraining: start from this run's weights (lm/train.py)
 
   def __post_init__(self):
     p = 'train.'

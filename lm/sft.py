@@ -45,6 +45,9 @@ ROLES = ('system', 'user', 'assistant')
 # The chat template.
 
 def _chat_ids(tokenizer) -> dict:
+  if tokenizer.chat_ids is None and tokenizer.name == 'hf':
+    raise UserError('the imported tokenizer of this run has no chat tokens; import the model again '
+                    'with --add_chat_tokens (python run.py import ... --add_chat_tokens).')
   if tokenizer.chat_ids is None:
     raise UserError(f'the {tokenizer.name} tokenizer of this run has no chat tokens (it was built '
                     'before they existed, or with data.chat_tokens=False); pretrain the base '

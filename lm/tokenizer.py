@@ -13,6 +13,9 @@ come from ids a model produced, and `decode` replaces it with U+FFFD.
     is representable. Ids 0..3 are <unk> (never produced), BOS, EOS, PAD; then the 256 byte pieces,
     then newline and tab (own pieces so code's line structure is cheap), then learned pieces.
     Normalisation is off and whitespace is kept verbatim, so round trips are exact.
+  * `hf`: a Hugging Face `tokenizer.json` (from an imported checkpoint, lm/hf.py), run by the
+    `tokenizers` library, so text encodes to the ids `transformers` gives it
+    (`encode(text, add_special_tokens=False)`). Its special ids come from the checkpoint.
   * `symbols`: the identity tokenizer of the synthetic corpus: symbols 0..n-1 are their own ids,
     then BOS=n, EOS=n+1, PAD=n+2. Its text form is the ids in decimal separated by spaces.
 
@@ -37,6 +40,7 @@ from lm.errors import UserError
 
 TOKENIZER_JSON = 'tokenizer.json'
 SP_MODEL_FILE = 'tokenizer.model'
+HF_TOKENIZER_FILE = 'hf_tokenizer.json'
 # SentencePiece ids 0..3 and the pieces every model has besides the learned ones.
 _SP_SPECIALS = 4
 CHAT_ROLES = ('system', 'user', 'assistant', 'end')
@@ -271,6 +275,183 @@ def _vocab_error(vocab_size: int, message: str) -> str:
           f'({message.strip()}); choose another --config.data.vocab_size')
 
 
+class HFTokenizer(Tokenizer):
+  """A Hugging Face `tokenizers` tokenizer (its tokenizer.json text) with the model's special ids."""
+  name = 'hf'
+
+  def __init__(self, json_text: str, bos_id: int, eos_id: int, pad_id: int):
+    from tokenizers import Tokenizer as _Tok
+    self.json_text = json_text
+    self._tok = _Tok.from_str(json_text)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.bos_id, self.eos_id, self.pad_id = int(bos_id), int(eos_id), int(pad_id)
+    ids = [self._tok.token_to_id(t) for t in CHAT_TOKENS]
+    self.chat_ids = dict(zip(CHAT_ROLES, ids)) if None not in ids else None
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(e.ids, np.int64)
+            for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self._tok.decode(self._check_ids(ids), skip_special_tokens=True)
+
+  def with_chat_tokens(self) -> 'HFTokenizer':
+    """This tokenizer with the four chat tokens added as special tokens (new ids at the end)."""
+    from tokenizers import AddedToken, Tokenizer as _Tok
+    t = _Tok.from_str(self.json_text)
+    t.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in CHAT_TOKENS])
+    return HFTokenizer(t.to_str(), self.bos_id, self.eos_id, self.pad_id)
+
+  def settings(self) -> dict:
+    return {'type': 'hf', 'vocab_size': self.vocab_size, 'bos_id': self.bos_id,
+            'eos_id': self.eos_id, 'pad_id': self.pad_id}
+
+  def _hash_extra(self) -> bytes:
+    return self.json_text.encode('utf-8')
+
+  def save(self, directory: str) -> None:
+    super().save(directory)
+    _write_file(os.path.join(directory, HF_TOKENIZER_FILE), self.json_text.encode('utf-8'))
+
+
+def _byte_chars() -> list[str]:
+  """The printable character GPT-2's byte-level scheme gives each byte 0..255: printable Latin-1
+  bytes stand for themselves, the others take the code points 256, 257, ... in byte order."""
+  keep = set(range(ord('!'), ord('~') + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+  chars, extra = [], 0
+  for b in range(256):
+    if b in keep:
+      chars.append(chr(b))
+    else:
+      chars.append(chr(256 + extra))
+      extra += 1
+  return chars
+
+
+BYTE_SPECIALS = ('<|bos|>', '<|eos|>', '<|pad|>')
+
+
+def _byte_tokenizer_json(tok: 'ByteTokenizer') -> str:
+  """The byte vocabulary as a `tokenizers` byte-level model with no merges: byte b is id b."""
+  from tokenizers import AddedToken, Tokenizer as _Tok, decoders, models, pre_tokenizers
+  vocab = {c: b for b, c in enumerate(_byte_chars())}
+  t = _Tok(models.BPE(vocab=vocab, merges=[]))
+  t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  t.decoder = decoders.ByteLevel()
+  names = list(BYTE_SPECIALS) + (list(CHAT_TOKENS) if tok.chat_ids else [])
+  t.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+  assert t.get_vocab_size(with_added_tokens=True) == tok.vocab_size
+  return t.to_str()
+
+
+def _sp_tokenizer_json(tok: 'SentencePieceTokenizer') -> str:
+  """The SentencePiece model as a `tokenizers` pipeline that encodes text to the same ids.
+
+  Spaces become U+2581 and the text splits into words before each run of them (as SentencePiece
+  splits by whitespace); newline and tab are pieces of their own; a BPE model merges in the
+  order of its pieces' scores, a unigram model keeps its scores; both fall back to the byte
+  pieces. The control pieces (<unk>, BOS, EOS, PAD, the chat tokens) are special tokens.
+  Known difference: a literal U+2581 in the text reads as a space here.
+  """
+  from tokenizers import AddedToken, Regex, Tokenizer as _Tok, decoders, models, normalizers
+  from tokenizers import pre_tokenizers
+  sp = tok._sp
+  pieces = [sp.id_to_piece(i) for i in range(tok.vocab_size)]
+  scores = [sp.get_score(i) for i in range(tok.vocab_size)]
+  special = [i for i in range(tok.vocab_size) if sp.is_control(i) or sp.is_unknown(i)]
+  user = [i for i, p in enumerate(pieces) if p in _SP_USER_SYMBOLS]
+  if tok.model_type == 'unigram':
+    vocab = [(p, scores[i] if i not in special else -1e9) for i, p in enumerate(pieces)]
+    model = models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=True)
+  else:
+    vocab = {p: i for i, p in enumerate(pieces)}
+    ranked = sorted((i for i in range(tok.vocab_size)
+                     if i not in special and i not in user and not sp.is_byte(i)
+                     and len(pieces[i]) > 1), key=lambda i: (-scores[i], i))
+    merges = []
+    for i in ranked:
+      p = pieces[i]
+      merges += [(p[:k], p[k:]) for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab]
+    model = models.BPE(vocab=vocab, merges=merges, unk_token=pieces[sp.unk_id()],
+                       byte_fallback=True, fuse_unk=False)
+  t = _Tok(model)
+  t.normalizer = normalizers.Replace(' ', _SPACE_MARK)
+  t.pre_tokenizer = pre_tokenizers.Split(Regex(f'{_SPACE_MARK}*[^{_SPACE_MARK}]+'), 'isolated')
+  t.decoder = decoders.Sequence([decoders.Replace(_SPACE_MARK, ' '), decoders.ByteFallback(),
+                                 decoders.Fuse()])
+  t.add_tokens([AddedToken(pieces[i], special=False, normalized=False) for i in user])
+  t.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in special])
+  return t.to_str()
+
+
+def export_hf(tok: Tokenizer, out: str) -> list[str]:
+  """Writes tokenizer.json and tokenizer_config.json that `transformers` loads
+  (PreTrainedTokenizerFast); returns the file names ([] for a tokenizer with no such form)."""
+  if isinstance(tok, ByteTokenizer):
+    text = _byte_tokenizer_json(tok)
+  elif isinstance(tok, HFTokenizer):
+    text = tok.json_text
+  elif isinstance(tok, SentencePieceTokenizer):
+    text = _sp_tokenizer_json(tok)
+  else:
+    return []
+  from tokenizers import Tokenizer as _Tok
+  t = _Tok.from_str(text)
+  names = {i: t.id_to_token(i) for i in (tok.bos_id, tok.eos_id, tok.pad_id)}
+  _write_file(os.path.join(out, 'tokenizer.json'), text.encode('utf-8'))
+  conf = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': names[tok.bos_id],
+          'eos_token': names[tok.eos_id], 'pad_token': names[tok.pad_id],
+          'add_bos_token': False, 'add_eos_token': False, 'clean_up_tokenization_spaces': False,
+          'model_max_length': 1 << 30}
+  _write_file(os.path.join(out, 'tokenizer_config.json'),
+              (json.dumps(conf, indent=2) + '\n').encode('utf-8'))
+  return ['tokenizer.json', 'tokenizer_config.json']
+
+
+def import_hf(hf_dir: str, hf_config: dict) -> HFTokenizer:
+  """The tokenizer of a Hugging Face model folder (its tokenizer.json), with the special ids
+  named by tokenizer_config.json or, failing that, config.json."""
+  path = os.path.join(hf_dir, 'tokenizer.json')
+  if not os.path.isfile(path):
+    raise UserError(f'{hf_dir} has no tokenizer.json; save the tokenizer there with transformers '
+                    '(AutoTokenizer.from_pretrained(...).save_pretrained(folder)) and import again.')
+  from tokenizers import Tokenizer as _Tok
+  try:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+    t = _Tok.from_str(text)
+  except Exception as e:  # the library raises its own exception type for a malformed file
+    raise UserError(f'cannot read {path} as a tokenizers file ({e}); the folder is damaged.') \
+        from None
+  conf = {}
+  conf_path = os.path.join(hf_dir, 'tokenizer_config.json')
+  if os.path.isfile(conf_path):
+    with open(conf_path, encoding='utf-8') as f:
+      conf = json.load(f)
+
+  def special(name: str):
+    tok = conf.get(name + '_token')
+    if isinstance(tok, dict):
+      tok = tok.get('content')
+    if isinstance(tok, str) and t.token_to_id(tok) is not None:
+      return t.token_to_id(tok)
+    v = hf_config.get(name + '_token_id')
+    return v[0] if isinstance(v, list) and v else v
+
+  eos, bos, pad = special('eos'), special('bos'), special('pad')
+  if eos is None:
+    eos = bos
+  if eos is None:
+    raise UserError(f'{hf_dir} names no end-of-text token (eos_token in tokenizer_config.json or '
+                    'eos_token_id in config.json); add one and import again.')
+  bos = eos if bos is None else bos
+  pad = eos if pad is None else pad
+  return HFTokenizer(text, bos, eos, pad)
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
   """The tokenizer that `Tokenizer.save(directory)` wrote."""
   path = os.path.join(directory, TOKENIZER_JSON)
@@ -287,6 +468,14 @@ def load_tokenizer(directory: str) -> Tokenizer:
     tok: Tokenizer = ByteTokenizer(chat=int(meta.get('vocab_size', 263)) != 259)
   elif kind == 'symbols':
     tok = SymbolTokenizer(int(meta['n_symbols']))
+  elif kind == 'hf':
+    try:
+      with open(os.path.join(directory, HF_TOKENIZER_FILE), encoding='utf-8') as f:
+        text = f.read()
+    except OSError as e:
+      raise UserError(f'cannot read {HF_TOKENIZER_FILE} in {directory} ({e.strerror}); import the '
+                      'model again') from None
+    tok = HFTokenizer(text, meta['bos_id'], meta['eos_id'], meta['pad_id'])
   elif kind == 'sentencepiece':
     try:
       with open(os.path.join(directory, SP_MODEL_FILE), 'rb') as f:

@@ -94,6 +94,10 @@ def build(cfg) -> Run:
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   init_fn = jax.jit(init_state, out_shardings=s_shard)
+  if tc.init_from:   # continued pretraining: the init run's weights, a fresh optimizer, step 0
+    start = jax.jit(lambda p: {'params': p, 'opt_state': optimizer.init(p),
+                               'step': jnp.zeros((), jnp.int32)}, out_shardings=s_shard)
+    init_fn = lambda _: start(_init_params(tc.init_from, mc))
   train_step = jax.jit(make_train_step(mc, tc, optimizer, seed),
                        in_shardings=(s_shard, batch_sh), out_shardings=(s_shard, replicated),
                        donate_argnums=0)
@@ -168,8 +172,56 @@ def stage(run: Run) -> loop.Stage:
       n_params=run.n_params)
 
 
+def _init_params(init_from: str, mc: ModelConfig):
+  from lm import finetune as finetune_lib
+  _, params, _, _ = finetune_lib.load_model(init_from)
+  want = jax.tree.map(lambda x: x.shape, model_lib.param_shapes(mc))
+  if jax.tree.map(lambda x: x.shape, params) != want:
+    raise UserError(f'the weights of train.init_from={init_from} do not fit the model this run '
+                    'builds (the init run changed meanwhile?); start from a finished run.')
+  return params
+
+
+def with_init_from(cfg):
+  """cfg with the model and tokenizer of the run named by train.init_from (if any).
+
+  Continued pretraining keeps the init run's shape and tokenizer: the model section is replaced
+  by the init run's (dropout, dtype, remat and attention_impl may still be set here), and the
+  data section reads the init run's tokenizer (data.tokenizer=file).
+  """
+  init_from = cfg.train.get('init_from', '')
+  if not init_from:
+    return cfg
+  import os
+  from lm import finetune as finetune_lib
+  from lm import tokenizer as tokenizer_lib
+  src = finetune_lib._read_config(init_from)
+  tok_dir = os.path.join(init_from, 'tokenizer')
+  tokenizer_lib.load_tokenizer(tok_dir)            # refuses a run without a readable tokenizer
+  if 'finetune' in src or 'dpo' in src or 'ppo' in src:
+    model = dict(src['base']['model'])
+  elif 'reward' in src:
+    raise UserError(f'train.init_from={init_from} is a reward model; start from a language model.')
+  else:
+    model = dict(src['model'])
+  cfg = cfg.copy_and_resolve_references()
+  keep = {k: cfg.model[k] for k in ('dropout', 'dtype', 'remat', 'attention_impl')}
+  with cfg.unlocked():
+    for k in list(cfg.model.keys()):
+      if k in model:
+        cfg.model[k] = model[k]
+    cfg.model.update(keep)
+    vocab = int(model.get('vocab_size') or tokenizer_lib.load_tokenizer(tok_dir).vocab_size)
+    cfg.model.vocab_size = vocab
+    cfg.model.n_kv_heads = int(model.get('n_kv_heads') or model['n_heads'])
+    cfg.data.tokenizer = 'file'
+    cfg.data.tokenizer_path = os.path.abspath(tok_dir)
+  return cfg
+
+
 def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """Trains (or resumes) the run in workdir; returns the summary. `stop_at` simulates a kill."""
+  cfg = with_init_from(cfg)
   loop.check_config(workdir, json.loads(cfg.to_json()))   # refuse before preparing any data
   run = build(cfg)  # first jax work: it joins a multi-host job, which must precede any other
   return loop.run(stage(run), workdir, stop_at)

@@ -342,3 +342,15 @@ def test_sigterm_saves_and_stops_cleanly(cache_dir, reference_run, tmp_path, mon
   monkeypatch.setattr(train_lib, 'get_batch', real_get_batch)
   resumed = train_lib.train(cfg, workdir)
   assert resumed['final_loss'] == reference_run[1]['final_loss']
+
+
+def test_a_config_written_before_a_key_existed_still_resumes():
+  from lm import loop
+  new = base.get_config().to_dict()
+  old = json.loads(json.dumps(new))
+  del old['train']['init_from'], old['data']['tokenizer_path']
+  assert loop.config_changes(old, new) == []
+  new['train']['init_from'] = 'runs/other'
+  assert loop.config_changes(old, new) == [('train.init_from', None, 'runs/other')]
+  with pytest.raises(UserError, match='different config'):
+    loop.check_resumable(old, new)
