@@ -502,6 +502,7 @@ def _summary(workdir: str, info: dict, last_eval: dict, tc: TrainConfig) -> dict
 
 def finetune(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """Fine-tunes (or resumes) the run in workdir; returns the summary."""
+  loop.check_stage_start(cfg.to_dict())
   job = build(cfg, workdir)
   loop.check_config(workdir, job.stage.config, RESUMABLE_CHANGES)
   before_path = os.path.join(workdir, BASE_EVAL)

@@ -170,8 +170,17 @@ def check_resumable(old: dict, new: dict, allowed=RESUMABLE_CHANGES) -> None:
                     'use a new --workdir or the same settings to resume.')
 
 
+def check_stage_start(cfg: dict) -> None:
+  """train.init_from is pretraining's; the later stages start from their own init_from."""
+  stage = next((k for k in ('finetune', 'reward', 'dpo', 'ppo') if k in cfg), None)
+  if stage and (cfg.get('train') or {}).get('init_from'):
+    raise UserError(f'train.init_from is for continued pretraining; a {stage} run starts from '
+                    f'{stage}.init_from, so leave train.init_from empty.')
+
+
 def check_config(workdir: str, new_cfg: dict, allowed=RESUMABLE_CHANGES) -> None:
   """Before anything is built: a workdir's existing config.json must match (see above)."""
+  check_stage_start(new_cfg)
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
     with open(path) as f:

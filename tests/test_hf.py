@@ -350,3 +350,12 @@ def test_a_model_outside_both_families_is_refused_by_name():
   mc = model_lib.ModelConfig(vocab_size=10, pos='alibi', block='postnorm')
   with pytest.raises(UserError, match=r"fits neither.*pos='alibi'.*block='postnorm'"):
     hf.family_of(mc)
+
+
+def test_train_init_from_is_refused_where_it_does_not_apply(imported_gpt2, tmp_path):
+  from configs import sft as sft_cfg
+  c = sft_cfg.get_config()
+  c.finetune.init_from = c.train.init_from = imported_gpt2[2]
+  with pytest.raises(UserError, match='train.init_from is for continued pretraining'):
+    ft.finetune(c, str(tmp_path / 'ft'))
+  assert not (tmp_path / 'ft').exists()

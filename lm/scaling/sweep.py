@@ -451,6 +451,9 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     raise ValueError('train_fn applies to in-process runs only (sweep.parallel=1).')
   train_fn = train_fn or train_lib.train
   validate(s)   # before the corpus is prepared or anything is written
+  if base_cfg.train.get('init_from'):
+    raise UserError('base.train.init_from would start every run of the sweep from the same '
+                    'weights; a sweep trains each size from scratch, so leave it empty.')
   dataset = data_lib.prepare(data_lib.DataConfig.from_config(base_cfg.data))
   vocab = dataset.tokenizer.vocab_size
   specs = plan(s, base_cfg, vocab)
