@@ -143,7 +143,7 @@ def _loss_and_grads(cfg, params, x):
   def loss(p):
     logits = model.apply(cfg, p, x[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
-  return jax.value_and_grad(loss)(params)
+  return jax.jit(jax.value_and_grad(loss))(params)
 
 
 def test_scan_equals_loop():
