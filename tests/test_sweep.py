@@ -199,7 +199,11 @@ def test_run_names_are_unique_for_close_budgets():
     ('aspect', -2.0, 'sweep.aspect=-2.0 must be a positive number'),
     ('head_dim', 0, 'sweep.head_dim=0 must be a positive integer'),
     ('seeds', 0, 'sweep.seeds=0 must be a positive integer'),
-    ('parallel', 0, 'sweep.parallel=0 must be a positive integer'),
+    ('parallel', -1, 'sweep.parallel=-1 must be 0 (as many runs at once'),
+    ('batch_sizes', (16, 0), 'sweep.batch_sizes=(16, 0) must be a non-empty tuple'),
+    ('min_steps', 0, 'sweep.min_steps=0 must be a positive integer'),
+    ('min_layers', 0, 'sweep.min_layers=0 must be a positive integer'),
+    ('aspect_band', 0.5, 'sweep.aspect_band=0.5 must be at least 1'),
     ('mode', 'diagonal', "sweep.mode='diagonal' is not known"),
 ])
 def test_every_sweep_key_is_validated_before_planning(tmp_path, key, value, needle):
@@ -444,3 +448,40 @@ def test_wsd_branches_equal_standalone_runs_and_are_booked_once(tmp_path):
   (curve,) = curves.values()
   assert curve['curve_tokens'] == [sp.steps * 8 * 64 for sp in specs]
   assert curve['curve_loss'] == [float(r['eval_loss']) for r in rows]
+
+
+def test_batch_rule_keeps_every_run_above_the_step_floor_and_shapes_in_band():
+  c = sweep_smoke.get_config()
+  s = c.sweep
+  with s.unlocked():
+    s.budgets, s.span, s.head_dim, s.aspect = (5e11, 1.5e12, 4.5e12), 3.0, 8, 16.0
+    s.aspect_band, s.min_layers = 2.0, 2
+    s.batch_sizes, s.min_steps = (8, 16, 32, 64, 128), 400
+  specs = sweep_lib.plan(s, c.base, BYTES_VOCAB)
+  T = c.base.train.seq_len
+  for sp in specs:
+    assert sp.n_layers >= 2 and 0.5 <= (sp.d_model / sp.n_layers) / 16.0 <= 2.0
+    assert sp.steps >= 400
+    # The largest batch of the ladder that keeps the floor: doubling it would break it.
+    tokens = sp.budget / sp.flops_per_token
+    assert sp.batch_size == 128 or tokens / (2 * sp.batch_size * T) < 400
+    # The budget is still what the run spends.
+    assert abs(sp.steps * sp.batch_size * T * sp.flops_per_token / sp.budget - 1) < 1 / sp.steps
+    assert sweep_lib.run_config(c.base, sp).train.batch_size == sp.batch_size
+  assert len({sp.batch_size for sp in specs}) > 2      # small models take the large batches
+  # Without a ladder the base config's batch holds for every run, as before.
+  with s.unlocked():
+    del s['batch_sizes']
+  assert {sweep_lib.spec_batch(sp, c.base) for sp in sweep_lib.plan(s, c.base, BYTES_VOCAB)} \
+      == {c.base.train.batch_size}
+
+
+def test_auto_parallel_takes_one_run_per_core(monkeypatch):
+  from lm.scaling import parallel as parallel_lib
+  monkeypatch.setattr(parallel_lib, '_probe_devices', lambda: ('cpu', 1))
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda _: {0, 1, 2, 3})
+  assert sweep_lib.auto_parallel(10) == 4 and sweep_lib.auto_parallel(3) == 3
+  monkeypatch.setattr(parallel_lib, '_probe_devices', lambda: ('gpu', 8))
+  assert sweep_lib.auto_parallel(5) == 5
+  monkeypatch.setattr(parallel_lib, '_probe_devices', lambda: ('tpu', 8))
+  assert sweep_lib.auto_parallel(5) == 1

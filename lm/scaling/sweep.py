@@ -10,7 +10,11 @@ Rules (documented in the README, set in the sweep config):
            k = FLOPs-per-token / N of the shape at N* (Chinchilla App. F, the count that spends
            the budget: 7-13 at these sizes, not 6); sizes span N* / span .. N* * span evenly in log N; D = C / FLOPs-per-token of
            the chosen shape (Chinchilla App. F count, so C is the compute the run really spends).
-  steps:   D / (batch_size * seq_len), rounded; batch fixed per sweep.
+  shape:   at least `sweep.min_layers` layers, d_model / n_layers within a factor
+           `sweep.aspect_band` of `sweep.aspect`.
+  batch:   the largest of `sweep.batch_sizes` that leaves the run `sweep.min_steps` steps or more
+           (without sweep.batch_sizes: the base config's batch, fixed per sweep).
+  steps:   D / (batch_size * seq_len), rounded.
   lr:      sweep.lr * (sweep.lr_ref_width / d_model) ** sweep.lr_width_power (wider -> smaller).
   warmup:  min(sweep.warmup_max, sweep.warmup_fraction * steps); cosine to 10% over each run.
 A run is finished when its summary.json exists; re-running skips it. A run's identity is its full
@@ -56,6 +60,7 @@ class RunSpec:
   cooldown: float = 0.0   # wsd mode: the share of steps spent decaying (0: cosine)
   trunk: str = ''         # wsd mode: the run this one branches from ('' for the trunk itself)
   branch_step: int = 0    # wsd mode: the trunk step where this run's cooldown starts
+  batch_size: int = 0     # sequences per step (0: the base config's train.batch_size)
 
 
 def _model_cfg(base_model, vocab: int, n_layers: int, d_model: int, head_dim: int) -> ModelConfig:
@@ -64,17 +69,17 @@ def _model_cfg(base_model, vocab: int, n_layers: int, d_model: int, head_dim: in
 
 
 def shape_for(target_n: float, base_model, vocab: int, head_dim: int, aspect: float,
-              max_layers: int = 48):
-  """(n_layers, d_model, N) with total N nearest target_n in log and d_model / n_layers within a
-  factor 4 of `aspect` (the depth-to-width ratio matters little within such a band: Kaplan et
-  al. 2020, Fig. 5); ties go to the shape nearest `aspect`."""
+              max_layers: int = 48, min_layers: int = 1, band: float = 4.0):
+  """(n_layers, d_model, N) with total N nearest target_n in log, at least `min_layers` layers
+  and d_model / n_layers within a factor `band` of `aspect` (the depth-to-width ratio matters
+  little within such a band: Kaplan et al. 2020, Fig. 5); ties go to the shape nearest `aspect`."""
   best = None
-  for L in range(1, max_layers + 1):
+  for L in range(min_layers, max_layers + 1):
     for d in range(head_dim, 256 * head_dim + 1, head_dim):
       ratio = d / L
-      if ratio > 4 * aspect:
+      if ratio > band * aspect:
         break
-      if ratio < aspect / 4:
+      if ratio < aspect / band:
         continue
       n = flops_lib.param_counts_from_config(_model_cfg(base_model, vocab, L, d, head_dim))['total']
       key = (round(abs(math.log(n / target_n)), 3), abs(math.log(ratio / aspect)))
@@ -83,8 +88,9 @@ def shape_for(target_n: float, base_model, vocab: int, head_dim: int, aspect: fl
       if n > 4 * target_n:   # wider only moves further away
         break
   if best is None:
-    raise UserError(f'No model shape with head_dim={head_dim} fits sweep.aspect={aspect}; '
-                    'lower sweep.head_dim or change sweep.aspect.')
+    raise UserError(f'No model shape with head_dim={head_dim}, at least {min_layers} layers and '
+                    f'd_model/n_layers within {band}x of sweep.aspect={aspect} exists; lower '
+                    'sweep.head_dim or sweep.min_layers, or widen sweep.aspect_band.')
   return best[1], best[2], best[3]
 
 
@@ -130,8 +136,17 @@ def validate(s) -> None:
                       'sweep.parallel=1.')
   for key in keys:
     _positive_numbers(s, key)
+  if 'batch_sizes' in s:
+    _positive_numbers(s, 'batch_sizes', integer=True)
+  par = s.get('parallel', 1)
+  if isinstance(par, bool) or not isinstance(par, int) or par < 0:
+    raise UserError(f'sweep.parallel={par!r} must be 0 (as many runs at once as the machine '
+                    'has CPU cores or GPUs) or a positive integer (1: runs one after another).')
+  if 'aspect_band' in s and not s.aspect_band >= 1:
+    raise UserError(f'sweep.aspect_band={s.aspect_band} must be at least 1 (d_model/n_layers '
+                    'within that factor of sweep.aspect).')
   for key in ('sizes_per_budget', 'head_dim', 'seeds', 'evals_per_run', 'checkpoints_per_run',
-              'max_attempts', 'parallel'):
+              'max_attempts', 'min_layers', 'min_steps'):
     if key in s:
       _positive_numbers(s, key, integer=True)
   if s.span < 1:
@@ -149,26 +164,32 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
   s = sweep_cfg
   validate(s)
   t = base_cfg.train
-  tokens_per_step = t.batch_size * t.seq_len
   specs = []
   cache = {}
 
-  def spec(target_n, budget, tokens, seed):
+  def shape(target_n):
     key = round(target_n)
     if key not in cache:
-      cache[key] = shape_for(target_n, base_cfg.model, vocab, s.head_dim, s.aspect)
-    L, d, n = cache[key]
+      cache[key] = shape_for(target_n, base_cfg.model, vocab, s.head_dim, s.aspect,
+                             min_layers=int(s.get('min_layers', 1)),
+                             band=float(s.get('aspect_band', 4.0)))
+    return cache[key]
+
+  def spec(target_n, budget, tokens, seed):
+    L, d, n = shape(target_n)
     mc = _model_cfg(base_cfg.model, vocab, L, d, s.head_dim)
     fpt = flops_lib.flops_per_token(mc, t.seq_len, n)['chinchilla']
     if tokens is None:
       tokens = budget / fpt
-    steps = max(1, round(tokens / tokens_per_step))
+    batch = batch_for(tokens, t.seq_len, s, t.batch_size)
+    steps = max(1, round(tokens / (batch * t.seq_len)))
     lr = s.lr * (s.lr_ref_width / d) ** s.lr_width_power
     warmup = int(min(s.warmup_max, s.warmup_fraction * steps))
     tag = f'C{_exact(budget, 0)}' if budget else f'D{_exact(tokens, 1)}'
     name = f'{tag}_L{L}_d{d}_s{seed}'
     return RunSpec(name, L, d, d // s.head_dim, steps, float(lr), warmup, seed,
-                   float(budget) if budget else None, int(n), float(fpt))
+                   float(budget) if budget else None, int(n), float(fpt),
+                   batch_size=batch if 'batch_sizes' in s else 0)
 
   def optimum(C):
     """N* with D* = tokens_per_param N* and C = FLOPs-per-token(N*) D*: the same (App. F)
@@ -176,10 +197,7 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
     from the 6 N D guess; the count per parameter varies slowly with N)."""
     n = math.sqrt(C / (6.0 * s.tokens_per_param))
     for _ in range(4):
-      key = round(n)
-      if key not in cache:
-        cache[key] = shape_for(n, base_cfg.model, vocab, s.head_dim, s.aspect)
-      L, d, n_shape = cache[key]
+      L, d, n_shape = shape(n)
       mc = _model_cfg(base_cfg.model, vocab, L, d, s.head_dim)
       k = flops_lib.flops_per_token(mc, t.seq_len, n_shape)['chinchilla'] / n_shape
       n = math.sqrt(C / (k * s.tokens_per_param))
@@ -225,12 +243,40 @@ def _wsd_family(specs: list[RunSpec], cooldown: float) -> list[RunSpec]:
   return out
 
 
+def batch_for(tokens: float, seq_len: int, s, default: int) -> int:
+  """The batch rule: the largest of sweep.batch_sizes that still gives the run at least
+  sweep.min_steps steps (the smallest of them when none does); without sweep.batch_sizes the base
+  config's train.batch_size. Large batches make the small models' points cheap on a CPU; the
+  step floor keeps every run long enough to warm up, train and decay."""
+  if 'batch_sizes' not in s:
+    return default
+  sizes = sorted(int(b) for b in s.batch_sizes)
+  fits = [b for b in sizes if tokens / (b * seq_len) >= int(s.get('min_steps', 1))]
+  return fits[-1] if fits else sizes[0]
+
+
+def auto_parallel(n_jobs: int) -> int:
+  """sweep.parallel = 0: one run per CPU core on a CPU (small models use several cores poorly,
+  benchmarks/parallel_runs.py), one per GPU on GPUs, one at a time on TPUs."""
+  from lm.scaling import parallel as parallel_lib
+  platform, count = parallel_lib._probe_devices()
+  if platform == 'cpu':
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, min(cores or 1, n_jobs))
+  return max(1, min(count, n_jobs)) if platform in ('gpu', 'cuda', 'rocm') else 1
+
+
+def spec_batch(sp: RunSpec, base_cfg) -> int:
+  return sp.batch_size or int(base_cfg.train.batch_size)
+
+
 def run_config(base_cfg, sp: RunSpec, evals: int = 4, checkpoints: int = 4):
   cfg = copy.deepcopy(base_cfg)
   cfg.seed = sp.seed
   cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads = sp.n_layers, sp.d_model, sp.n_heads
   cfg.model.n_kv_heads, cfg.model.d_ff = 0, 0
   cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps = sp.steps, sp.lr, sp.warmup_steps
+  cfg.train.batch_size = spec_batch(sp, base_cfg)
   cfg.train.eval_every = max(1, sp.steps // evals)
   cfg.train.checkpoint_every = max(1, sp.steps // checkpoints)
   cfg.train.log_every = max(1, min(cfg.train.log_every, sp.steps // 10))
@@ -444,9 +490,11 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   from lm import data as data_lib
   from lm import train as train_lib
   s, base_cfg = sweep_file_cfg.sweep, sweep_file_cfg.base
-  parallel = int(s.get('parallel', 1))
-  if parallel < 1:
-    raise UserError(f'sweep.parallel={parallel} must be at least 1 (1: runs one after another).')
+  validate(s)
+  parallel = s.get('parallel', 1)
+  auto = parallel == 0
+  if auto and (train_fn is not None or s.mode == 'wsd'):
+    parallel, auto = 1, False
   if parallel > 1 and train_fn is not None:
     raise ValueError('train_fn applies to in-process runs only (sweep.parallel=1).')
   train_fn = train_fn or train_lib.train
@@ -458,7 +506,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   vocab = dataset.tokenizer.vocab_size
   specs = plan(s, base_cfg, vocab)
   os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
-  total_flops = sum(_trained_steps(sp) * base_cfg.train.batch_size * base_cfg.train.seq_len
+  total_flops = sum(_trained_steps(sp) * spec_batch(sp, base_cfg) * base_cfg.train.seq_len
                     * sp.flops_per_token for sp in specs)
   write_json_atomic(os.path.join(workdir, 'sweep.json'), {
       'config': json.loads(sweep_file_cfg.to_json()), 'planned_flops': total_flops,
@@ -515,10 +563,13 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
                                  this_session['flops'], time.time() - t_sweep), flush=True)
 
   this_session = {'flops': 0.0}
-  planned_flops = lambda fin: sum(_trained_steps(sp) * base_cfg.train.batch_size
+  planned_flops = lambda fin: sum(_trained_steps(sp) * spec_batch(sp, base_cfg)
                                   * base_cfg.train.seq_len * sp.flops_per_token
                                   for sp, _, _ in fin.values())
   by_name = {sp.name: (sp, cfg) for sp, cfg in zip(specs, cfgs)}
+  if auto and jobs:
+    parallel = auto_parallel(len(jobs))
+    print(f'sweep.parallel=0: {parallel} run(s) at once', flush=True)
   if parallel > 1:
     from lm.scaling import parallel as parallel_lib
     stopped = parallel_lib.run_jobs(jobs, parallel, start, done)
