@@ -309,3 +309,30 @@ def test_fit_without_exponent_finishes_and_counts_bootstrap_failures(tmp_path, c
   report = (tmp_path / 'out' / 'report.md').read_text()
   assert 'no exponent' in report and f'{ci["n_used"]} of 8 resamples' in report
   assert len(list((tmp_path / 'out').glob('*.png'))) == 4
+
+
+def test_seed_noise_is_measured_and_widens_the_approach3_interval():
+  from lm.scaling import fit as fit_lib
+  rng = np.random.default_rng(0)
+  law = dict(E=1.0, A=30.0, B=40.0, alpha=0.35, beta=0.3)
+  rows = []
+  for C in (1e12, 3e12, 1e13, 3e13):
+    for f in (0.3, 0.55, 1.0, 1.8, 3.3):
+      N = f * math.sqrt(C / 120.0)
+      D = C / (6 * N)
+      L = law['E'] + law['A'] / N ** law['alpha'] + law['B'] / D ** law['beta']
+      rows.append({'params': N, 'tokens': D, 'loss': L * math.exp(rng.normal(0, 0.003)),
+                   'flops': C})
+  assert fit_lib.seed_noise(rows) is None
+  # Two seeds of one run at hand-chosen losses: std of log loss over 1 degree of freedom.
+  rows2 = rows + [dict(rows[0], loss=rows[0]['loss'] * 1.02)]
+  noise = fit_lib.seed_noise(rows2)
+  expect = abs(math.log(1.02)) / math.sqrt(2)
+  assert noise['groups'] == 1 and noise['dof'] == 1
+  assert abs(noise['std_log_loss'] - expect) < 1e-9 and abs(noise['max_spread'] - 0.02) < 1e-9
+  N, D, L = (np.array([r[k] for r in rows]) for k in ('params', 'tokens', 'loss'))
+  theta = fit_lib.fit_approach3(N, D, L)['theta']
+  quiet = fit_lib.bootstrap_approach3(N, D, L, theta, n_boot=30, seed=1)
+  noisy = fit_lib.bootstrap_approach3(N, D, L, theta, n_boot=30, seed=1, noise_std=0.03)
+  width = lambda ci: ci['a'][1] - ci['a'][0]
+  assert noisy['noise_std'] == 0.03 and width(noisy) > width(quiet)

@@ -485,3 +485,17 @@ def test_auto_parallel_takes_one_run_per_core(monkeypatch):
   assert sweep_lib.auto_parallel(5) == 5
   monkeypatch.setattr(parallel_lib, '_probe_devices', lambda: ('tpu', 8))
   assert sweep_lib.auto_parallel(5) == 1
+
+
+def test_the_smallest_budget_gets_the_extra_seeds():
+  c = sweep_smoke.get_config()
+  with c.sweep.unlocked():
+    c.sweep.seeds_smallest = 3
+  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  small = min(c.sweep.budgets)
+  for seed in (1, 2):
+    mine = [s for s in specs if s.seed == seed]
+    assert mine and {s.budget for s in mine} == {small}
+    assert sorted(s.params for s in mine) == sorted(s.params for s in specs
+                                                    if s.seed == 0 and s.budget == small)
+  assert len({s.name for s in specs}) == len(specs)

@@ -139,8 +139,31 @@ def fit_approach3(N, D, L, delta=HUBER_DELTA, reduction='sum', top_k=DEFAULT_TOP
   return out
 
 
-def bootstrap_approach3(N, D, L, theta, n_boot=100, seed=0, n_grid_starts=2, delta=HUBER_DELTA):
+def seed_noise(rows, loss_key='loss', params_key='params', tokens_key='tokens'):
+  """Run-to-run noise from runs repeated with other seeds: runs of the same size and token count
+  (rounded to 0.1%) form a group; the pooled standard deviation of log loss within the groups
+  of two or more. None when no run was repeated."""
+  groups = {}
+  for r in rows:
+    key = (round(math.log(float(r[params_key])), 3), round(math.log(float(r[tokens_key])), 3))
+    groups.setdefault(key, []).append(math.log(float(r[loss_key])))
+  reps = [np.asarray(v) for v in groups.values() if len(v) >= 2]
+  if not reps:
+    return None
+  dof = sum(len(v) - 1 for v in reps)
+  var = sum(float(((v - v.mean()) ** 2).sum()) for v in reps) / dof
+  return {'groups': len(reps), 'runs': int(sum(len(v) for v in reps)), 'dof': int(dof),
+          'std_log_loss': math.sqrt(var),
+          'max_spread': max(float(math.exp(v.max() - v.min()) - 1) for v in reps)}
+
+
+def bootstrap_approach3(N, D, L, theta, n_boot=100, seed=0, n_grid_starts=2, delta=HUBER_DELTA,
+                        noise_std=0.0):
   """Percentile intervals (2.5, 97.5) from refits on runs resampled with replacement.
+
+  noise_std > 0 (the measured seed-to-seed std of log loss) also perturbs each resampled loss by
+  a lognormal factor of that width: the intervals then carry the run-to-run noise that a single
+  run per point hides.
 
   Each refit starts from the full-data optimum `theta` plus the `n_grid_starts` grid points that score best
   on the full data: resamples move the optimum only a little, and re-screening the grid per resample would
@@ -157,6 +180,8 @@ def bootstrap_approach3(N, D, L, theta, n_boot=100, seed=0, n_grid_starts=2, del
   for _ in range(n_boot):
     idx = rng.integers(0, len(L), len(L))
     x, y, t = np.log(N[idx]), np.log(D[idx]), np.log(L[idx])
+    if noise_std:
+      t = t + rng.normal(0.0, noise_std, len(t))
     fits = [ft for ft in (_minimize(s, x, y, t, delta, 'sum', LBFGS_OPTIONS) for s in starts)
             if np.isfinite(ft[0])]
     if not fits:
@@ -176,7 +201,9 @@ def bootstrap_approach3(N, D, L, theta, n_boot=100, seed=0, n_grid_starts=2, del
   ci['n_failed'] = int(failed)
   ci['n_degenerate'] = int(degenerate)
   ci['method'] = ('bootstrap over runs, 2.5/97.5 percentiles of the resamples whose fit converged '
-                  'with alpha, beta > 0')
+                  'with alpha, beta > 0' + (f'; each loss also perturbed by the measured seed noise '
+                                            f'(std of log loss {noise_std:.4f})' if noise_std else ''))
+  ci['noise_std'] = float(noise_std)
   return ci
 
 
@@ -523,7 +550,10 @@ def fit_results(rows, flops_key='flops', params_key='params', loss_key='loss', t
                     'k(N) = e^ln_k0 N^s fitted to the runs\' own C/(N D) (flops_per_ND_law); with s = 0 '
                     'this is the paper\'s N_opt = G (C/k)^a')
   t0 = time.perf_counter()
-  a3['ci'] = bootstrap_approach3(N, D, L, a3['theta'], n_boot=bootstrap, seed=seed) if bootstrap else None
+  noise = seed_noise(rows, loss_key, params_key, tokens_key)
+  a3['ci'] = bootstrap_approach3(N, D, L, a3['theta'], n_boot=bootstrap, seed=seed,
+                                 noise_std=noise['std_log_loss'] if noise else 0.0) \
+      if bootstrap else None
   a3['bootstrap_seconds'] = time.perf_counter() - t0
   a2 = fit_approach2(N, D, L, C, budget, budget_decades, n_boot=bootstrap, seed=seed)
   labels = group_budgets(C, budget, budget_decades)
@@ -540,6 +570,7 @@ def fit_results(rows, flops_key='flops', params_key='params', loss_key='loss', t
       'kaplan': fit_kaplan(N, D, L, C),
       'tokens_per_param_at_optimum': tpp,
       'heldout': heldout_check(N, D, L, labels, top_k=top_k),
+      'seed_noise': noise,
       'flops_convention': FLOPS_CONVENTIONS.get(flops_key, flops_key) if has_flops else '6nd',
       'params_convention': PARAMS_CONVENTIONS.get(params_key, params_key),
       'columns': {'params': params_key, 'tokens': tokens_key, 'loss': loss_key,

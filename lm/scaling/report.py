@@ -61,6 +61,15 @@ def write_report(fit, workdir):
     notes.append('Approach 3 gives no exponent: a fitted α or β is not positive, so in these runs '
                  'loss does not fall with both parameters and data. More runs, over a wider range '
                  'of budgets, are what it needs.')
+  noise = fit.get('seed_noise')
+  if noise:
+    notes.append(f'Seed noise: {noise["runs"]} runs in {noise["groups"]} groups repeated with other '
+                 f'seeds differ by a standard deviation of {100 * noise["std_log_loss"]:.2f}% in loss '
+                 f'(largest spread within a group {100 * noise["max_spread"]:.2f}%); the Approach 3 '
+                 'intervals include this noise.')
+  else:
+    notes.append('Seed noise: no run was repeated with another seed, so the intervals do not include '
+                 'run-to-run noise (a sweep measures it with sweep.seeds_smallest = 2).')
   if ci and 'n_used' in ci:
     notes.append(f'Bootstrap: {ci["n_used"]} of {ci["n_boot"]} resamples give the intervals; '
                  f'{ci["n_failed"]} did not converge and {ci["n_degenerate"]} gave α or β ≤ 0 '

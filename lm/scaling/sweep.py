@@ -16,6 +16,9 @@ Rules (documented in the README, set in the sweep config):
            (without sweep.batch_sizes: the base config's batch, fixed per sweep).
   steps:   D / (batch_size * seq_len), rounded.
   lr:      sweep.lr * (sweep.lr_ref_width / d_model) ** sweep.lr_width_power (wider -> smaller).
+  seeds:   every run with sweep.seeds seeds; the smallest IsoFLOP budget with sweep.seeds_smallest
+           (if more), so that run-to-run noise is measured (fit.seed_noise) and carried into the
+           Approach 3 intervals.
   warmup:  min(sweep.warmup_max, sweep.warmup_fraction * steps); cosine to 10% over each run.
 A run is finished when its summary.json exists; re-running skips it. A run's identity is its full
 resolved config (runs/NAME/run_config.json): a sweep folder whose runs were trained under another
@@ -146,7 +149,7 @@ def validate(s) -> None:
     raise UserError(f'sweep.aspect_band={s.aspect_band} must be at least 1 (d_model/n_layers '
                     'within that factor of sweep.aspect).')
   for key in ('sizes_per_budget', 'head_dim', 'seeds', 'evals_per_run', 'checkpoints_per_run',
-              'max_attempts', 'min_layers', 'min_steps'):
+              'max_attempts', 'min_layers', 'min_steps', 'seeds_smallest'):
     if key in s:
       _positive_numbers(s, key, integer=True)
   if s.span < 1:
@@ -203,9 +206,10 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
       n = math.sqrt(C / (k * s.tokens_per_param))
     return n
 
-  for seed in range(s.seeds):
+  extra = int(s.get('seeds_smallest', 0))   # the smallest budget repeated with more seeds
+  for seed in range(max(s.seeds, extra if s.mode == 'isoflop' else 0)):
     if s.mode == 'isoflop':
-      for C in s.budgets:
+      for C in (s.budgets if seed < s.seeds else [min(s.budgets)]):
         n_star = optimum(C)
         for f in np.geomspace(1 / s.span, s.span, s.sizes_per_budget):
           specs.append(spec(n_star * f, C, None, seed))
