@@ -40,8 +40,8 @@ def test_other_bad_commands(tmp_path):
   assert code == 2 and 'not a sweep config' in err[-1]
   # Budgets are a tuple, so they can be overridden on the command line; parallel is checked first.
   code, err = run('sweep', '--config=configs/sweep_smoke.py', '--config.sweep.budgets=(1e9, 2e9)',
-                  '--config.sweep.parallel=0', f'--workdir={tmp_path}/sw2')
-  assert code == 2 and 'sweep.parallel=0 must be at least 1' in err[-1]
+                  '--config.sweep.parallel=-1', f'--workdir={tmp_path}/sw2')
+  assert code == 2 and 'sweep.parallel=-1 must be 0 (as many runs at once' in err[-1]
   assert not os.path.exists(f'{tmp_path}/sw2')
   code, err = run('sweep', '--config=configs/sweep_smoke.py', '--config.sweep.budgets=(-1.0,)',
                   f'--workdir={tmp_path}/sw3')
