@@ -8,6 +8,7 @@ events and summary.json into workdir. Optimiser and schedules: lm/optim.py.
 import dataclasses
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -192,7 +193,6 @@ def with_init_from(cfg):
   init_from = cfg.train.get('init_from', '')
   if not init_from:
     return cfg
-  import os
   from lm import finetune as finetune_lib
   from lm import tokenizer as tokenizer_lib
   src = finetune_lib._read_config(init_from)
