@@ -336,3 +336,22 @@ def test_seed_noise_is_measured_and_widens_the_approach3_interval():
   noisy = fit_lib.bootstrap_approach3(N, D, L, theta, n_boot=30, seed=1, noise_std=0.03)
   width = lambda ci: ci['a'][1] - ci['a'][0]
   assert noisy['noise_std'] == 0.03 and width(noisy) > width(quiet)
+
+
+def test_report_says_in_words_when_the_exponent_is_not_pinned(tmp_path):
+  from lm.scaling import report
+  rng = np.random.default_rng(0)
+  rows = []
+  for C in (1e12, 3e12):
+    for f in (0.3, 0.55, 1.0, 1.8, 3.3):
+      N = f * math.sqrt(C / 120.0)
+      D = C / (6 * N)
+      L = 1.0 + 30.0 / N ** 0.35 + 40.0 / D ** 0.3
+      rows.append({'params': N, 'tokens': D, 'loss': L * math.exp(rng.normal(0, 0.02)),
+                   'flops': C, 'budget': C})
+  fit = F.fit_results(rows, bootstrap=30)
+  fit['approach3']['ci']['a'] = [0.12, 0.76]
+  text = Path(report.write_report(fit, tmp_path)).read_text()
+  assert 'Read the interval, not the point' in text and 'from 0.12 to 0.76' in text
+  fit['approach3']['ci']['a'] = [0.45, 0.55]
+  assert 'Read the interval' not in Path(report.write_report(fit, tmp_path)).read_text()

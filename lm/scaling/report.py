@@ -61,6 +61,12 @@ def write_report(fit, workdir):
     notes.append('Approach 3 gives no exponent: a fitted α or β is not positive, so in these runs '
                  'loss does not fall with both parameters and data. More runs, over a wider range '
                  'of budgets, are what it needs.')
+  if a3['a'] is not None and ci and ci.get('a') and ci['a'][1] - ci['a'][0] > 0.3:
+    lo, hi = ci['a']
+    notes.append(f'Read the interval, not the point: the data allow any a from {lo:.2f} to {hi:.2f}, '
+                 'a range that holds both Chinchilla (about 0.5) and Kaplan (0.73). These runs do not '
+                 'pin the exponent; more budgets over a wider range of compute (or repeated seeds) '
+                 'narrow it.')
   noise = fit.get('seed_noise')
   if noise:
     notes.append(f'Seed noise: {noise["runs"]} runs in {noise["groups"]} groups repeated with other '
