@@ -539,18 +539,24 @@ def merge(workdir: str, out: str) -> dict:
   plain_cfg = {k: root[k] for k in root if k in ('seed', 'model', 'data', 'train', 'mesh')}
   plain_cfg['model'] = {k: v for k, v in dataclasses.asdict(mc).items()
                         if k in root['model'] and not k.startswith('lora')}
-  os.makedirs(out, exist_ok=True)
-  tc = TrainConfig.from_config(plain_cfg['train'])
-  optimizer = make_optimizer(tc, params)
-  state = {'params': params, 'opt_state': optimizer.init(params),
-           'step': jnp.asarray(ident['step'], jnp.int32)}
-  ckpts = ckpt_lib.Checkpoints(os.path.join(out, 'checkpoints'), 1)
-  ckpts.save(ident['step'], state)
-  ckpts.close()
-  tokenizer.save(os.path.join(out, 'tokenizer'))
-  metrics_lib.write_json_atomic(os.path.join(out, 'config.json'), plain_cfg)
   manifest = {'merged_from': ident['workdir'], 'step': ident['step'],
               'params_sha256': ident['params_sha256'], 'model': dataclasses.asdict(mc),
               'versions': loop.versions(), 'git_commit': loop.git_commit()}
-  metrics_lib.write_json_atomic(os.path.join(out, 'manifest.json'), manifest)
+  write_plain_run(out, plain_cfg, params, tokenizer, ident['step'], manifest)
   return manifest
+
+
+def write_plain_run(out: str, cfg: dict, params, tokenizer, step: int, manifest: dict) -> None:
+  """A pretraining-style run folder that every command reads as a model: config.json (seed,
+  model, data, train, mesh), tokenizer/, one checkpoint at `step` holding `params` with fresh
+  optimizer moments, and manifest.json saying where the weights came from."""
+  os.makedirs(out, exist_ok=True)
+  optimizer = make_optimizer(TrainConfig.from_config(cfg['train']), params)
+  state = {'params': params, 'opt_state': optimizer.init(params),
+           'step': jnp.asarray(step, jnp.int32)}
+  ckpts = ckpt_lib.Checkpoints(os.path.join(out, 'checkpoints'), 1)
+  ckpts.save(step, state)
+  ckpts.close()
+  tokenizer.save(os.path.join(out, 'tokenizer'))
+  metrics_lib.write_json_atomic(os.path.join(out, 'config.json'), cfg)
+  metrics_lib.write_json_atomic(os.path.join(out, 'manifest.json'), manifest)

@@ -19,6 +19,7 @@ q and k output features are permuted within each head on the way out (evens firs
 back on the way in. Weights are only ever read from safetensors: a pickle checkpoint
 (pytorch_model.bin) is refused, since loading one runs code stored in it.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -293,12 +294,10 @@ def model_config_from_hf(c: dict, path: str) -> tuple[str, ModelConfig]:
     fields = dict(vocab_size=int(c['vocab_size']), n_layers=int(c['num_hidden_layers']),
                   d_model=D, n_heads=N, n_kv_heads=int(c.get('num_key_value_heads') or N),
                   d_ff=int(c['intermediate_size']),
-                  max_len=int(c.get('max_position_embeddings', 2048)), pos='rope',
-                  rope_base=float(theta), norm='rmsnorm', norm_eps=float(c.get('rms_norm_eps',
-                                                                               1e-6)),
-                  mlp='swiglu', block='prenorm', use_bias=False,
+                  max_len=int(c.get('max_position_embeddings', 2048)),
+                  rope_base=float(theta), norm_eps=float(c.get('rms_norm_eps', 1e-6)),
                   tie_embeddings=bool(c.get('tie_word_embeddings', False)),
-                  init_std=float(c.get('initializer_range', 0.02)))
+                  init_std=float(c.get('initializer_range', 0.02)), **_wants(family))
   return family, ModelConfig(**fields)
 
 
@@ -406,8 +405,18 @@ def _check_out(out: str, overwrite: bool, flag: str) -> None:
                     '--overwrite to replace it.')
 
 
-def _swap_in(tmp: str, out: str) -> None:
-  """Moves the finished tmp folder to out, replacing what was there only now that it is whole."""
+@contextlib.contextmanager
+def _written_beside(out: str):
+  """Yields a temporary folder beside `out`; when the block ends without an error the folder
+  replaces `out` (whatever was there is removed only then), otherwise it is deleted."""
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(out.rstrip('/')) + '-', dir=parent)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   old = None
   if os.path.isdir(out):
     old = out.rstrip('/') + f'.old-{os.getpid()}'
@@ -415,12 +424,6 @@ def _swap_in(tmp: str, out: str) -> None:
   os.rename(tmp, out)
   if old:
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _tmp_beside(out: str) -> str:
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(out.rstrip('/')) + '-', dir=parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,8 +437,7 @@ def export_run(workdir: str, out: str, overwrite: bool = False,
   _check_out(out, overwrite, '--out')
   mc, params, tokenizer, ident = finetune_lib.load_model(workdir)
   family, tensors = to_hf(mc, params)
-  tmp = _tmp_beside(out)
-  try:
+  with _written_beside(out) as tmp:
     files = write_safetensors(tensors, tmp, max_shard_bytes)
     metrics_lib.write_json_atomic(os.path.join(tmp, 'config.json'),
                                   hf_config(mc, family, tokenizer))
@@ -447,10 +449,6 @@ def export_run(workdir: str, out: str, overwrite: bool = False,
     info = {'family': family, 'source': ident['workdir'], 'step': ident['step'],
             'params_sha256': ident['params_sha256'], 'files': sorted(files),
             'bytes': sum(t.nbytes for t in tensors.values())}
-    _swap_in(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return info
 
 
@@ -475,11 +473,9 @@ def import_model(hf_dir: str, workdir: str, overwrite: bool = False,
   imported model can be fine-tuned with the chat template.
   """
   from configs import base as base_config
-  from lm import checkpoint as ckpt_lib
   from lm import finetune as finetune_lib
   from lm import loop
   from lm import tokenizer as tokenizer_lib
-  from lm.optim import TrainConfig, make_optimizer
   cfg_path = os.path.join(hf_dir, 'config.json')
   if not os.path.isdir(hf_dir):
     raise UserError(f'--hf={hf_dir} is not a folder; point it at a Hugging Face model folder.')
@@ -510,28 +506,14 @@ def import_model(hf_dir: str, workdir: str, overwrite: bool = False,
   cfg = base_config.get_config().to_dict()
   cfg['model'] = {k: v for k, v in dataclasses.asdict(mc).items()
                   if k in cfg['model'] and not k.startswith('lora')}
-  tmp = _tmp_beside(workdir)
-  try:
-    tokenizer.save(os.path.join(tmp, 'tokenizer'))
-    cfg['data'].update(tokenizer='file', tokenizer_path=os.path.abspath(
-        os.path.join(workdir, 'tokenizer')))
-    tc = TrainConfig.from_config(cfg['train'])
-    optimizer = make_optimizer(tc, params)
-    state = {'params': params, 'opt_state': optimizer.init(params),
-             'step': jnp.zeros((), jnp.int32)}
-    ckpts = ckpt_lib.Checkpoints(os.path.join(tmp, 'checkpoints'), 1)
-    ckpts.save(0, state)
-    ckpts.close()
-    metrics_lib.write_json_atomic(os.path.join(tmp, 'config.json'), cfg)
-    info = {'imported_from': os.path.abspath(hf_dir), 'family': family,
-            'architecture': (hf_cfg.get('architectures') or [family])[0],
-            'params_sha256': finetune_lib.params_hash(params),
-            'tokenizer': tokenizer.settings(), 'chat_ids': tokenizer.chat_ids,
-            'embedding_rows_added': added, 'model': dataclasses.asdict(mc),
-            'versions': loop.versions(), 'git_commit': loop.git_commit()}
-    metrics_lib.write_json_atomic(os.path.join(tmp, 'manifest.json'), info)
-    _swap_in(tmp, workdir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  cfg['data'].update(tokenizer='file', tokenizer_path=os.path.abspath(
+      os.path.join(workdir, 'tokenizer')))
+  info = {'imported_from': os.path.abspath(hf_dir), 'family': family,
+          'architecture': (hf_cfg.get('architectures') or [family])[0],
+          'params_sha256': finetune_lib.params_hash(params),
+          'tokenizer': tokenizer.settings(), 'chat_ids': tokenizer.chat_ids,
+          'embedding_rows_added': added, 'model': dataclasses.asdict(mc),
+          'versions': loop.versions(), 'git_commit': loop.git_commit()}
+  with _written_beside(workdir) as tmp:
+    finetune_lib.write_plain_run(tmp, cfg, params, tokenizer, 0, info)
   return info

@@ -197,7 +197,7 @@ def with_init_from(cfg):
   from lm import tokenizer as tokenizer_lib
   src = finetune_lib._read_config(init_from)
   tok_dir = os.path.join(init_from, 'tokenizer')
-  tokenizer_lib.load_tokenizer(tok_dir)            # refuses a run without a readable tokenizer
+  tokenizer = tokenizer_lib.load_tokenizer(tok_dir)   # refuses a run without a readable one
   if 'finetune' in src or 'dpo' in src or 'ppo' in src:
     model = dict(src['base']['model'])
   elif 'reward' in src:
@@ -211,8 +211,7 @@ def with_init_from(cfg):
       if k in model:
         cfg.model[k] = model[k]
     cfg.model.update(keep)
-    vocab = int(model.get('vocab_size') or tokenizer_lib.load_tokenizer(tok_dir).vocab_size)
-    cfg.model.vocab_size = vocab
+    cfg.model.vocab_size = int(model.get('vocab_size') or tokenizer.vocab_size)
     cfg.model.n_kv_heads = int(model.get('n_kv_heads') or model['n_heads'])
     cfg.data.tokenizer = 'file'
     cfg.data.tokenizer_path = os.path.abspath(tok_dir)

@@ -101,6 +101,24 @@ def tokens_for(vocab, shape=(2, 24), seed=1):
   return np.random.default_rng(seed).integers(0, vocab, shape)
 
 
+def assert_same_logits(mc, params, model, vocab=None):
+  """This codebase's logits for random tokens equal the transformers model's (its first `vocab`
+  columns; the model's whole vocabulary by default)."""
+  vocab = vocab or mc.vocab_size
+  x = tokens_for(vocab)
+  ours = np.asarray(model_lib.apply(mc, params, x))[..., :vocab]
+  np.testing.assert_allclose(ours, hf_logits(model, x), atol=TOL, rtol=0)
+
+
+def imported(tmp_path_factory, tokenizer_dir, family, **kw):
+  """(HF folder, its transformers model, the run imported from it)."""
+  src = str(tmp_path_factory.mktemp(f'{family}_hf'))
+  ref = make_hf_model(src, tokenizer_dir, family, **kw)
+  run = str(tmp_path_factory.mktemp(f'{family}_run'))
+  hf.import_model(src, run, overwrite=True)
+  return src, ref, run
+
+
 def load_direct(folder):
   """lm/hf.py's import path without writing a run: config, tensors, params."""
   with open(os.path.join(folder, 'config.json')) as f:
@@ -114,19 +132,13 @@ def load_direct(folder):
 
 @pytest.fixture(scope='module')
 def imported_gpt2(hf_tokenizer_dir, tmp_path_factory):
-  src = str(tmp_path_factory.mktemp('gpt2_hf'))
-  ref = make_hf_model(src, hf_tokenizer_dir, 'gpt2')
-  run = str(tmp_path_factory.mktemp('gpt2_run'))
-  hf.import_model(src, run, overwrite=True)
-  return src, ref, run
+  return imported(tmp_path_factory, hf_tokenizer_dir, 'gpt2')
 
 
 def test_imported_gpt2_run_gives_transformers_logits(imported_gpt2):
   _, ref, run = imported_gpt2
   mc, params, tok, _ = ft.load_model(run)
-  x = tokens_for(mc.vocab_size)
-  np.testing.assert_allclose(np.asarray(model_lib.apply(mc, params, x)), hf_logits(ref, x),
-                             atol=TOL, rtol=0)
+  assert_same_logits(mc, params, ref)
   assert tok.name == 'hf' and tok.eos_id == 0
 
 
@@ -135,18 +147,12 @@ def test_imported_llama_gives_transformers_logits(hf_tokenizer_dir, tmp_path, kv
   ref = make_hf_model(str(tmp_path), hf_tokenizer_dir, 'llama', kv=kv, tied=tied, seed=kv)
   mc, params = load_direct(str(tmp_path))
   assert (mc.n_kv_heads, mc.tie_embeddings, mc.rope_base) == (kv, tied, 500.0)
-  x = tokens_for(mc.vocab_size)
-  np.testing.assert_allclose(np.asarray(model_lib.apply(mc, params, x)), hf_logits(ref, x),
-                             atol=TOL, rtol=0)
+  assert_same_logits(mc, params, ref)
 
 
 @pytest.fixture(scope='module')
 def imported_llama(hf_tokenizer_dir, tmp_path_factory):
-  src = str(tmp_path_factory.mktemp('llama_hf'))
-  ref = make_hf_model(src, hf_tokenizer_dir, 'llama', kv=2, tied=False, seed=7)
-  run = str(tmp_path_factory.mktemp('llama_run'))
-  hf.import_model(src, run, overwrite=True)
-  return src, ref, run
+  return imported(tmp_path_factory, hf_tokenizer_dir, 'llama', kv=2, tied=False, seed=7)
 
 
 def test_greedy_generation_equals_transformers_generate(imported_llama):
@@ -203,9 +209,7 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(exported_llama)
   model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   assert type(model).__name__ == 'LlamaForCausalLM'
   mc, params, _, _ = ft.load_model(run)
-  x = tokens_for(mc.vocab_size)
-  np.testing.assert_allclose(hf_logits(model, x), np.asarray(model_lib.apply(mc, params, x)),
-                             atol=TOL, rtol=0)
+  assert_same_logits(mc, params, model)
 
 
 def test_exported_byte_tokenizer_encodes_like_ours(exported_llama):
@@ -260,9 +264,7 @@ def test_continued_pretraining_of_an_imported_gpt2_exports_back(imported_gpt2, c
   info = hf.export_run(str(tmp_path / 'cont'), str(tmp_path / 'out'))
   assert info['family'] == 'gpt2'
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out')).eval()
-  x = tokens_for(mc.vocab_size)
-  np.testing.assert_allclose(hf_logits(model, x), np.asarray(model_lib.apply(mc, params, x)),
-                             atol=TOL, rtol=0)
+  assert_same_logits(mc, params, model)
 
 
 def test_chat_tokens_can_be_added_on_import(imported_gpt2, tmp_path):
@@ -272,9 +274,7 @@ def test_chat_tokens_can_be_added_on_import(imported_gpt2, tmp_path):
   assert set(tok.chat_ids) == {'system', 'user', 'assistant', 'end'}
   assert mc.vocab_size >= max(tok.chat_ids.values()) + 1
   assert info['embedding_rows_added'] == mc.vocab_size - ref.config.vocab_size
-  x = tokens_for(ref.config.vocab_size)       # the old ids keep their logits
-  np.testing.assert_allclose(np.asarray(model_lib.apply(mc, params, x))[..., :ref.config.vocab_size],
-                             hf_logits(ref, x), atol=TOL, rtol=0)
+  assert_same_logits(mc, params, ref, vocab=ref.config.vocab_size)   # old ids keep their logits
 
 
 # ---- refusals -------------------------------------------------------------------------------

@@ -478,12 +478,12 @@ def test_batch_rule_keeps_every_run_above_the_step_floor_and_shapes_in_band():
 
 def test_auto_parallel_takes_one_run_per_core(monkeypatch):
   from lm.scaling import parallel as parallel_lib
-  monkeypatch.setattr(parallel_lib, '_probe_devices', lambda: ('cpu', 1))
+  monkeypatch.setattr(parallel_lib, 'probe_devices', lambda: ('cpu', 1))
   monkeypatch.setattr(os, 'sched_getaffinity', lambda _: {0, 1, 2, 3})
   assert sweep_lib.auto_parallel(10) == 4 and sweep_lib.auto_parallel(3) == 3
-  monkeypatch.setattr(parallel_lib, '_probe_devices', lambda: ('gpu', 8))
+  monkeypatch.setattr(parallel_lib, 'probe_devices', lambda: ('gpu', 8))
   assert sweep_lib.auto_parallel(5) == 5
-  monkeypatch.setattr(parallel_lib, '_probe_devices', lambda: ('tpu', 8))
+  monkeypatch.setattr(parallel_lib, 'probe_devices', lambda: ('tpu', 8))
   assert sweep_lib.auto_parallel(5) == 1
 
 

@@ -33,7 +33,7 @@ class Slot:
   env: dict            # extra environment for the worker
 
 
-def _probe_devices() -> tuple[str, int]:
+def probe_devices() -> tuple[str, int]:
   """(platform, local device count) as JAX sees them, asked in a throwaway process so that this
   process never claims the accelerators its workers need."""
   code = 'import jax; d = jax.local_devices(); print(d[0].platform, len(d))'
@@ -62,7 +62,7 @@ def device_slots(parallel: int, platform: str | None = None, count: int | None =
                  cpus: list[int] | None = None) -> list[Slot]:
   """P equal, disjoint shares of this machine (the arguments override what is detected)."""
   if platform is None:
-    platform, count = _probe_devices()
+    platform, count = probe_devices()
   if platform == 'cpu':
     cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
     if parallel > len(cpus):

@@ -63,7 +63,7 @@ class RunSpec:
   cooldown: float = 0.0   # wsd mode: the share of steps spent decaying (0: cosine)
   trunk: str = ''         # wsd mode: the run this one branches from ('' for the trunk itself)
   branch_step: int = 0    # wsd mode: the trunk step where this run's cooldown starts
-  batch_size: int = 0     # sequences per step (0: the base config's train.batch_size)
+  batch_size: int = 0     # sequences per step (the batch rule; 0: the base train.batch_size)
 
 
 def _model_cfg(base_model, vocab: int, n_layers: int, d_model: int, head_dim: int) -> ModelConfig:
@@ -191,8 +191,7 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
     tag = f'C{_exact(budget, 0)}' if budget else f'D{_exact(tokens, 1)}'
     name = f'{tag}_L{L}_d{d}_s{seed}'
     return RunSpec(name, L, d, d // s.head_dim, steps, float(lr), warmup, seed,
-                   float(budget) if budget else None, int(n), float(fpt),
-                   batch_size=batch if 'batch_sizes' in s else 0)
+                   float(budget) if budget else None, int(n), float(fpt), batch_size=batch)
 
   def optimum(C):
     """N* with D* = tokens_per_param N* and C = FLOPs-per-token(N*) D*: the same (App. F)
@@ -263,7 +262,7 @@ def auto_parallel(n_jobs: int) -> int:
   """sweep.parallel = 0: one run per CPU core on a CPU (small models use several cores poorly,
   benchmarks/parallel_runs.py), one per GPU on GPUs, one at a time on TPUs."""
   from lm.scaling import parallel as parallel_lib
-  platform, count = parallel_lib._probe_devices()
+  platform, count = parallel_lib.probe_devices()
   if platform == 'cpu':
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     return max(1, min(cores or 1, n_jobs))
@@ -494,7 +493,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   from lm import data as data_lib
   from lm import train as train_lib
   s, base_cfg = sweep_file_cfg.sweep, sweep_file_cfg.base
-  validate(s)
+  validate(s)   # before the corpus is prepared or anything is written
   parallel = s.get('parallel', 1)
   auto = parallel == 0
   if auto and (train_fn is not None or s.mode == 'wsd'):
@@ -502,7 +501,6 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   if parallel > 1 and train_fn is not None:
     raise ValueError('train_fn applies to in-process runs only (sweep.parallel=1).')
   train_fn = train_fn or train_lib.train
-  validate(s)   # before the corpus is prepared or anything is written
   if base_cfg.train.get('init_from'):
     raise UserError('base.train.init_from would start every run of the sweep from the same '
                     'weights; a sweep trains each size from scratch, so leave it empty.')
