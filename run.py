@@ -11,6 +11,7 @@
   python run.py reward --config=configs/reward.py --workdir=DIR --config.reward.init_from=SFT_RUN
   python run.py dpo    --config=configs/dpo.py --workdir=DIR --config.dpo.init_from=SFT_RUN
   python run.py ppo    --config=configs/ppo.py --workdir=DIR --config.ppo.init_from=SFT_RUN
+  python run.py eval   --workdir=RUN [--config=configs/eval.py --config.eval.KEY=VALUE ...]
   python run.py export --workdir=RUN --out=HF_DIR [--overwrite]        (GPT-2 or Llama folder)
   python run.py import --hf=HF_DIR --workdir=DIR [--overwrite --add_chat_tokens]
 """
@@ -25,7 +26,7 @@ from lm import cli
 from lm.errors import UserError
 
 SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample', 'finetune', 'merge', 'reward', 'dpo',
-               'ppo', 'export', 'import')
+               'ppo', 'export', 'import', 'eval')
 
 config_flags.DEFINE_config_file('config', None, 'An ml-collections config file (configs/*.py).',
                                 lock_config=True)

@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.cache_dir = ''          # '' means $LM_CACHE_DIR or ~/.cache/lm
   d.sp_train_bytes = 20_000_000  # sentencepiece trains on a seeded sample this big (0 = all)
   d.chat_tokens = True      # reserve <|system|> <|user|> <|assistant|> <|end|> ids (lm/tokenizer.py)
+  d.arith_fraction = 0.0    # share of generated "a+b=c" lines mixed into a text corpus (lm/tasks.py)
+  d.arith_digits = 4        # their largest operand digit count (1-4)
   d.synthetic_vocab = 64
   d.synthetic_order = 1
   d.synthetic_branching = 4  # nonzero next-symbol choices per context (sparsity)
@@ -77,6 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.progress = 'auto'       # auto | bar | log | none
   t.init_from = ''          # continued pretraining: a run (or an imported model) whose weights,
                             # shape and tokenizer this run starts from, with a fresh optimizer
+  t.eval_tasks = ''         # task suites scored few-shot at evaluations, e.g. 'arith' (lm/tasks.py)
+  t.eval_tasks_every = 0    # every this many steps (a multiple of eval_every); 0: every evaluation
+  t.eval_task_examples = 100  # held-out problems per task
+  t.eval_shots = 3          # demonstrations in each prompt
 
   # Device mesh (lm/sharding.py). -1 means "the rest of the devices".
   mesh = c.mesh = ml_collections.ConfigDict()

@@ -112,6 +112,19 @@ def import_(FLAGS):
         f"{m['vocab_size']}; sample, finetune or train it with --config.train.init_from")
 
 
+def eval(FLAGS):   # noqa: A001 (the subcommand's name)
+  from configs import eval as eval_config
+  from lm import evaluate as evaluate_lib
+  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny')
+  cfg = FLAGS.config or eval_config.get_config()
+  if 'eval' not in cfg:
+    raise UserError('--config is not an eval config (it has no `eval` section); use '
+                    '--config=configs/eval.py or leave --config out.')
+  result = evaluate_lib.evaluate_run(workdir, cfg.eval)
+  print(evaluate_lib.table(result))
+  print(f'wrote {os.path.join(workdir, "eval.json")}')
+
+
 def sample(FLAGS):
   from lm import sample as sample_lib
   sample_lib.sample_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny'), FLAGS.prompt,

@@ -84,6 +84,10 @@ class DataConfig:
   # data.tokenizer=file: a tokenizer folder that Tokenizer.save wrote (a run's tokenizer/).
   # Optional so that configs written before it existed still read.
   tokenizer_path: str = ''
+  # Generated "a+b=c" lines (lm/tasks.py, training-side problems only) mixed into a text corpus:
+  # their share of the mixed corpus's bytes, and the largest operand digit count.
+  arith_fraction: float = 0.0
+  arith_digits: int = 4
 
   @classmethod
   def from_config(cls, cfg) -> DataConfig:
@@ -120,6 +124,12 @@ class DataConfig:
       bad('val_fraction', 'must lie strictly between 0 and 1')
     if self.vocab_size < 1:
       bad('vocab_size', 'must be at least 1')
+    if not 0.0 <= self.arith_fraction < 1.0:
+      bad('arith_fraction', 'must lie in [0, 1) (the share of the bytes that is arithmetic)')
+    if self.arith_fraction and self.corpus == 'synthetic':
+      bad('arith_fraction', 'applies to text corpora only', 'leave it at 0 for corpus=synthetic')
+    if not 1 <= self.arith_digits <= 4:
+      bad('arith_digits', 'must be 1, 2, 3 or 4')
     for key in ('max_bytes', 'sp_train_bytes'):
       if getattr(self, key) < 0:
         bad(key, 'must be 0 (no limit) or positive')
@@ -180,6 +190,8 @@ def _key_material(cfg: DataConfig, files) -> dict:
     m['tokenizer'] = {'type': 'symbols'}
     return m
   m['max_bytes'] = cfg.max_bytes
+  if cfg.arith_fraction:   # absent when off, so folders built before the mix stay valid
+    m['arith'] = {'fraction': cfg.arith_fraction, 'digits': cfg.arith_digits}
   if any(f.relpath.endswith('.jsonl') for f in files):
     m['text_field'] = cfg.text_field
   m['files'] = [[f.relpath, f.size, f.mtime_ns] for f in files]
@@ -300,6 +312,8 @@ def _write_contents(cfg: DataConfig, files, material: dict, key: str, out: str,
   else:
     text = corpus_lib.read_text_corpus(cfg.corpus, files, text_field=cfg.text_field,
                                        val_fraction=cfg.val_fraction, max_bytes=cfg.max_bytes)
+    if cfg.arith_fraction:
+      _mix_arith(text, cfg)
     if cfg.tokenizer == 'bytes':
       tok = tokenizer_lib.ByteTokenizer(chat=cfg.chat_tokens)
     elif cfg.tokenizer == 'file':
@@ -323,6 +337,22 @@ def _write_contents(cfg: DataConfig, files, material: dict, key: str, out: str,
   info.update(tokenizer=tok.settings(), tokenizer_hash=tok.hash, dtype=np.dtype(dtype).name,
               splits=splits)
   return info
+
+
+def _mix_arith(text, cfg: DataConfig) -> None:
+  """Adds generated arithmetic documents to both splits of a text corpus, so that they hold
+  data.arith_fraction of the mixed bytes; they split by document id like the corpus does."""
+  from lm import tasks
+  f = cfg.arith_fraction
+  docs = tasks.arith_documents(int(text.stats['bytes'] * f / (1 - f)), cfg.arith_digits)
+  train, val = corpus_lib.split_documents(docs, cfg.val_fraction)
+  text.train += train
+  text.val += val
+  n = sum(len(t) for _, t in docs)      # ASCII: characters are bytes
+  text.stats.update(arith_bytes=n, arith_documents=len(docs), bytes=text.stats['bytes'] + n,
+                    documents=text.stats['documents'] + len(docs))
+  text.content_hash = hashlib.sha256(
+      f"{text.content_hash}+arith:{f}:{cfg.arith_digits}".encode()).hexdigest()
 
 
 def _dtype(vocab_size: int):

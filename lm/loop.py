@@ -39,11 +39,15 @@ from lm.optim import TrainConfig, learning_rate_schedule
 RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_every',
                      'train.keep_checkpoints', 'train.progress', 'train.peak_flops',
                      'data.cache_dir', 'mesh.data', 'mesh.fsdp', 'mesh.tensor',
-                     'mesh.distributed', 'model.remat', 'model.attention_impl')
+                     'mesh.distributed', 'model.remat', 'model.attention_impl',
+                     'train.eval_tasks', 'train.eval_tasks_every', 'train.eval_task_examples',
+                     'train.eval_shots')
 
 # Keys added after runs existed, with the value that means what their absence meant: a config
 # written before a key existed equals one that sets it to this default.
-ADDED_KEYS = {'train.init_from': '', 'data.tokenizer_path': ''}
+ADDED_KEYS = {'train.init_from': '', 'data.tokenizer_path': '', 'data.arith_fraction': 0.0,
+              'data.arith_digits': 4, 'train.eval_tasks': '', 'train.eval_tasks_every': 0,
+              'train.eval_task_examples': 100, 'train.eval_shots': 3}
 
 LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, jax.Array]]
 
@@ -98,7 +102,8 @@ class Stage:
 
   batch(step) gives the global batch of a step (a pure function of the step, for exact resume);
   evaluate(params, frozen) gives the fields of an evaluation row (e.g. eval_loss); summary(
-  last_eval) gives the stage's own summary.json fields.
+  last_eval) gives the stage's own summary.json fields; task_eval(params, step), when set, adds
+  task metrics to evaluation rows (lm/evaluate.py: train.eval_tasks).
   """
   config: dict
   train: TrainConfig
@@ -119,6 +124,7 @@ class Stage:
   # A step that is dispatched asynchronously has its metrics pulled one step later, so the host
   # never waits on the device; a step that returns host values (PPO) is finished at once.
   defer_metrics: bool = True
+  task_eval: Callable[[Any, int], dict] | None = None
 
 
 def git_commit() -> str | None:
@@ -297,6 +303,8 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
         if is_eval:
           t0 = time.time()
           last_eval = stage.evaluate(state['params'], stage.frozen)
+          if stage.task_eval is not None:
+            last_eval.update(stage.task_eval(state['params'], step))
           since['time'] += time.time() - t0   # evaluation time is not training throughput
           row.update(last_eval)
         if is_eval or step % tc.log_every == 0:
@@ -311,6 +319,8 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
     # Resumed at the last step: the run died after its final checkpoint but before its summary.
     # The summary is completed from that checkpoint (a fresh evaluation) and the logged rows.
     last_eval = stage.evaluate(state['params'], stage.frozen)
+    if stage.task_eval is not None:
+      last_eval.update(stage.task_eval(state['params'], start))
     logged = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
               if isinstance(r.get('loss_avg'), float) and r.get('step', 0) <= start]
     last_row = logged[-1] if logged else None

@@ -37,6 +37,10 @@ class TrainConfig:
   peak_flops: float = 0.0
   progress: str = 'auto'
   init_from: str = ''       # pretraining: start from this run's weights (lm/train.py)
+  eval_tasks: str = ''      # pretraining: task suites scored at evaluations (lm/tasks.py)
+  eval_tasks_every: int = 0  # ... every this many steps (0: at every evaluation)
+  eval_task_examples: int = 100
+  eval_shots: int = 3
 
   def __post_init__(self):
     p = 'train.'
@@ -65,6 +69,12 @@ class TrainConfig:
         raise UserError(f'{p}{key}={getattr(self, key)} must be in [0, 1).')
     if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
       raise UserError(f'{p}weight_decay, {p}grad_clip must be >= 0 and {p}eps > 0.')
+    if self.eval_tasks_every < 0 or self.eval_task_examples < 1 or self.eval_shots < 0:
+      raise UserError(f'{p}eval_tasks_every must be >= 0, {p}eval_task_examples >= 1 and '
+                      f'{p}eval_shots >= 0.')
+    if self.eval_tasks:
+      from lm import tasks
+      tasks.resolve(self.eval_tasks)
     if self.progress not in ('auto', 'bar', 'log', 'none'):
       raise UserError(f"{p}progress={self.progress!r} must be auto, bar, log or none.")
 

@@ -155,6 +155,8 @@ def stage(run: Run) -> loop.Stage:
   """Pretraining as a stage of the one training loop (lm/loop.py)."""
   tc = run.train
   bpt = run.dataset.bytes_per_token('val')
+  from lm import evaluate as evaluate_lib
+  task_eval = evaluate_lib.loop_tasks(tc, run.model, run.dataset.tokenizer, int(run.cfg['seed']))
 
   def evaluate(params, _):
     loss = evaluate_loss(run, params)
@@ -170,7 +172,7 @@ def stage(run: Run) -> loop.Stage:
       train_step=lambda state, _, batch: run.train_step(state, batch),
       batch=lambda step: get_batch(run, 'train', step), evaluate=evaluate,
       tokens_per_step=tc.batch_size * tc.seq_len, flops_per_token=run.flops_per_token,
-      n_params=run.n_params)
+      n_params=run.n_params, task_eval=task_eval)
 
 
 def _init_params(init_from: str, mc: ModelConfig):

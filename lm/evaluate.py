@@ -1,0 +1,239 @@
+"""Evaluation of any run: loss, perplexity and bits per byte on text, and task suites.
+
+`python run.py eval --workdir=RUN [--config=configs/eval.py --config.eval.KEY=...]` evaluates the
+model of any run folder the other subcommands write (pretrained, fine-tuned, LoRA, DPO, PPO,
+merged, imported) and writes RUN/eval.json plus a table on stdout.
+
+Text. `val` is the validation split of the corpus the run was pretrained on (followed through a
+fine-tuned run's base runs; the default corpus for a run with no text corpus), read as documents
+and tokenized with the run's own tokenizer; each named corpus (eval.corpora: files, folders,
+globs, .jsonl, as data.path takes them) is read whole. Every document is followed by EOS and the
+stream starts with EOS, so every token, EOS included, is predicted once: loss is the mean
+next-token cross-entropy in nats over those tokens, perplexity exp(loss), and bits per byte
+loss / ln 2 * tokens / bytes, bytes being the UTF-8 bytes of the documents evaluated (counted from
+the text, so the same formula serves bytes and SentencePiece tokenizers). eval.max_tokens caps the
+tokens per corpus: whole documents are taken in order until the cap (a longer first document is
+cut at the cap, and its bytes counted from the decoded tokens). Windows are eval.seq_len tokens
+(0: the run's pretraining train.seq_len, within model.max_len), each token predicted with the
+context of its window.
+
+Tasks (lm/tasks.py): each scored by greedy decoding (exact match, partial credit, the sub-skills
+prediction) and the log-probability of the correct answer; format 'auto' means the chat template
+for fine-tuned runs and few-shot text otherwise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import corpus as corpus_lib
+from lm import tasks as tasks_lib
+from lm.errors import UserError
+
+DEFAULT_MAX_TOKENS = 131072
+
+
+# ---------------------------------------------------------------------------------------------
+# Text.
+
+def token_stream(tokenizer, docs: list[str], max_tokens: int = 0) -> tuple[np.ndarray, int, int]:
+  """(ids: EOS, then each document followed by EOS; text bytes; documents) with at most
+  max_tokens predicted tokens (0: no cap)."""
+  ids, n_bytes, n_docs = [tokenizer.eos_id], 0, 0
+  for doc in docs:
+    d = list(tokenizer.encode(doc)) + [tokenizer.eos_id]
+    left = max_tokens - (len(ids) - 1) if max_tokens else len(d)
+    if left <= 0:
+      break
+    if len(d) > left:                      # cut: the bytes of what is kept, EOS not reached
+      d = d[:left]
+      n_bytes += len(tokenizer.decode(d).encode('utf-8'))
+    else:
+      n_bytes += len(doc.encode('utf-8'))
+    ids += d
+    n_docs += 1
+  return np.asarray(ids, np.int32), n_bytes, n_docs
+
+
+def _window_nats(mc, params, stream: np.ndarray, seq_len: int, batch_size: int) -> float:
+  """Sum of -log p(t | earlier tokens of its window) over stream[1:]."""
+  from lm import sample as sample_lib
+  n = len(stream) - 1
+  starts = list(range(0, n, seq_len))
+  total = 0.0
+  for i in range(0, len(starts), batch_size):
+    rows = np.zeros((batch_size, seq_len + 1), np.int32)
+    mask = np.zeros((batch_size, seq_len), bool)
+    for r, s in enumerate(starts[i:i + batch_size]):
+      w = stream[s:s + seq_len + 1]
+      rows[r, :len(w)] = w
+      mask[r, :len(w) - 1] = True
+    lp = np.asarray(sample_lib._token_logprobs(mc, params, jnp.asarray(rows)), np.float64)
+    total -= float(np.where(mask, lp, 0.0).sum())
+  return total
+
+
+def text_metrics(mc, params, tokenizer, docs: list[str], seq_len: int, batch_size: int = 16,
+                 max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
+  """loss (nats/token), ppl, bpb, and what they were measured on (module docstring)."""
+  stream, n_bytes, n_docs = token_stream(tokenizer, docs, max_tokens)
+  tokens = len(stream) - 1
+  if tokens < 1:
+    raise UserError('a corpus to evaluate holds no text; name files with text in them.')
+  loss = _window_nats(mc, params, stream, seq_len, batch_size) / tokens
+  return {'loss': loss, 'ppl': math.exp(min(loss, 50.0)),
+          'bpb': loss / math.log(2) * tokens / n_bytes if n_bytes else None,
+          'tokens': tokens, 'bytes': n_bytes, 'documents': n_docs, 'seq_len': seq_len}
+
+
+def _config(workdir: str) -> dict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise UserError(f'{workdir} is not a run folder (it has no config.json); point --workdir at a '
+                    'folder that run.py train, finetune, dpo, ppo, merge or import wrote.')
+  with open(path) as f:
+    return json.load(f)
+
+
+def pretraining_config(workdir: str) -> dict:
+  """The config of the run at the root of workdir's chain of base runs (its pretraining)."""
+  cfg = _config(workdir)
+  for _ in range(16):
+    if 'data' in cfg and 'model' in cfg:
+      return cfg
+    base = cfg.get('base', {}).get('workdir')
+    if not base:
+      break
+    cfg = _config(base)
+  from configs import base as base_cfg
+  return base_cfg.get_config().to_dict()
+
+
+def val_documents(data: dict) -> tuple[str, list[str]]:
+  """(description, documents) of the validation split a data section describes; the default corpus
+  for a synthetic one."""
+  from lm import data as data_lib
+  if data.get('corpus') not in ('pystdlib', 'text'):
+    from configs import base as base_cfg
+    data = base_cfg.get_config().data.to_dict()
+  dc = data_lib.DataConfig.from_config(dict(data, tokenizer='bytes', tokenizer_path=''))
+  files = corpus_lib.list_files(dc.corpus, dc.path)
+  text = corpus_lib.read_text_corpus(dc.corpus, files, text_field=dc.text_field,
+                                     val_fraction=dc.val_fraction, max_bytes=dc.max_bytes)
+  if dc.arith_fraction:
+    data_lib._mix_arith(text, dc)
+  what = f'{dc.corpus} validation split' + (f' of {dc.path}' if dc.corpus == 'text' else '')
+  return what, text.val
+
+
+def corpus_documents(path: str, text_field: str = 'text') -> list[str]:
+  """Every document of a file, folder, glob or .jsonl (as data.path reads them)."""
+  try:
+    files = corpus_lib.text_files(path)
+  except UserError as e:
+    raise UserError(str(e).replace('fix --config.data.path', 'fix --config.eval.corpora')
+                    .replace('data.path', 'the eval corpus')) from None
+  docs = []
+  for f in files:
+    with open(f.path, 'rb') as fh:
+      text, _ = corpus_lib._decode(fh.read())
+    docs += [d for _, d in corpus_lib._documents(f, text, text_field) if d]
+  if not docs:
+    raise UserError(f'the eval corpus {path!r} holds no text; fix --config.eval.corpora.')
+  return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks inside the training loop.
+
+def loop_tasks(tc, mc, tokenizer, seed: int = 0):
+  """evaluate(params, step) -> {'task/<name>/<metric>': value} for train.eval_tasks (few-shot),
+  or None when none are configured. Prompts that do not fit are refused before training."""
+  names = tasks_lib.resolve(tc.eval_tasks)
+  if not names:
+    return None
+  built = [tasks_lib.build(n, tc.eval_task_examples, seed) for n in names]
+  for t in built:
+    tasks_lib.check_fits(t, tokenizer, mc, 'fewshot', tc.eval_shots, seed)
+
+  def evaluate(params, step: int) -> dict:
+    if tc.eval_tasks_every and step % tc.eval_tasks_every and step != tc.steps:
+      return {}
+    row = {}
+    for t in built:
+      r = tasks_lib.run_task(mc, params, tokenizer, t, 'fewshot', tc.eval_shots, seed=seed)
+      for k in ('exact', 'partial', 'exact_indep', 'logprob'):
+        row[f'task/{t.name}/{k}'] = r[k]
+    return row
+  return evaluate
+
+
+# ---------------------------------------------------------------------------------------------
+# `run.py eval`.
+
+def evaluate_run(workdir: str, ec) -> dict:
+  """Evaluates the run in workdir as the `eval` config section asks; writes workdir/eval.json."""
+  from lm import finetune as finetune_lib
+  from lm import metrics as metrics_lib
+  from lm import sample as sample_lib
+  t0 = time.time()
+  _config(workdir)
+  names = tasks_lib.resolve(ec.tasks) if ec.tasks != 'auto' else None
+  corpora = [c.strip() for c in ec.corpora.split(',') if c.strip()] if ec.corpora else []
+  for key in ('max_tokens', 'examples', 'batch_size'):
+    if int(ec[key]) < (0 if key == 'max_tokens' else 1):
+      raise UserError(f'eval.{key}={ec[key]} must be positive; fix --config.eval.{key}.')
+  if ec.format not in ('auto',) + tasks_lib.FORMATS:
+    raise UserError(f"eval.format={ec.format!r} is not known; use auto, fewshot or chat.")
+  docs = {name: corpus_documents(name, ec.text_field) for name in corpora}   # before the model
+  mc, params, tokenizer, ident = finetune_lib.load_model(workdir)
+  finetuned = sample_lib.is_finetuned(workdir)
+  fmt = ec.format if ec.format != 'auto' else ('chat' if finetuned else 'fewshot')
+  if names is None:
+    names = ('instruct',) if finetuned else tasks_lib.SUITES['arith'] + ('instruct',)
+  shots = ec.shots if ec.shots >= 0 else (0 if fmt == 'chat' else 3)
+  built = [tasks_lib.build(n, int(ec.examples), int(ec.seed)) for n in names]
+  for t in built:                                    # too many shots: refused before any work
+    tasks_lib.check_fits(t, tokenizer, mc, fmt, shots, int(ec.seed))
+  pre = pretraining_config(workdir)
+  seq_len = int(ec.seq_len) or int(pre.get('train', {}).get('seq_len', mc.max_len))
+  seq_len = min(seq_len, mc.max_len)
+  out = {'run': ident, 'format': fmt, 'shots': shots, 'text': {}, 'tasks': {}}
+  out['run'].pop('model', None)
+  if ec.val:
+    what, val_docs = val_documents(pre.get('data', {}))
+    out['text']['val'] = dict(text_metrics(mc, params, tokenizer, val_docs, seq_len,
+                                           int(ec.batch_size), int(ec.max_tokens)), source=what)
+  for name, d in docs.items():
+    out['text'][name] = text_metrics(mc, params, tokenizer, d, seq_len, int(ec.batch_size),
+                                     int(ec.max_tokens))
+  for t in built:
+    out['tasks'][t.name] = tasks_lib.run_task(mc, params, tokenizer, t, fmt, shots,
+                                              int(ec.batch_size), int(ec.seed),
+                                              keep_answers=True)
+  out['wall_s'] = time.time() - t0
+  metrics_lib.write_json_atomic(os.path.join(workdir, 'eval.json'), out)
+  return out
+
+
+def table(result: dict) -> str:
+  """The stdout table of an eval.json."""
+  lines = ['text                              tokens      loss     ppl     bpb']
+  for name, m in result['text'].items():
+    bpb = f"{m['bpb']:7.3f}" if m['bpb'] is not None else '    n/a'
+    lines.append(f"{name[-32:]:32s} {m['tokens']:8d} {m['loss']:9.4f} {m['ppl']:7.2f} {bpb}")
+  lines.append(f"tasks ({result['format']}, {result['shots']} shots)      n   exact  partial  "
+               'indep  logprob')
+  for name, m in result['tasks'].items():
+    rows = [(name, m)] + [(f'  {g}', v) for g, v in m.get('groups', {}).items()]
+    for label, v in rows:
+      lines.append(f"{label:28s} {v['n']:5d} {v['exact']:7.1%} {v['partial']:8.1%} "
+                   f"{v['exact_indep']:6.1%} {v['logprob']:8.2f}")
+  lines.append(f"wall time {result['wall_s']:.1f} s")
+  return '\n'.join(lines)
