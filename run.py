@@ -6,6 +6,7 @@
   python run.py fit    --results=FILE.csv --workdir=OUT
   python run.py plot   --workdir=SWEEP_OR_FIT_DIR
   python run.py sample --workdir=DIR --prompt="..." [--max_new_tokens=N --temperature=T ...]
+  python run.py chat   --workdir=RUN [--prompt="..." --temperature=T ...]   (a fine-tuned run)
   python run.py finetune --config=configs/sft.py --workdir=DIR --config.finetune.init_from=RUN
   python run.py merge  --workdir=LORA_RUN --out=DIR
   python run.py reward --config=configs/reward.py --workdir=DIR --config.reward.init_from=SFT_RUN
@@ -26,7 +27,7 @@ from lm import cli
 from lm.errors import UserError
 
 SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample', 'finetune', 'merge', 'reward', 'dpo',
-               'ppo', 'export', 'import', 'eval')
+               'ppo', 'export', 'import', 'eval', 'chat')
 
 config_flags.DEFINE_config_file('config', None, 'An ml-collections config file (configs/*.py).',
                                 lock_config=True)
@@ -37,7 +38,8 @@ flags.DEFINE_enum('params_key', 'params', ['params', 'params_nonembed'],
                   'fit: the parameter count convention (all parameters or non-embedding).')
 flags.DEFINE_string('flops_key', None, 'fit: the FLOP column (default: flops, else 6*N*D).')
 flags.DEFINE_integer('bootstrap', 100, 'fit: bootstrap resamples for confidence intervals.')
-flags.DEFINE_string('prompt', '', 'sample: the text to continue.')
+flags.DEFINE_string('prompt', '', 'sample: the text to continue; chat: one message to answer '
+                    '(without it, chat is interactive).')
 flags.DEFINE_integer('max_new_tokens', 200, 'sample: tokens to generate.')
 flags.DEFINE_float('temperature', 0.8, 'sample: softmax temperature; 0 is greedy.')
 flags.DEFINE_integer('top_k', 0, 'sample: keep the k most likely tokens (0 keeps all).')

@@ -17,6 +17,7 @@ def get_config():
   e.seq_len = 0             # window length; 0 = the run's pretraining train.seq_len
   e.tasks = 'auto'          # comma-separated tasks or suites (arith, arith1-4, instruct), '' for
                             # none; auto = instruct for fine-tuned runs, arith and instruct otherwise
+                            # (auto leaves out a task whose prompts do not fit model.max_len)
   e.format = 'auto'         # auto | fewshot | chat (auto: chat for fine-tuned runs)
   e.shots = -1              # demonstrations per prompt; -1 = 0 in chat format, 3 in few-shot
   e.examples = 200          # held-out examples per task (instruct: spread over its 8 families)

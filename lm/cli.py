@@ -132,6 +132,13 @@ def sample(FLAGS):
                         FLAGS.seed, FLAGS.num_samples, raw=FLAGS.raw, system=FLAGS.system)
 
 
+def chat(FLAGS):
+  from lm import chat as chat_lib
+  chat_lib.chat_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/sft_full'), FLAGS.prompt,
+                    FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
+                    FLAGS.seed, FLAGS.system)
+
+
 def sweep(FLAGS, cfg=None, workdir=None):
   from lm.scaling import sweep as sweep_lib
   cfg = cfg or _need(FLAGS.config, 'config', '--config=configs/sweep_smoke.py')

@@ -198,13 +198,21 @@ def evaluate_run(workdir: str, ec) -> dict:
   if names is None:
     names = ('instruct',) if finetuned else tasks_lib.SUITES['arith'] + ('instruct',)
   shots = ec.shots if ec.shots >= 0 else (0 if fmt == 'chat' else 3)
-  built = [tasks_lib.build(n, int(ec.examples), int(ec.seed)) for n in names]
-  for t in built:                                    # too many shots: refused before any work
-    tasks_lib.check_fits(t, tokenizer, mc, fmt, shots, int(ec.seed))
+  built, skipped = [], {}
+  for n in names:                                    # too many shots: refused before any work
+    t = tasks_lib.build(n, int(ec.examples), int(ec.seed))
+    try:
+      tasks_lib.check_fits(t, tokenizer, mc, fmt, shots, int(ec.seed))
+      built.append(t)
+    except UserError as e:
+      if ec.tasks != 'auto':
+        raise
+      skipped[n] = str(e)                            # auto: a task that does not fit is left out
   pre = pretraining_config(workdir)
   seq_len = int(ec.seq_len) or int(pre.get('train', {}).get('seq_len', mc.max_len))
   seq_len = min(seq_len, mc.max_len)
-  out = {'run': ident, 'format': fmt, 'shots': shots, 'text': {}, 'tasks': {}}
+  out = {'run': ident, 'format': fmt, 'shots': shots, 'text': {}, 'tasks': {},
+         'skipped_tasks': skipped}
   out['run'].pop('model', None)
   if ec.val:
     what, val_docs = val_documents(pre.get('data', {}))
@@ -235,5 +243,7 @@ def table(result: dict) -> str:
     for label, v in rows:
       lines.append(f"{label:28s} {v['n']:5d} {v['exact']:7.1%} {v['partial']:8.1%} "
                    f"{v['exact_indep']:6.1%} {v['logprob']:8.2f}")
+  for name, why in result.get('skipped_tasks', {}).items():
+    lines.append(f'{name}: left out ({why})')
   lines.append(f"wall time {result['wall_s']:.1f} s")
   return '\n'.join(lines)

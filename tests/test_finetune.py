@@ -13,6 +13,7 @@ from configs import base as base_cfg
 from configs import sft as sft_cfg
 from lm import data as data_lib
 from lm import finetune as ft
+from lm import instruct
 from lm import lora as lora_lib
 from lm import loop
 from lm import model as model_lib
@@ -467,3 +468,93 @@ def test_cli_finetune_reports_a_bad_jsonl_in_one_sentence(base_run, tmp_path):
   assert out.stderr.strip().splitlines() == [
       f'error: {bad}:2 lacks the string field "prompt"; each line needs "prompt" and "response" '
       '(or "messages").']
+
+
+def test_eval_of_a_finetuned_run_uses_the_chat_template(lora_run):
+  from configs import eval as eval_cfg
+  from lm import evaluate as ev
+  workdir, _ = lora_run
+  e = eval_cfg.get_config().eval
+  e.max_tokens, e.examples, e.batch_size = 2000, 16, 16
+  res = ev.evaluate_run(workdir, e)
+  assert res['format'] == 'chat' and res['shots'] == 0 and list(res['tasks']) == ['instruct']
+  inst = res['tasks']['instruct']
+  assert set(inst['groups']) == set(instruct.FAMILIES) and inst['n'] == 16
+  assert all(g['n'] == 2 for g in inst['groups'].values())
+  assert inst['logprob'] < 0 and 0 <= inst['exact'] <= inst['partial'] + 1e-9 <= 1 + 1e-9
+  # The validation split is the base run's (pretraining) corpus, tokenized by this run.
+  assert 'pystdlib' in res['text']['val']['source'] and res['text']['val']['tokens'] == 2000
+  assert json.load(open(os.path.join(workdir, 'eval.json')))['run']['workdir'] == \
+      os.path.abspath(workdir)
+
+
+def test_streamed_chat_reply_equals_the_batched_one(lora_run):
+  from lm import chat as chat_lib
+  workdir, _ = lora_run
+  mc, params, tok = chat_lib.load_chat_model(workdir)
+  msgs = [{'role': 'user', 'content': 'Reverse the word: python'}]
+  for temperature, seed in ((0.0, 0), (1.0, 3)):
+    want = sample_lib.chat(mc, params, tok, msgs, max_new_tokens=20, temperature=temperature,
+                           seed=seed)[0]
+    c = chat_lib.Chat(mc, params, tok, max_new_tokens=20, temperature=temperature, seed=seed)
+    pieces = []
+    got = c.reply(msgs[0]['content'], pieces.append)
+    assert got == want and ''.join(pieces) == got
+  assert [m['role'] for m in c.history] == ['user', 'assistant']
+  # A long conversation drops its oldest turns instead of running past max_len.
+  c = chat_lib.Chat(mc, params, tok, max_new_tokens=16, temperature=0.0)
+  notes = []
+  for _ in range(6):
+    c.reply('Sort these numbers from smallest to largest: 32 5 17 9 1', notes.append)
+  assert '(earlier turns dropped to fit the context)\n' in notes
+  ids = sft.encode_chat(tok, c.history, generation_prompt=False)[0]
+  assert len(ids) <= mc.max_len + 16
+
+
+def test_chat_in_a_terminal(lora_run):
+  """Drives `run.py chat` through a pseudo-terminal: a question, a streamed answer, /quit."""
+  import pty
+  import select
+  import time
+  workdir, _ = lora_run
+  master, slave = pty.openpty()
+  proc = subprocess.Popen([sys.executable, 'run.py', 'chat', f'--workdir={workdir}',
+                           '--temperature=0', '--max_new_tokens=12'], cwd=REPO, stdin=slave,
+                          stdout=slave, stderr=slave, close_fds=True)
+  os.close(slave)
+  seen = b''
+
+  def read_until(marker: bytes, after=0, timeout=120.0):
+    nonlocal seen
+    end = time.time() + timeout
+    while marker not in seen[after:] and time.time() < end:
+      ready, _, _ = select.select([master], [], [], 1.0)
+      if ready:
+        try:
+          seen += os.read(master, 4096)
+        except OSError:
+          break
+    return marker in seen[after:]
+
+  try:
+    assert read_until(b'you> '), seen
+    os.write(master, b'Reverse the word: python\n')
+    start = len(seen)
+    assert read_until(b'assistant> ', start), seen
+    assert read_until(b'you> ', seen.index(b'assistant> ', start)), seen
+    answer = seen[start:].split(b'assistant> ', 1)[1].split(b'you> ')[0]
+    assert answer.strip(), seen
+    os.write(master, b'/quit\n')
+    assert proc.wait(timeout=60) == 0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    os.close(master)
+
+
+def test_chat_refuses_runs_that_do_not_chat(base_run, tmp_path):
+  from lm import chat as chat_lib
+  with pytest.raises(UserError, match='is a pretrained run, which never learned the chat'):
+    chat_lib.load_chat_model(base_run)
+  with pytest.raises(UserError, match='is not a run folder'):
+    chat_lib.load_chat_model(str(tmp_path))
