@@ -6,6 +6,7 @@
   python run.py fit    --results=FILE.csv --workdir=OUT
   python run.py plot   --workdir=SWEEP_OR_FIT_DIR
   python run.py sample --workdir=DIR --prompt="..." [--max_new_tokens=N --temperature=T ...]
+  python run.py pipeline --config=configs/pipeline.py --workdir=DIR     (pretrain to DPO, report card)
   python run.py chat   --workdir=RUN [--prompt="..." --temperature=T ...]   (a fine-tuned run)
   python run.py finetune --config=configs/sft.py --workdir=DIR --config.finetune.init_from=RUN
   python run.py merge  --workdir=LORA_RUN --out=DIR
@@ -27,7 +28,7 @@ from lm import cli
 from lm.errors import UserError
 
 SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample', 'finetune', 'merge', 'reward', 'dpo',
-               'ppo', 'export', 'import', 'eval', 'chat')
+               'ppo', 'export', 'import', 'eval', 'chat', 'pipeline')
 
 config_flags.DEFINE_config_file('config', None, 'An ml-collections config file (configs/*.py).',
                                 lock_config=True)

@@ -132,6 +132,17 @@ def sample(FLAGS):
                         FLAGS.seed, FLAGS.num_samples, raw=FLAGS.raw, system=FLAGS.system)
 
 
+def pipeline(FLAGS):
+  from configs import pipeline as pipeline_config
+  from lm import pipeline as pipeline_lib
+  cfg = FLAGS.config or pipeline_config.get_config()
+  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/pipeline')
+  if 'pipeline' not in cfg:
+    raise UserError('--config is not a pipeline config (it has no `pipeline` section); use '
+                    '--config=configs/pipeline.py.')
+  pipeline_lib.run_pipeline(cfg, workdir)
+
+
 def chat(FLAGS):
   from lm import chat as chat_lib
   chat_lib.chat_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/sft_full'), FLAGS.prompt,

@@ -51,6 +51,7 @@ from lm.errors import UserError
 from lm.optim import TrainConfig, make_optimizer
 
 BASE_EVAL = 'base_eval.json'
+MIXED = 'builtin+code'   # finetune.data: the instruction set and the code-body task together
 # Keys of a fine-tuning config that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = loop.RESUMABLE_CHANGES + ('finetune.eval_batch_size',)
 
@@ -95,7 +96,7 @@ class FinetuneConfig:
     for key in ('train_per_family', 'eval_per_family', 'max_new_tokens', 'eval_batch_size'):
       if getattr(c, key) < 1:
         raise UserError(f'finetune.{key}={getattr(c, key)} must be a positive integer.')
-    if c.data == 'builtin':
+    if c.data in ('builtin', MIXED):
       for fam in c.families:
         if fam not in instruct.FAMILIES:
           raise UserError(f"finetune.families names {fam!r}, which is not a built-in task family; "
@@ -252,6 +253,14 @@ def load_records(fc: FinetuneConfig) -> dict:
   """{'train': [...], 'eval': [...], ('eval_phrasing': [...])} of the configured data."""
   if fc.data == 'code':
     return code_task.records(fc.train_per_family, fc.eval_per_family)
+  if fc.data == MIXED:   # the instruction set and the code-body task, shuffled together
+    inst = instruct.build_instruction_set(fc.data_seed, fc.train_per_family, fc.eval_per_family,
+                                          fc.families)
+    code = code_task.records(0, fc.eval_per_family)
+    train = inst['train'] + code['train']
+    order = np.random.default_rng([fc.data_seed, 0xC0DE]).permutation(len(train))
+    return {'train': [train[i] for i in order], 'eval': inst['eval'] + code['eval'],
+            'eval_phrasing': inst['eval_phrasing']}
   if fc.data == 'builtin':
     return instruct.build_instruction_set(fc.data_seed, fc.train_per_family, fc.eval_per_family,
                                           fc.families)
@@ -338,8 +347,11 @@ def build(cfg, workdir: str) -> Job:
   stream = sft.PackedStream(train_ex, seed)
   eval_ex = sft.Examples(records['eval'], tokenizer, tc.seq_len, 'held-out examples')
   eval_packed = eval_ex.pack(np.arange(len(eval_ex)))
-  acc_splits = {k: records[k] for k in ('eval', 'eval_phrasing') if k in records}
-  builtin = fc.data == 'builtin'
+  # Exact match on the instruction families; the gold reward on the code task's headers.
+  acc_splits = {k: [r for r in records[k] if r.get('family') != code_task.FAMILY]
+                for k in ('eval', 'eval_phrasing') if k in records}
+  code_eval = [r for r in records['eval'] if r.get('family') == code_task.FAMILY]
+  builtin = fc.data in ('builtin', MIXED)
   for name, ex in (('training', train_ex), ('held-out', eval_ex)):
     if ex.too_long:
       print(f'note: {ex.too_long} {name} examples are longer than train.seq_len={tc.seq_len} '
@@ -420,11 +432,11 @@ def build(cfg, workdir: str) -> Job:
     total, weight = (float(sum(float(s[i]) for s in sums)) for i in (0, 1))
     pre = float(np.mean(jax.device_get([pre_eval(params, b) for b in pre_batches])))
     row = {'eval_loss': total / max(weight, 1e-9), 'pretrain_eval_loss': pre}
-    if fc.data == 'code':   # the gold reward of greedy answers (lm/align/code_task.py)
-      answers = greedy_answers(plain, params, tokenizer, records['eval'], fc.max_new_tokens,
+    if code_eval:   # the gold reward of greedy answers (lm/align/code_task.py)
+      answers = greedy_answers(plain, params, tokenizer, code_eval, fc.max_new_tokens,
                                fc.eval_batch_size)
       row['gold'] = float(np.mean([code_task.gold(r['prompt'], a)
-                                   for r, a in zip(records['eval'], answers)]))
+                                   for r, a in zip(code_eval, answers)]))
     if builtin:
       for split, recs in acc_splits.items():
         acc = exact_match_accuracy(plain, params, tokenizer, recs, fc.max_new_tokens,

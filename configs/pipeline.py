@@ -1,0 +1,46 @@
+"""`python run.py pipeline`: pretraining to alignment on 2 CPU cores, into a report card (lm/pipeline.py).
+
+  python run.py pipeline --config=configs/pipeline.py --workdir=runs/pipeline
+
+Each section is the config of one stage's subcommand (configs/pretrain_small.py, sft.py, reward.py,
+ppo.py, dpo.py, eval.py), shortened so that the whole story fits in under an hour; override any
+key as usual, e.g. --config.sft.train.steps=3000. The folders each stage starts from are filled in
+by the pipeline. With --config.pretrain.data.tokenizer=sentencepiece a tokenizer stage comes first.
+"""
+import ml_collections
+
+from configs import dpo, eval as eval_config, ppo, pretrain_small, reward, sft
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  p = c.pipeline = ml_collections.ConfigDict()
+  p.stages = 'pretrain,sft,reward,ppo,dpo'
+  p.policy_eval_prompts = 300   # held-out code headers every policy is sampled on ...
+  p.policy_eval_samples = 2     # ... this many times each
+
+  c.pretrain = pretrain_small.get_config()        # 4 layers x 128, bytes, 2000 steps
+
+  c.sft = sft.get_config()
+  c.sft.finetune.data = 'builtin+code'            # instructions and code bodies, one model
+  c.sft.finetune.max_new_tokens = 48              # long enough for a code statement
+
+  c.reward = reward.get_config()
+  r, t = c.reward.reward, c.reward.train
+  r.prompts, r.eval_prompts = 1000, 200
+  t.steps, t.eval_every, t.checkpoint_every = 400, 100, 100
+
+  c.ppo = ppo.get_config()
+  t = c.ppo.train
+  t.steps, t.eval_every, t.checkpoint_every = 80, 20, 20
+  c.ppo.ppo.eval_prompts = 100
+
+  c.dpo = dpo.get_config()
+  t = c.dpo.train
+  t.steps, t.eval_every, t.checkpoint_every = 250, 125, 125
+  c.dpo.dpo.eval_prompts = 100
+
+  c.eval = eval_config.get_config().eval
+  e = c.eval
+  e.tasks, e.format, e.shots, e.examples = 'instruct', 'chat', 0, 400
+  return c
