@@ -142,6 +142,30 @@ def test_imported_gpt2_run_gives_transformers_logits(imported_gpt2):
   assert tok.name == 'hf' and tok.eos_id == 0
 
 
+def test_eval_of_an_imported_run_matches_transformers_loss(imported_gpt2, tmp_path):
+  """run.py eval on an imported model: its loss on a text equals the cross-entropy that
+  transformers computes on the same tokens."""
+  from configs import eval as eval_cfg
+  from lm import evaluate as ev
+  _, ref, run = imported_gpt2
+  text = 'def add(a, b):\n    return a + b\n'
+  (tmp_path / 'snippet.txt').write_text(text)
+  e = eval_cfg.get_config().eval
+  e.val, e.corpora, e.tasks, e.examples, e.seq_len = False, str(tmp_path / 'snippet.txt'), \
+      'arith1', 4, 63
+  res = ev.evaluate_run(run, e)
+  got = res['text'][str(tmp_path / 'snippet.txt')]
+  _, _, tok, _ = ft.load_model(run)
+  ids = np.asarray([tok.eos_id] + list(tok.encode(text)) + [tok.eos_id])[None]
+  assert ids.shape[1] <= 64 and got['tokens'] == ids.shape[1] - 1
+  logits = hf_logits(ref, ids[:, :-1]).astype(np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  nll = -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+  assert got['loss'] == pytest.approx(nll, rel=1e-4)
+  assert got['bytes'] == len(text.encode()) and res['tasks']['arith1']['n'] == 4
+
+
 @pytest.mark.parametrize('kv,tied', [(1, True), (2, False), (4, True), (4, False)])
 def test_imported_llama_gives_transformers_logits(hf_tokenizer_dir, tmp_path, kv, tied):
   ref = make_hf_model(str(tmp_path), hf_tokenizer_dir, 'llama', kv=kv, tied=tied, seed=kv)
