@@ -461,7 +461,7 @@ def build(cfg, workdir: str) -> Job:
                'rows_per_epoch': stream.rows_per_epoch(),
                'packing_fill': train_ex.info()['pairs'] / (stream.rows_per_epoch() * tc.seq_len)},
   }
-  fpt = flops_lib.flops_per_token(base_mc, tc.seq_len, n_base['total'])
+  fpt = flops_lib.flops_per_token(base_mc, tc.seq_len, n_base['total'], n_base['nonembed'])
   config = json.loads(cfg.to_json())
   # The base's identity is part of the run's: a resume against other weights is refused.
   config['base'] = {k: base_id[k] for k in ('workdir', 'step', 'params_sha256', 'tokenizer_hash')}

@@ -48,36 +48,71 @@ def chinchilla_forward_flops(cfg, seq_len: int) -> dict:
   return terms
 
 
-def flops_per_token(cfg, seq_len: int, n_params: int) -> dict:
-  """Training FLOPs per token in both conventions: Chinchilla App. F (3x forward) and 6N."""
+def model_flops_per_token(cfg, seq_len: int, n_nonembed: int, causal: bool = True) -> float:
+  """Model FLOPs per training token as the PaLM paper defines them for MFU (Chowdhery et al.
+  2022, App. B): 6 N + 12 L H Q T, with N the non-embedding parameters and H Q the attention
+  width. PaLM counts the full T x T attention; a causal model needs only the lower triangle,
+  and a kernel that skips the masked blocks does half that work, so `causal` (the default, used
+  for the `mfu` this project reports) halves the attention term to 6 L H Q T."""
+  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  return 6 * n_nonembed + (attn / 2 if causal else attn)
+
+
+def flops_per_token(cfg, seq_len: int, n_params: int, n_nonembed: int | None = None) -> dict:
+  """Training FLOPs per token: Chinchilla App. F (3x forward; what budgets count), 6N and, given
+  the non-embedding count, the model FLOPs that MFU divides by."""
   fwd = chinchilla_forward_flops(cfg, seq_len)['total']
-  return {'chinchilla': 3 * fwd / seq_len, '6n': 6 * n_params}
+  out = {'chinchilla': 3 * fwd / seq_len, '6n': 6 * n_params}
+  if n_nonembed is not None:
+    out['model'] = model_flops_per_token(cfg, seq_len, n_nonembed)
+  return out
 
 
-# Dense peak rates (FLOP/s) per device from the vendors' data sheets, for MFU.
+# Dense peak rates (FLOP/s) per device from the vendors' data sheets, for MFU, keyed by the exact
+# `device_kind` JAX reports (no substring matching: 'NVIDIA L4' is not 'NVIDIA L40S').
+# float32 is the plain FP32 rate (no TF32).
+_H100 = {'bfloat16': 989e12, 'float32': 67e12}
 PEAK_FLOPS = {
-    # device_kind substring: {dtype: flop/s}
-    'H200': {'bfloat16': 989e12, 'float32': 67e12},
-    'H100': {'bfloat16': 989e12, 'float32': 67e12},
-    'A100': {'bfloat16': 312e12, 'float32': 19.5e12},
-    'L4': {'bfloat16': 121e12, 'float32': 30e12},
-    'V100': {'bfloat16': 125e12, 'float32': 15.7e12},
-    'TPU v6': {'bfloat16': 918e12, 'float32': 918e12},
-    'TPU v5p': {'bfloat16': 459e12, 'float32': 459e12},
-    'TPU v5 lite': {'bfloat16': 197e12, 'float32': 197e12},
-    'TPU v5e': {'bfloat16': 197e12, 'float32': 197e12},
+    'NVIDIA H200': _H100,
+    'NVIDIA H100 80GB HBM3': _H100,
+    'NVIDIA H100 PCIe': {'bfloat16': 756e12, 'float32': 51e12},
+    'NVIDIA H100 NVL': {'bfloat16': 835e12, 'float32': 60e12},
+    'NVIDIA A100-SXM4-80GB': {'bfloat16': 312e12, 'float32': 19.5e12},
+    'NVIDIA A100-SXM4-40GB': {'bfloat16': 312e12, 'float32': 19.5e12},
+    'NVIDIA A100 80GB PCIe': {'bfloat16': 312e12, 'float32': 19.5e12},
+    'NVIDIA A100-PCIE-40GB': {'bfloat16': 312e12, 'float32': 19.5e12},
+    'NVIDIA L40S': {'bfloat16': 362e12, 'float32': 91.6e12},
+    'NVIDIA L4': {'bfloat16': 121e12, 'float32': 30.3e12},
+    'Tesla V100-SXM2-16GB': {'bfloat16': 125e12, 'float32': 15.7e12},
+    'Tesla V100-SXM2-32GB': {'bfloat16': 125e12, 'float32': 15.7e12},
+    'TPU v2': {'bfloat16': 45e12, 'float32': 45e12},
+    'TPU v3': {'bfloat16': 123e12, 'float32': 123e12},
     'TPU v4': {'bfloat16': 275e12, 'float32': 275e12},
+    'TPU v5 lite': {'bfloat16': 197e12, 'float32': 197e12},
+    'TPU v5': {'bfloat16': 459e12, 'float32': 459e12},
+    'TPU v5p': {'bfloat16': 459e12, 'float32': 459e12},
+    'TPU v6 lite': {'bfloat16': 918e12, 'float32': 918e12},
 }
 
 
 def peak_flops(device_kind: str, dtype: str, override: float = 0.0) -> float:
-  """Peak FLOP/s of one device: the user's figure, else the table, else 0 (MFU not shown)."""
+  """Peak FLOP/s of one device: the user's figure, else the table's entry for exactly this
+  device kind, else 0 (MFU not shown; `unknown_device_note` says how to set it)."""
   if override > 0:
     return float(override)
-  for key, rates in PEAK_FLOPS.items():
-    if key.lower() in device_kind.lower():
-      return rates.get(dtype, rates['bfloat16'])
-  return 0.0
+  rates = PEAK_FLOPS.get(device_kind.strip())
+  if rates is None:
+    return 0.0
+  return rates.get(dtype, rates['bfloat16'])
+
+
+def unknown_device_note(device_kind: str, platform: str) -> str | None:
+  """One sentence for an accelerator whose peak is not in the table (None on CPUs and known
+  devices): MFU needs train.peak_flops."""
+  if platform == 'cpu' or device_kind.strip() in PEAK_FLOPS:
+    return None
+  return (f'unknown device {device_kind!r}: MFU is not reported; set train.peak_flops to its '
+          'peak FLOP/s for the compute dtype to see it.')
 
 
 def param_counts_from_config(cfg) -> dict:

@@ -243,7 +243,11 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
     progress.message(f'resuming from step {start}')
   tokens_per_step = stage.tokens_per_step
   fpt = stage.flops_per_token
-  peak = flops_lib.peak_flops(jax.devices()[0].device_kind, stage.dtype, tc.peak_flops)
+  dev = jax.devices()[0]
+  peak = flops_lib.peak_flops(dev.device_kind, stage.dtype, tc.peak_flops)
+  note = None if peak else flops_lib.unknown_device_note(dev.device_kind, dev.platform)
+  if note:
+    progress.message(note)
   schedule = learning_rate_schedule(tc)
   last_row, last_eval = None, {}
   pending = None                      # (step, metrics on device): pulled one step later
@@ -270,8 +274,9 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
     now = time.time()
     tps = (row['step'] - since['step']) * tokens_per_step / max(now - since['time'], 1e-9)
     row.update(tokens_per_s=tps, time=now)
-    if peak:
-      row['mfu'] = tps * fpt['chinchilla'] / (peak * jax.device_count())
+    if peak:   # model FLOPs (PaLM's definition, causal attention) and the App. F count
+      row['mfu'] = tps * fpt.get('model', fpt['chinchilla']) / (peak * jax.device_count())
+      row['mfu_appf'] = tps * fpt['chinchilla'] / (peak * jax.device_count())
     writer.write(row)
     progress.update(row['step'], row)
     since.update(time=now, step=row['step'], losses=[])

@@ -109,7 +109,8 @@ def build(cfg) -> Run:
              state_shardings=s_shard, abstract_state=ckpt_lib.abstract(state_shapes, s_shard),
              init_state=init_fn, train_step=train_step, eval_step=eval_step,
              optimizer=optimizer, n_params=counts,
-             flops_per_token=flops_lib.flops_per_token(mc, tc.seq_len, counts['total']))
+             flops_per_token=flops_lib.flops_per_token(mc, tc.seq_len, counts['total'],
+                                                             counts['nonembed']))
 
 
 def get_batch(run: Run, split: str, index: int):
@@ -143,9 +144,12 @@ def manifest(run: Run) -> dict:
       'data': run.dataset.info,
       'params': run.n_params['total'], 'params_nonembed': run.n_params['nonembed'],
       'flops_per_token': {'chinchilla_appendix_f': run.flops_per_token['chinchilla'],
-                          '6n': run.flops_per_token['6n']},
+                          '6n': run.flops_per_token['6n'],
+                          'model_palm_causal': run.flops_per_token['model']},
       'flops_convention': 'flops = Chinchilla App. F count (3x forward, embeddings, attention '
-                          'and logits included); flops_6nd = 6 * N_total * tokens',
+                          'and logits included); flops_6nd = 6 * N_total * tokens; mfu = '
+                          'model FLOPs (6 N_nonembed + 6 L d_attn T per token: PaLM App. B with '
+                          'the causal half of attention) / peak; mfu_appf = App. F count / peak',
       'model': dataclasses.asdict(mc), 'head_dim': mc.head_dim,
       'epochs': run.dataset.epochs(run.train.steps, run.train.batch_size, run.train.seq_len),
   }

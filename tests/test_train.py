@@ -200,6 +200,33 @@ def test_flops_against_hand_count():
   assert per_token['chinchilla'] == 3 * t['total'] / T and per_token['6n'] == 6000
 
 
+def test_model_flops_and_mfu_against_hand_count():
+  mc = ModelConfig(vocab_size=100, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256,
+                   max_len=128)
+  n = flops_lib.param_counts(model_lib.param_shapes(mc))
+  # PaLM App. B: 6 N_nonembed + 12 L H Q T; causal attention counts half of the attention term.
+  full = 6 * n['nonembed'] + 12 * 2 * 4 * 16 * 128
+  assert flops_lib.model_flops_per_token(mc, 128, n['nonembed'], causal=False) == full
+  causal = 6 * n['nonembed'] + 6 * 2 * 64 * 128
+  assert flops_lib.flops_per_token(mc, 128, n['total'], n['nonembed'])['model'] == causal
+  # MFU: tokens/s x model FLOPs per token over the peak, e.g. 100K tokens/s on an H100 in bf16.
+  peak = flops_lib.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16')
+  assert peak == 989e12 and 1e5 * causal / peak == pytest.approx(1e5 * causal / 989e12)
+
+
+def test_device_names_match_exactly():
+  assert flops_lib.peak_flops('NVIDIA L4', 'bfloat16') == 121e12
+  assert flops_lib.peak_flops('NVIDIA L40S', 'bfloat16') == 362e12      # not the L4's
+  assert flops_lib.peak_flops('NVIDIA A100-SXM4-80GB', 'float32') == 19.5e12
+  assert flops_lib.peak_flops('TPU v5 lite', 'bfloat16') == 197e12
+  assert flops_lib.peak_flops('NVIDIA H100 80GB HBM3 (made up)', 'bfloat16') == 0.0
+  assert flops_lib.peak_flops('made up', 'bfloat16', override=5e12) == 5e12
+  note = flops_lib.unknown_device_note('NVIDIA B300', 'gpu')
+  assert note.startswith("unknown device 'NVIDIA B300'") and 'train.peak_flops' in note
+  assert flops_lib.unknown_device_note('cpu', 'cpu') is None
+  assert flops_lib.unknown_device_note('TPU v4', 'tpu') is None
+
+
 def test_flops_close_to_xla_cost_analysis():
   """The matmul terms of App. F (x3 for training) are within a few % of XLA's count of the step.
 

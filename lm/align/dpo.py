@@ -217,7 +217,7 @@ def build(cfg, workdir: str) -> loop.Stage:
     return out
 
   n = flops_lib.param_counts(policy.params)
-  fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'])
+  fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'], n['nonembed'])
   info = {'pairs': pairs_path, 'train_pairs': n_pairs, 'dropped_too_long': dropped,
           'beta': beta, 'label_smoothing': eps, 'sft_weight': alpha, 'kl_reference': root}
   if sampled is not None:

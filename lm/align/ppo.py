@@ -329,7 +329,7 @@ def build(cfg, workdir: str) -> loop.Stage:
     return evaluator.evaluate(params['policy'])
 
   n = flops_lib.param_counts(policy.params)
-  fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'])
+  fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'], n['nonembed'])
   info = {'reward_model': rm.identity, 'kl_coef': pc.kl_coef, 'kl_target': pc.kl_target,
           'train_prompts': len(prompts)}
 

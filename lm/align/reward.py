@@ -193,7 +193,7 @@ def build(cfg, workdir: str) -> loop.Stage:
             'score_mean': float(s.mean()), 'score_std': float(max(s.std(), 1e-6))}
 
   n = flops_lib.param_counts(policy.params)
-  fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'])
+  fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'], n['nonembed'])
   data_info = {'train_pairs': n_pairs, 'eval_pairs': len(eval_pairs), 'sampling': pair_stats,
                'train_flipped': int(sum(p.get('flipped', False) for p in train_pairs))}
 
