@@ -309,6 +309,9 @@ def run_task(mc, params, tokenizer, task: Task, fmt: str = 'fewshot', k: int = 3
       idx = [i for i, ex in enumerate(task.eval) if ex.group == g]
       result['groups'][g] = score([preds[i] for i in idx], [golds[i] for i in idx],
                                   [logps[i] for i in idx])
+    # Sub-skills are positions within one kind of answer: pooled, each family on its own.
+    result['exact_indep'] = float(sum(v['n'] * v['exact_indep'] for v in result['groups'].values())
+                                  / len(golds))
   if keep_answers:
     result['answers'] = [{'prompt': ex.prompt, 'gold': ex.answer, 'pred': p}
                          for ex, p in zip(task.eval, preds)]
