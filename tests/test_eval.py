@@ -242,3 +242,31 @@ def test_run_py_eval_exits_nonzero_on_a_folder_that_is_not_a_run(tmp_path):
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1].startswith('error: ') and 'not a run folder' in \
       out.stderr
+
+
+def test_emergence_lesson_on_a_tiny_ladder(cache_dir, tmp_path):
+  """experiments/emergence.py end to end on two tiny sizes: the sweep trains them with task
+  evaluations, the lesson tabulates and plots every metric."""
+  from configs import emergence as emergence_cfg
+  from experiments import emergence
+  cfg = emergence_cfg.get_config()
+  b, s = cfg.base, cfg.sweep
+  b.data.max_bytes, b.data.cache_dir = 200_000, cache_dir
+  b.train.eval_task_examples, b.train.eval_batches, b.train.progress = 4, 1, 'none'
+  b.train.batch_size, b.train.seq_len = 8, 64
+  s.grid_params, s.grid_tokens = (9_000.0, 20_000.0), (6_000.0,)
+  s.evals_per_run, s.parallel = 2, 1
+  result = emergence.run(str(tmp_path / 'runs'), cfg)
+  runs = result['runs']
+  assert len(runs) == 2 and runs[0]['params'] < runs[1]['params']
+  for r in runs:
+    assert len(r['evals']) >= 2 and r['evals'][-1]['step'] == 12
+    assert all(f'task/arith{d}/exact_indep' in r['evals'][-1] for d in emergence.DIGITS)
+  rows = emergence.table_rows(runs)
+  assert rows[0]['4/partial'] >= 0 and rows[1]['1/logprob'] < 0
+  out = str(tmp_path / 'out')
+  os.makedirs(out)
+  paths = emergence.plot(result, out)
+  assert [os.path.basename(p) for p in paths] == ['emergence.png', 'subskills.png',
+                                                  'results.json']
+  assert json.load(open(paths[-1]))['table'][1]['params'] == runs[1]['params']
