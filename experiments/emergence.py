@@ -125,11 +125,16 @@ def plot(result, folder: str) -> list[str]:
   paths = [common.save(fig, folder, 'emergence.png')]
 
   fig, ax = plt.subplots(figsize=(5.5, 5))
+  top = 0.0
   for d, color in zip(DIGITS, colors):
     xs = [e[f'task/arith{d}/exact_indep'] for r in runs for e in r['evals']]
     ys = [e[f'task/arith{d}/exact'] for r in runs for e in r['evals']]
     ax.plot(xs, ys, 'o', color=color, alpha=0.7, ms=4, label=f'{d} digit')
-  ax.plot([0, 1], [0, 1], 'k--', lw=1, label='exact = product')
+    top = max([top] + xs + ys)
+  top = min(1.0, 1.1 * top) or 1.0                  # the range the points use
+  ax.plot([0, top], [0, top], 'k--', lw=1, label='exact = product')
+  ax.set_xlim(-0.01 * top, top)
+  ax.set_ylim(-0.01 * top, top)
   ax.set_xlabel('product of per-position accuracies (and length)')
   ax.set_ylabel('measured exact match')
   ax.set_title('Sub-skills: does the product of per-digit\naccuracies predict exact match?',
