@@ -322,7 +322,7 @@ def write_report(cfg, workdir: str, state: dict) -> str:
   plots = _plots(workdir, state)
   fmt = lambda v, f='.3f': '–' if v is None else format(v, f)
   lines = ['# Report card', '',
-           f'`python run.py pipeline` in `{os.path.abspath(workdir)}`. Every stage is an ordinary '
+           f'`python run.py pipeline --workdir={workdir}`. Every stage is an ordinary '
            'run folder; `pipeline.json` holds the settings, keys and wall times.', '',
            '| stage | settings | wall time | FLOPs | final train loss | held-out |',
            '|---|---|---|---|---|---|']
