@@ -7,6 +7,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -256,6 +257,24 @@ def test_every_config_file_builds(path):
   if name == '__init__':
     return
   cfg = importlib.import_module(f'configs.{name}').get_config()
+  if 'pipeline' in cfg:    # every stage's section is a config of its own
+    from lm import pipeline
+    configs = pipeline.stage_configs(cfg, '/tmp/any')
+    assert list(configs) == ['pretrain', 'sft', 'reward', 'ppo', 'dpo']
+    for section in configs.values():
+      _check_config(section)
+    _check_config(ml_collections.ConfigDict({'eval': cfg.eval}))
+    return
+  _check_config(cfg)
+
+
+def _check_config(cfg):
+  if 'eval' in cfg:        # run.py eval: the tasks it names exist
+    from lm import tasks
+    if cfg.eval.tasks != 'auto':
+      tasks.resolve(cfg.eval.tasks)
+    assert cfg.eval.format in ('auto',) + tasks.FORMATS
+    return
   if 'finetune' in cfg:    # fine-tuning configs take their model from the base run
     from lm import finetune as finetune_lib
     cfg.finetune.init_from = 'runs/any'
