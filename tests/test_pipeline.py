@@ -136,3 +136,15 @@ def test_pipeline_refuses_unknown_or_orphaned_stages(cache_dir, tmp_path):
   cfg.pipeline.stages = 'ppo'
   with pytest.raises(UserError, match='runs ppo without sft'):
     pipeline.run_pipeline(cfg, str(tmp_path))
+
+
+def test_a_sentencepiece_pipeline_starts_with_its_tokenizer_stage(cache_dir):
+  cfg = tiny_config(cache_dir)
+  assert 'tokenizer' not in pipeline.stage_configs(cfg, '/tmp/p')
+  cfg.pretrain.data.tokenizer = 'sentencepiece'
+  configs = pipeline.stage_configs(cfg, '/tmp/p')
+  assert list(configs)[:2] == ['tokenizer', 'pretrain']
+  keys = pipeline.stage_keys(configs)
+  cfg.pretrain.data.vocab_size = 512          # a new tokenizer: every stage's key changes
+  keys2 = pipeline.stage_keys(pipeline.stage_configs(cfg, '/tmp/p'))
+  assert all(keys[s] != keys2[s] for s in keys)
