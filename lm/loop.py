@@ -41,11 +41,12 @@ RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_ev
                      'data.cache_dir', 'mesh.data', 'mesh.fsdp', 'mesh.tensor',
                      'mesh.distributed', 'model.remat', 'model.attention_impl',
                      'train.eval_tasks', 'train.eval_tasks_every', 'train.eval_task_examples',
-                     'train.eval_shots')
+                     'train.eval_shots', 'train.profile_steps')
 
 # Keys added after runs existed, with the value that means what their absence meant: a config
 # written before a key existed equals one that sets it to this default.
-ADDED_KEYS = {'train.init_from': '', 'data.tokenizer_path': '', 'data.arith_fraction': 0.0,
+ADDED_KEYS = {'train.profile_steps': '', 'train.init_from': '', 'data.tokenizer_path': '',
+              'data.arith_fraction': 0.0,
               'data.arith_digits': 4, 'train.eval_tasks': '', 'train.eval_tasks_every': 0,
               'train.eval_task_examples': 100, 'train.eval_shots': 3}
 
@@ -283,12 +284,24 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
     last_row = row
 
   stopped = False
+  profile = tc.profile_range() if tc.profile_steps else None
+  tracing = False
   with _StopFlag() as flag:
     step = start
     while step < tc.steps:
+      if profile and step == profile[0] and is_main:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+        tracing = True
       batch = stage.batch(step)
-      state, m = stage.train_step(state, stage.frozen, batch)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
+        state, m = stage.train_step(state, stage.frozen, batch)
       step += 1
+      if tracing and step == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        tracing = False
+        progress.message(f'wrote a profiler trace of steps {profile[0] + 1}-{profile[1]} to '
+                         f'{os.path.join(workdir, "profile")}')
       if pending is not None:
         row = finish_row(*pending)
         if pending[0] % tc.log_every == 0:
@@ -320,6 +333,8 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
           stopped = True
           progress.message(f'stopped at step {step}; checkpoint saved, rerun to resume.')
           break
+  if tracing:   # stopped (SIGTERM, stop_at) inside the traced steps
+    jax.profiler.stop_trace()
   if not stopped and start >= tc.steps:
     # Resumed at the last step: the run died after its final checkpoint but before its summary.
     # The summary is completed from that checkpoint (a fresh evaluation) and the logged rows.

@@ -41,6 +41,7 @@ class TrainConfig:
   eval_tasks_every: int = 0  # ... every this many steps (0: at every evaluation)
   eval_task_examples: int = 100
   eval_shots: int = 3
+  profile_steps: str = ''   # 'A:B': a jax.profiler trace of steps A+1..B in workdir/profile
 
   def __post_init__(self):
     p = 'train.'
@@ -72,11 +73,22 @@ class TrainConfig:
     if self.eval_tasks_every < 0 or self.eval_task_examples < 1 or self.eval_shots < 0:
       raise UserError(f'{p}eval_tasks_every must be >= 0, {p}eval_task_examples >= 1 and '
                       f'{p}eval_shots >= 0.')
+    if self.profile_steps and self.profile_range() is None:
+      raise UserError(f"{p}profile_steps={self.profile_steps!r} must be 'A:B' with "
+                      f'0 <= A < B <= train.steps={self.steps}, e.g. 10:13.')
     if self.eval_tasks:
       from lm import tasks
       tasks.resolve(self.eval_tasks)
     if self.progress not in ('auto', 'bar', 'log', 'none'):
       raise UserError(f"{p}progress={self.progress!r} must be auto, bar, log or none.")
+
+  def profile_range(self) -> tuple[int, int] | None:
+    """(A, B) of train.profile_steps, or None when it is empty or malformed."""
+    try:
+      a, b = (int(x) for x in self.profile_steps.split(':'))
+    except ValueError:
+      return None
+    return (a, b) if 0 <= a < b <= self.steps else None
 
   @classmethod
   def from_config(cls, train_cfg) -> 'TrainConfig':

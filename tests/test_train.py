@@ -201,6 +201,18 @@ def test_flops_against_hand_count():
   assert per_token['chinchilla'] == 3 * t['total'] / T and per_token['6n'] == 6000
 
 
+def test_profile_steps_write_a_trace_and_change_nothing(reference_run, cache_dir, tmp_path):
+  workdir = str(tmp_path / 'profiled')
+  train_lib.train(small_config(cache_dir, profile_steps='3:5'), workdir)
+  traces = glob.glob(f'{workdir}/profile/plugins/profile/*/*.xplane.pb')
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  ref = [r['loss'] for r in read_metrics(reference_run[0])]
+  assert [r['loss'] for r in read_metrics(workdir)] == ref
+  for bad in ('5:3', '3', '0:13', 'a:b'):
+    with pytest.raises(UserError, match="train.profile_steps=.* must be 'A:B'"):
+      train_lib.TrainConfig(steps=12, warmup_steps=2, profile_steps=bad)
+
+
 def test_model_flops_and_mfu_against_hand_count():
   mc = ModelConfig(vocab_size=100, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256,
                    max_len=128)
