@@ -83,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_tasks_every = 0    # every this many steps (a multiple of eval_every); 0: every evaluation
   t.eval_task_examples = 100  # held-out problems per task
   t.eval_shots = 3          # demonstrations in each prompt
+  t.opt_dtype = 'float32'   # AdamW moments: float32 | bfloat16 (half the optimizer state)
   t.profile_steps = ''      # 'A:B' writes a jax.profiler trace of steps A+1..B to workdir/profile
 
   # Device mesh (lm/sharding.py). -1 means "the rest of the devices".

@@ -45,7 +45,7 @@ RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_ev
 
 # Keys added after runs existed, with the value that means what their absence meant: a config
 # written before a key existed equals one that sets it to this default.
-ADDED_KEYS = {'train.profile_steps': '', 'train.init_from': '', 'data.tokenizer_path': '',
+ADDED_KEYS = {'train.profile_steps': '', 'train.opt_dtype': 'float32', 'train.init_from': '', 'data.tokenizer_path': '',
               'data.arith_fraction': 0.0,
               'data.arith_digits': 4, 'train.eval_tasks': '', 'train.eval_tasks_every': 0,
               'train.eval_task_examples': 100, 'train.eval_shots': 3}

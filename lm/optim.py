@@ -4,8 +4,10 @@ Shared by every training stage (pretraining, fine-tuning, and later objectives):
 optimizer here over whatever tree it trains (all params, or LoRA adapters only).
 """
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lm.errors import UserError
@@ -42,6 +44,7 @@ class TrainConfig:
   eval_task_examples: int = 100
   eval_shots: int = 3
   profile_steps: str = ''   # 'A:B': a jax.profiler trace of steps A+1..B in workdir/profile
+  opt_dtype: str = 'float32'  # AdamW moments stored as float32 or bfloat16 (half the bytes)
 
   def __post_init__(self):
     p = 'train.'
@@ -79,6 +82,8 @@ class TrainConfig:
     if self.eval_tasks:
       from lm import tasks
       tasks.resolve(self.eval_tasks)
+    if self.opt_dtype not in ('float32', 'bfloat16'):
+      raise UserError(f"{p}opt_dtype={self.opt_dtype!r} must be 'float32' or 'bfloat16'.")
     if self.progress not in ('auto', 'bar', 'log', 'none'):
       raise UserError(f"{p}progress={self.progress!r} must be auto, bar, log or none.")
 
@@ -130,6 +135,36 @@ def decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+class _AdamState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def scale_by_adam_stored_as(b1: float, b2: float, eps: float, dtype) -> optax.GradientTransformation:
+  """Adam's scaling (bias-corrected mu / (sqrt(nu) + eps)) with both moments kept in `dtype`
+  between steps: each update reads them as float32, computes in float32 and rounds them back.
+  bfloat16 halves the optimizer state (it keeps float32's exponent range, so the squared
+  gradients in nu do not underflow; it keeps 8 bits of mantissa)."""
+  def init(params):
+    zeros = lambda p: jnp.zeros(p.shape, dtype)
+    return _AdamState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params),
+                      jax.tree.map(zeros, params))
+
+  def update(updates, state, params=None):
+    del params
+    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, f32(state.mu), f32(updates))
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, f32(state.nu), f32(updates))
+    count = state.count + 1
+    c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+    out = jax.tree.map(lambda m, v, g: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype),
+                       mu, nu, updates)
+    store = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)
+    return out, _AdamState(count, store(mu), store(nu))
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(tc: TrainConfig, params, lora_b_lr_ratio: float = 1.0
                    ) -> optax.GradientTransformation:
   """AdamW with the decay mask, after global-norm clipping (clip 0 disables it).
@@ -137,8 +172,14 @@ def make_optimizer(tc: TrainConfig, params, lora_b_lr_ratio: float = 1.0
   lora_b_lr_ratio != 1 gives the LoRA B factors (leaves named *_b) that multiple of the learning
   rate, as LoRA+ does (Hayou et al. 2024: B learns efficiently with a larger step than A).
   """
-  adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                      weight_decay=tc.weight_decay, mask=decay_mask(params, tc.decay_embeddings))
+  if tc.opt_dtype == 'float32':
+    adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                        weight_decay=tc.weight_decay, mask=decay_mask(params, tc.decay_embeddings))
+  else:   # optax.adamw's chain, with both moments stored in the narrower dtype
+    adamw = optax.chain(
+        scale_by_adam_stored_as(tc.b1, tc.b2, tc.eps, jnp.dtype(tc.opt_dtype)),
+        optax.add_decayed_weights(tc.weight_decay, decay_mask(params, tc.decay_embeddings)),
+        optax.scale_by_learning_rate(learning_rate_schedule(tc)))
   if lora_b_lr_ratio != 1.0:
     ratio = jax.tree_util.tree_map_with_path(
         lambda path, _: lora_b_lr_ratio if str(getattr(path[-1], 'key', '')).endswith('_b')

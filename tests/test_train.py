@@ -213,6 +213,41 @@ def test_profile_steps_write_a_trace_and_change_nothing(reference_run, cache_dir
       train_lib.TrainConfig(steps=12, warmup_steps=2, profile_steps=bad)
 
 
+def test_adam_stored_as_float32_is_optax_adam():
+  """The moment-dtype transformation in float32 is optax's Adam to float32 noise."""
+  import optax
+  params = {'w': jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), 'b': jnp.ones((4,))}
+  mine = optim.scale_by_adam_stored_as(0.9, 0.99, 1e-8, jnp.float32)
+  ref = optax.scale_by_adam(0.9, 0.99, 1e-8)
+  sm, sr = mine.init(params), ref.init(params)
+  for i in range(5):
+    g = jax.tree.map(lambda p: jnp.sin(p * (i + 1)), params)
+    um, sm = mine.update(g, sm, params)
+    ur, sr = ref.update(g, sr, params)
+    for a, b in zip(jax.tree.leaves(um), jax.tree.leaves(ur)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_bfloat16_moments_halve_the_state_and_train_like_float32(reference_run, cache_dir,
+                                                                  tmp_path):
+  workdir = str(tmp_path / 'bf16')
+  train_lib.train(small_config(cache_dir, opt_dtype='bfloat16'), workdir)
+  ref = read_metrics(reference_run[0])
+  got = read_metrics(workdir)
+  ref_eval = [r['eval_loss'] for r in ref if 'eval_loss' in r]
+  got_eval = [r['eval_loss'] for r in got if 'eval_loss' in r]
+  assert got_eval != ref_eval                                     # the moments did differ
+  np.testing.assert_allclose(got_eval, ref_eval, rtol=0.01)      # ... and training did not
+  mc = ModelConfig(vocab_size=263, n_layers=2, d_model=64, n_heads=4, max_len=64)
+  shapes = model_lib.param_shapes(mc)
+  nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+  states = {d: jax.eval_shape(train_lib.make_optimizer(
+      train_lib.TrainConfig(steps=10, warmup_steps=1, opt_dtype=d), shapes).init, shapes)
+      for d in ('float32', 'bfloat16')}
+  moments = 2 * nbytes(shapes)                                    # mu and nu in float32
+  assert nbytes(states['float32']) - nbytes(states['bfloat16']) == moments // 2
+
+
 def test_model_flops_and_mfu_against_hand_count():
   mc = ModelConfig(vocab_size=100, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, d_ff=256,
                    max_len=128)
