@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lm import lora
+from lm.errors import UserError
 from lm.config import ModelConfig
 
 
@@ -61,6 +62,37 @@ def segment_mask(segment_ids_BT):
   T = segment_ids_BT.shape[1]
   same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
   return same[:, None] & causal_mask(jnp.arange(T), jnp.arange(T))
+
+
+CUDNN_DTYPES = ('bfloat16', 'float16')
+
+
+def choose_implementation(requested: str, dtype: str, platform: str, head_dim: int, pos: str
+                          ) -> tuple[str, str]:
+  """(implementation, why) for jax.nn.dot_product_attention: 'cudnn' (the fused flash-attention
+  kernel) or 'xla'. 'auto' takes cuDNN where it applies: a GPU, a 16-bit compute dtype, a head
+  dimension that is a multiple of 8 up to 128, and no ALiBi bias (cuDNN would read a
+  materialised bias); XLA otherwise. An explicit 'cudnn' that cannot run is a UserError here,
+  at config time, rather than an error inside JAX at the first step."""
+  why_not = []
+  if platform != 'gpu':
+    why_not.append(f'it needs a GPU (this is {platform})')
+  if dtype not in CUDNN_DTYPES:
+    why_not.append(f'it needs model.dtype bfloat16 or float16 (not {dtype})')
+  if head_dim % 8 or head_dim > 128:
+    why_not.append(f'it needs a head dimension that is a multiple of 8 up to 128 (not {head_dim})')
+  if pos == 'alibi':
+    why_not.append('ALiBi needs a bias it does not take here')
+  if requested == 'cudnn':
+    if why_not:
+      raise UserError('model.attention_impl=cudnn cannot run: ' + '; '.join(why_not)
+                      + '. Use auto (cuDNN where it applies, XLA otherwise) or xla.')
+    return 'cudnn', 'requested'
+  if requested == 'xla':
+    return 'xla', 'requested'
+  if why_not:
+    return 'xla', 'auto: cuDNN not used because ' + '; '.join(why_not)
+  return 'cudnn', 'auto: GPU, 16-bit compute, head dimension within cuDNN\'s limits'
 
 
 def causal_blocks(T: int) -> int:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lm import attention as attention_lib
 from lm import checkpoint as ckpt_lib
 from lm import data as data_lib
 from lm import flops as flops_lib
@@ -72,8 +73,14 @@ def build(cfg) -> Run:
   mesh_cfg = shard_lib.MeshConfig.from_config(cfg.mesh)
   shard_lib.maybe_initialize_distributed(mesh_cfg)
   mesh = shard_lib.make_mesh(mesh_cfg)   # before the data: a bad mesh fails in a second
+  if cfg.model.attention_impl == 'cudnn':   # an impossible explicit choice, before the data
+    attention_lib.choose_implementation('cudnn', cfg.model.dtype, jax.default_backend(),
+                                        cfg.model.d_model // cfg.model.n_heads, cfg.model.pos)
   dataset = data_lib.prepare(data_lib.DataConfig.from_config(cfg.data))
   mc = ModelConfig.from_config(cfg.model, dataset.tokenizer.vocab_size)
+  impl, _ = attention_lib.choose_implementation(mc.attention_impl, mc.dtype,
+                                                  jax.default_backend(), mc.head_dim, mc.pos)
+  mc = dataclasses.replace(mc, attention_impl=impl)
   if tc.seq_len > mc.max_len:
     raise UserError(f'train.seq_len={tc.seq_len} is longer than model.max_len={mc.max_len}; '
                     'lower seq_len or raise max_len.')
@@ -151,6 +158,10 @@ def manifest(run: Run) -> dict:
                           'model FLOPs (6 N_nonembed + 6 L d_attn T per token: PaLM App. B with '
                           'the causal half of attention) / peak; mfu_appf = App. F count / peak',
       'model': dataclasses.asdict(mc), 'head_dim': mc.head_dim,
+      'attention': {'requested': run.cfg['model']['attention_impl'], 'used': mc.attention_impl,
+                    'why': attention_lib.choose_implementation(
+                        run.cfg['model']['attention_impl'], mc.dtype, jax.default_backend(),
+                        mc.head_dim, mc.pos)[1]},
       'epochs': run.dataset.epochs(run.train.steps, run.train.batch_size, run.train.seq_len),
   }
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from lm import attention as attention_lib
 from lm import checkpoint as ckpt_lib
 from lm import flops as flops_lib
 from lm import model as model_lib
@@ -246,6 +247,45 @@ def test_bfloat16_moments_halve_the_state_and_train_like_float32(reference_run, 
       for d in ('float32', 'bfloat16')}
   moments = 2 * nbytes(shapes)                                    # mu and nu in float32
   assert nbytes(states['float32']) - nbytes(states['bfloat16']) == moments // 2
+
+
+def test_attention_implementation_choice():
+  choose = attention_lib.choose_implementation
+  assert choose('auto', 'bfloat16', 'gpu', 64, 'rope')[0] == 'cudnn'
+  assert choose('auto', 'float16', 'gpu', 128, 'learned')[0] == 'cudnn'
+  for args in (('float32', 'gpu', 64, 'rope'), ('bfloat16', 'cpu', 64, 'rope'),
+               ('bfloat16', 'gpu', 12, 'rope'), ('bfloat16', 'gpu', 256, 'rope'),
+               ('bfloat16', 'gpu', 64, 'alibi'), ('bfloat16', 'tpu', 64, 'rope')):
+    impl, why = choose('auto', *args)
+    assert impl == 'xla' and why.startswith('auto: cuDNN not used because'), args
+  assert choose('xla', 'bfloat16', 'gpu', 64, 'rope')[0] == 'xla'
+  with pytest.raises(UserError, match=r'cudnn cannot run: it needs a GPU \(this is cpu\); it '
+                     r'needs model.dtype bfloat16 or float16 \(not float32\)\. Use auto'):
+    choose('cudnn', 'float32', 'cpu', 64, 'rope')
+
+
+def test_an_impossible_attention_choice_is_refused_before_the_data(tmp_path):
+  cfg = small_config(str(tmp_path / 'never_built'))
+  cfg.model.attention_impl = 'cudnn'
+  with pytest.raises(UserError, match='model.attention_impl=cudnn cannot run'):
+    train_lib.build(cfg)
+  assert not os.path.exists(tmp_path / 'never_built')            # no data was prepared
+
+
+def test_manifest_records_the_attention_used(reference_run):
+  m = json.load(open(os.path.join(reference_run[0], 'manifest.json')))
+  assert m['attention']['requested'] == 'auto' and m['attention']['used'] == 'xla'
+  assert 'needs a GPU' in m['attention']['why']
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
+def test_auto_lowers_to_cudnn_on_a_gpu():
+  mc = ModelConfig(vocab_size=256, n_layers=1, d_model=128, n_heads=2, n_kv_heads=2,
+                   max_len=128, dtype='bfloat16', attention_impl='cudnn')
+  params = model_lib.init_params(mc, jax.random.PRNGKey(0))
+  hlo = jax.jit(lambda p, x: model_lib.apply(mc, p, x)).lower(
+      params, jnp.zeros((2, 128), jnp.int32)).as_text()
+  assert 'cudnn' in hlo.lower()
 
 
 def test_model_flops_and_mfu_against_hand_count():
