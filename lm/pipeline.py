@@ -128,9 +128,9 @@ def _move_aside(workdir: str, name: str) -> str | None:
 
 def run_pipeline(cfg, workdir: str, log=print) -> dict:
   """Runs (or skips, resumes, reruns) every stage, evaluates, writes the report card."""
-  os.makedirs(workdir, exist_ok=True)
-  configs = stage_configs(cfg, workdir)
+  configs = stage_configs(cfg, workdir)     # a bad stage list is refused before anything is written
   keys = stage_keys(configs)
+  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, STATE)
   state = json.load(open(path)) if os.path.exists(path) else {'stages': {}}
   t_all = time.time()

@@ -135,7 +135,8 @@ def test_pipeline_refuses_unknown_or_orphaned_stages(cache_dir, tmp_path):
     pipeline.run_pipeline(cfg, str(tmp_path))
   cfg.pipeline.stages = 'ppo'
   with pytest.raises(UserError, match='runs ppo without sft'):
-    pipeline.run_pipeline(cfg, str(tmp_path))
+    pipeline.run_pipeline(cfg, str(tmp_path / 'new'))
+  assert not os.path.exists(tmp_path / 'new')
 
 
 def test_a_sentencepiece_pipeline_starts_with_its_tokenizer_stage(cache_dir):
