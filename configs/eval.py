@@ -2,7 +2,8 @@
 
 Override any key on the command line, e.g.
   python run.py eval --workdir=runs/tiny --config=configs/eval.py \
-      --config.eval.corpora=notes.txt,docs/ --config.eval.tasks=arith2,arith3 --config.eval.shots=5
+      --config.eval.corpora='notes.txt,books/*.txt' --config.eval.tasks=arith2,arith3 \
+      --config.eval.shots=5
 """
 import ml_collections
 
