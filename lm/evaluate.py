@@ -23,7 +23,6 @@ for fine-tuned runs and few-shot text otherwise.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -92,24 +91,20 @@ def text_metrics(mc, params, tokenizer, docs: list[str], seq_len: int, batch_siz
 
 
 def _config(workdir: str) -> dict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise UserError(f'{workdir} is not a run folder (it has no config.json); point --workdir at a '
-                    'folder that run.py train, finetune, dpo, ppo, merge or import wrote.')
-  with open(path) as f:
-    return json.load(f)
+  from lm import finetune as finetune_lib
+  return finetune_lib._read_config(
+      workdir, f'{workdir} is not a run folder (it has no config.json); point --workdir at a '
+      'folder that run.py train, finetune, dpo, ppo, merge or import wrote.')
 
 
 def pretraining_config(workdir: str) -> dict:
-  """The config of the run at the root of workdir's chain of base runs (its pretraining)."""
-  cfg = _config(workdir)
-  for _ in range(16):
-    if 'data' in cfg and 'model' in cfg:
-      return cfg
-    base = cfg.get('base', {}).get('workdir')
-    if not base:
-      break
-    cfg = _config(base)
+  """The config of the run at the root of workdir's chain of base runs (its pretraining); the
+  default config when there is none."""
+  from lm import finetune as finetune_lib
+  _config(workdir)
+  root = finetune_lib.root_config(workdir)
+  if root is not None:
+    return root
   from configs import base as base_cfg
   return base_cfg.get_config().to_dict()
 

@@ -130,13 +130,28 @@ def params_hash(params) -> str:
   return h.hexdigest()
 
 
-def _read_config(workdir: str) -> dict:
+def _read_config(workdir: str, missing: str | None = None) -> dict:
+  """A run's config.json; `missing` is the sentence for a folder without one."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
-    raise UserError(f'{workdir} has no config.json, so it is not a training run; point '
+    raise UserError(missing or f'{workdir} has no config.json, so it is not a training run; point '
                     'finetune.init_from at a folder that run.py train or run.py finetune wrote.')
   with open(path) as f:
     return json.load(f)
+
+
+def root_config(workdir: str) -> dict | None:
+  """The config of the plain run (pretrained, merged or imported: it has `model` and `data`) at
+  the root of workdir's chain of base runs (fine-tuning, DPO, PPO), or None if there is none."""
+  cfg = _read_config(workdir)
+  for _ in range(16):
+    if 'data' in cfg and 'model' in cfg:
+      return cfg
+    base = cfg.get('base', {}).get('workdir')
+    if not base:
+      return None
+    cfg = _read_config(base)
+  return None
 
 
 def restore_state(workdir: str, cfg: dict, trainable_shapes, optimizer=None, extra=None):
@@ -358,9 +373,10 @@ def build(cfg, workdir: str) -> Job:
             'tokens and were left out (counted in manifest.json).', file=sys.stderr, flush=True)
 
   # The pretraining corpus's validation windows, to measure forgetting.
-  base_cfg = _read_config(fc.init_from)
-  while 'finetune' in base_cfg:        # a fine-tuned base: its pretraining data is further back
-    base_cfg = _read_config(base_cfg['base']['workdir'])
+  base_cfg = root_config(fc.init_from)   # a fine-tuned base: its pretraining is further back
+  if base_cfg is None:
+    raise UserError(f'{fc.init_from} does not lead back to a pretrained run (no model and data '
+                    'in its chain of base runs); start from a run that run.py train wrote.')
   dataset = data_lib.prepare(data_lib.DataConfig.from_config(base_cfg['data']))
   if dataset.tokenizer.hash != tokenizer.hash:
     raise UserError(f'the tokenizer of {fc.init_from} differs from its pretraining data\'s; '
@@ -545,9 +561,7 @@ def merge(workdir: str, out: str) -> dict:
   if 'finetune' not in cfg:
     raise UserError(f'{workdir} is not a fine-tuning run; it is already a plain model.')
   mc, params, tokenizer, ident = load_model(workdir)
-  root = cfg
-  while 'finetune' in root:
-    root = _read_config(root['base']['workdir'])
+  root = root_config(workdir)
   plain_cfg = {k: root[k] for k in root if k in ('seed', 'model', 'data', 'train', 'mesh')}
   plain_cfg['model'] = {k: v for k, v in dataclasses.asdict(mc).items()
                         if k in root['model'] and not k.startswith('lora')}

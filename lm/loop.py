@@ -293,7 +293,10 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
         tracing = True
       batch = stage.batch(step)
-      with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
+      if tracing:   # named, numbered steps in the trace; nothing added to untraced steps
+        with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
+          state, m = stage.train_step(state, stage.frozen, batch)
+      else:
         state, m = stage.train_step(state, stage.frozen, batch)
       step += 1
       if tracing and step == profile[1]:

@@ -117,11 +117,10 @@ def _move_aside(workdir: str, name: str) -> str | None:
     return None
   stale = os.path.join(workdir, 'stale')
   os.makedirs(stale, exist_ok=True)
-  dest = os.path.join(stale, f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
+  dest = base = os.path.join(stale, f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
   n = 1
   while os.path.exists(dest):
-    dest = os.path.join(stale, f'{name}-{time.strftime("%Y%m%d-%H%M%S")}-{n}')
-    n += 1
+    dest, n = f'{base}-{n}', n + 1
   os.rename(folder, dest)
   return dest
 
@@ -234,6 +233,14 @@ def _curve(folder: str, key: str) -> tuple[list, list]:
   return [r['step'] for r in rows], [r[key] for r in rows]
 
 
+def _save(fig, path: str) -> str:
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def _plots(workdir: str, state: dict) -> list[str]:
   import matplotlib
   matplotlib.use('Agg')
@@ -254,10 +261,7 @@ def _plots(workdir: str, state: dict) -> list[str]:
       ax.grid(alpha=0.3)
     axes[0][0].set_ylabel('loss')
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    out.append(os.path.join(workdir, 'loss_curves.png'))
-    fig.savefig(out[-1], dpi=100)
-    plt.close(fig)
+    out.append(_save(fig, os.path.join(workdir, 'loss_curves.png')))
   evald = [s for s in ('pretrain',) + POLICIES if 'tasks' in stages.get(s, {}).get('eval', {})]
   if evald:
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -268,10 +272,7 @@ def _plots(workdir: str, state: dict) -> list[str]:
     ax.set_ylabel('instruction tasks, exact match (%)')
     ax.set_ylim(0, 100)
     ax.set_title('task accuracy by stage (held-out instances)', fontsize=10)
-    fig.tight_layout()
-    out.append(os.path.join(workdir, 'accuracy.png'))
-    fig.savefig(out[-1], dpi=100)
-    plt.close(fig)
+    out.append(_save(fig, os.path.join(workdir, 'accuracy.png')))
   pol = [s for s in POLICIES if 'policy' in stages.get(s, {}).get('eval', {})]
   if pol:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -290,10 +291,7 @@ def _plots(workdir: str, state: dict) -> list[str]:
     ax.set_title('reward against KL', fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.append(os.path.join(workdir, 'reward_vs_kl.png'))
-    fig.savefig(out[-1], dpi=100)
-    plt.close(fig)
+    out.append(_save(fig, os.path.join(workdir, 'reward_vs_kl.png')))
   return out
 
 

@@ -269,7 +269,10 @@ def _encode_examples(task: Task, tokenizer, fmt: str, k: int, seed: int):
 
 def check_fits(task: Task, tokenizer, mc, fmt: str, k: int, seed: int = 0) -> int:
   """The tokens to decode; a UserError when the longest prompt and answer do not fit max_len."""
-  prompts, answers = _encode_examples(task, tokenizer, fmt, k, seed)
+  return _tokens_to_decode(task, mc, k, *_encode_examples(task, tokenizer, fmt, k, seed))
+
+
+def _tokens_to_decode(task: Task, mc, k: int, prompts, answers) -> int:
   new = max(len(a) for a in answers) + 2
   longest = max(len(p) for p in prompts)
   if longest + new - 1 > mc.max_len:
@@ -285,8 +288,8 @@ def run_task(mc, params, tokenizer, task: Task, fmt: str = 'fewshot', k: int = 3
   from lm import sample as sample_lib
   if fmt not in FORMATS:
     raise UserError(f'task format {fmt!r} is not known; use one of {", ".join(FORMATS)}.')
-  new = check_fits(task, tokenizer, mc, fmt, k, seed)
   prompts, answers = _encode_examples(task, tokenizer, fmt, k, seed)
+  new = _tokens_to_decode(task, mc, k, prompts, answers)
   stop = tokenizer.chat_ids['end'] if fmt == 'chat' else tokenizer.eos_id
   preds, logps = [], []
   for i in range(0, len(prompts), batch_size):

@@ -64,6 +64,7 @@ class Run:
   n_params: dict
   flops_per_token: dict
   eval_data: Any = None
+  attention_why: str = ''   # why the attention implementation was chosen (manifest.json)
 
 
 def build(cfg) -> Run:
@@ -78,8 +79,8 @@ def build(cfg) -> Run:
                                         cfg.model.d_model // cfg.model.n_heads, cfg.model.pos)
   dataset = data_lib.prepare(data_lib.DataConfig.from_config(cfg.data))
   mc = ModelConfig.from_config(cfg.model, dataset.tokenizer.vocab_size)
-  impl, _ = attention_lib.choose_implementation(mc.attention_impl, mc.dtype,
-                                                  jax.default_backend(), mc.head_dim, mc.pos)
+  impl, why = attention_lib.choose_implementation(mc.attention_impl, mc.dtype,
+                                                    jax.default_backend(), mc.head_dim, mc.pos)
   mc = dataclasses.replace(mc, attention_impl=impl)
   if tc.seq_len > mc.max_len:
     raise UserError(f'train.seq_len={tc.seq_len} is longer than model.max_len={mc.max_len}; '
@@ -117,7 +118,8 @@ def build(cfg) -> Run:
              init_state=init_fn, train_step=train_step, eval_step=eval_step,
              optimizer=optimizer, n_params=counts,
              flops_per_token=flops_lib.flops_per_token(mc, tc.seq_len, counts['total'],
-                                                             counts['nonembed']))
+                                                       counts['nonembed']),
+             attention_why=why)
 
 
 def get_batch(run: Run, split: str, index: int):
@@ -159,9 +161,7 @@ def manifest(run: Run) -> dict:
                           'the causal half of attention) / peak; mfu_appf = App. F count / peak',
       'model': dataclasses.asdict(mc), 'head_dim': mc.head_dim,
       'attention': {'requested': run.cfg['model']['attention_impl'], 'used': mc.attention_impl,
-                    'why': attention_lib.choose_implementation(
-                        run.cfg['model']['attention_impl'], mc.dtype, jax.default_backend(),
-                        mc.head_dim, mc.pos)[1]},
+                    'why': run.attention_why},
       'epochs': run.dataset.epochs(run.train.steps, run.train.batch_size, run.train.seq_len),
   }
 

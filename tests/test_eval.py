@@ -106,14 +106,6 @@ def test_fewshot_prompt_and_chat_messages():
 # ---------------------------------------------------------------------------------------------
 # Text metrics against a hand computation.
 
-@pytest.fixture(scope='module')
-def sp_tokenizer(tmp_path_factory):
-  cfg = base_cfg.get_config().data
-  cfg.tokenizer, cfg.vocab_size, cfg.max_bytes = 'sentencepiece', 400, 150_000
-  cfg.cache_dir = str(tmp_path_factory.mktemp('sp'))
-  return data_lib.prepare(data_lib.DataConfig.from_config(cfg)).tokenizer
-
-
 def _model(vocab):
   mc = ModelConfig(vocab_size=vocab, n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, max_len=256,
                    pos="rope")

@@ -11,7 +11,6 @@ import pytest
 
 from configs import base as base_cfg
 from configs import sft as sft_cfg
-from lm import data as data_lib
 from lm import finetune as ft
 from lm import instruct
 from lm import lora as lora_lib
@@ -51,14 +50,6 @@ def records(n, seed=0):
 
 
 # ---- the chat template ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope='module')
-def sp_tokenizer(tmp_path_factory):
-  cfg = base_cfg.get_config().data
-  cfg.tokenizer, cfg.vocab_size, cfg.max_bytes = 'sentencepiece', 400, 150_000
-  cfg.cache_dir = str(tmp_path_factory.mktemp('sp'))
-  return data_lib.prepare(data_lib.DataConfig.from_config(cfg)).tokenizer
 
 
 @pytest.mark.parametrize('which', ['bytes', 'sentencepiece'])
