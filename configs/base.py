@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.use_bias = False
   m.tie_embeddings = True
   m.dropout = 0.0
-  m.dtype = 'float32'       # compute dtype: float32 | bfloat16 (params stay float32)
+  m.dtype = 'float32'       # compute dtype: float32 | bfloat16
+  m.param_dtype = 'float32' # stored weights: float32 | bfloat16 (half the bytes; see README)
   m.remat = False
   m.scan_layers = False
   m.attention_impl = 'auto'  # auto | xla | cudnn (passed to jax.nn.dot_product_attention)
@@ -75,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 10
   t.checkpoint_every = 100
   t.keep_checkpoints = 2
+  t.async_checkpoint = True  # checkpoints written in the background while training goes on
   t.peak_flops = 0.0        # FLOP/s for MFU; 0 means look the device up in lm/flops.py
   t.progress = 'auto'       # auto | bar | log | none
   t.init_from = ''          # continued pretraining: a run (or an imported model) whose weights,

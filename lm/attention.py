@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lm import lora
+from lm.sharding import constrain
 from lm.errors import UserError
 from lm.config import ModelConfig
 
@@ -47,6 +48,14 @@ def alibi_slopes(n_heads: int):
   if p < n_heads:
     slopes += power_of_two(2 * p)[0::2][: n_heads - p]
   return jnp.array(slopes, jnp.float32)
+
+
+def alibi_bias(n_heads: int, q_pos, k_pos):
+  """ALiBi's float32 bias -m_h * (q - k) for query positions q_pos [B or 1, T] and key positions
+  k_pos [B or 1, S]: [B or 1, N, T, S]. Training passes slots [1, T], so the bias is one
+  [1, N, T, T] array however large the batch (see Attention)."""
+  dist = (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)
+  return -alibi_slopes(n_heads)[None, :, None, None] * dist[:, None]
 
 
 def causal_mask(q_slot_T, k_slot_S, k_valid_BS=None):
@@ -138,20 +147,20 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, positions_BT, layer_cache=None, cache_meta=None,
                segment_ids_BT=None):
     c = self.cfg
-    dt = jnp.dtype(c.dtype)
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     N, K, H, D = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
     init = nn.initializers.normal(c.init_std)
 
     def proj(name, heads, axes):
       w = self.param(name, nn.with_logical_partitioning(init, ('embed', axes, 'head_dim')),
-                     (D, heads, H), jnp.float32)
+                     (D, heads, H), pdt)
       y = jnp.einsum('btd,dnh->btnh', x_BTD, w.astype(dt))
       y += lora.adapter(self, name[1], x_BTD, (D, heads, H), 1, ('embed',), (axes, 'head_dim'),
                         self.deterministic)
       if c.use_bias:
         y += self.param(name + '_bias', nn.with_logical_partitioning(
-            nn.initializers.zeros, (axes, 'head_dim')), (heads, H), jnp.float32).astype(dt)
-      return y
+            nn.initializers.zeros, (axes, 'head_dim')), (heads, H), pdt).astype(dt)
+      return constrain(y, 'batch', None, axes, None)
 
     q_BTNH = proj('wq', N, 'heads')
     k_BTKH = proj('wk', K, 'kv_heads')
@@ -185,11 +194,17 @@ class Attention(nn.Module):
       k_BSKH, v_BSKH = k_BSKH.astype(dt), v_BSKH.astype(dt)
 
     bias = None
-    if c.pos == 'alibi':
-      dist_BTS = positions_BT[:, :, None] - k_pos_BS[:, None, :]
-      bias = -alibi_slopes(N)[None, :, None, None] * dist_BTS[:, None].astype(jnp.float32)
+    if c.pos == 'alibi' and layer_cache is None:
+      # Without a cache, positions advance by one per slot within each example (the default,
+      # packed segments restarting at 0, left padding), so wherever the mask lets query i see
+      # key j their distance is i - j: one [1, N, T, T] bias serves the whole batch instead of
+      # a [B, N, T, T] one built from positions_BT.
+      slots = jnp.arange(T)[None]
+      bias = alibi_bias(N, slots, slots)
       if mask is None:  # the bias needs an explicit mask beside it on every implementation
         mask = causal_mask(jnp.arange(T), jnp.arange(T))
+    elif c.pos == 'alibi':   # decoding: rows may sit at different positions
+      bias = alibi_bias(N, positions_BT, k_pos_BS)
 
     impl = None if c.attention_impl == 'auto' else c.attention_impl
     blocks = causal_blocks(T) if layer_cache is None and impl != 'cudnn' else 1
@@ -201,13 +216,14 @@ class Attention(nn.Module):
           q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask, is_causal=mask is None,
           implementation=impl)
 
+    out_BTNH = constrain(out_BTNH, 'batch', None, 'heads', None)
     wo = self.param('wo', nn.with_logical_partitioning(
         nn.initializers.normal(c.init_std / math.sqrt(2 * c.n_layers)),
-        ('heads', 'head_dim', 'embed')), (N, H, D), jnp.float32)
+        ('heads', 'head_dim', 'embed')), (N, H, D), pdt)
     y_BTD = jnp.einsum('btnh,nhd->btd', out_BTNH, wo.astype(dt))
     y_BTD += lora.adapter(self, 'o', out_BTNH, (N, H, D), 2, ('heads', 'head_dim'), ('embed',),
                           self.deterministic)
     if c.use_bias:
       y_BTD += self.param('bo', nn.with_logical_partitioning(
-          nn.initializers.zeros, ('embed',)), (D,), jnp.float32).astype(dt)
+          nn.initializers.zeros, ('embed',)), (D,), pdt).astype(dt)
     return y_BTD, layer_cache

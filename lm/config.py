@@ -56,6 +56,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   dropout: float = 0.0
   dtype: str = 'float32'
+  param_dtype: str = 'float32'
   remat: bool = False
   scan_layers: bool = False
   attention_impl: str = 'auto'
@@ -98,6 +99,7 @@ class ModelConfig:
     _one_of(p + 'mlp', self.mlp, MLP_KINDS)
     _one_of(p + 'block', self.block, BLOCK_KINDS)
     _one_of(p + 'dtype', self.dtype, DTYPES)
+    _one_of(p + 'param_dtype', self.param_dtype, DTYPES)
     _one_of(p + 'attention_impl', self.attention_impl, ATTENTION_IMPLS)
     _check(self.pos != 'rope' or self.head_dim % 2 == 0,
            f'{p}pos=rope needs an even head dimension, but d_model/n_heads = {self.head_dim}; '

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lm import lora
+from lm.sharding import constrain
 from lm.config import ModelConfig
 from lm.attention import Attention, sinusoidal_table
 
@@ -47,7 +48,8 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> KVCache:
 
 
 def _param(module, name, init, shape, axes):
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.dtype(module.cfg.param_dtype))
 
 
 class Norm(nn.Module):
@@ -84,13 +86,14 @@ class Mlp(nn.Module):
     B, T, D = x_BTD.shape
     x_MD = x_BTD.reshape(B * T, D)
     wi = _param(self, 'wi', init, (c.d_model, c.d_ff), ('embed', 'mlp'))
-    h_MF = x_MD @ wi.astype(dt)
+    h_MF = constrain(x_MD @ wi.astype(dt), 'batch', 'mlp')
     h_MF += self._lora('up', x_MD, (D, c.d_ff))
     if c.use_bias:
       h_MF += _param(self, 'bi', nn.initializers.zeros, (c.d_ff,), ('mlp',)).astype(dt)
     if c.mlp == 'swiglu':
       wg = _param(self, 'wg', init, (c.d_model, c.d_ff), ('embed', 'mlp'))
-      h_MF = nn.silu(x_MD @ wg.astype(dt) + self._lora('gate', x_MD, (D, c.d_ff))) * h_MF
+      g_MF = constrain(x_MD @ wg.astype(dt), 'batch', 'mlp')
+      h_MF = nn.silu(g_MF + self._lora('gate', x_MD, (D, c.d_ff))) * h_MF
     else:
       h_MF = nn.gelu(h_MF)
     wo = _param(self, 'wo', out_init, (c.d_ff, c.d_model), ('mlp', 'embed'))
@@ -125,7 +128,7 @@ class Block(nn.Module):
       a, layer_cache = attn(x_BTD, positions_BT, layer_cache, cache_meta, segment_ids_BT)
       x_BTD = Norm(c, name='norm1')(x_BTD + drop(a))
       x_BTD = Norm(c, name='norm2')(x_BTD + drop(mlp(x_BTD)))
-    return x_BTD, layer_cache
+    return constrain(x_BTD, 'batch', None, 'embed'), layer_cache
 
 
 class _ScanBlock(Block):
@@ -164,7 +167,8 @@ class Transformer(nn.Module):
       x_BTD += jnp.take(pos_PD, positions_BT, axis=0).astype(dt)
     elif c.pos == 'sinusoidal':
       x_BTD += sinusoidal_table(positions_BT, c.d_model).astype(dt)
-    x_BTD = nn.Dropout(c.dropout, deterministic=deterministic)(x_BTD)
+    x_BTD = constrain(nn.Dropout(c.dropout, deterministic=deterministic)(x_BTD),
+                      'batch', None, 'embed')
 
     # What attention needs to read and write the cache, shared by all layers.
     cache_meta = None
@@ -204,7 +208,7 @@ class Transformer(nn.Module):
                        (c.d_model, c.vocab_size), ('embed', 'vocab'))
       head_DV = lora.token_rows(self, head_DV, 'head', transposed=True)
       logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head_DV.astype(dt))
-    logits_BTV = logits_BTV.astype(jnp.float32)
+    logits_BTV = constrain(logits_BTV.astype(jnp.float32), 'batch', None, 'vocab')
     if cache is None:
       return logits_BTV
     new_cache = KVCache(k=new_kv[0], v=new_kv[1], pos=cache_meta[1], valid=cache_meta[2],

@@ -45,6 +45,7 @@ class TrainConfig:
   eval_shots: int = 3
   profile_steps: str = ''   # 'A:B': a jax.profiler trace of steps A+1..B in workdir/profile
   opt_dtype: str = 'float32'  # AdamW moments stored as float32 or bfloat16 (half the bytes)
+  async_checkpoint: bool = True   # write checkpoints in the background (lm/checkpoint.py)
 
   def __post_init__(self):
     p = 'train.'
@@ -172,10 +173,11 @@ def make_optimizer(tc: TrainConfig, params, lora_b_lr_ratio: float = 1.0
   lora_b_lr_ratio != 1 gives the LoRA B factors (leaves named *_b) that multiple of the learning
   rate, as LoRA+ does (Hayou et al. 2024: B learns efficiently with a larger step than A).
   """
-  if tc.opt_dtype == 'float32':
+  all_f32 = all(jnp.dtype(x.dtype) == jnp.float32 for x in jax.tree.leaves(params))
+  if tc.opt_dtype == 'float32' and all_f32:
     adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
                         weight_decay=tc.weight_decay, mask=decay_mask(params, tc.decay_embeddings))
-  else:   # optax.adamw's chain, with both moments stored in the narrower dtype
+  else:   # optax.adamw's chain, with both moments stored in opt_dtype whatever the params'
     adamw = optax.chain(
         scale_by_adam_stored_as(tc.b1, tc.b2, tc.eps, jnp.dtype(tc.opt_dtype)),
         optax.add_decayed_weights(tc.weight_decay, decay_mask(params, tc.decay_embeddings)),

@@ -6,7 +6,15 @@ them to mesh axes:
   FSDP:            parameters' `embed` axis is split over fsdp (gathered per layer by XLA);
   tensor parallel: `heads`, `kv_heads`, `mlp` and `vocab` over tensor (Megatron-style).
 A parameter dimension that the mesh axis does not divide evenly stays replicated.
+
+Activations follow the same rules, except that their model width is never split: FSDP shards
+the weights, not the hidden states. `constrain` pins them inside a step traced under
+`activation_constraints(mesh)` (the training and evaluation steps of lm/train.py), so XLA's
+partitioner keeps the intended plan (batch over data x fsdp, heads and MLP units over tensor)
+instead of guessing one, which could move whole activations between devices.
 """
+import contextlib
+import contextvars
 import dataclasses
 import os
 
@@ -197,3 +205,40 @@ def global_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
   # Stated, not inferred, so a process holding the wrong number of rows fails loudly.
   shape = (local_rows.shape[0] * n,) + local_rows.shape[1:]
   return jax.make_array_from_process_local_data(sharding, local_rows, shape)
+
+
+_ACTIVATION_MESH = contextvars.ContextVar('activation_mesh', default=None)
+
+
+@contextlib.contextmanager
+def activation_constraints(mesh: Mesh):
+  """While a step is traced inside this block, `constrain` pins activations on `mesh`."""
+  token = _ACTIVATION_MESH.set(mesh if mesh.size > 1 else None)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def with_activation_constraints(fn, mesh: Mesh):
+  """fn traced (whenever jit traces it) under activation_constraints(mesh)."""
+  def traced(*args, **kwargs):
+    with activation_constraints(mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
+def constrain(x, *logical):
+  """x pinned to the mesh by the logical names of its dimensions (None: not split; 'embed' is
+  never split for activations). A dimension its mesh axes do not divide is left to XLA. Outside
+  `activation_constraints` (sampling, single-device runs) x comes back unchanged."""
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None:
+    return x
+  out = []
+  for dim, name in zip(x.shape, logical):
+    target = None if name in (None, 'embed') else _mesh_axes(name)
+    names = (target,) if isinstance(target, str) else (target or ())
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    out.append(target if dim % size == 0 else P.UNCONSTRAINED)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*out)))

@@ -67,8 +67,11 @@ class Run:
   attention_why: str = ''   # why the attention implementation was chosen (manifest.json)
 
 
-def build(cfg) -> Run:
-  """Data, model, mesh, optimizer and jitted steps for a config (no state is created yet)."""
+def build(cfg, vocab_size: int = 0) -> Run:
+  """Data, model, mesh, optimizer and jitted steps for a config (no state is created yet).
+
+  vocab_size > 0 builds everything but the data (Run.dataset is None): the benchmarks time a
+  config's own step on random tokens without preparing its corpus."""
   seed = int(cfg.seed)
   tc = TrainConfig.from_config(cfg.train)
   mesh_cfg = shard_lib.MeshConfig.from_config(cfg.mesh)
@@ -77,8 +80,8 @@ def build(cfg) -> Run:
   if cfg.model.attention_impl == 'cudnn':   # an impossible explicit choice, before the data
     attention_lib.choose_implementation('cudnn', cfg.model.dtype, jax.default_backend(),
                                         cfg.model.d_model // cfg.model.n_heads, cfg.model.pos)
-  dataset = data_lib.prepare(data_lib.DataConfig.from_config(cfg.data))
-  mc = ModelConfig.from_config(cfg.model, dataset.tokenizer.vocab_size)
+  dataset = None if vocab_size else data_lib.prepare(data_lib.DataConfig.from_config(cfg.data))
+  mc = ModelConfig.from_config(cfg.model, vocab_size or dataset.tokenizer.vocab_size)
   impl, why = attention_lib.choose_implementation(mc.attention_impl, mc.dtype,
                                                     jax.default_backend(), mc.head_dim, mc.pos)
   mc = dataclasses.replace(mc, attention_impl=impl)
@@ -86,7 +89,8 @@ def build(cfg) -> Run:
     raise UserError(f'train.seq_len={tc.seq_len} is longer than model.max_len={mc.max_len}; '
                     'lower seq_len or raise max_len.')
   shard_lib.check_divisibility(mesh, mc, tc.batch_size)
-  dataset.check(tc.batch_size, tc.seq_len, jax.process_count())
+  if dataset is not None:
+    dataset.check(tc.batch_size, tc.seq_len, jax.process_count())
 
   param_shapes = model_lib.param_shapes(mc)
   p_shard = shard_lib.param_shardings(mesh, model_lib.logical_specs(mc), param_shapes)
@@ -107,10 +111,11 @@ def build(cfg) -> Run:
     start = jax.jit(lambda p: {'params': p, 'opt_state': optimizer.init(p),
                                'step': jnp.zeros((), jnp.int32)}, out_shardings=s_shard)
     init_fn = lambda _: start(_init_params(tc.init_from, mc))
-  train_step = jax.jit(make_train_step(mc, tc, optimizer, seed),
+  pinned = lambda fn: shard_lib.with_activation_constraints(fn, mesh)
+  train_step = jax.jit(pinned(make_train_step(mc, tc, optimizer, seed)),
                        in_shardings=(s_shard, batch_sh), out_shardings=(s_shard, replicated),
                        donate_argnums=0)
-  eval_step = jax.jit(lambda p, b: next_token_loss(mc, p, b),
+  eval_step = jax.jit(pinned(lambda p, b: next_token_loss(mc, p, b)),
                       in_shardings=(p_shard, batch_sh), out_shardings=replicated)
   counts = flops_lib.param_counts(param_shapes)
   return Run(cfg=cfg.to_dict(), model=mc, train=tc, dataset=dataset, mesh=mesh,
@@ -193,19 +198,19 @@ def stage(run: Run) -> loop.Stage:
 def _init_params(init_from: str, mc: ModelConfig):
   from lm import finetune as finetune_lib
   _, params, _, _ = finetune_lib.load_model(init_from)
-  want = jax.tree.map(lambda x: x.shape, model_lib.param_shapes(mc))
-  if jax.tree.map(lambda x: x.shape, params) != want:
+  shapes = model_lib.param_shapes(mc)
+  if jax.tree.map(lambda x: x.shape, params) != jax.tree.map(lambda x: x.shape, shapes):
     raise UserError(f'the weights of train.init_from={init_from} do not fit the model this run '
                     'builds (the init run changed meanwhile?); start from a finished run.')
-  return params
+  return jax.tree.map(lambda x, s: x.astype(s.dtype), params, shapes)   # model.param_dtype
 
 
 def with_init_from(cfg):
   """cfg with the model and tokenizer of the run named by train.init_from (if any).
 
   Continued pretraining keeps the init run's shape and tokenizer: the model section is replaced
-  by the init run's (dropout, dtype, remat and attention_impl may still be set here), and the
-  data section reads the init run's tokenizer (data.tokenizer=file).
+  by the init run's (dropout, dtype, param_dtype, remat and attention_impl may still be set
+  here), and the data section reads the init run's tokenizer (data.tokenizer=file).
   """
   init_from = cfg.train.get('init_from', '')
   if not init_from:
@@ -222,7 +227,7 @@ def with_init_from(cfg):
   else:
     model = dict(src['model'])
   cfg = cfg.copy_and_resolve_references()
-  keep = {k: cfg.model[k] for k in ('dropout', 'dtype', 'remat', 'attention_impl')}
+  keep = {k: cfg.model[k] for k in ('dropout', 'dtype', 'param_dtype', 'remat', 'attention_impl')}
   with cfg.unlocked():
     for k in list(cfg.model.keys()):
       if k in model:

@@ -75,6 +75,20 @@ def test_sinusoidal_matches_formula():
       assert table[p, 2 * i + 1] == pytest.approx(math.cos(angle), abs=1e-5)
 
 
+def test_alibi_bias_is_one_array_for_the_batch_in_training():
+  from lm.attention import alibi_bias
+  slots = jnp.arange(5)[None]
+  bias = alibi_bias(4, slots, slots)
+  assert bias.shape == (1, 4, 5, 5) and bias.dtype == jnp.float32
+  m = alibi_slopes(4)
+  np.testing.assert_allclose(bias[0, 1, 4, 1], -m[1] * 3, rtol=1e-6)
+  np.testing.assert_allclose(bias[0, :, 2, 2], 0.0)
+  # Decoding: each row at its own position against its own keys.
+  rows = alibi_bias(4, jnp.array([[7], [3]]), jnp.array([[0, 5, 7], [0, 1, 3]]))
+  assert rows.shape == (2, 4, 1, 3)
+  np.testing.assert_allclose(rows[1, 0, 0], -m[0] * np.array([3, 2, 0]), rtol=1e-6)
+
+
 def test_alibi_slopes_follow_the_paper():
   np.testing.assert_allclose(alibi_slopes(8), [2 ** -(i + 1) for i in range(8)], rtol=1e-6)
   # 6 heads: the 4-head slopes, then every other slope of the 8-head sequence.
