@@ -3,11 +3,16 @@
 The state is {'params', 'opt_state', 'step'}; the batch stream is a pure function of the step,
 so the step is the whole data position. Orbax writes each step into a temporary folder and
 renames it when complete, so a kill mid-save leaves no step that looks finished.
+
+Training saves asynchronously (train.async_checkpoint): `save` returns once the arrays are
+copied off the devices, and the files are written by a background thread while the next steps
+train. A new save, a restore and `close` first wait for the one in flight.
 """
 import logging
 import os
 
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from lm.errors import UserError
@@ -16,17 +21,21 @@ from lm.errors import UserError
 class Checkpoints:
   """Save/restore of one run's `checkpoints/` folder."""
 
-  def __init__(self, directory: str, keep: int):
+  def __init__(self, directory: str, keep: int, async_save: bool = False):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state) -> None:
+    """Writes `step`; asynchronously, this returns while its files are still being written."""
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def wait(self) -> None:
+    """Blocks until the save in flight (if any) is complete on disk."""
     self.manager.wait_until_finished()
 
   def restore_latest(self, abstract_state):
@@ -35,6 +44,7 @@ class Checkpoints:
     A step that fails to restore (a damaged file) is reported and the previous one is tried;
     returns (state, step) or (None, None) when no checkpoint exists.
     """
+    self.wait()
     steps = self.steps()
     bad = []
     for step in reversed(steps):
@@ -57,17 +67,22 @@ class Checkpoints:
     return None, None
 
   def _set_aside(self, steps: list[int]) -> None:
-    """Moves unreadable steps to checkpoints.unreadable/ (kept for inspection, never reused)."""
+    """Moves unreadable steps to checkpoints.unreadable/ (kept for inspection, never reused).
+    On a shared filesystem every process found the same steps unreadable: the first process
+    moves them while the others wait for it, then all of them reread the folder."""
     if not steps:
       return
-    aside = self.directory + '.unreadable'
-    os.makedirs(aside, exist_ok=True)
-    for step in steps:
-      target = os.path.join(aside, str(step))
-      while os.path.exists(target):
-        target += '_'
-      os.replace(os.path.join(self.directory, str(step)), target)
-      print(f'warning: moved the unreadable checkpoint {step} to {target}', flush=True)
+    if jax.process_index() == 0:
+      aside = self.directory + '.unreadable'
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, str(step))
+        while os.path.exists(target):
+          target += '_'
+        os.replace(os.path.join(self.directory, str(step)), target)
+        print(f'warning: moved the unreadable checkpoint {step} to {target}', flush=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('lm.checkpoint.set_aside')
     self.manager.reload()
 
   def close(self):

@@ -41,11 +41,11 @@ RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_ev
                      'data.cache_dir', 'mesh.data', 'mesh.fsdp', 'mesh.tensor',
                      'mesh.distributed', 'model.remat', 'model.attention_impl',
                      'train.eval_tasks', 'train.eval_tasks_every', 'train.eval_task_examples',
-                     'train.eval_shots', 'train.profile_steps')
+                     'train.eval_shots', 'train.profile_steps', 'train.async_checkpoint')
 
 # Keys added after runs existed, with the value that means what their absence meant: a config
 # written before a key existed equals one that sets it to this default.
-ADDED_KEYS = {'train.profile_steps': '', 'train.opt_dtype': 'float32', 'train.init_from': '', 'data.tokenizer_path': '',
+ADDED_KEYS = {'train.async_checkpoint': True, 'train.profile_steps': '', 'train.opt_dtype': 'float32', 'model.param_dtype': 'float32', 'train.init_from': '', 'data.tokenizer_path': '',
               'data.arith_fraction': 0.0,
               'data.arith_digits': 4, 'train.eval_tasks': '', 'train.eval_tasks_every': 0,
               'train.eval_task_examples': 100, 'train.eval_shots': 3}
@@ -229,7 +229,8 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
     metrics_lib.write_json_atomic(os.path.join(workdir, 'manifest.json'), stage.manifest())
     stage.tokenizer.save(os.path.join(workdir, 'tokenizer'))
 
-  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), tc.keep_checkpoints)
+  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), tc.keep_checkpoints,
+                               async_save=tc.async_checkpoint)
   state, start = ckpts.restore_latest(stage.abstract_state)
   if state is None:
     state, start = stage.init_state(), 0
@@ -317,8 +318,13 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
         stop = bool(multihost_utils.process_allgather(np.int32(flag.stop)).max())
       elif jax.process_count() > 1:
         stop = False
-      save = is_eval or step % tc.checkpoint_every == 0 or stop or step == stop_at
-      if save or not stage.defer_metrics:
+      # Checkpoints keep their own cadence (evaluations do not force one); the last step, a
+      # stop and stop_at always save. With async saving the files are written while the next
+      # steps train; closing the manager below waits for the last one, so summary.json is only
+      # written once the final checkpoint is complete on disk.
+      save = (step % tc.checkpoint_every == 0 or step == tc.steps or stop
+              or step == stop_at)
+      if save or is_eval or not stage.defer_metrics:
         row = finish_row(*pending)   # makes sure the state is finite before saving it
         pending = None
         if is_eval:
@@ -333,6 +339,7 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
       if save:
         ckpts.save(step, state)
         if stop or step == stop_at:
+          ckpts.wait()   # on disk before the message says so (the process may be killed next)
           stopped = True
           progress.message(f'stopped at step {step}; checkpoint saved, rerun to resume.')
           break

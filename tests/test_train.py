@@ -487,3 +487,72 @@ def test_a_config_written_before_a_key_existed_still_resumes():
   assert loop.config_changes(old, new) == [('train.init_from', None, 'runs/other')]
   with pytest.raises(UserError, match='different config'):
     loop.check_resumable(old, new)
+
+
+def test_bfloat16_params_halve_the_weights_and_still_train(reference_run, cache_dir, tmp_path):
+  """model.param_dtype=bfloat16 stores the weights in bfloat16 (float32 moments beside them
+  unless train.opt_dtype says otherwise); 12 tiny steps stay close to float32's losses."""
+  cfg = small_config(cache_dir)
+  cfg.model.param_dtype = 'bfloat16'
+  workdir = str(tmp_path / 'bf16p')
+  train_lib.train(cfg, workdir)
+  params = final_params(workdir)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('bfloat16')}
+  ref_eval = [r['eval_loss'] for r in read_metrics(reference_run[0]) if 'eval_loss' in r]
+  got_eval = [r['eval_loss'] for r in read_metrics(workdir) if 'eval_loss' in r]
+  assert got_eval != ref_eval
+  np.testing.assert_allclose(got_eval, ref_eval, rtol=0.02)
+  mc = ModelConfig(vocab_size=263, n_layers=2, d_model=64, n_heads=4, max_len=64,
+                   param_dtype='bfloat16')
+  shapes = model_lib.param_shapes(mc)
+  state = jax.eval_shape(train_lib.make_optimizer(
+      train_lib.TrainConfig(steps=10, warmup_steps=1), shapes).init, shapes)
+  assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {jnp.dtype('float32')}
+
+
+KILL_DURING_SAVE = r'''
+import json, os, signal, sys, threading, time
+import ml_collections
+from lm import train as train_lib
+cfg = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+ckdir = os.path.join(sys.argv[2], 'checkpoints')
+
+def watch():   # SIGKILL the moment a save after the first ones is being written
+  while True:
+    names = os.listdir(ckdir) if os.path.isdir(ckdir) else []
+    if any('.orbax-checkpoint-tmp' in n and int(n.split('.')[0]) >= 6 for n in names):
+      os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.0002)
+threading.Thread(target=watch, daemon=True).start()
+train_lib.train(cfg, sys.argv[2])
+'''
+
+
+def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(reference_run, cache_dir,
+                                                                    tmp_path):
+  """Killed with SIGKILL (no handler runs) while the background thread writes a checkpoint: only
+  complete steps count as checkpoints, the newest of them restores, and the resumed run ends on
+  the uninterrupted run's losses."""
+  import subprocess
+  import sys
+  cfg = small_config(cache_dir, checkpoint_every=2, keep_checkpoints=10)
+  workdir = str(tmp_path / 'killed')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-c', KILL_DURING_SAVE, cfg.to_json(), workdir],
+                        cwd=repo, env=dict(os.environ, PYTHONPATH=repo), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+  names = os.listdir(os.path.join(workdir, 'checkpoints'))
+  partial = [n for n in names if '.orbax-checkpoint-tmp' in n]
+  assert partial, names                                   # it died in the middle of a save
+  killed_at = int(partial[0].split('.')[0])
+  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), 10)
+  complete = ckpts.steps()
+  ckpts.close()
+  assert complete and max(complete) == killed_at - 2      # the previous save, whole
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+  summary = train_lib.train(cfg, workdir)
+  assert summary['finished']
+  ref = [r['eval_loss'] for r in read_metrics(reference_run[0]) if 'eval_loss' in r]
+  got = [r['eval_loss'] for r in read_metrics(workdir) if 'eval_loss' in r]
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
