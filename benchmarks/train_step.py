@@ -1,5 +1,12 @@
 """Training throughput: python -m benchmarks.train_step [--size=ref] [--batch=...] [--compare]
-[--torch] [--unblocked] [--noall_variants].
+[--torch] [--unblocked] [--noall_variants], or one row for a training config:
+python -m benchmarks.train_step --config=configs/gpt2_small.py [--config.train.batch_size=8].
+
+--config times that config's own jitted step as `lm.train.build` makes it (its mesh, shardings,
+dtype, attention choice, optimizer), on random tokens, so no corpus is prepared: tokens/s, step
+time, MFU by the model-FLOPs count (PaLM App. B, `lm.flops.model_flops_per_token`) and by the
+Chinchilla App. F count the budgets use, compile time, the train state's bytes, XLA's own
+estimate of the step's memory, and the device's peak memory where the backend reports it.
 
 --torch adds an equivalent PyTorch eager step (optional dependency), and the ratio column is
 then against it; --unblocked adds the project's step with causal attention over the whole
@@ -27,6 +34,7 @@ import time
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,6 +78,9 @@ flags.DEFINE_bool('unblocked', False, 'Also time the step with causal attention 
                   'T x T square (no query blocks).')
 flags.DEFINE_bool('torch', False, 'Also time an equivalent PyTorch eager GPT (needs torch).')
 flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for --torch (0: its default).')
+config_flags.DEFINE_config_file('config', None, 'A training config (configs/*.py): time its own '
+                                'step and print one row (the other flags but --steps, --rounds, '
+                                '--warmup and --peak_flops are then ignored).', lock_config=False)
 
 
 class _Block(nn.Module):
@@ -247,8 +258,88 @@ def project_candidate(mc, tc, batch_BT1, unblocked: bool = False):
   return run, flops_lib.count_params(params)
 
 
+def config_vocab(cfg) -> int:
+  """The vocabulary a config's run would have, without building its tokenizer."""
+  from lm import tokenizer as tokenizer_lib
+  d = cfg.data
+  if cfg.model.vocab_size:
+    return int(cfg.model.vocab_size)
+  if d.tokenizer == 'bytes':
+    return tokenizer_lib.ByteTokenizer(chat=d.chat_tokens).vocab_size
+  if d.tokenizer == 'sentencepiece':
+    return int(d.vocab_size)
+  if d.tokenizer == 'file' and d.tokenizer_path:
+    return tokenizer_lib.load_tokenizer(d.tokenizer_path).vocab_size
+  raise SystemExit(f'cannot tell the vocabulary of data.tokenizer={d.tokenizer!r} without '
+                   'preparing the data; set --config.model.vocab_size.')
+
+
+def _mib(n) -> str:
+  return 'n/a' if n is None else f'{n / 2 ** 20:,.0f} MiB'
+
+
+def config_row(cfg) -> dict:
+  """Times the config's own train step; returns (and prints) its row."""
+  from lm import sharding as shard_lib
+  run = train_lib.build(cfg, vocab_size=config_vocab(cfg))
+  mc, tc = run.model, run.train
+  B, T = tc.batch_size, tc.seq_len
+  state = run.init_state(jax.random.PRNGKey(int(cfg.seed)))
+  rows = np.random.default_rng(0).integers(0, mc.vocab_size, (B // jax.process_count(), T + 1))
+  batch = shard_lib.global_batch(rows.astype(np.int32), run.mesh)
+  t = time.perf_counter()
+  step = run.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  mem = step.memory_analysis()
+  xla_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                        + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state))
+
+  def steps(n):
+    nonlocal state
+    for _ in range(n):
+      state, m = step(state, batch)
+    return m['loss']
+  jax.block_until_ready(steps(1 + FLAGS.warmup))
+  times = []
+  for _ in range(FLAGS.rounds):
+    t = time.perf_counter()
+    jax.block_until_ready(steps(FLAGS.steps))
+    times.append((time.perf_counter() - t) / FLAGS.steps)
+  step_s = statistics.median(times)
+  dev = jax.devices()[0]
+  n_dev = len(run.mesh.devices.flat)
+  stats = dev.memory_stats() if hasattr(dev, 'memory_stats') else None
+  peak_bytes = (stats or {}).get('peak_bytes_in_use')
+  peak = flops_lib.peak_flops(dev.device_kind, mc.dtype, FLAGS.peak_flops) * n_dev
+  tps = B * T / step_s
+  fpt = run.flops_per_token
+  row = {'config': FLAGS['config'].config_filename if hasattr(FLAGS['config'], 'config_filename')
+         else '', 'device': f'{n_dev} x {dev.device_kind}', 'params': run.n_params['total'],
+         'dtype': mc.dtype, 'param_dtype': mc.param_dtype, 'opt_dtype': tc.opt_dtype,
+         'attention': mc.attention_impl, 'batch': B, 'seq_len': T, 'tokens_per_s': tps,
+         'step_s': step_s, 'compile_s': compile_s,
+         'mfu': tps * fpt['model'] / peak if peak else None,
+         'mfu_appf': tps * fpt['chinchilla'] / peak if peak else None,
+         'state_bytes': state_bytes, 'xla_step_bytes': xla_bytes, 'peak_bytes': peak_bytes}
+  pct = lambda x: 'n/a' if x is None else f'{100 * x:.1f}%'
+  print(f"{row['device']}: {row['params']:,} params, {mc.dtype} compute, {mc.param_dtype} params, "
+        f"{tc.opt_dtype} moments, attention {mc.attention_impl}, batch {B} x {T}")
+  print(f"{'tokens/s':>10} {'step':>9} {'MFU':>6} {'MFU AppF':>8} {'compile':>8} "
+        f"{'state':>10} {'XLA step':>10} {'peak':>10}")
+  print(f"{tps:>10,.0f} {1e3 * step_s:>7.1f}ms {pct(row['mfu']):>6} {pct(row['mfu_appf']):>8} "
+        f"{compile_s:>7.1f}s {_mib(state_bytes):>10} {_mib(xla_bytes):>10} {_mib(peak_bytes):>10}")
+  note = flops_lib.unknown_device_note(dev.device_kind, dev.platform)
+  if note:
+    print(note)
+  return row
+
+
 def main(argv):
   del argv
+  if FLAGS.config is not None:
+    config_row(FLAGS.config)
+    return
   s = SIZES[FLAGS.size]
   B = FLAGS.batch or s['batch']
   T = FLAGS.seq_len or s['seq_len']
