@@ -20,6 +20,9 @@ Rules (documented in the README, set in the sweep config):
            (if more), so that run-to-run noise is measured (fit.seed_noise) and carried into the
            Approach 3 intervals.
   warmup:  min(sweep.warmup_max, sweep.warmup_fraction * steps); cosine to 10% over each run.
+  pack:    sweep.pack = K > 1 trains runs that differ only in seed (or lr) K at a time as one
+           vmapped program (lm/scaling/packed.py), for accelerators that one small model cannot
+           fill; each still gets its own folder and row. 1 (the default): every run alone.
 A run is finished when its summary.json exists; re-running skips it. A run's identity is its full
 resolved config (runs/NAME/run_config.json): a sweep folder whose runs were trained under another
 plan (lr, batch, schedule, data, ...) is refused before anything trains, naming the changed keys. An interrupted run resumes
@@ -137,6 +140,9 @@ def validate(s) -> None:
     if int(s.get('parallel', 1)) > 1:
       raise UserError('sweep.mode=wsd runs its branches in the sweep\'s own process; set '
                       'sweep.parallel=1.')
+    if int(s.get('pack', 1)) > 1:
+      raise UserError('sweep.mode=wsd branches its runs from trunks and cannot pack them; set '
+                      'sweep.pack=1.')
   for key in keys:
     _positive_numbers(s, key)
   if 'batch_sizes' in s:
@@ -149,9 +155,12 @@ def validate(s) -> None:
     raise UserError(f'sweep.aspect_band={s.aspect_band} must be at least 1 (d_model/n_layers '
                     'within that factor of sweep.aspect).')
   for key in ('sizes_per_budget', 'head_dim', 'seeds', 'evals_per_run', 'checkpoints_per_run',
-              'max_attempts', 'min_layers', 'min_steps', 'seeds_smallest'):
+              'max_attempts', 'min_layers', 'min_steps', 'seeds_smallest', 'pack'):
     if key in s:
       _positive_numbers(s, key, integer=True)
+  if int(s.get('pack', 1)) > 1 and int(s.get('parallel', 1)) > 1:
+    raise UserError(f'sweep.pack={s.pack} trains its packs in the sweep\'s own process; set '
+                    'sweep.parallel=1 (or 0), or sweep.pack=1 for runs in parallel processes.')
   if s.span < 1:
     raise UserError(f'sweep.span={s.span} must be at least 1 (sizes run from N*/span to N*·span).')
   if not 0 <= s.warmup_fraction < 1:
@@ -401,7 +410,8 @@ def _attempts(path: str) -> int:
 def _priority(specs: list[RunSpec], sp: RunSpec) -> tuple:
   """Run order: budget by budget (smallest first), and within a budget the sizes nearest its
   middle (the predicted optimum) first, then outwards, so that a sweep stopped part-way through
-  a budget has already bracketed that budget's minimum. Grid sweeps keep the plan's order."""
+  a budget has already bracketed that budget's minimum. Grid sweeps keep the plan's order.
+  Runs in parallel go longest first instead (run_sweep)."""
   if sp.budget is None:
     return (0, specs.index(sp))
   same = [x for x in specs if x.budget == sp.budget and x.seed == sp.seed]
@@ -496,8 +506,11 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   validate(s)   # before the corpus is prepared or anything is written
   parallel = s.get('parallel', 1)
   auto = parallel == 0
-  if auto and (train_fn is not None or s.mode == 'wsd'):
+  pack = int(s.get('pack', 1))
+  if auto and (train_fn is not None or s.mode == 'wsd' or pack > 1):
     parallel, auto = 1, False
+  if pack > 1 and train_fn is not None:
+    raise ValueError('train_fn applies to unpacked runs only (sweep.pack=1).')
   if parallel > 1 and train_fn is not None:
     raise ValueError('train_fn applies to in-process runs only (sweep.parallel=1).')
   train_fn = train_fn or train_lib.train
@@ -573,11 +586,21 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     parallel = auto_parallel(len(jobs))
     print(f'sweep.parallel=0: {parallel} run(s) at once', flush=True)
   if parallel > 1:
+    # Longest first (Graham's LPT rule): the last runs to start are the short ones, so no
+    # long run is left training alone on one slot while the others sit idle at the end.
+    jobs.sort(key=lambda j: -_trained_steps(j.spec) * spec_batch(j.spec, base_cfg)
+              * j.spec.flops_per_token)
     from lm.scaling import parallel as parallel_lib
     stopped = parallel_lib.run_jobs(jobs, parallel, start, done)
   else:
     stopped = False
-    for job in jobs:
+    for group in packs(jobs, pack):
+      if len(group) > 1:
+        if not train_pack(group, workdir, start, done):
+          stopped = True
+          break
+        continue
+      job = group[0]
       start(job)
       try:
         if job.spec.trunk:
@@ -615,6 +638,57 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
       _append_truth(workdir, result, truth)
     out['fit'] = result
   return out
+
+
+def packs(jobs: list[Job], size: int) -> list[list[Job]]:
+  """The jobs in groups of up to `size` that can train as one packed program (their configs
+  differ only in seed and lr: lm/scaling/packed.py), in the order of each group's first job.
+  size 1 (the default): every job alone."""
+  if size <= 1:
+    return [[j] for j in jobs]
+  from lm import loop
+  from lm.scaling import packed as packed_lib
+  groups = {}
+  for j in jobs:
+    flat = loop.flatten(json.loads(j.cfg.to_json()))
+    key = json.dumps({k: v for k, v in flat.items() if k not in packed_lib.PACKABLE},
+                     sort_keys=True)
+    groups.setdefault(key, []).append(j)
+  out = []
+  for group in groups.values():
+    out += [group[i:i + size] for i in range(0, len(group), size)]
+  first = {id(j): i for i, j in enumerate(jobs)}
+  return sorted(out, key=lambda g: first[id(g[0])])
+
+
+def train_pack(group: list[Job], workdir: str, start, done) -> bool:
+  """Trains one pack (lm/scaling/packed.py) and books each member like a lone run (wall_s:
+  the pack's). False when it was stopped (SIGTERM) before the end."""
+  import hashlib
+  from lm.scaling import packed as packed_lib
+  for job in group:
+    start(job)
+  names = '+'.join(j.spec.name for j in group)
+  pack_dir = os.path.join(workdir, 'packs', hashlib.sha1(names.encode()).hexdigest()[:12])
+  print(f'    packed: {names} in one program', flush=True)
+  t0 = time.time()
+  try:
+    summaries = packed_lib.train_packed([j.cfg for j in group], [j.rdir for j in group],
+                                        pack_dir)
+  except KeyboardInterrupt:
+    raise
+  except Exception as e:  # every member failed with it; retried on the next invocation
+    for job in group:
+      done(job, None, f'{type(e).__name__}: {e}', traceback.format_exc(limit=5))
+    return True
+  if not all(x.get('finished') for x in summaries):
+    return False
+  wall = time.time() - t0
+  for job, summary in zip(group, summaries):
+    summary['wall_s'] = wall
+    write_json_atomic(os.path.join(job.rdir, 'summary.json'), summary)
+    done(job, summary)
+  return True
 
 
 def _rows(specs: list[RunSpec], finished: dict) -> list[dict]:
