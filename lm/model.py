@@ -160,11 +160,14 @@ class Transformer(nn.Module):
     embed_VD = _param(self, 'embed', nn.initializers.normal(c.init_std),
                       (c.vocab_size, c.d_model), ('vocab', 'embed'))
     embed_VD = lora.token_rows(self, embed_VD, 'embed')
+    # The table whole along d_model before the lookup (FSDP gathers weights where they are
+    # used): a gather from a table split over fsdp into rows split over fsdp has no cheap plan.
+    embed_VD = constrain(embed_VD, 'vocab', 'embed')
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dt)
     if c.pos == 'learned':
       pos_PD = _param(self, 'pos_embed', nn.initializers.normal(c.init_std),
                       (c.max_len, c.d_model), ('pos', 'embed'))
-      x_BTD += jnp.take(pos_PD, positions_BT, axis=0).astype(dt)
+      x_BTD += jnp.take(constrain(pos_PD, None, 'embed'), positions_BT, axis=0).astype(dt)
     elif c.pos == 'sinusoidal':
       x_BTD += sinusoidal_table(positions_BT, c.d_model).astype(dt)
     x_BTD = constrain(nn.Dropout(c.dropout, deterministic=deterministic)(x_BTD),

@@ -60,6 +60,7 @@ def _run_workers(commands, timeout: float):
     if p.returncode != 0:
       tail = '\n'.join(line for line in log.splitlines() if 'SPMD' not in line)[-4000:]
       pytest.fail(f'worker exited with {p.returncode}:\n{tail}')
+  return logs
 
 
 @pytest.fixture(scope='module')
@@ -67,8 +68,8 @@ def meshes(cache_dir, tmp_path_factory):
   """One subprocess: refusals, every mesh's losses and shardings, save/restore/resume."""
   work = tmp_path_factory.mktemp('meshes')
   out = work / 'out.json'
-  _run_workers([(('meshes', cache_dir, str(work), str(out)), _env())], timeout=400)
-  return json.loads(out.read_text())
+  log, = _run_workers([(('meshes', cache_dir, str(work), str(out)), _env())], timeout=400)
+  return dict(json.loads(out.read_text()), log=log)
 
 
 # --- mesh equivalence and the rules -------------------------------------------------------------
@@ -81,6 +82,13 @@ def test_same_losses_on_every_mesh(meshes):
   for name in MESHES:
     np.testing.assert_allclose(losses[name], ref, rtol=RTOL, atol=0, err_msg=name)
     assert meshes['param_diff'][name] <= PARAM_ATOL, name
+
+
+def test_no_involuntary_rematerialisation(meshes):
+  """With the activation constraints XLA's partitioner keeps the intended plan on every mesh
+  (2x2x2 included) instead of gathering whole tensors and warning about it."""
+  assert 'ematerializ' not in meshes['log'], [
+      line for line in meshes['log'].splitlines() if 'ematerializ' in line][:3]
 
 
 def _expected(mesh: str, name: str) -> list:
