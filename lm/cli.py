@@ -169,6 +169,8 @@ def sweep(FLAGS, cfg=None, workdir=None):
     print(f"fit: approach 2 a={fmt(a2.get('a'))} b={fmt(a2.get('b'))}; approach 3 "
           f"E={fmt(a3.get('E'))} alpha={fmt(a3.get('alpha'))} beta={fmt(a3.get('beta'))} "
           f"a={fmt(a3.get('a'))}")
+    from lm.scaling import report as report_lib
+    print(report_lib.verdict(fit).replace('**', ''))
     print(f'plots and report: {os.path.abspath(workdir)}/*.png, '
           f'{os.path.abspath(workdir)}/report.md')
 
@@ -201,6 +203,9 @@ def fit(FLAGS):
   if a3['a'] is None:
     print('approach 3 gives no exponent: a fitted alpha or beta is not positive, so loss does not '
           'fall with parameters and data in these runs (see report.md).')
+  elif out['approach2']['budgets'] or out['approach2']['skipped_budgets']:
+    from lm.scaling import report as report_lib
+    print(report_lib.verdict(out).replace('**', ''))
   print(f'wrote {workdir}/fit.json, {workdir}/report.md and the plots')
 
 

@@ -353,5 +353,13 @@ def test_report_says_in_words_when_the_exponent_is_not_pinned(tmp_path):
   fit['approach3']['ci'] = {'a': [0.12, 0.76]}
   text = Path(report.write_report(fit, tmp_path)).read_text()
   assert 'Read the interval, not the point' in text and 'from 0.12 to 0.76' in text
+  # The first paragraph says it before any number: two budgets a factor 3 apart pin nothing.
+  first = text.split('\n\n')[1]
+  assert first.startswith('**These runs do not pin the exponent.**')
+  assert '2 budgets from 1e12 to 3e12 FLOPs (a factor 3)' in first
+  assert "holds Chinchilla's value (about 0.5) and Kaplan's (0.73) alike" in first
   fit['approach3']['ci']['a'] = [0.45, 0.55]
-  assert 'Read the interval' not in Path(report.write_report(fit, tmp_path)).read_text()
+  text = Path(report.write_report(fit, tmp_path)).read_text()
+  assert 'Read the interval' not in text
+  assert text.split('\n\n')[1].startswith('**N_opt grows as C^a with a = ')
+  assert '(95% interval 0.45–0.55)' in text

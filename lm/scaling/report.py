@@ -43,12 +43,48 @@ def _row(name, ours, chin='', epoch='', kaplan=''):
   return f'| {name} | {ours} | {chin} | {epoch} | {kaplan} |'
 
 
+def verdict(fit) -> str:
+  """The report's first paragraph, in plain words: does this sweep pin the exponent a?"""
+  a3, a2 = fit['approach3'], fit['approach2']
+  budgets = sorted({b['C'] for b in a2['budgets']} | {b['C'] for b in a2['skipped_budgets']})
+  span = budgets[-1] / budgets[0] if len(budgets) > 1 else 1.0
+  c = lambda x: f'{x:.2g}'.replace('e+', 'e')
+  where = (f'{len(budgets)} budgets from {c(budgets[0])} to {c(budgets[-1])} FLOPs (a factor '
+           f'{span:.3g})' if len(budgets) > 1 else 'one budget' if budgets else
+           'no IsoFLOP budget')
+  ci = (a3.get('ci') or {}).get('a')
+  held = fit.get('heldout')
+  held_text = (f' A fit without the largest budget predicts its runs within '
+               f'{100 * held["mean_rel_error"]:.1f}% on average.' if held else '')
+  if a3['a'] is None:
+    return (f'**These runs do not give an exponent.** They cover {where}, and the fitted law has '
+            'no positive α or β: more runs over a wider range of compute are needed.' + held_text)
+  outside = [b['C'] for b in a2['budgets'] if not b['minimum_inside_grid']]
+  grid = ('' if not outside else ' The IsoFLOP minimum of C = '
+          + ', '.join(c(x) for x in outside) + ' lies outside its size grid, so its '
+          'optimum is a guess from the edge.')
+  if ci is None or ci[1] - ci[0] > 0.3:
+    both = ci is not None and ci[0] <= 0.5 and ci[1] >= 0.73
+    width = (f'the 95% interval for a runs from {ci[0]:.2f} to {ci[1]:.2f}'
+             + (', which holds Chinchilla\'s value (about 0.5) and Kaplan\'s (0.73) alike'
+                if both else ', wider than 0.3') if ci else
+             'no interval was computed (sweep.bootstrap = 0)')
+    return (f'**These runs do not pin the exponent.** They cover {where}, and {width}. The point '
+            f'value a = {a3["a"]:.3f} is therefore no sign of disagreeing with Chinchilla: it is '
+            'what a few small, noisy runs allow. Budgets spread over a factor 30 or more are what '
+            'pin it (configs/sweep_exponent.py; its measured result is in '
+            'docs/results/exponent_cpu).' + grid + held_text)
+  return (f'**N_opt grows as C^a with a = {a3["a"]:.3f} (95% interval {ci[0]:.2f}–{ci[1]:.2f})**, '
+          f'from {where}; Chinchilla found about 0.5 (0.46 by its Approach 3, 0.51 in Epoch\'s '
+          'refit).' + grid + held_text)
+
+
 def write_report(fit, workdir):
   """Write workdir/report.md and return its path."""
   workdir = Path(workdir)
   a3, a2, a1, ka = fit['approach3'], fit['approach2'], fit.get('approach1'), fit['kaplan']
   ci = a3.get('ci')
-  lines = ['# Scaling-law fit', '',
+  lines = ['# Scaling-law fit', '', verdict(fit), '',
            f'{fit["n_runs"]} runs; parameters counted as **{fit["params_convention"]}**, FLOPs as '
            f'**{fit["flops_convention"]}** (k = C/(N·D) = {_num(a3["flops_per_ND"])}); Approach 3 loss: '
            f'{a3["loss_function"]}, L-BFGS-B from the best {a3["n_starts"]} of the 4500 grid starts of '
