@@ -69,14 +69,16 @@ def _scale_by_member_lr() -> optax.GradientTransformation:
 class Pack:
   """The jitted, vmapped programs of K members (built from the first member's config)."""
 
-  def __init__(self, cfgs):
+  def __init__(self, cfgs, run=None):
+    """run: the first member's lm.train.build(...) when the caller has it (the benchmark
+    builds one without data); otherwise built here."""
     from lm import train as train_lib
     check_members(cfgs)
     self.cfgs = cfgs
     self.K = len(cfgs)
     self.seeds = [int(c.seed) for c in cfgs]
     self.lrs = np.array([float(c.train.lr) for c in cfgs], np.float32)
-    run = train_lib.build(cfgs[0])
+    run = run or train_lib.build(cfgs[0])
     self.run = run
     mc, tc = run.model, run.train
     unit = optim.TrainConfig.from_config(dict(cfgs[0].train, lr=1.0))
