@@ -1,26 +1,6 @@
 """Shared test settings."""
-import os
-import shutil
-import tempfile
-
 import pytest
 from threadpoolctl import threadpool_limits
-
-
-def pytest_configure(config):
-  """One JAX compilation cache for the whole session (both xdist workers and the subprocesses
-  tests start inherit it through the environment): tests that build the same tiny programs
-  compile them once. Only programs that took a second or more to compile are stored (JAX's
-  default threshold). A cache dir the caller set is used as it is; ours is removed at the end."""
-  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='lm-tests-jax-cache-')
-    config._lm_jax_cache = os.environ['JAX_COMPILATION_CACHE_DIR']
-
-
-def pytest_unconfigure(config):
-  path = getattr(config, '_lm_jax_cache', None)
-  if path:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')
