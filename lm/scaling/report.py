@@ -71,8 +71,8 @@ def verdict(fit) -> str:
              'no interval was computed (sweep.bootstrap = 0)')
     return (f'**These runs do not pin the exponent.** They cover {where}, and {width}. The point '
             f'value a = {a3["a"]:.3f} is therefore no sign of disagreeing with Chinchilla: it is '
-            'what a few small, noisy runs allow. Budgets spread over a factor 30 or more are what '
-            'pin it (configs/sweep_exponent.py; its measured result is in '
+            'what a few small, noisy runs allow. Budgets spread over a factor 30 or more narrow '
+            'it (configs/sweep_exponent.py; its measured result is in '
             'docs/results/exponent_cpu).' + grid + held_text)
   return (f'**N_opt grows as C^a with a = {a3["a"]:.3f} (95% interval {ci[0]:.2f}–{ci[1]:.2f})**, '
           f'from {where}; Chinchilla found about 0.5 (0.46 by its Approach 3, 0.51 in Epoch\'s '
