@@ -236,6 +236,7 @@ def test_run_py_eval_exits_nonzero_on_a_folder_that_is_not_a_run(tmp_path):
       out.stderr
 
 
+@pytest.mark.slow   # 55 s: a sweep of its own; the task evaluations it uses stay in the default suite
 def test_emergence_lesson_on_a_tiny_ladder(cache_dir, tmp_path):
   """experiments/emergence.py end to end on two tiny sizes: the sweep trains them with task
   evaluations, the lesson tabulates and plots every metric."""

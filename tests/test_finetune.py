@@ -334,6 +334,7 @@ def test_merge_writes_a_plain_model_with_the_adapted_logits(lora_run, tmp_path):
     ft.merge(workdir, out)
 
 
+@pytest.mark.slow   # 35 s; measured in docs/results/instruction_tuning, the fine-tuning mechanics stay
 def test_finetuning_one_family_beats_the_base_on_held_out_instances(base_run, tmp_path):
   workdir = str(tmp_path / 'module')
   cfg = sft_config(base_run, steps=300, eval_every=300, checkpoint_every=300, warmup_steps=10,
