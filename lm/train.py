@@ -171,6 +171,14 @@ def manifest(run: Run) -> dict:
   }
 
 
+def eval_row(loss: float, bytes_per_token: float | None) -> dict:
+  """An evaluation row's fields from the mean validation loss (nats per token)."""
+  row = {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 50))}
+  if bytes_per_token:
+    row['eval_bpb'] = loss / (math.log(2) * bytes_per_token)
+  return row
+
+
 def stage(run: Run) -> loop.Stage:
   """Pretraining as a stage of the one training loop (lm/loop.py)."""
   tc = run.train
@@ -179,11 +187,7 @@ def stage(run: Run) -> loop.Stage:
   task_eval = evaluate_lib.loop_tasks(tc, run.model, run.dataset.tokenizer, int(run.cfg['seed']))
 
   def evaluate(params, _):
-    loss = evaluate_loss(run, params)
-    row = {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 50))}
-    if bpt:
-      row['eval_bpb'] = loss / (math.log(2) * bpt)
-    return row
+    return eval_row(evaluate_loss(run, params), bpt)
   return loop.Stage(
       config=json.loads(json.dumps(run.cfg)), train=tc, dtype=run.model.dtype,
       manifest=lambda: manifest(run), tokenizer=run.dataset.tokenizer,

@@ -19,7 +19,6 @@ another (CPU cores are already busy with one small model), so sweeps pack only w
 (`sweep.pack`); the program runs on one device.
 """
 import json
-import math
 import os
 import shutil
 import time
@@ -198,15 +197,10 @@ def train_packed(cfgs, rdirs: list[str], pack_dir: str, stop_at: int | None = No
       out.append(row)
     return out
 
+  bpt = run.dataset.bytes_per_token('val')
+
   def member_eval(params):
-    bpt = run.dataset.bytes_per_token('val')
-    out = []
-    for loss in pack.evaluate(params):
-      row = {'eval_loss': float(loss), 'eval_ppl': math.exp(min(float(loss), 50))}
-      if bpt:
-        row['eval_bpb'] = float(loss) / (math.log(2) * bpt)
-      out.append(row)
-    return out
+    return [train_lib.eval_row(float(loss), bpt) for loss in pack.evaluate(params)]
 
   with loop._StopFlag() as flag:
     step = start
