@@ -1,6 +1,29 @@
 """Shared test settings."""
+import os
+import shutil
+import tempfile
+
 import pytest
 from threadpoolctl import threadpool_limits
+
+
+def pytest_configure(config):
+  """One on-disk JAX compilation cache for the whole test session. Both xdist workers and the
+  subprocesses tests start inherit it through the environment, so the many tests that train the
+  same tiny programs (through new jitted closures, which JAX's in-memory cache does not match)
+  compile each one once. Measured back to back on 2 cores, one test file at a time: the sweep
+  tests 106 s -> 86 s, the pipeline tests 104 s -> 87 s. Programs that compiled in under 0.2 s
+  are not stored. A cache dir the caller set is used as it is; ours is removed at the end."""
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='lm-tests-jax-cache-')
+    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+    config._lm_jax_cache = os.environ['JAX_COMPILATION_CACHE_DIR']
+
+
+def pytest_unconfigure(config):
+  path = getattr(config, '_lm_jax_cache', None)
+  if path:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')

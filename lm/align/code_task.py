@@ -24,6 +24,7 @@ header appears once (the first function in source order that has it).
 from __future__ import annotations
 
 import ast
+import collections
 import functools
 import textwrap
 
@@ -92,6 +93,20 @@ def _header_ok(line: str) -> bool:
           and bool(argument_names(tree.body[0])))
 
 
+def _function_defs(tree: ast.Module):
+  """The tree's FunctionDef nodes in ast.walk's order (breadth first), visiting statements only:
+  a def sits only in statement lists, so expressions, the bulk of the nodes, are never entered."""
+  todo = collections.deque([tree])
+  while todo:
+    node = todo.popleft()
+    if isinstance(node, ast.FunctionDef):
+      yield node
+    todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, _STATEMENT_NODES))
+
+
+_STATEMENT_NODES = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
 def extract(texts) -> list[tuple[str, str]]:
   """(header, first statement) pairs of the sources, in source order, headers unique."""
   out, seen = [], set()
@@ -101,19 +116,19 @@ def extract(texts) -> list[tuple[str, str]]:
     except (SyntaxError, ValueError):
       continue
     lines = text.splitlines()
-    for fn in ast.walk(tree):
-      if not isinstance(fn, ast.FunctionDef) or not fn.body:
+    for fn in _function_defs(tree):
+      if not fn.body:
         continue
       header = lines[fn.lineno - 1].strip() if fn.lineno <= len(lines) else ''
       body = fn.body[1:] if _trivial(fn.body[0]) and len(fn.body) > 1 else fn.body
       first = body[0]
-      if (header in seen or first.lineno <= fn.lineno or fn.end_lineno is None
-          or not _header_ok(header)):
+      if header in seen or first.lineno <= fn.lineno or fn.end_lineno is None:
         continue
       stmt = textwrap.dedent('\n'.join(lines[first.lineno - 1:first.end_lineno])).strip('\n')
+      # The cheap tests first: most functions fail on length before anything is parsed again.
       if len(stmt) > MAX_BODY_CHARS or not stmt.isascii() or '#' in stmt:
         continue
-      if gold(header, stmt) < 1.0:
+      if not _header_ok(header) or gold(header, stmt) < 1.0:
         continue
       seen.add(header)
       out.append((header, stmt))
