@@ -18,6 +18,12 @@ def pytest_configure(config):
     os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='lm-tests-jax-cache-')
     os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
     config._lm_jax_cache = os.environ['JAX_COMPILATION_CACHE_DIR']
+  # The suite's programs are tiny: XLA's backend optimisations cost more compile time than they
+  # save in running them (one tiny sweep run: 4.8 s of compiling instead of 9.5 s, 30% slower
+  # steps). A level the caller set is kept.
+  flags = os.environ.get('XLA_FLAGS', '')
+  if '--xla_backend_optimization_level' not in flags:
+    os.environ['XLA_FLAGS'] = (flags + ' --xla_backend_optimization_level=0').strip()
 
 
 def pytest_unconfigure(config):
