@@ -183,6 +183,39 @@ def test_approach1_envelope_of_training_curves():
   assert any(p['at_grid_edge'] for p in got['envelope'])
 
 
+def test_approach1_counts_curves_in_the_fits_convention():
+  """Fitted in Kaplan's convention (non-embedding N, 6 N D), Approach 1's curves take each run's
+  non-embedding N and 6 N_nonembed FLOPs per token, not the sweep's total N and App. F FLOPs."""
+  curves, rows = {}, []
+  for i, n in enumerate(np.geomspace(1e5, 1e8, 16)):
+    d = np.geomspace(1e6, 3e10, 80)
+    ne = 0.5 * n   # a non-embedding count that differs from the total
+    curves[f'run{i}'] = {'params': n, 'curve_flops': list(8 * n * d), 'curve_tokens': list(d),
+                         'curve_loss': list(F.predict_loss(CHIN_LIKE, ne, d))}
+    rows.append({'run': f'run{i}', 'params': str(n), 'params_nonembed': str(ne),
+                 'tokens': str(d[-1]), 'flops': str(8 * n * d[-1]),
+                 'flops_6nd_nonembed': str(6 * ne * d[-1])})
+  kaplan = F.curves_in_convention(curves, rows, 'params_nonembed', 'flops_6nd_nonembed')
+  for i, c in enumerate(kaplan.values()):
+    ne = float(rows[i]['params_nonembed'])
+    assert c['params'] == ne
+    np.testing.assert_allclose(c['curve_flops'], 6 * ne * np.asarray(c['curve_tokens']), rtol=1e-12)
+  # Counted as the law was made (N_nonembed, 6 N D), the envelope finds its exponent.
+  assert abs(F.fit_approach1(kaplan)['a'] - CHIN_LIKE['a']) < 0.02
+  assert {p['N_opt'] for p in F.fit_approach1(kaplan)['envelope']} <= {
+      float(r['params_nonembed']) for r in rows}
+  # In the sweep's own convention the curves are used as they are.
+  assert F.curves_in_convention(curves, rows) is curves
+  # WSD curves are named by size, not by run: matched by total parameter count.
+  by_size = {f'L2_d{i}_s0': c for i, c in enumerate(curves.values())}
+  assert [c['params'] for c in F.curves_in_convention(by_size, rows, 'params_nonembed',
+                                                      'flops_6nd_nonembed').values()] == \
+      [c['params'] for c in kaplan.values()]
+  with pytest.raises(UserError, match='matches no run'):
+    F.curves_in_convention({'other': dict(curves['run0'], params=3.0)}, rows, 'params_nonembed',
+                           'flops_6nd_nonembed')
+
+
 def test_kaplan_power_law_on_pure_power_law():
   N = np.geomspace(1e5, 1e9, 12)
   D = np.full_like(N, 1e12)

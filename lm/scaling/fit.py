@@ -566,7 +566,9 @@ def fit_results(rows, flops_key='flops', params_key='params', loss_key='loss', t
   out = {
       'approach3': a3,
       'approach2': a2,
-      'approach1': fit_approach1(curves) if curves else None,
+      'approach1': (fit_approach1(curves_in_convention(curves, rows, params_key, flops_key,
+                                                        tokens_key, has_flops))
+                    if curves else None),
       'kaplan': fit_kaplan(N, D, L, C),
       'tokens_per_param_at_optimum': tpp,
       'heldout': heldout_check(N, D, L, labels, top_k=top_k),
@@ -578,6 +580,36 @@ def fit_results(rows, flops_key='flops', params_key='params', loss_key='loss', t
       'n_runs': int(len(L)),
   }
   return _plain(out)
+
+
+def curves_in_convention(curves, rows, params_key='params', flops_key='flops', tokens_key='tokens',
+                         has_flops=True):
+  """Training curves counted the way the fit counts its runs. A sweep's curves carry total
+  parameters and Appendix F FLOPs; fitted with another convention (Kaplan's non-embedding N and
+  6·N·D), each curve takes its run's N from `params_key` and its FLOPs as tokens times the run's
+  own FLOPs per token in `flops_key` (6·N without a FLOP column). A curve is matched to its row by
+  run name, else (WSD curves are named by size) by its total parameter count. In the sweep's own
+  convention the curves are used as they are."""
+  if params_key == 'params' and flops_key == 'flops' and has_flops:
+    return curves
+  by_name = {r.get('run'): r for r in rows if r.get('run')}
+  by_params = {}
+  for r in rows:
+    if r.get('params') not in (None, ''):
+      by_params.setdefault(round(float(r['params'])), r)
+  out = {}
+  for name, c in curves.items():
+    row = by_name.get(name)
+    if row is None and c.get('params') is not None:
+      row = by_params.get(round(float(c['params'])))
+    if row is None:
+      raise UserError(f'Training curve {name!r} matches no run of the results (by run name or '
+                      f'parameter count), so it cannot be counted as {params_key}/{flops_key}; '
+                      'fit in the sweep\'s own convention or pass the curves of these runs only.')
+    n = float(row[params_key])
+    per_token = (float(row[flops_key]) / float(row[tokens_key])) if has_flops else 6.0 * n
+    out[name] = dict(c, params=n, curve_flops=[float(t) * per_token for t in c['curve_tokens']])
+  return out
 
 
 def _plain(v):
