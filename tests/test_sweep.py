@@ -476,6 +476,20 @@ def test_batch_rule_keeps_every_run_above_the_step_floor_and_shapes_in_band():
       == {c.base.train.batch_size}
 
 
+def test_exponent_sweep_gives_every_run_its_step_floor():
+  """configs/sweep_exponent.py: each run the largest batch of 2-16 that leaves 2000 steps, or
+  batch 2 when none does; the budgets are what the runs spend."""
+  from configs import sweep_exponent
+  c = sweep_exponent.get_config()
+  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  T = c.base.train.seq_len
+  assert len(specs) == 23 and {sp.batch_size for sp in specs} == {2, 4, 8, 16}
+  for sp in specs:
+    assert sp.steps >= 2000 or sp.batch_size == 2
+    assert sp.batch_size == 16 or sp.budget / sp.flops_per_token / (2 * sp.batch_size * T) < 2000
+    assert abs(sp.steps * sp.batch_size * T * sp.flops_per_token / sp.budget - 1) < 1 / sp.steps
+
+
 def test_auto_parallel_takes_one_run_per_core(monkeypatch):
   from lm.scaling import parallel as parallel_lib
   monkeypatch.setattr(parallel_lib, 'probe_devices', lambda: ('cpu', 1))
