@@ -450,6 +450,16 @@ def test_wsd_branches_equal_standalone_runs_and_are_booked_once(tmp_path):
   assert curve['curve_loss'] == [float(r['eval_loss']) for r in rows]
 
 
+def assert_batch_rule(sp, seq_len, floor, largest, smallest=None):
+  """The batch rule for one planned run: at least `floor` steps (unless it already has the
+  `smallest` batch); the largest batch that keeps the floor, as doubling it would break it; and
+  the budget still what the run spends."""
+  assert sp.steps >= floor or sp.batch_size == smallest
+  tokens = sp.budget / sp.flops_per_token
+  assert sp.batch_size == largest or tokens / (2 * sp.batch_size * seq_len) < floor
+  assert abs(sp.steps * sp.batch_size * seq_len * sp.flops_per_token / sp.budget - 1) < 1 / sp.steps
+
+
 def test_batch_rule_keeps_every_run_above_the_step_floor_and_shapes_in_band():
   c = sweep_smoke.get_config()
   s = c.sweep
@@ -461,12 +471,7 @@ def test_batch_rule_keeps_every_run_above_the_step_floor_and_shapes_in_band():
   T = c.base.train.seq_len
   for sp in specs:
     assert sp.n_layers >= 2 and 0.5 <= (sp.d_model / sp.n_layers) / 16.0 <= 2.0
-    assert sp.steps >= 400
-    # The largest batch of the ladder that keeps the floor: doubling it would break it.
-    tokens = sp.budget / sp.flops_per_token
-    assert sp.batch_size == 128 or tokens / (2 * sp.batch_size * T) < 400
-    # The budget is still what the run spends.
-    assert abs(sp.steps * sp.batch_size * T * sp.flops_per_token / sp.budget - 1) < 1 / sp.steps
+    assert_batch_rule(sp, T, floor=400, largest=128)
     assert sweep_lib.run_config(c.base, sp).train.batch_size == sp.batch_size
   assert len({sp.batch_size for sp in specs}) > 2      # small models take the large batches
   # Without a ladder the base config's batch holds for every run, as before.
@@ -485,9 +490,7 @@ def test_exponent_sweep_gives_every_run_its_step_floor():
   T = c.base.train.seq_len
   assert len(specs) == 23 and {sp.batch_size for sp in specs} == {2, 4, 8, 16}
   for sp in specs:
-    assert sp.steps >= 2000 or sp.batch_size == 2
-    assert sp.batch_size == 16 or sp.budget / sp.flops_per_token / (2 * sp.batch_size * T) < 2000
-    assert abs(sp.steps * sp.batch_size * T * sp.flops_per_token / sp.budget - 1) < 1 / sp.steps
+    assert_batch_rule(sp, T, floor=2000, largest=16, smallest=2)
 
 
 def test_auto_parallel_takes_one_run_per_core(monkeypatch):

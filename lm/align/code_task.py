@@ -93,6 +93,9 @@ def _header_ok(line: str) -> bool:
           and bool(argument_names(tree.body[0])))
 
 
+_STATEMENT_NODES = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
 def _function_defs(tree: ast.Module):
   """The tree's FunctionDef nodes in ast.walk's order (breadth first), visiting statements only:
   a def sits only in statement lists, so expressions, the bulk of the nodes, are never entered."""
@@ -102,9 +105,6 @@ def _function_defs(tree: ast.Module):
     if isinstance(node, ast.FunctionDef):
       yield node
     todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, _STATEMENT_NODES))
-
-
-_STATEMENT_NODES = (ast.stmt, ast.excepthandler, ast.match_case)
 
 
 def extract(texts) -> list[tuple[str, str]]:
