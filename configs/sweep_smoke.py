@@ -22,7 +22,9 @@ def get_config():
   t.eval_batches, t.keep_checkpoints, t.log_every = 8, 1, 100
 
   s = c.sweep = ml_collections.ConfigDict()
-  s.mode = 'isoflop'              # isoflop | grid | wsd (grid as warmup-stable-decay branches)
+  # isoflop | grid | wsd (grid as warmup-stable-decay branches) | isoflop_wsd (IsoFLOP runs as
+  # WSD branches of one trunk per size: configs/sweep_exponent_wsd.py)
+  s.mode = 'isoflop'
   s.budgets = (1e12, 3e12)        # FLOPs per run (Chinchilla App. F count)
   s.sizes_per_budget = 5
   s.span = 4.0                    # sizes from N*/span to N*·span around the predicted optimum

@@ -51,6 +51,8 @@ def main(argv) -> int:
   with open(os.path.join(rdir, 'run_config.json')) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
   try:
+    if not sweep_lib.branch_in_worker(rdir, train_lib.train):   # a WSD branch: its trunk first
+      return STOPPED
     summary = sweep_lib.train_and_record(train_lib.train, cfg, rdir)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)

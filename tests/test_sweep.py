@@ -516,3 +516,68 @@ def test_the_smallest_budget_gets_the_extra_seeds():
     assert sorted(s.params for s in mine) == sorted(s.params for s in specs
                                                     if s.seed == 0 and s.budget == small)
   assert len({s.name for s in specs}) == len(specs)
+
+
+def test_isoflop_wsd_plan_shares_trunks_across_budgets():
+  """sweep.mode=isoflop_wsd: one ladder of sizes for every budget; a size's runs with one batch
+  are branches of its longest, each keeping its own budget, batch and steps."""
+  from configs import sweep_exponent_wsd
+  c = sweep_exponent_wsd.get_config()
+  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  T = c.base.train.seq_len
+  by_name = {sp.name: sp for sp in specs}
+  assert len(by_name) == len(specs)
+  assert {sp.budget for sp in specs} == set(c.sweep.budgets)
+  for C in c.sweep.budgets:
+    assert len([sp for sp in specs if sp.budget == C and sp.seed == 0]) == 5
+  for sp in specs:
+    assert_batch_rule(sp, T, floor=2000, largest=16, smallest=2)   # the rule, run by run
+    assert sp.cooldown == 0.2 and sweep_lib.run_config(c.base, sp).train.schedule == 'wsd'
+    if sp.trunk:
+      t = by_name[sp.trunk]
+      assert (t.n_layers, t.d_model, t.seed, t.batch_size, t.lr, t.warmup_steps) == (
+          sp.n_layers, sp.d_model, sp.seed, sp.batch_size, sp.lr, sp.warmup_steps)
+      assert not t.trunk and t.steps > sp.steps and t.budget > sp.budget
+      assert sp.branch_step == sp.steps - round(0.2 * sp.steps)
+  shared = [sp for sp in specs if sp.trunk]
+  assert len(shared) >= 8 and len({sp.d_model for sp in specs}) >= 6
+  # The ladder: the same shapes recur from budget to budget.
+  ladder = sweep_lib.ladder(100.0, 10.0, 3 ** 0.5, 3.0)
+  assert np.allclose(ladder, [10 * 3 ** (k / 2) for k in range(3, 7)])
+
+
+def test_isoflop_wsd_sweep_in_worker_processes(tmp_path):
+  """The branches of sweep.mode=isoflop_wsd run in worker processes (sweep.parallel=2), one
+  family at a time per slot: each branch starts from its trunk's checkpoint (its early rows are
+  the trunk's own), ends where a standalone WSD run of its length ends, and a rerun trains
+  nothing; Approach 1's curve per size goes through its runs' final losses."""
+  cfg = tiny_sweep(str(tmp_path / 'cache'))
+  s = cfg.sweep
+  s.mode, s.warmup_max, s.parallel = 'isoflop_wsd', 4, 2
+  specs = sweep_lib.plan(s, cfg.base, BYTES_VOCAB)
+  branches = [sp for sp in specs if sp.trunk]
+  assert len(specs) == 5 and len(branches) == 2
+  workdir = str(tmp_path / 'sweep')
+  out = sweep_lib.run_sweep(cfg, workdir, fit=False)
+  assert out['finished'] == 5 and not out['failed']
+  rows = {r['run']: r for r in csv.DictReader(open(f'{workdir}/results.csv'))}
+  assert list(rows) == [sp.name for sp in specs]
+  for sp in branches:
+    b_rows = read_jsonl(f'{workdir}/runs/{sp.name}/metrics.jsonl')
+    t_rows = {r['step']: r for r in read_jsonl(f'{workdir}/runs/{sp.trunk}/metrics.jsonl')}
+    early = [r for r in b_rows if r['step'] <= sp.branch_step]
+    assert early and all(r['time'] == t_rows[r['step']]['time'] for r in early)
+    assert max(r['step'] for r in b_rows) == sp.steps
+  sp = branches[0]
+  alone = train_lib.train(sweep_lib.run_config(cfg.base, sp, 1, 1), str(tmp_path / 'alone'))
+  assert abs(float(rows[sp.name]['eval_loss']) - alone['eval_loss']) < 1e-5
+  stamps = {x.name: os.path.getmtime(f'{workdir}/runs/{x.name}/summary.json') for x in specs}
+  again = sweep_lib.run_sweep(cfg, workdir, fit=False)
+  assert again['finished'] == 5 and len(list(csv.DictReader(open(f'{workdir}/results.csv')))) == 5
+  assert stamps == {x.name: os.path.getmtime(f'{workdir}/runs/{x.name}/summary.json')
+                    for x in specs}   # nothing was trained again
+  finished = [(x, json.load(open(f'{workdir}/runs/{x.name}/summary.json'))) for x in specs]
+  curve = sweep_lib.wsd_curves(finished)[f'L{sp.n_layers}_d{sp.d_model}_s0']
+  same = sorted((x for x in specs if (x.n_layers, x.d_model) == (sp.n_layers, sp.d_model)),
+                key=lambda x: x.steps)
+  assert len(same) == 2 and curve['curve_loss'] == [float(rows[x.name]['eval_loss']) for x in same]

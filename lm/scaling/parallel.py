@@ -105,14 +105,20 @@ def _last_line(path: str) -> str:
 
 def _where(job) -> str:
   rows = read_jsonl(os.path.join(job.rdir, 'metrics.jsonl'))
+  if not rows and job.spec.trunk:   # a WSD branch whose trunk is still training up to it
+    trunk = read_jsonl(os.path.join(os.path.dirname(job.rdir), job.spec.trunk, 'metrics.jsonl'))
+    at = f"step {trunk[-1]['step']}/{job.spec.branch_step}" if trunk else 'starting'
+    return f'{job.spec.name} (trunk {job.spec.trunk} {at})'
   if not rows:
     return f'{job.spec.name} starting'
   r = rows[-1]
   return f"{job.spec.name} step {r['step']}/{job.spec.steps} loss {r.get('loss_avg', 0):.3f}"
 
 
-def run_jobs(jobs, parallel: int, start, done, slots: list[Slot] | None = None) -> bool:
-  """Trains `jobs` (sweep.Job) at most `parallel` at a time; `start(job, where)` and
+def run_jobs(jobs, parallel: int, start, done, slots: list[Slot] | None = None,
+             ready=None) -> bool:
+  """Trains `jobs` (sweep.Job) at most `parallel` at a time, in order, each as soon as
+  `ready(job, running_jobs)` allows (default: always); `start(job, where)` and
   `done(job, summary | None, error)` are the sweep's booking callbacks. True if stopped."""
   if not jobs:
     return False
@@ -177,7 +183,11 @@ def run_jobs(jobs, parallel: int, start, done, slots: list[Slot] | None = None) 
         stop_all()
         return True
       while queue and free:
-        launch(queue.pop(0), free.pop(0))
+        now = [j for j, _, _ in running.values()]
+        k = next((i for i, j in enumerate(queue) if ready is None or ready(j, now)), None)
+        if k is None:
+          break
+        launch(queue.pop(k), free.pop(0))
       for k in [k for k, (_, proc, _) in running.items() if proc.poll() is not None]:
         reap(k)
       if running and time.time() - last_status >= STATUS_EVERY_S:

@@ -69,6 +69,11 @@ class RunSpec:
   batch_size: int = 0     # sequences per step (the batch rule; 0: the base train.batch_size)
 
 
+MODES = ('isoflop', 'grid', 'wsd', 'isoflop_wsd')
+ISOFLOP_MODES = ('isoflop', 'isoflop_wsd')   # runs planned per FLOP budget
+WSD_MODES = ('wsd', 'isoflop_wsd')           # runs as warmup-stable-decay branches of trunks
+
+
 def _model_cfg(base_model, vocab: int, n_layers: int, d_model: int, head_dim: int) -> ModelConfig:
   return ModelConfig.from_config(dict(base_model, n_layers=n_layers, d_model=d_model,
                                       n_heads=d_model // head_dim, n_kv_heads=0, d_ff=0), vocab)
@@ -129,20 +134,17 @@ def _positive_numbers(s, key: str, integer: bool = False) -> None:
 
 def validate(s) -> None:
   """Every sweep key checked before anything is planned or written: one sentence per problem."""
-  if s.mode not in ('isoflop', 'grid', 'wsd'):
-    raise UserError(f"sweep.mode={s.mode!r} is not known; use 'isoflop', 'grid' or 'wsd'.")
+  if s.mode not in MODES:
+    raise UserError(f"sweep.mode={s.mode!r} is not known; use one of {', '.join(MODES)}.")
   keys = ['span', 'tokens_per_param', 'aspect', 'lr', 'lr_ref_width']
-  keys += ['budgets'] if s.mode == 'isoflop' else ['grid_params', 'grid_tokens']
-  if s.mode == 'wsd':
+  keys += ['budgets'] if s.mode in ISOFLOP_MODES else ['grid_params', 'grid_tokens']
+  if s.mode in WSD_MODES:
     if not 0 < s.get('cooldown', 0.2) < 1:
       raise UserError(f"sweep.cooldown={s.get('cooldown')} must be in (0, 1) (the share of "
                       'each run spent decaying).')
-    if int(s.get('parallel', 1)) > 1:
-      raise UserError('sweep.mode=wsd runs its branches in the sweep\'s own process; set '
-                      'sweep.parallel=1.')
     if int(s.get('pack', 1)) > 1:
-      raise UserError('sweep.mode=wsd branches its runs from trunks and cannot pack them; set '
-                      'sweep.pack=1.')
+      raise UserError(f'sweep.mode={s.mode} branches its runs from trunks and cannot pack them; '
+                      'set sweep.pack=1.')
   for key in keys:
     _positive_numbers(s, key)
   if 'batch_sizes' in s:
@@ -215,12 +217,25 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
     return n
 
   extra = int(s.get('seeds_smallest', 0))   # the smallest budget repeated with more seeds
-  for seed in range(max(s.seeds, extra if s.mode == 'isoflop' else 0)):
+  if s.mode == 'isoflop_wsd':
+    # One ladder of sizes for every budget, so that a size recurs across budgets and its runs
+    # can share a trunk: n0 · step^j, with n0 the smallest budget's predicted optimum and the
+    # step that puts sizes_per_budget rungs from N*/span to N*·span.
+    n0 = optimum(min(s.budgets))
+    step = s.span ** (2.0 / (s.sizes_per_budget - 1)) if s.sizes_per_budget > 1 else 1.0
+  for seed in range(max(s.seeds, extra if s.mode in ISOFLOP_MODES else 0)):
     if s.mode == 'isoflop':
       for C in (s.budgets if seed < s.seeds else [min(s.budgets)]):
         n_star = optimum(C)
         for f in np.geomspace(1 / s.span, s.span, s.sizes_per_budget):
           specs.append(spec(n_star * f, C, None, seed))
+    elif s.mode == 'isoflop_wsd':
+      runs = {}
+      for C in (s.budgets if seed < s.seeds else [min(s.budgets)]):
+        for n in ladder(optimum(C), n0, step, s.span):
+          sp = spec(n, C, None, seed)
+          runs.setdefault(sp.name, sp)
+      specs.extend(_isoflop_families(list(runs.values()), float(s.get('cooldown', 0.2))))
     elif s.mode == 'grid':
       for n in s.grid_params:
         for d_tokens in s.grid_tokens:
@@ -233,6 +248,30 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
   for sp in specs:   # two targets can round to the same shape: run it once
     unique.setdefault(sp.name, sp)
   return list(unique.values())
+
+
+def ladder(n_star: float, n0: float, step: float, span: float) -> list[float]:
+  """The rungs n0 · step^j (j any integer) from n_star / span to n_star · span."""
+  if step <= 1.0:
+    return [n_star]
+  lo = math.ceil(math.log(n_star / span / n0, step) - 1e-6)
+  hi = math.floor(math.log(n_star * span / n0, step) + 1e-6)
+  return [n0 * step ** j for j in range(lo, hi + 1)]
+
+
+def _isoflop_families(specs: list[RunSpec], cooldown: float) -> list[RunSpec]:
+  """IsoFLOP runs as WSD branches: the runs of one shape (and seed) that the batch rule gives
+  the same batch form one family, in order of tokens, and are branches of its longest run. Every
+  run keeps its own budget, batch and steps; only the schedule (a trunk's constant rate, then
+  its own cooldown) is shared. Families come out in plan order: budget by budget."""
+  groups = {}
+  for sp in sorted(specs, key=lambda x: x.steps):
+    groups.setdefault((sp.n_layers, sp.d_model, sp.seed, sp.batch_size), []).append(sp)
+  out = {}
+  for family in groups.values():
+    for sp in _wsd_family(family, cooldown):
+      out[sp.name] = sp
+  return [out[sp.name] for sp in specs]
 
 
 def _wsd_family(specs: list[RunSpec], cooldown: float) -> list[RunSpec]:
@@ -359,7 +398,7 @@ def curves_beside(results_csv: str) -> dict | None:
   wsd = False
   if os.path.exists(os.path.join(workdir, 'sweep.json')):
     with open(os.path.join(workdir, 'sweep.json')) as f:
-      wsd = json.load(f).get('config', {}).get('sweep', {}).get('mode') == 'wsd'
+      wsd = json.load(f).get('config', {}).get('sweep', {}).get('mode') in WSD_MODES
   if wsd or not os.path.isdir(os.path.join(workdir, 'runs')):   # WSD: the branches' finals
     saved = os.path.join(workdir, 'curves.json')
     if not os.path.exists(saved):
@@ -426,15 +465,16 @@ def _trained_steps(sp: RunSpec) -> int:
 
 
 def branch_from_trunk(sp: RunSpec, rdir: str, trunk: RunSpec, trunk_cfg, workdir: str,
-                      train_fn) -> None:
+                      train_fn) -> bool:
   """Starts WSD branch `sp` from its trunk's checkpoint at sp.branch_step: the trunk is trained
   up to that step if it is not there yet (and stops with a checkpoint), then the checkpoint and
   the trunk's metrics rows up to it are copied into the branch, which resumes from them as from
-  its own. A branch that already has a checkpoint just resumes."""
+  its own. A branch that already has a checkpoint just resumes. False when the trunk was stopped
+  (SIGTERM) before it got there: nothing is copied, and a rerun carries on."""
   import shutil
   mine = os.path.join(rdir, 'checkpoints')
   if os.path.isdir(mine) and any(d.isdigit() for d in os.listdir(mine)):
-    return
+    return True
   tdir = os.path.join(workdir, 'runs', trunk.name)
   step = sp.branch_step
   at = os.path.join(tdir, 'checkpoints', str(step))
@@ -448,6 +488,8 @@ def branch_from_trunk(sp: RunSpec, rdir: str, trunk: RunSpec, trunk_cfg, workdir
     write_json_atomic(os.path.join(tdir, RUN_IDENTITY), json.loads(trunk_cfg.to_json()))
     print(f'    trunk {trunk.name}: training to step {step} for branch {sp.name}', flush=True)
     train_fn(trunk_cfg, tdir, stop_at=step)
+    if not os.path.isdir(at):
+      return False
   os.makedirs(mine, exist_ok=True)
   shutil.copytree(at, os.path.join(mine, str(step)))
   rows = [r for r in read_jsonl(os.path.join(tdir, 'metrics.jsonl')) if r.get('step', 0) <= step]
@@ -456,6 +498,35 @@ def branch_from_trunk(sp: RunSpec, rdir: str, trunk: RunSpec, trunk_cfg, workdir
     for r in rows:
       f.write(json.dumps(r) + '\n')
   os.replace(tmp, os.path.join(rdir, 'metrics.jsonl'))
+  return True
+
+
+BRANCH = 'branch.json'   # a WSD branch's trunk, for a worker process (lm.worker)
+
+
+def write_branch(rdir: str, sp: RunSpec, trunk: RunSpec, trunk_cfg, workdir: str) -> None:
+  write_json_atomic(os.path.join(rdir, BRANCH), {
+      'spec': dataclasses.asdict(sp), 'trunk': dataclasses.asdict(trunk),
+      'trunk_config': json.loads(trunk_cfg.to_json()), 'workdir': os.path.abspath(workdir)})
+
+
+def branch_in_worker(rdir: str, train_fn) -> bool:
+  """A worker's side of branch_from_trunk, from the branch.json the sweep wrote (True if
+  there is none: not a branch)."""
+  path = os.path.join(rdir, BRANCH)
+  if not os.path.exists(path):
+    return True
+  import ml_collections
+  with open(path) as f:
+    b = json.load(f)
+  return branch_from_trunk(RunSpec(**b['spec']), rdir, RunSpec(**b['trunk']),
+                           ml_collections.ConfigDict(b['trunk_config']), b['workdir'], train_fn)
+
+
+def family(sp: RunSpec) -> str:
+  """The trunk a run belongs to (its own name if it is none's branch): one family's runs
+  train one at a time, shortest first, since each branch needs the trunk at its step."""
+  return sp.trunk or sp.name
 
 
 def progress_line(done_runs: int, runs: int, done_flops: float, total_flops: float,
@@ -507,7 +578,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   parallel = s.get('parallel', 1)
   auto = parallel == 0
   pack = int(s.get('pack', 1))
-  if auto and (train_fn is not None or s.mode == 'wsd' or pack > 1):
+  if auto and (train_fn is not None or pack > 1):
     parallel, auto = 1, False
   if pack > 1 and train_fn is not None:
     raise ValueError('train_fn applies to unpacked runs only (sweep.pack=1).')
@@ -561,6 +632,8 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     os.makedirs(job.rdir, exist_ok=True)
     write_json_atomic(os.path.join(job.rdir, RUN_IDENTITY), json.loads(job.cfg.to_json()))
     write_json_atomic(os.path.join(job.rdir, 'attempts.json'), {'attempts': job.attempt})
+    if sp.trunk:   # for a worker process; the sweep's own process branches directly
+      write_branch(job.rdir, sp, *by_name[sp.trunk], workdir)
 
   def done(job: Job, summary: dict | None, error: str | None = None, tb: str = '') -> None:
     """Books one run's outcome; results.csv is rewritten (atomically) after every success."""
@@ -587,11 +660,17 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     print(f'sweep.parallel=0: {parallel} run(s) at once', flush=True)
   if parallel > 1:
     # Longest first (Graham's LPT rule): the last runs to start are the short ones, so no
-    # long run is left training alone on one slot while the others sit idle at the end.
-    jobs.sort(key=lambda j: -_trained_steps(j.spec) * spec_batch(j.spec, base_cfg)
-              * j.spec.flops_per_token)
+    # long run is left training alone on one slot while the others sit idle at the end. A WSD
+    # family counts as one job: its runs go shortest first, one at a time.
+    cost = {}
+    for j in jobs:
+      cost[family(j.spec)] = cost.get(family(j.spec), 0.0) + (
+          _trained_steps(j.spec) * spec_batch(j.spec, base_cfg) * j.spec.flops_per_token)
+    jobs.sort(key=lambda j: (-cost[family(j.spec)], family(j.spec), j.spec.steps))
     from lm.scaling import parallel as parallel_lib
-    stopped = parallel_lib.run_jobs(jobs, parallel, start, done)
+    stopped = parallel_lib.run_jobs(
+        jobs, parallel, start, done,
+        ready=lambda job, running: all(family(r.spec) != family(job.spec) for r in running))
   else:
     stopped = False
     for group in packs(jobs, pack):
@@ -603,8 +682,10 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
       job = group[0]
       start(job)
       try:
-        if job.spec.trunk:
-          branch_from_trunk(job.spec, job.rdir, *by_name[job.spec.trunk], workdir, train_fn)
+        if job.spec.trunk and not branch_from_trunk(job.spec, job.rdir, *by_name[job.spec.trunk],
+                                                    workdir, train_fn):
+          stopped = True
+          break
         summary = train_and_record(train_fn, job.cfg, job.rdir)
       except KeyboardInterrupt:
         raise
@@ -626,7 +707,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     print(f'fit skipped: Approach 3 needs at least 5 finished runs, {len(finished)} are done.')
   elif fit:
     from lm.scaling import fit as fit_lib
-    if s.mode == 'wsd':   # Approach 1 from the branches' finals: one honest point per length
+    if s.mode in WSD_MODES:   # Approach 1 from the branches' finals: one honest point per length
       curves = wsd_curves([(a, c) for a, b, c in finished])
     else:
       curves = _curves(workdir, [(a.name, c['params']) for a, b, c in finished])
