@@ -646,7 +646,10 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
           f"{summary['eval_loss']:.4f}, {summary['flops']:.3g} FLOPs", flush=True)
     finished[job.spec.name] = (job.spec, job.cfg, summary)
     write_results(results_path, _rows(specs, finished))
-    this_session['flops'] += float(summary['flops'])
+    # The FLOPs this run trained itself (a WSD branch: its cooldown; the trunk's steps up to it
+    # are counted when the trunk finishes).
+    this_session['flops'] += _trained_steps(job.spec) * spec_batch(job.spec, base_cfg) * (
+        base_cfg.train.seq_len * job.spec.flops_per_token)
     print('    ' + progress_line(len(finished), n, planned_flops(finished), total_flops,
                                  this_session['flops'], time.time() - t_sweep), flush=True)
 
