@@ -464,6 +464,11 @@ def _trained_steps(sp: RunSpec) -> int:
   return sp.steps - sp.branch_step if sp.trunk else sp.steps
 
 
+def trained_flops(sp: RunSpec, base_cfg) -> float:
+  """The FLOPs a run trains itself (App. F count; a WSD branch: its cooldown alone)."""
+  return _trained_steps(sp) * spec_batch(sp, base_cfg) * base_cfg.train.seq_len * sp.flops_per_token
+
+
 def branch_from_trunk(sp: RunSpec, rdir: str, trunk: RunSpec, trunk_cfg, workdir: str,
                       train_fn) -> bool:
   """Starts WSD branch `sp` from its trunk's checkpoint at sp.branch_step: the trunk is trained
@@ -592,8 +597,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   vocab = dataset.tokenizer.vocab_size
   specs = plan(s, base_cfg, vocab)
   os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
-  total_flops = sum(_trained_steps(sp) * spec_batch(sp, base_cfg) * base_cfg.train.seq_len
-                    * sp.flops_per_token for sp in specs)
+  total_flops = sum(trained_flops(sp, base_cfg) for sp in specs)
   write_json_atomic(os.path.join(workdir, 'sweep.json'), {
       'config': json.loads(sweep_file_cfg.to_json()), 'planned_flops': total_flops,
       'runs': [dataclasses.asdict(sp) for sp in specs]})
@@ -648,15 +652,12 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     write_results(results_path, _rows(specs, finished))
     # The FLOPs this run trained itself (a WSD branch: its cooldown; the trunk's steps up to it
     # are counted when the trunk finishes).
-    this_session['flops'] += _trained_steps(job.spec) * spec_batch(job.spec, base_cfg) * (
-        base_cfg.train.seq_len * job.spec.flops_per_token)
+    this_session['flops'] += trained_flops(job.spec, base_cfg)
     print('    ' + progress_line(len(finished), n, planned_flops(finished), total_flops,
                                  this_session['flops'], time.time() - t_sweep), flush=True)
 
   this_session = {'flops': 0.0}
-  planned_flops = lambda fin: sum(_trained_steps(sp) * spec_batch(sp, base_cfg)
-                                  * base_cfg.train.seq_len * sp.flops_per_token
-                                  for sp, _, _ in fin.values())
+  planned_flops = lambda fin: sum(trained_flops(sp, base_cfg) for sp, _, _ in fin.values())
   by_name = {sp.name: (sp, cfg) for sp, cfg in zip(specs, cfgs)}
   if auto and jobs:
     parallel = auto_parallel(len(jobs))
@@ -667,8 +668,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
     # family counts as one job: its runs go shortest first, one at a time.
     cost = {}
     for j in jobs:
-      cost[family(j.spec)] = cost.get(family(j.spec), 0.0) + (
-          _trained_steps(j.spec) * spec_batch(j.spec, base_cfg) * j.spec.flops_per_token)
+      cost[family(j.spec)] = cost.get(family(j.spec), 0.0) + trained_flops(j.spec, base_cfg)
     jobs.sort(key=lambda j: (-cost[family(j.spec)], family(j.spec), j.spec.steps))
     from lm.scaling import parallel as parallel_lib
     stopped = parallel_lib.run_jobs(
