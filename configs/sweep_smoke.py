@@ -45,6 +45,9 @@ def get_config():
   s.warmup_max = 100
   s.seeds = 1
   s.evals_per_run = 4             # evaluations (and eval rows) spread over each run
+  # Validation windows every run is scored on (the same windows for every batch size);
+  # 0: base.train.eval_batches x base.train.batch_size (8 x 16 = 128 here).
+  s.eval_rows = 0
   s.checkpoints_per_run = 4
   s.max_attempts = 3
   # Runs at once, each in its own process on an equal share of the GPUs or CPU cores

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import sweep_smoke
+from lm import data as data_lib
 from lm import train as train_lib
 from lm.errors import UserError
 from lm.metrics import read_jsonl
@@ -151,17 +152,20 @@ def test_changed_plan_is_refused_naming_the_changed_keys(tmp_path):
   sweep_lib.run_sweep(cfg, workdir, train_fn=_fake_train(calls), fit=False)
   assert calls
   before = open(f'{workdir}/results.csv').read()
+  plan_before = open(f'{workdir}/sweep.json').read()
   for key, value, needle in (('lr', cfg.sweep.lr * 2, 'train.lr'),
-                             ('batch', 4, 'train.batch_size')):
+                             ('batch', 4, 'train.batch_size'),
+                             ('eval_rows', 32, 'train.eval_batches 2 -> 4')):
     changed = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9,))
-    if key == 'lr':
-      changed.sweep.lr = value
-    else:
+    if key == 'batch':
       changed.base.train.batch_size = value
+    else:
+      changed.sweep[key] = value
     calls.clear()
     with pytest.raises(UserError, match=needle.replace('.', r'\.')):
       sweep_lib.run_sweep(changed, workdir, train_fn=_fake_train(calls), fit=False)
     assert calls == [] and open(f'{workdir}/results.csv').read() == before
+    assert open(f'{workdir}/sweep.json').read() == plan_before
   # An added budget keeps the finished runs and trains only the new ones.
   grown = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9, 1.2e10))
   calls.clear()
@@ -205,6 +209,7 @@ def test_run_names_are_unique_for_close_budgets():
     ('min_layers', 0, 'sweep.min_layers=0 must be a positive integer'),
     ('aspect_band', 0.5, 'sweep.aspect_band=0.5 must be at least 1'),
     ('mode', 'diagonal', "sweep.mode='diagonal' is not known"),
+    ('eval_rows', -8, 'sweep.eval_rows=-8 must be a non-negative integer'),
 ])
 def test_every_sweep_key_is_validated_before_planning(tmp_path, key, value, needle):
   c = sweep_smoke.get_config()
@@ -479,6 +484,35 @@ def test_batch_rule_keeps_every_run_above_the_step_floor_and_shapes_in_band():
     del s['batch_sizes']
   assert {sweep_lib.spec_batch(sp, c.base) for sp in sweep_lib.plan(s, c.base, BYTES_VOCAB)} \
       == {c.base.train.batch_size}
+
+
+def test_runs_of_different_batches_are_scored_on_the_same_windows(tmp_path):
+  """The batch rule gives runs of one sweep batches 2, 4 and 8; each still evaluates on the same
+  sweep.eval_rows validation windows (eval_batches = eval_rows / batch), so their losses compare.
+  A count that some batch does not divide is refused before anything is written."""
+  c = tiny_sweep(str(tmp_path / 'cache'))
+  s = c.sweep
+  s.batch_sizes, s.min_steps, s.eval_rows = (2, 4, 8), 150, 24
+  specs = sweep_lib.plan(s, c.base, BYTES_VOCAB)
+  assert {sp.batch_size for sp in specs} == {2, 4, 8}
+  ds = data_lib.prepare(data_lib.DataConfig.from_config(c.base.data))
+  T = c.base.train.seq_len
+  seen = []
+  for sp in specs:
+    tc = sweep_lib.run_config(c.base, sp, rows=sweep_lib.eval_rows(s, c.base)).train
+    assert tc.eval_batches * tc.batch_size == 24
+    seen.append(np.concatenate(ds.eval_batches(tc.eval_batches, tc.batch_size, T)))
+  assert all(np.array_equal(seen[0], x) for x in seen[1:])
+  # Without sweep.eval_rows: the base config's eval_batches x batch_size (2 x 8) for every run.
+  with s.unlocked():
+    del s['eval_rows']
+  assert {sweep_lib.run_config(c.base, sp).train.eval_batches * sp.batch_size
+          for sp in specs} == {16}
+  s.eval_rows = 10
+  with pytest.raises(UserError, match=re.escape('sweep.eval_rows=10 is not a multiple of the '
+                                                'batch size 4')):
+    sweep_lib.run_sweep(c, str(tmp_path / 'sw'), train_fn=lambda *a: None, fit=False)
+  assert not (tmp_path / 'sw').exists()
 
 
 def test_exponent_sweep_gives_every_run_its_step_floor():

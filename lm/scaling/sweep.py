@@ -15,6 +15,9 @@ Rules (documented in the README, set in the sweep config):
   batch:   the largest of `sweep.batch_sizes` that leaves the run `sweep.min_steps` steps or more
            (without sweep.batch_sizes: the base config's batch, fixed per sweep).
   steps:   D / (batch_size * seq_len), rounded.
+  eval:    every run of a sweep is scored on the same `sweep.eval_rows` validation windows
+           (train.eval_batches = eval_rows / batch), whatever its batch; 0 (or absent): the base
+           config's eval_batches x batch_size windows.
   lr:      sweep.lr * (sweep.lr_ref_width / d_model) ** sweep.lr_width_power (wider -> smaller).
   seeds:   every run with sweep.seeds seeds; the smallest IsoFLOP budget with sweep.seeds_smallest
            (if more), so that run-to-run noise is measured (fit.seed_noise) and carried into the
@@ -149,6 +152,10 @@ def validate(s) -> None:
     _positive_numbers(s, key)
   if 'batch_sizes' in s:
     _positive_numbers(s, 'batch_sizes', integer=True)
+  rows = s.get('eval_rows', 0)
+  if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+    raise UserError(f'sweep.eval_rows={rows!r} must be a non-negative integer (validation windows '
+                    "every run is scored on; 0: the base config's eval_batches x batch_size).")
   par = s.get('parallel', 1)
   if isinstance(par, bool) or not isinstance(par, int) or par < 0:
     raise UserError(f'sweep.parallel={par!r} must be 0 (as many runs at once as the machine '
@@ -321,13 +328,37 @@ def spec_batch(sp: RunSpec, base_cfg) -> int:
   return sp.batch_size or int(base_cfg.train.batch_size)
 
 
-def run_config(base_cfg, sp: RunSpec, evals: int = 4, checkpoints: int = 4):
+def eval_rows(s, base_cfg) -> int:
+  """The number of validation windows every run of the sweep is scored on."""
+  return int(s.get('eval_rows', 0)) or int(base_cfg.train.eval_batches) * int(
+      base_cfg.train.batch_size)
+
+
+def check_eval_rows(s, base_cfg, specs) -> None:
+  """Each run reads eval_rows / batch evaluation batches of its own batch size, so that all runs
+  score the same windows (lm/data.eval_batches spaces n x batch windows over the validation
+  stream): eval_rows must be a multiple of every batch the plan uses."""
+  rows = eval_rows(s, base_cfg)
+  bad = sorted({spec_batch(sp, base_cfg) for sp in specs if rows % spec_batch(sp, base_cfg)})
+  if bad:
+    raise UserError(f'sweep.eval_rows={rows} is not a multiple of the batch size '
+                    f'{bad[0]} that some runs use, so runs of different batches would be scored on '
+                    f'different validation windows; set sweep.eval_rows to a multiple of '
+                    f'{math.lcm(*{spec_batch(sp, base_cfg) for sp in specs})}.')
+
+
+def run_config(base_cfg, sp: RunSpec, evals: int = 4, checkpoints: int = 4, rows: int = 0):
+  """The full config of one run. Its evaluations read `rows` validation windows (0: the base
+  config's eval_batches x batch_size) in rows / batch batches: the same windows whatever the
+  run's batch."""
   cfg = copy.deepcopy(base_cfg)
   cfg.seed = sp.seed
   cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads = sp.n_layers, sp.d_model, sp.n_heads
   cfg.model.n_kv_heads, cfg.model.d_ff = 0, 0
   cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps = sp.steps, sp.lr, sp.warmup_steps
   cfg.train.batch_size = spec_batch(sp, base_cfg)
+  rows = rows or int(base_cfg.train.eval_batches) * int(base_cfg.train.batch_size)
+  cfg.train.eval_batches = max(1, rows // cfg.train.batch_size)
   cfg.train.eval_every = max(1, sp.steps // evals)
   cfg.train.checkpoint_every = max(1, sp.steps // checkpoints)
   cfg.train.log_every = max(1, min(cfg.train.log_every, sp.steps // 10))
@@ -596,6 +627,13 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   dataset = data_lib.prepare(data_lib.DataConfig.from_config(base_cfg.data))
   vocab = dataset.tokenizer.vocab_size
   specs = plan(s, base_cfg, vocab)
+  check_eval_rows(s, base_cfg, specs)
+  rows = eval_rows(s, base_cfg)
+  cfgs = [run_config(base_cfg, sp, s.evals_per_run, s.checkpoints_per_run, rows) for sp in specs]
+  # Before anything is written or trained: no run may hold another plan's work (the folder's
+  # sweep.json still describes the plan that trained it).
+  for sp, cfg in zip(specs, cfgs):
+    check_run_identity(workdir, sp.name, cfg)
   os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
   total_flops = sum(trained_flops(sp, base_cfg) for sp in specs)
   write_json_atomic(os.path.join(workdir, 'sweep.json'), {
@@ -608,9 +646,6 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   results_path = os.path.join(workdir, 'results.csv')
   t_sweep = time.time()
   n = len(specs)
-  cfgs = [run_config(base_cfg, sp, s.evals_per_run, s.checkpoints_per_run) for sp in specs]
-  for sp, cfg in zip(specs, cfgs):   # before anything trains: no run may hold another plan's work
-    check_run_identity(workdir, sp.name, cfg)
   for i, (sp, cfg) in enumerate(zip(specs, cfgs)):
     rdir = os.path.join(workdir, 'runs', sp.name)
     summary_path = os.path.join(rdir, 'summary.json')
