@@ -615,3 +615,29 @@ def test_isoflop_wsd_sweep_in_worker_processes(tmp_path):
   same = sorted((x for x in specs if (x.n_layers, x.d_model) == (sp.n_layers, sp.d_model)),
                 key=lambda x: x.steps)
   assert len(same) == 2 and curve['curve_loss'] == [float(rows[x.name]['eval_loss']) for x in same]
+
+
+def test_a_one_budget_wsd_sweep_is_fitted_without_approach1(tmp_path, capsys):
+  """One budget in isoflop_wsd mode: every size is its own trunk with one final loss, so no curve
+  has two points. The sweep's fit goes on without Approach 1 (and says so) instead of failing
+  after the runs are done; fitting the folder again later does the same."""
+  c = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9,))
+  s = c.sweep
+  s.mode, s.sizes_per_budget, s.seeds, s.bootstrap = 'isoflop_wsd', 6, 2, 0
+  specs = sweep_lib.plan(s, c.base, BYTES_VOCAB)
+  assert len(specs) >= 6 and not any(sp.trunk for sp in specs)
+  finished = []
+  for sp in specs:
+    cfg = sweep_lib.run_config(c.base, sp)
+    tokens = sp.steps * sp.batch_size * c.base.train.seq_len
+    summary = {'params': sp.params, 'params_nonembed': sp.params // 2, 'tokens': tokens,
+               'flops': sp.flops_per_token * tokens, 'flops_6nd': 6.0 * sp.params * tokens,
+               'final_loss': 3.0, 'eval_loss': 2.0 + 30.0 / sp.params ** 0.3 + 30.0 / tokens ** 0.3}
+    finished.append((sp, cfg, summary))
+  workdir = tmp_path / 'sweep'
+  workdir.mkdir()
+  sweep_lib.write_results(str(workdir / 'results.csv'), [sweep_lib._result_row(*f) for f in finished])
+  fit = sweep_lib.fit_sweep(s, str(workdir), finished)
+  assert fit['approach1'] is None and fit['approach3']['a'] is not None
+  assert 'Approach 1 skipped' in capsys.readouterr().out
+  assert (workdir / 'report.md').exists() and sweep_lib.curves_beside(str(workdir / 'results.csv')) is None

@@ -421,6 +421,14 @@ def wsd_curves(finished: list[tuple[RunSpec, dict]]) -> dict:
   return out
 
 
+def usable_curves(curves: dict | None) -> dict | None:
+  """The curves Approach 1 can use (two or more points each), or None when fewer than two
+  remain: a WSD sweep of one budget has one point per size, and its fit goes without Approach 1
+  rather than failing on it."""
+  kept = {k: v for k, v in (curves or {}).items() if len(v.get('curve_flops') or []) >= 2}
+  return kept if len(kept) >= 2 else None
+
+
 def curves_beside(results_csv: str) -> dict | None:
   """The training curves of the runs in a sweep's results.csv, so that fitting a sweep's results
   mid-way still gets Approach 1: read from the sweep's run folders, else from a curves.json saved
@@ -435,11 +443,10 @@ def curves_beside(results_csv: str) -> dict | None:
     if not os.path.exists(saved):
       return None
     from lm.scaling import fit as fit_lib   # scipy, which training workers do not need
-    return fit_lib.read_curves(saved)
+    return usable_curves(fit_lib.read_curves(saved))
   with open(results_csv, newline='') as f:
     rows = [r for r in csv.DictReader(f) if r.get('run') and r.get('params')]
-  curves = _curves(workdir, [(r['run'], int(float(r['params']))) for r in rows])
-  return {k: v for k, v in curves.items() if v['curve_flops']} or None
+  return usable_curves(_curves(workdir, [(r['run'], int(float(r['params']))) for r in rows]))
 
 
 RUN_IDENTITY = 'run_config.json'   # a run's full resolved config, written before it trains
@@ -744,19 +751,27 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   if fit and len(finished) < 5:
     print(f'fit skipped: Approach 3 needs at least 5 finished runs, {len(finished)} are done.')
   elif fit:
-    from lm.scaling import fit as fit_lib
-    if s.mode in WSD_MODES:   # Approach 1 from the branches' finals: one honest point per length
-      curves = wsd_curves([(a, c) for a, b, c in finished])
-    else:
-      curves = _curves(workdir, [(a.name, c['params']) for a, b, c in finished])
-    write_json_atomic(os.path.join(workdir, 'curves.json'), curves)
-    result = fit_lib.run_fit(results_path, workdir, loss_key='eval_loss', bootstrap=s.bootstrap,
-                             curves=curves)
-    truth = dataset.entropy_rate
-    if truth is not None:
-      _append_truth(workdir, result, truth)
-    out['fit'] = result
+    out['fit'] = fit_sweep(s, workdir, finished, dataset.entropy_rate)
   return out
+
+
+def fit_sweep(s, workdir: str, finished: list, entropy_rate: float | None = None) -> dict:
+  """The fit at the end of a sweep, on its results.csv and the finished runs' curves
+  (finished: (spec, config, summary) per run): fit.json, the plots and report.md."""
+  from lm.scaling import fit as fit_lib
+  if s.mode in WSD_MODES:   # Approach 1 from the branches' finals: one honest point per length
+    curves = wsd_curves([(a, c) for a, b, c in finished])
+  else:
+    curves = _curves(workdir, [(a.name, c['params']) for a, b, c in finished])
+  write_json_atomic(os.path.join(workdir, 'curves.json'), curves)
+  if usable_curves(curves) is None:
+    print('Approach 1 skipped: it needs two or more runs with two or more points on their '
+          'curves (a WSD sweep of one budget has one point per size).', flush=True)
+  result = fit_lib.run_fit(os.path.join(workdir, 'results.csv'), workdir, loss_key='eval_loss',
+                           bootstrap=s.bootstrap, curves=usable_curves(curves))
+  if entropy_rate is not None:
+    _append_truth(workdir, result, entropy_rate)
+  return result
 
 
 def packs(jobs: list[Job], size: int) -> list[list[Job]]:
