@@ -391,6 +391,18 @@ def test_report_says_in_words_when_the_exponent_is_not_pinned(tmp_path):
   assert first.startswith('**These runs do not pin the exponent.**')
   assert '2 budgets from 1e12 to 3e12 FLOPs (a factor 3)' in first
   assert "holds Chinchilla's value (about 0.5) and Kaplan's (0.73) alike" in first
+  assert 'factor 30 or more narrow it' in first
+  assert 'holds both Chinchilla (about 0.5) and Kaplan (0.73)' in text
+  # An interval that excludes 0.73 does not claim to hold it, and a sweep that already spans a
+  # factor 30 is not told to span a factor 30.
+  fit['approach3']['ci']['a'] = [0.20, 0.54]
+  for b in fit['approach2']['budgets']:
+    b['C'] = 1e12 if b['C'] < 2e12 else 4e13
+  text = Path(report.write_report(fit, tmp_path)).read_text()
+  first = text.split('\n\n')[1]
+  assert first.startswith('**These runs do not pin the exponent.**')
+  assert 'a factor 40' in first and 'factor 30 or more' not in first and 'more seeds' in first
+  assert 'a range that holds Chinchilla (about 0.5).' in text and 'Kaplan (0.73)' not in text
   fit['approach3']['ci']['a'] = [0.45, 0.55]
   text = Path(report.write_report(fit, tmp_path)).read_text()
   assert 'Read the interval' not in text

@@ -69,11 +69,15 @@ def verdict(fit) -> str:
              + (', which holds Chinchilla\'s value (about 0.5) and Kaplan\'s (0.73) alike'
                 if both else ', wider than 0.3') if ci else
              'no interval was computed (sweep.bootstrap = 0)')
+    if span < 30:
+      advice = ('Budgets spread over a factor 30 or more narrow it (configs/sweep_exponent.py; its '
+                'measured result is in docs/results/exponent_cpu).')
+    else:
+      advice = ('The budgets already span a factor 30, so what narrows it now is less noise per '
+                'point (more seeds, larger runs) or a still wider range of compute.')
     return (f'**These runs do not pin the exponent.** They cover {where}, and {width}. The point '
             f'value a = {a3["a"]:.3f} is therefore no sign of disagreeing with Chinchilla: it is '
-            'what a few small, noisy runs allow. Budgets spread over a factor 30 or more narrow '
-            'it (configs/sweep_exponent.py; its measured result is in '
-            'docs/results/exponent_cpu).' + grid + held_text)
+            'what a few small, noisy runs allow. ' + advice + grid + held_text)
   return (f'**N_opt grows as C^a with a = {a3["a"]:.3f} (95% interval {ci[0]:.2f}–{ci[1]:.2f})**, '
           f'from {where}; Chinchilla found about 0.5 (0.46 by its Approach 3, 0.51 in Epoch\'s '
           'refit).' + grid + held_text)
@@ -99,10 +103,13 @@ def write_report(fit, workdir):
                  'of budgets, are what it needs.')
   if a3['a'] is not None and ci and ci.get('a') and ci['a'][1] - ci['a'][0] > 0.3:
     lo, hi = ci['a']
-    notes.append(f'Read the interval, not the point: the data allow any a from {lo:.2f} to {hi:.2f}, '
-                 'a range that holds both Chinchilla (about 0.5) and Kaplan (0.73). These runs do not '
-                 'pin the exponent; more budgets over a wider range of compute (or repeated seeds) '
-                 'narrow it.')
+    held_values = [name for name, value in (('Chinchilla (about 0.5)', 0.5), ('Kaplan (0.73)', 0.73))
+                   if lo <= value <= hi]
+    holds = (', a range that holds both ' + ' and '.join(held_values) if len(held_values) == 2 else
+             ', a range that holds ' + held_values[0] if held_values else '')
+    notes.append(f'Read the interval, not the point: the data allow any a from {lo:.2f} to {hi:.2f}'
+                 f'{holds}. These runs do not pin the exponent; more budgets over a wider range of '
+                 'compute (or repeated seeds) narrow it.')
   noise = fit.get('seed_noise')
   if noise:
     notes.append(f'Seed noise: {noise["runs"]} runs in {noise["groups"]} groups repeated with other '
