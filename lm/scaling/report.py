@@ -105,8 +105,8 @@ def write_report(fit, workdir):
     lo, hi = ci['a']
     held_values = [name for name, value in (('Chinchilla (about 0.5)', 0.5), ('Kaplan (0.73)', 0.73))
                    if lo <= value <= hi]
-    holds = (', a range that holds both ' + ' and '.join(held_values) if len(held_values) == 2 else
-             ', a range that holds ' + held_values[0] if held_values else '')
+    holds = (', a range that holds ' + ('both ' if len(held_values) == 2 else '')
+             + ' and '.join(held_values) if held_values else '')
     notes.append(f'Read the interval, not the point: the data allow any a from {lo:.2f} to {hi:.2f}'
                  f'{holds}. These runs do not pin the exponent; more budgets over a wider range of '
                  'compute (or repeated seeds) narrow it.')
