@@ -1,5 +1,5 @@
 """Training throughput: python -m benchmarks.train_step [--size=ref] [--batch=...] [--compare]
-[--torch] [--unblocked] [--noall_variants], or one row for a training config:
+[--torch] [--unblocked] [--whole_batch] [--noall_variants], or one row for a training config:
 python -m benchmarks.train_step --config=configs/gpt2_small.py [--config.train.batch_size=8].
 
 --config times that config's own jitted step as `lm.train.build` makes it (its mesh, shardings,
@@ -10,7 +10,9 @@ estimate of the step's memory, and the device's peak memory where the backend re
 
 --torch adds an equivalent PyTorch eager step (optional dependency), and the ratio column is
 then against it; --unblocked adds the project's step with causal attention over the whole
-T x T square (no query blocks). Measurements and the breakdown of the step: benchmarks/README.md.
+T x T square (no query blocks); --whole_batch adds the step computed over the whole batch at
+once (train.micro_batch_tokens=0) instead of in the micro-batches a CPU step uses.
+Measurements and the breakdown of the step: benchmarks/README.md.
 
 Times the project's jitted training step (`lm.train.make_train_step` with `make_optimizer`) on
 random tokens with every model feature off (LayerNorm, GELU, no bias, dropout, remat or scan),
@@ -29,6 +31,7 @@ token are the Chinchilla App. F count (`lm.flops.flops_per_token`); MFU needs a 
 (--peak_flops, else the device table in lm/flops.py) and shows n/a on CPUs.
 """
 import contextlib
+import dataclasses
 import statistics
 import time
 
@@ -44,6 +47,7 @@ import optax
 from lm import attention as attention_lib
 from lm import flops as flops_lib
 from lm import model as model_lib
+from lm import optim
 from lm import train as train_lib
 from lm.config import ModelConfig
 
@@ -76,6 +80,8 @@ flags.DEFINE_bool('all_variants', True, 'Time learned and RoPE positions with cl
                   '(else learned positions with clipping alone).')
 flags.DEFINE_bool('unblocked', False, 'Also time the step with causal attention over the whole '
                   'T x T square (no query blocks).')
+flags.DEFINE_bool('whole_batch', False, 'Also time the step over the whole batch at once '
+                  '(train.micro_batch_tokens=0, no CPU micro-batches).')
 flags.DEFINE_bool('torch', False, 'Also time an equivalent PyTorch eager GPT (needs torch).')
 flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for --torch (0: its default).')
 config_flags.DEFINE_config_file('config', None, 'A training config (configs/*.py): time its own '
@@ -367,12 +373,17 @@ def main(argv):
       if FLAGS.unblocked:
         cands[name + ' unblk'] = project_candidate(mc, tc, batch, unblocked=True)
         mcs[name + ' unblk'] = mc
+      if FLAGS.whole_batch:
+        cands[name + ' whole'] = project_candidate(
+            mc, dataclasses.replace(tc, micro_batch_tokens=0), batch)
+        mcs[name + ' whole'] = mc
 
   dev = jax.devices()[0]
   peak = flops_lib.peak_flops(dev.device_kind, dtype, FLAGS.peak_flops)
   print(f'{dev.device_kind} ({dev.platform}), size {FLAGS.size}: {s["n_layers"]} layers, '
         f'd_model {s["d_model"]}, {s["n_heads"]} heads, d_ff {s["d_ff"]}, vocab {s["vocab"]}; '
-        f'batch {B} x {T}, {dtype}', flush=True)
+        f'batch {B} x {T}, {dtype}; the step in {optim.micro_batches(tc, B, 1, dev.platform)} '
+        'micro-batches', flush=True)
 
   compile_s = {}
   for name, (run, _) in cands.items():

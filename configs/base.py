@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.decay_embeddings = False
   t.grad_clip = 1.0
   t.grad_accum = 1
+  # On a CPU a step runs its forward and backward over micro-batches of about this many tokens
+  # (whole rows, gradients summed): 10-30% faster from cache, the same gradient up to float
+  # rounding (lm/optim.micro_batches, benchmarks/README.md). 0: off. Accelerators ignore it.
+  t.micro_batch_tokens = 512
   t.eval_every = 100
   t.eval_batches = 8
   t.log_every = 10

@@ -420,7 +420,7 @@ def build(cfg, workdir: str) -> Job:
     def loss_fn(trainable, _, batch, rng):
       return sft.masked_loss(mc, trainable, batch, None, rng)
   train_step = jax.jit(shard_lib.with_activation_constraints(
-      loop.make_step(loss_fn, tc, optimizer, seed), mesh),
+      loop.make_step(loss_fn, tc, optimizer, seed, row_wise=True), mesh),
                        in_shardings=(s_shard, frozen_sh, batch_sh),
                        out_shardings=(s_shard, replicated), donate_argnums=0)
 

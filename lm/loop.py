@@ -33,7 +33,8 @@ from lm import checkpoint as ckpt_lib
 from lm import flops as flops_lib
 from lm import metrics as metrics_lib
 from lm.errors import UserError
-from lm.optim import TrainConfig, learning_rate_schedule
+from lm import sharding as shard_lib
+from lm.optim import TrainConfig, learning_rate_schedule, micro_batches
 
 # Keys that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_every',
@@ -41,7 +42,8 @@ RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_ev
                      'data.cache_dir', 'mesh.data', 'mesh.fsdp', 'mesh.tensor',
                      'mesh.distributed', 'model.remat', 'model.attention_impl',
                      'train.eval_tasks', 'train.eval_tasks_every', 'train.eval_task_examples',
-                     'train.eval_shots', 'train.profile_steps', 'train.async_checkpoint')
+                     'train.eval_shots', 'train.profile_steps', 'train.async_checkpoint',
+                     'train.micro_batch_tokens')
 
 # Keys added after runs existed, with the value that means what their absence meant: a config
 # written before a key existed equals one that sets it to this default.
@@ -53,21 +55,26 @@ ADDED_KEYS = {'train.async_checkpoint': True, 'train.profile_steps': '', 'train.
 LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, jax.Array]]
 
 
-def make_step(loss_fn: LossFn, tc: TrainConfig, optimizer, seed: int):
+def make_step(loss_fn: LossFn, tc: TrainConfig, optimizer, seed: int,
+              row_wise: bool = False):
   """(state, frozen, batch) -> (state, metrics) for loss_fn(trainable, frozen, batch, rng) ->
   (loss sum, weight), or (loss sum, (weight, {name: sum})) for further metrics, which are
-  reported as sum / weight like the loss. With grad_accum A, the batch's rows i*A + a form
-  micro-batch a."""
+  reported as sum / weight like the loss. With A micro-batches, the batch's rows i*A + a form
+  micro-batch a. A is train.grad_accum; row_wise (a loss whose rows are independent examples)
+  lets a CPU step use more, of about train.micro_batch_tokens tokens (optim.micro_batches)."""
   def split_loss(*args):
     total, aux = loss_fn(*args)
     weight, extra = aux if isinstance(aux, tuple) else (aux, {})
     return total, (weight, extra)
   grad_fn = jax.value_and_grad(split_loss, has_aux=True)
-  A = tc.grad_accum
 
   def step(state, frozen, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state['step'])
     params = state['params']
+    A = tc.grad_accum
+    if row_wise:   # decided when the step is traced: the batch's rows, mesh and backend
+      A = micro_batches(tc, jax.tree.leaves(batch)[0].shape[0], shard_lib.batch_shards(),
+                        jax.default_backend())
     if A == 1:
       (total, (weight, extra)), grads = grad_fn(params, frozen, batch, rng)
     else:

@@ -228,6 +228,17 @@ def with_activation_constraints(fn, mesh: Mesh):
   return traced
 
 
+def batch_shards() -> int:
+  """How many ways the batch is split on the mesh a step is being traced for (1 outside
+  `activation_constraints`, where a single-device step is traced)."""
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None:
+    return 1
+  target = _mesh_axes('batch')
+  names = (target,) if isinstance(target, str) else (target or ())
+  return int(np.prod([mesh.shape[n] for n in names]))
+
+
 def constrain(x, *logical):
   """x pinned to the mesh by the logical names of its dimensions (None: not split; 'embed' is
   never split for activations). A dimension its mesh axes do not divide is left to XLA. Outside

@@ -41,9 +41,10 @@ def next_token_loss(mc: ModelConfig, params, batch_BT1, rng=None):
 
 
 def make_train_step(mc: ModelConfig, tc: TrainConfig, optimizer, seed: int):
-  """(state, batch [B, T+1]) -> (state, metrics); micro-batches are averaged when grad_accum > 1."""
+  """(state, batch [B, T+1]) -> (state, metrics); micro-batches (train.grad_accum, or on a CPU
+  train.micro_batch_tokens) are averaged."""
   step = loop.make_step(lambda p, _, b, r: (next_token_loss(mc, p, b, r), jnp.ones(())), tc,
-                        optimizer, seed)
+                        optimizer, seed, row_wise=True)
   return lambda state, batch: step(state, None, batch)
 
 

@@ -154,6 +154,45 @@ def test_gradient_accumulation_equals_full_batch():
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(p1)) > 1e-3  # not all ~zero
 
 
+def test_cpu_micro_batches_equal_the_whole_batch():
+  """train.micro_batch_tokens splits a CPU step into micro-batches: AdamW's step over 4 of them
+  equals the whole batch at once (micro_batch_tokens=0) to float rounding."""
+  mc = ModelConfig(vocab_size=50, n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, d_ff=64,
+                   max_len=32)
+  batch = jax.random.randint(jax.random.PRNGKey(0), (8, 17), 0, 50)
+  results = []
+  for tokens in (0, 32):
+    tc = train_lib.TrainConfig(steps=10, batch_size=8, seq_len=16, warmup_steps=0,
+                               micro_batch_tokens=tokens)
+    assert optim.micro_batches(tc, 8) == (1 if tokens == 0 else 4)   # the switch really flips
+    params = model_lib.init_params(mc, jax.random.PRNGKey(1))
+    opt = train_lib.make_optimizer(tc, params)
+    state = {'params': params, 'opt_state': opt.init(params), 'step': jnp.zeros((), jnp.int32)}
+    step = jax.jit(train_lib.make_train_step(mc, tc, opt, seed=0))
+    for _ in range(3):
+      state, m = step(state, batch)
+    results.append((state['params'], m))
+  (p_whole, m_whole), (p_micro, m_micro) = results
+  assert abs(float(m_whole['loss']) - float(m_micro['loss'])) < 1e-5
+  assert abs(float(m_whole['grad_norm']) - float(m_micro['grad_norm'])) < 1e-4
+  for a, b in zip(jax.tree.leaves(p_whole), jax.tree.leaves(p_micro)):
+    np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_micro_batch_rule():
+  tc = lambda B, T, **kw: train_lib.TrainConfig(batch_size=B, seq_len=T, **kw)
+  assert optim.micro_batches(tc(16, 128), 16) == 4                   # 4 rows = 512 tokens
+  assert optim.micro_batches(tc(16, 256), 16) == 8                   # 2 rows
+  assert optim.micro_batches(tc(8, 1024), 8) == 8                    # one row: the least there is
+  assert optim.micro_batches(tc(6, 128), 6) == 2                     # a divisor of the rows
+  assert optim.micro_batches(tc(16, 128, grad_accum=8), 16) == 8     # never fewer than grad_accum
+  assert optim.micro_batches(tc(16, 128, grad_accum=2), 16) == 4     # a multiple of it
+  assert optim.micro_batches(tc(16, 128), 16, shards=8) == 1         # 2 rows per shard fit
+  assert optim.micro_batches(tc(32, 128), 32, shards=2) == 4         # 4 rows per shard
+  assert optim.micro_batches(tc(16, 128), 16, platform='gpu') == 1   # accelerators: grad_accum
+  assert optim.micro_batches(tc(16, 128, micro_batch_tokens=0), 16) == 1
+
+
 def lr_at(steps, **kw):
   tc = train_lib.TrainConfig(steps=steps, lr=1.0, **kw)
   s = optim.learning_rate_schedule(tc)
@@ -403,6 +442,7 @@ def _check_config(cfg):
     ('batch_size', -4, 'train.batch_size=-4'),
     ('lr', 0.0, 'train.lr=0.0'),
     ('grad_accum', 3, 'grad_accum=3 does not divide'),
+    ('micro_batch_tokens', -1, 'micro_batch_tokens=-1'),
     ('schedule', 'linear', "schedule='linear'"),
     ('warmup_steps', 500, 'warmup_steps=500'),
 ])
