@@ -1,5 +1,6 @@
 """Training throughput: python -m benchmarks.train_step [--size=ref] [--batch=...] [--compare]
-[--torch] [--unblocked] [--whole_batch] [--noall_variants], or one row for a training config:
+[--torch] [--unblocked] [--whole_batch] [--micro_tokens=256,1024] [--host_devices=K]
+[--noall_variants], or one row for a training config:
 python -m benchmarks.train_step --config=configs/gpt2_small.py [--config.train.batch_size=8].
 
 --config times that config's own jitted step as `lm.train.build` makes it (its mesh, shardings,
@@ -11,7 +12,9 @@ estimate of the step's memory, and the device's peak memory where the backend re
 --torch adds an equivalent PyTorch eager step (optional dependency), and the ratio column is
 then against it; --unblocked adds the project's step with causal attention over the whole
 T x T square (no query blocks); --whole_batch adds the step computed over the whole batch at
-once (train.micro_batch_tokens=0) instead of in the micro-batches a CPU step uses.
+once (train.micro_batch_tokens=0) instead of in the micro-batches a CPU step uses;
+--micro_tokens adds the step at other micro-batch sizes; --host_devices=K adds the step with
+its batch split over K host devices in one program (data parallelism on CPU devices).
 Measurements and the breakdown of the step: benchmarks/README.md.
 
 Times the project's jitted training step (`lm.train.make_train_step` with `make_optimizer`) on
@@ -48,6 +51,7 @@ from lm import attention as attention_lib
 from lm import flops as flops_lib
 from lm import model as model_lib
 from lm import optim
+from lm import sharding as shard_lib
 from lm import train as train_lib
 from lm.config import ModelConfig
 
@@ -80,6 +84,11 @@ flags.DEFINE_bool('all_variants', True, 'Time learned and RoPE positions with cl
                   '(else learned positions with clipping alone).')
 flags.DEFINE_bool('unblocked', False, 'Also time the step with causal attention over the whole '
                   'T x T square (no query blocks).')
+flags.DEFINE_list('micro_tokens', [], 'Also time the step with these train.micro_batch_tokens '
+                  '(e.g. 256,1024), one candidate each.')
+flags.DEFINE_integer('host_devices', 0, 'K > 1: also time the step with its batch split over K '
+                     'host (CPU) devices in one program, the data parallelism of a K-device mesh '
+                     '(jax_num_cpu_devices=K, set before JAX starts).')
 flags.DEFINE_bool('whole_batch', False, 'Also time the step over the whole batch at once '
                   '(train.micro_batch_tokens=0, no CPU micro-batches).')
 flags.DEFINE_bool('torch', False, 'Also time an equivalent PyTorch eager GPT (needs torch).')
@@ -242,17 +251,27 @@ def patched(obj, name, value):
     setattr(obj, name, old)
 
 
-def project_candidate(mc, tc, batch_BT1, unblocked: bool = False):
+def project_candidate(mc, tc, batch_BT1, unblocked: bool = False, devices: int = 1):
   """(run(n) -> last loss, n_params) for lm.train's step, jitted as lm.train.build does.
 
   unblocked: compiled with causal attention over the whole T x T square (no query blocks,
-  lm/attention.py), to show what the blocks buy in the same run.
+  lm/attention.py), to show what the blocks buy in the same run. devices > 1: on a mesh whose
+  data axis is the first `devices` devices (params replicated, the batch split).
   """
   params = jax.jit(model_lib.init_params, static_argnums=0)(mc, jax.random.PRNGKey(0))
   optimizer = train_lib.make_optimizer(tc, params)
   state = [{'params': params, 'opt_state': optimizer.init(params),
             'step': jnp.zeros((), jnp.int32)}]
-  step = jax.jit(train_lib.make_train_step(mc, tc, optimizer, seed=0), donate_argnums=0)
+  fn = train_lib.make_train_step(mc, tc, optimizer, seed=0)
+  if devices > 1:
+    mesh = shard_lib.make_mesh(shard_lib.MeshConfig(data=devices), jax.devices()[:devices])
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_BT1 = jax.device_put(batch_BT1, shard_lib.batch_sharding(mesh))
+    state[0] = jax.device_put(state[0], rep)
+    step = jax.jit(shard_lib.with_activation_constraints(fn, mesh), donate_argnums=0,
+                   in_shardings=(rep, shard_lib.batch_sharding(mesh)), out_shardings=(rep, rep))
+  else:
+    step = jax.jit(fn, donate_argnums=0)
   if unblocked:   # compiled here, under the switch (its "1st step" column is then one step)
     with patched(attention_lib, 'causal_blocks', lambda T: 1):
       step = step.lower(state[0], batch_BT1).compile()
@@ -346,6 +365,8 @@ def main(argv):
   if FLAGS.config is not None:
     config_row(FLAGS.config)
     return
+  if FLAGS.host_devices > 1:   # before anything starts the backend
+    jax.config.update('jax_num_cpu_devices', FLAGS.host_devices)
   s = SIZES[FLAGS.size]
   B = FLAGS.batch or s['batch']
   T = FLAGS.seq_len or s['seq_len']
@@ -373,10 +394,16 @@ def main(argv):
       if FLAGS.unblocked:
         cands[name + ' unblk'] = project_candidate(mc, tc, batch, unblocked=True)
         mcs[name + ' unblk'] = mc
+      variants = {}
       if FLAGS.whole_batch:
-        cands[name + ' whole'] = project_candidate(
-            mc, dataclasses.replace(tc, micro_batch_tokens=0), batch)
-        mcs[name + ' whole'] = mc
+        variants[' whole'] = dict(tc=dataclasses.replace(tc, micro_batch_tokens=0))
+      for m in FLAGS.micro_tokens:
+        variants[f' mt{int(m)}'] = dict(tc=dataclasses.replace(tc, micro_batch_tokens=int(m)))
+      if FLAGS.host_devices > 1:
+        variants[f' host{FLAGS.host_devices}'] = dict(tc=tc, devices=FLAGS.host_devices)
+      for suffix, kw in variants.items():
+        cands[name + suffix] = project_candidate(mc, kw['tc'], batch, devices=kw.get('devices', 1))
+        mcs[name + suffix] = mc
 
   dev = jax.devices()[0]
   peak = flops_lib.peak_flops(dev.device_kind, dtype, FLAGS.peak_flops)
