@@ -266,10 +266,11 @@ def project_candidate(mc, tc, batch_BT1, unblocked: bool = False, devices: int =
   if devices > 1:
     mesh = shard_lib.make_mesh(shard_lib.MeshConfig(data=devices), jax.devices()[:devices])
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_BT1 = jax.device_put(batch_BT1, shard_lib.batch_sharding(mesh))
+    split = shard_lib.batch_sharding(mesh)
+    batch_BT1 = jax.device_put(batch_BT1, split)
     state[0] = jax.device_put(state[0], rep)
     step = jax.jit(shard_lib.with_activation_constraints(fn, mesh), donate_argnums=0,
-                   in_shardings=(rep, shard_lib.batch_sharding(mesh)), out_shardings=(rep, rep))
+                   in_shardings=(rep, split), out_shardings=(rep, rep))
   else:
     step = jax.jit(fn, donate_argnums=0)
   if unblocked:   # compiled here, under the switch (its "1st step" column is then one step)
@@ -391,10 +392,9 @@ def main(argv):
       name = f'lm {pos} clip {clip:g}'
       cands[name] = project_candidate(mc, tc, batch)
       mcs[name] = mc
-      if FLAGS.unblocked:
-        cands[name + ' unblk'] = project_candidate(mc, tc, batch, unblocked=True)
-        mcs[name + ' unblk'] = mc
       variants = {}
+      if FLAGS.unblocked:
+        variants[' unblk'] = dict(tc=tc, unblocked=True)
       if FLAGS.whole_batch:
         variants[' whole'] = dict(tc=dataclasses.replace(tc, micro_batch_tokens=0))
       for m in FLAGS.micro_tokens:
@@ -402,7 +402,7 @@ def main(argv):
       if FLAGS.host_devices > 1:
         variants[f' host{FLAGS.host_devices}'] = dict(tc=tc, devices=FLAGS.host_devices)
       for suffix, kw in variants.items():
-        cands[name + suffix] = project_candidate(mc, kw['tc'], batch, devices=kw.get('devices', 1))
+        cands[name + suffix] = project_candidate(mc, kw.pop('tc'), batch, **kw)
         mcs[name + suffix] = mc
 
   dev = jax.devices()[0]

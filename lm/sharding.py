@@ -232,9 +232,11 @@ def batch_shards() -> int:
   """How many ways the batch is split on the mesh a step is being traced for (1 outside
   `activation_constraints`, where a single-device step is traced)."""
   mesh = _ACTIVATION_MESH.get()
-  if mesh is None:
-    return 1
-  target = _mesh_axes('batch')
+  return 1 if mesh is None else _split_size(mesh, _mesh_axes('batch'))
+
+
+def _split_size(mesh: Mesh, target) -> int:
+  """How many ways the mesh axes `target` (one name, a tuple of names or None) split a dim."""
   names = (target,) if isinstance(target, str) else (target or ())
   return int(np.prod([mesh.shape[n] for n in names]))
 
@@ -249,7 +251,5 @@ def constrain(x, *logical):
   out = []
   for dim, name in zip(x.shape, logical):
     target = None if name in (None, 'embed') else _mesh_axes(name)
-    names = (target,) if isinstance(target, str) else (target or ())
-    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
-    out.append(target if dim % size == 0 else P.UNCONSTRAINED)
+    out.append(target if dim % _split_size(mesh, target) == 0 else P.UNCONSTRAINED)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*out)))
