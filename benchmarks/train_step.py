@@ -1,5 +1,6 @@
 """Training throughput: python -m benchmarks.train_step [--size=ref] [--batch=...] [--compare]
-[--torch] [--unblocked] [--whole_batch] [--micro_tokens=256,1024] [--host_devices=K]
+[--torch] [--unblocked] [--whole_batch] [--one_device] [--one_at_a_time]
+[--micro_tokens=256,1024] [--host_devices=K]
 [--noall_variants], or one row for a training config:
 python -m benchmarks.train_step --config=configs/gpt2_small.py [--config.train.batch_size=8].
 
@@ -13,8 +14,13 @@ estimate of the step's memory, and the device's peak memory where the backend re
 then against it; --unblocked adds the project's step with causal attention over the whole
 T x T square (no query blocks); --whole_batch adds the step computed over the whole batch at
 once (train.micro_batch_tokens=0) instead of in the micro-batches a CPU step uses;
---micro_tokens adds the step at other micro-batch sizes; --host_devices=K adds the step with
-its batch split over K host devices in one program (data parallelism on CPU devices).
+--one_device adds the step on one device instead of the host's devices (below), its
+micro-batches side by side on the cores (lm.optim.side_by_side); --one_at_a_time adds it on
+one device with its micro-batches one after another;
+--micro_tokens adds the step at other micro-batch sizes. On a CPU the process splits itself
+into host devices as `run.py train` does (mesh.cpu_devices, lm.sharding.split_host: one per
+core), and the project's candidates run on the data mesh a training run would use, so the
+batch is split over them; --host_devices=K sets that count instead (1: one device).
 Measurements and the breakdown of the step: benchmarks/README.md.
 
 Times the project's jitted training step (`lm.train.make_train_step` with `make_optimizer`) on
@@ -86,9 +92,13 @@ flags.DEFINE_bool('unblocked', False, 'Also time the step with causal attention 
                   'T x T square (no query blocks).')
 flags.DEFINE_list('micro_tokens', [], 'Also time the step with these train.micro_batch_tokens '
                   '(e.g. 256,1024), one candidate each.')
-flags.DEFINE_integer('host_devices', 0, 'K > 1: also time the step with its batch split over K '
-                     'host (CPU) devices in one program, the data parallelism of a K-device mesh '
-                     '(jax_num_cpu_devices=K, set before JAX starts).')
+flags.DEFINE_integer('host_devices', 0, 'CPU devices the process splits itself into, as '
+                     'mesh.cpu_devices does for run.py train (0: one per core; 1: one device). '
+                     'The project\'s candidates run on the data mesh a run would use.')
+flags.DEFINE_bool('one_device', False, 'Also time the step on one device, its CPU micro-batches '
+                  'side by side on the cores.')
+flags.DEFINE_bool('one_at_a_time', False, 'Also time the step on one device with its CPU '
+                  'micro-batches computed one at a time rather than side by side.')
 flags.DEFINE_bool('whole_batch', False, 'Also time the step over the whole batch at once '
                   '(train.micro_batch_tokens=0, no CPU micro-batches).')
 flags.DEFINE_bool('torch', False, 'Also time an equivalent PyTorch eager GPT (needs torch).')
@@ -251,12 +261,14 @@ def patched(obj, name, value):
     setattr(obj, name, old)
 
 
-def project_candidate(mc, tc, batch_BT1, unblocked: bool = False, devices: int = 1):
+def project_candidate(mc, tc, batch_BT1, unblocked: bool = False, devices: int = 1,
+                      one_at_a_time: bool = False):
   """(run(n) -> last loss, n_params) for lm.train's step, jitted as lm.train.build does.
 
   unblocked: compiled with causal attention over the whole T x T square (no query blocks,
   lm/attention.py), to show what the blocks buy in the same run. devices > 1: on a mesh whose
   data axis is the first `devices` devices (params replicated, the batch split).
+  one_at_a_time: compiled as if on one core, so its micro-batches run one after another.
   """
   params = jax.jit(model_lib.init_params, static_argnums=0)(mc, jax.random.PRNGKey(0))
   optimizer = train_lib.make_optimizer(tc, params)
@@ -273,8 +285,12 @@ def project_candidate(mc, tc, batch_BT1, unblocked: bool = False, devices: int =
                    in_shardings=(rep, split), out_shardings=(rep, rep))
   else:
     step = jax.jit(fn, donate_argnums=0)
-  if unblocked:   # compiled here, under the switch (its "1st step" column is then one step)
+  # Compiled here, under the switch (the "1st step" column is then one step).
+  if unblocked:
     with patched(attention_lib, 'causal_blocks', lambda T: 1):
+      step = step.lower(state[0], batch_BT1).compile()
+  elif one_at_a_time:
+    with patched(optim, 'host_cores', lambda: 1):
       step = step.lower(state[0], batch_BT1).compile()
 
   def run(n):
@@ -366,10 +382,11 @@ def main(argv):
   if FLAGS.config is not None:
     config_row(FLAGS.config)
     return
-  if FLAGS.host_devices > 1:   # before anything starts the backend
-    jax.config.update('jax_num_cpu_devices', FLAGS.host_devices)
   s = SIZES[FLAGS.size]
   B = FLAGS.batch or s['batch']
+  # Before anything else starts the backend: the devices and mesh `run.py train` would use.
+  mesh = shard_lib.make_mesh(shard_lib.MeshConfig(cpu_devices=FLAGS.host_devices), batch_size=B)
+  n_dev = mesh.devices.size
   T = FLAGS.seq_len or s['seq_len']
   dtype = FLAGS.dtype or s['dtype']
   s = dict(s, max_len=max(s['max_len'], T))
@@ -390,27 +407,32 @@ def main(argv):
       tc = train_lib.TrainConfig(steps=steps_total, batch_size=B, seq_len=T, warmup_steps=0,
                                  grad_clip=clip, grad_accum=1)
       name = f'lm {pos} clip {clip:g}'
-      cands[name] = project_candidate(mc, tc, batch)
+      cands[name] = project_candidate(mc, tc, batch, devices=n_dev)
       mcs[name] = mc
       variants = {}
       if FLAGS.unblocked:
-        variants[' unblk'] = dict(tc=tc, unblocked=True)
+        variants[' unblk'] = dict(tc=tc, unblocked=True, devices=n_dev)
+      if FLAGS.one_device and n_dev > 1:
+        variants[' 1dev'] = dict(tc=tc)
+      if FLAGS.one_at_a_time:
+        variants[' 1at1'] = dict(tc=tc, one_at_a_time=True)
       if FLAGS.whole_batch:
-        variants[' whole'] = dict(tc=dataclasses.replace(tc, micro_batch_tokens=0))
+        variants[' whole'] = dict(tc=dataclasses.replace(tc, micro_batch_tokens=0), devices=n_dev)
       for m in FLAGS.micro_tokens:
-        variants[f' mt{int(m)}'] = dict(tc=dataclasses.replace(tc, micro_batch_tokens=int(m)))
-      if FLAGS.host_devices > 1:
-        variants[f' host{FLAGS.host_devices}'] = dict(tc=tc, devices=FLAGS.host_devices)
+        variants[f' mt{int(m)}'] = dict(tc=dataclasses.replace(tc, micro_batch_tokens=int(m)),
+                                        devices=n_dev)
       for suffix, kw in variants.items():
         cands[name + suffix] = project_candidate(mc, kw.pop('tc'), batch, **kw)
         mcs[name + suffix] = mc
 
   dev = jax.devices()[0]
+  A = optim.micro_batches(tc, B, n_dev, dev.platform)
   peak = flops_lib.peak_flops(dev.device_kind, dtype, FLAGS.peak_flops)
   print(f'{dev.device_kind} ({dev.platform}), size {FLAGS.size}: {s["n_layers"]} layers, '
         f'd_model {s["d_model"]}, {s["n_heads"]} heads, d_ff {s["d_ff"]}, vocab {s["vocab"]}; '
-        f'batch {B} x {T}, {dtype}; the step in {optim.micro_batches(tc, B, 1, dev.platform)} '
-        'micro-batches', flush=True)
+        f'batch {B} x {T}, {dtype}; on {n_dev} device(s), the step in {A} micro-batches, '
+        f'{optim.side_by_side(A, n_dev, dev.platform)} side by side ({optim.host_cores()} '
+        'cores)', flush=True)
 
   compile_s = {}
   for name, (run, _) in cands.items():

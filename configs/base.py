@@ -98,5 +98,6 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.fsdp = 1
   mesh.tensor = 1
   mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+  mesh.cpu_devices = 0      # CPU only: split the host into this many devices; 0: one per core
   return c
 

@@ -341,7 +341,7 @@ def build(cfg, workdir: str) -> Job:
   fc = FinetuneConfig.from_config(cfg)
   mesh_cfg = shard_lib.MeshConfig.from_config(cfg.mesh)
   shard_lib.maybe_initialize_distributed(mesh_cfg)
-  mesh = shard_lib.make_mesh(mesh_cfg)
+  mesh = shard_lib.make_mesh(mesh_cfg, batch_size=tc.batch_size)
   base_mc, base_params, tokenizer, base_id = load_model(fc.init_from)
   sft._chat_ids(tokenizer)   # a base without chat tokens is refused here, before any work
   if tc.seq_len > base_mc.max_len:

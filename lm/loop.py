@@ -34,7 +34,7 @@ from lm import flops as flops_lib
 from lm import metrics as metrics_lib
 from lm.errors import UserError
 from lm import sharding as shard_lib
-from lm.optim import TrainConfig, learning_rate_schedule, micro_batches
+from lm.optim import TrainConfig, learning_rate_schedule, micro_batches, side_by_side
 
 # Keys that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_every',
@@ -43,14 +43,14 @@ RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_ev
                      'mesh.distributed', 'model.remat', 'model.attention_impl',
                      'train.eval_tasks', 'train.eval_tasks_every', 'train.eval_task_examples',
                      'train.eval_shots', 'train.profile_steps', 'train.async_checkpoint',
-                     'train.micro_batch_tokens')
+                     'train.micro_batch_tokens', 'mesh.cpu_devices')
 
 # Keys added after runs existed, with the value that means what their absence meant: a config
 # written before a key existed equals one that sets it to this default.
 ADDED_KEYS = {'train.async_checkpoint': True, 'train.profile_steps': '', 'train.opt_dtype': 'float32', 'model.param_dtype': 'float32', 'train.init_from': '', 'data.tokenizer_path': '',
               'data.arith_fraction': 0.0,
               'data.arith_digits': 4, 'train.eval_tasks': '', 'train.eval_tasks_every': 0,
-              'train.eval_task_examples': 100, 'train.eval_shots': 3}
+              'train.eval_task_examples': 100, 'train.eval_shots': 3, 'mesh.cpu_devices': 1}
 
 LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, jax.Array]]
 
@@ -71,28 +71,38 @@ def make_step(loss_fn: LossFn, tc: TrainConfig, optimizer, seed: int,
   def step(state, frozen, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state['step'])
     params = state['params']
-    A = tc.grad_accum
+    A, P = tc.grad_accum, 1
     if row_wise:   # decided when the step is traced: the batch's rows, mesh and backend
-      A = micro_batches(tc, jax.tree.leaves(batch)[0].shape[0], shard_lib.batch_shards(),
-                        jax.default_backend())
+      shards, platform = shard_lib.batch_shards(), jax.default_backend()
+      A = micro_batches(tc, jax.tree.leaves(batch)[0].shape[0], shards, platform)
+      P = side_by_side(A, shards, platform)
     if A == 1:
       (total, (weight, extra)), grads = grad_fn(params, frozen, batch, rng)
     else:
-      # Row i*A + a goes to micro-batch a, so each micro-batch spans every data shard.
-      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1),
-                           batch)
+      # Row i*A + a goes to micro-batch a, so each micro-batch spans every data shard. The loop
+      # takes P micro-batches an iteration (j*P + p, side by side, optim.side_by_side) and adds
+      # their sums in micro-batch order.
+      def split(x):
+        rows = x.shape[0] // A
+        x = x.reshape(rows, A, *x.shape[1:]).swapaxes(0, 1)
+        return x.reshape(A // P, P, rows, *x.shape[2:])
+      micro = jax.tree.map(split, batch)
 
       def body(carry, xs):
-        mb, i = xs
-        (l, (w, e)), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (l, w, e, g)), None
-      first = jax.tree.map(lambda x: x[0], micro)
+        mbs, idx = xs
+        for p in range(P):
+          mb = jax.tree.map(lambda x: x[p], mbs)
+          (l, (w, e)), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, idx[p]))
+          carry = jax.tree.map(jnp.add, carry, (l, w, e, g))
+        return carry, None
+      first = jax.tree.map(lambda x: x[0, 0], micro)
       shapes = jax.eval_shape(grad_fn, params, frozen, first, rng)
       (_, (_, e_shape)), _ = shapes
       zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), e_shape),
               jax.tree.map(jnp.zeros_like, params))
-      (total, weight, extra, grads), _ = jax.lax.scan(body, zero, (micro, jnp.arange(A)))
+      (total, weight, extra, grads), _ = jax.lax.scan(
+          body, zero, (micro, jnp.arange(A).reshape(A // P, P)))
     weight = jnp.maximum(weight, 1e-9)   # a batch with nothing to learn from gives loss 0
     loss, grads = total / weight, jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = optimizer.update(grads, state['opt_state'], params)

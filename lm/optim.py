@@ -4,6 +4,7 @@ Shared by every training stage (pretraining, fine-tuning, and later objectives):
 optimizer here over whatever tree it trains (all params, or LoRA adapters only).
 """
 import dataclasses
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -123,6 +124,33 @@ def micro_batches(tc: TrainConfig, rows: int, shards: int = 1, platform: str = '
     return A
   fits = [a for a in valid if rows // a // shards * tc.seq_len <= tc.micro_batch_tokens]
   return fits[0] if fits else valid[-1]
+
+
+def host_cores() -> int:
+  """The CPU cores this process may run on (its affinity, so `taskset` and pinned sweep
+  workers count as what they are given)."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def side_by_side(micro: int, shards: int = 1, platform: str = 'cpu',
+                 cores: int | None = None) -> int:
+  """How many of a step's `micro` micro-batches are computed side by side, as independent
+  chains of work in one loop iteration, so that XLA's CPU runtime runs them on different cores.
+
+  A micro-batch's ops are too small to fill two cores one at a time (XLA:CPU runs its batched
+  attention matmuls on one thread), so on a CPU with spare cores per batch shard the step takes
+  the largest divisor of `micro` that is at most cores // shards (1 on one core, where chains
+  side by side only lose cache). The gradients are still summed in micro-batch order, so the
+  result is the same to float rounding (XLA fuses the two layouts differently). 1 on
+  accelerators. Measured on two cores: 4-10% faster steps at the benchmark's shapes
+  (benchmarks/README.md).
+  """
+  if platform != 'cpu' or micro <= 1:
+    return 1
+  spare = max(1, (cores or host_cores()) // max(shards, 1))
+  return max(p for p in range(1, min(spare, micro) + 1) if micro % p == 0)
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:

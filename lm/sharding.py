@@ -16,6 +16,7 @@ instead of guessing one, which could move whole activations between devices.
 import contextlib
 import contextvars
 import dataclasses
+import math
 import os
 
 import jax
@@ -45,6 +46,7 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
   distributed: bool = False
+  cpu_devices: int = 0   # a CPU host split into this many devices; 0: one per core (split_host)
 
   @classmethod
   def from_config(cls, mesh_cfg) -> 'MeshConfig':
@@ -101,8 +103,50 @@ def mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(mc: MeshConfig, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+# The CPU device count this process chose for itself (split_host), 0 if it did not choose.
+_host_split = {'devices': 0}
+MAX_HOST_DEVICES = 8
+
+
+def split_host(cpu_devices: int = 0) -> int:
+  """Splits a CPU host into several XLA devices before JAX's backend starts, so that a step's
+  batch is computed as data-parallel shards side by side on the cores.
+
+  XLA:CPU fills two cores poorly with one small program (its batched attention matmuls run on
+  one thread); the same step split over one device per core ran 1.10-1.15x faster on two cores
+  (benchmarks/README.md). cpu_devices=0 (mesh.cpu_devices) takes one device per core this
+  process may use, at most MAX_HOST_DEVICES; 1 keeps one device. Nothing changes when the
+  caller chose a count already (XLA_FLAGS' --xla_force_host_platform_device_count or
+  jax_num_cpu_devices), in a multi-process job, or once JAX has started. Accelerators ignore the
+  CPU's device count. Returns the count this call set, else 0.
+  """
+  from lm.optim import host_cores
+  if cpu_devices < 0:
+    raise UserError(f'mesh.cpu_devices={cpu_devices} must be 0 (one per core) or a positive '
+                    'count.')
+  n = cpu_devices or min(host_cores(), MAX_HOST_DEVICES)
+  if (n <= 1 or _host_split['devices'] or jax.config.jax_num_cpu_devices != -1
+      or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+      or os.environ.get('JAX_COORDINATOR_ADDRESS') or jax.distributed.is_initialized()):
+    return 0
+  try:
+    jax.config.update('jax_num_cpu_devices', n)
+  except RuntimeError:   # JAX has started in this process: its devices stay as they are
+    return 0
+  _host_split['devices'] = n
+  return n
+
+
+def make_mesh(mc: MeshConfig, devices=None, batch_size: int | None = None) -> Mesh:
+  """The mesh over `devices` (default: all, after split_host(mc.cpu_devices)). On CPU devices
+  the process split itself into, a pure data mesh takes the most of them that divide
+  batch_size, so any batch runs (the rest stay idle)."""
+  if devices is None:
+    split_host(mc.cpu_devices)
+    devices = jax.devices()
+    if (batch_size and _host_split['devices'] and devices[0].platform == 'cpu'
+        and (mc.data, mc.fsdp, mc.tensor) == (-1, 1, 1)):
+      devices = devices[:math.gcd(len(devices), batch_size)]
   shape = mesh_shape(mc, len(devices))
   return Mesh(np.asarray(devices).reshape(shape), AXES)
 

@@ -77,7 +77,8 @@ def build(cfg, vocab_size: int = 0) -> Run:
   tc = TrainConfig.from_config(cfg.train)
   mesh_cfg = shard_lib.MeshConfig.from_config(cfg.mesh)
   shard_lib.maybe_initialize_distributed(mesh_cfg)
-  mesh = shard_lib.make_mesh(mesh_cfg)   # before the data: a bad mesh fails in a second
+  # Before the data: a bad mesh fails in a second.
+  mesh = shard_lib.make_mesh(mesh_cfg, batch_size=tc.batch_size)
   if cfg.model.attention_impl == 'cudnn':   # an impossible explicit choice, before the data
     attention_lib.choose_implementation('cudnn', cfg.model.dtype, jax.default_backend(),
                                         cfg.model.d_model // cfg.model.n_heads, cfg.model.pos)

@@ -60,7 +60,7 @@ def config(cache_dir: str, mesh=(-1, 1, 1), steps: int = STEPS):
 def on_devices(n: int):
   """Makes train.build lay its mesh over the first n devices (a 1-device mesh among 8)."""
   make_mesh = shard_lib.make_mesh
-  shard_lib.make_mesh = lambda mc, devices=None: make_mesh(mc, jax.devices()[:n])
+  shard_lib.make_mesh = lambda mc, devices=None, batch_size=None: make_mesh(mc, jax.devices()[:n])
   try:
     yield
   finally:

@@ -180,6 +180,35 @@ def test_mesh_shape_errors():
       shard_lib.mesh_shape(mc, 4)
 
 
+HOST_SPLIT = """
+import json, jax
+from lm import sharding as s
+n = s.split_host(2)
+m3 = s.make_mesh(s.MeshConfig(cpu_devices=2), batch_size=3)
+m4 = s.make_mesh(s.MeshConfig(cpu_devices=2), batch_size=4)
+print(json.dumps([n, jax.device_count(), m3.devices.size, m4.devices.size, s.split_host(2)]))
+"""
+
+
+@pytest.mark.parametrize('forced,expect', [
+    ('', [2, 2, 1, 2, 0]),   # split in two; a batch of 3 runs on one device, of 4 on both
+    ('--xla_force_host_platform_device_count=3', [0, 3, 3, 3, 0]),   # the caller's count stays
+])
+def test_host_split_before_jax_starts(forced, expect):
+  """mesh.cpu_devices splits a CPU host into devices in a fresh process, and the data mesh takes
+  the most of them that divide the batch; a device count the caller set is left alone."""
+  env = dict(os.environ)
+  flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+  env['XLA_FLAGS'] = ' '.join(flags + [forced]).strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  out = subprocess.run([sys.executable, '-c', HOST_SPLIT], env=env, cwd=REPO, text=True,
+                       capture_output=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == expect
+  with pytest.raises(UserError, match='cpu_devices=-1'):
+    shard_lib.split_host(-1)
+
+
 def _fake_mesh(owners):
   """A stand-in mesh whose device [d, f, t] lives in process owners[d, f, t] (no real devices)."""
   owners = np.asarray(owners)

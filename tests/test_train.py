@@ -154,17 +154,20 @@ def test_gradient_accumulation_equals_full_batch():
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(p1)) > 1e-3  # not all ~zero
 
 
-def test_cpu_micro_batches_equal_the_whole_batch():
+def test_cpu_micro_batches_equal_the_whole_batch(monkeypatch):
   """train.micro_batch_tokens splits a CPU step into micro-batches: AdamW's step over 4 of them
-  equals the whole batch at once (micro_batch_tokens=0) to float rounding."""
+  equals the whole batch at once (micro_batch_tokens=0) to float rounding, whether they are
+  computed one at a time (one core) or two side by side (two cores)."""
   mc = ModelConfig(vocab_size=50, n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, d_ff=64,
                    max_len=32)
   batch = jax.random.randint(jax.random.PRNGKey(0), (8, 17), 0, 50)
   results = []
-  for tokens in (0, 32):
+  for tokens, cores in ((0, 1), (32, 1), (32, 2)):
+    monkeypatch.setattr(optim, 'host_cores', lambda: cores)
     tc = train_lib.TrainConfig(steps=10, batch_size=8, seq_len=16, warmup_steps=0,
                                micro_batch_tokens=tokens)
-    assert optim.micro_batches(tc, 8) == (1 if tokens == 0 else 4)   # the switch really flips
+    A = optim.micro_batches(tc, 8)
+    assert (A, optim.side_by_side(A)) == ((1, 1) if tokens == 0 else (4, cores))   # really split
     params = model_lib.init_params(mc, jax.random.PRNGKey(1))
     opt = train_lib.make_optimizer(tc, params)
     state = {'params': params, 'opt_state': opt.init(params), 'step': jnp.zeros((), jnp.int32)}
@@ -172,11 +175,15 @@ def test_cpu_micro_batches_equal_the_whole_batch():
     for _ in range(3):
       state, m = step(state, batch)
     results.append((state['params'], m))
-  (p_whole, m_whole), (p_micro, m_micro) = results
+  (p_whole, m_whole), (p_micro, m_micro), (p_pair, m_pair) = results
   assert abs(float(m_whole['loss']) - float(m_micro['loss'])) < 1e-5
   assert abs(float(m_whole['grad_norm']) - float(m_micro['grad_norm'])) < 1e-4
   for a, b in zip(jax.tree.leaves(p_whole), jax.tree.leaves(p_micro)):
     np.testing.assert_allclose(a, b, atol=2e-6)
+  # Side by side, the micro-batch sums are added in the same order: equal to float rounding.
+  assert abs(float(m_pair['loss']) - float(m_micro['loss'])) < 1e-6
+  for a, b in zip(jax.tree.leaves(p_micro), jax.tree.leaves(p_pair)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_micro_batch_rule():
@@ -191,6 +198,14 @@ def test_micro_batch_rule():
   assert optim.micro_batches(tc(32, 128), 32, shards=2) == 4         # 4 rows per shard
   assert optim.micro_batches(tc(16, 128), 16, platform='gpu') == 1   # accelerators: grad_accum
   assert optim.micro_batches(tc(16, 128, micro_batch_tokens=0), 16) == 1
+  # Micro-batches side by side: the largest divisor within the cores per batch shard.
+  assert optim.side_by_side(4, cores=2) == 2
+  assert optim.side_by_side(4, cores=1) == 1                        # one core: one at a time
+  assert optim.side_by_side(6, cores=4) == 3
+  assert optim.side_by_side(8, shards=2, cores=2) == 1              # shards already fill the cores
+  assert optim.side_by_side(8, shards=2, cores=8) == 4
+  assert optim.side_by_side(1, cores=8) == 1
+  assert optim.side_by_side(8, platform='gpu', cores=8) == 1
 
 
 def lr_at(steps, **kw):
