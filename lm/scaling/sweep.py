@@ -319,8 +319,8 @@ def auto_parallel(n_jobs: int) -> int:
   from lm.scaling import parallel as parallel_lib
   platform, count = parallel_lib.probe_devices()
   if platform == 'cpu':
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return max(1, min(cores or 1, n_jobs))
+    from lm.optim import host_cores
+    return max(1, min(host_cores(), n_jobs))
   return max(1, min(count, n_jobs)) if platform in ('gpu', 'cuda', 'rocm') else 1
 
 
