@@ -552,6 +552,33 @@ def test_the_smallest_budget_gets_the_extra_seeds():
   assert len({s.name for s in specs}) == len(specs)
 
 
+def test_extra_seeds_on_the_smallest_budgets_extend_a_plan():
+  """sweep.seeds_smallest_budgets = k puts the extra seeds on the k smallest budgets; the runs
+  already planned keep their run configs, so a finished folder extends without retraining."""
+  from configs import sweep_exponent_wsd
+  c = sweep_exponent_wsd.get_config()
+  before = {sp.name: sp for sp in sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)}
+  with c.sweep.unlocked():
+    c.sweep.seeds_smallest_budgets = 3
+  after = {sp.name: sp for sp in sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)}
+  assert set(before) < set(after)
+  for name, sp in before.items():   # same run config (its identity); a branch may find a longer
+    assert (sweep_lib.run_config(c.base, after[name]).to_dict()   # trunk of its own seed
+            == sweep_lib.run_config(c.base, sp).to_dict())
+    assert after[name] == dataclasses.replace(sp, trunk=after[name].trunk)
+  three = sorted(c.sweep.budgets)[:3]
+  extra = [sp for sp in after.values() if sp.seed == 1]
+  assert {sp.budget for sp in extra} == set(three)
+  for C in three:
+    assert (sorted((sp.n_layers, sp.d_model) for sp in extra if sp.budget == C)
+            == sorted((sp.n_layers, sp.d_model) for sp in after.values()
+                      if sp.seed == 0 and sp.budget == C))
+  with c.sweep.unlocked():
+    c.sweep.seeds_smallest_budgets = 0
+  with pytest.raises(UserError, match='seeds_smallest_budgets'):
+    sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+
+
 def test_isoflop_wsd_plan_shares_trunks_across_budgets():
   """sweep.mode=isoflop_wsd: one ladder of sizes for every budget; a size's runs with one batch
   are branches of its longest, each keeping its own budget, batch and steps."""

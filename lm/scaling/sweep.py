@@ -19,9 +19,11 @@ Rules (documented in the README, set in the sweep config):
            (train.eval_batches = eval_rows / batch), whatever its batch; 0 (or absent): the base
            config's eval_batches x batch_size windows.
   lr:      sweep.lr * (sweep.lr_ref_width / d_model) ** sweep.lr_width_power (wider -> smaller).
-  seeds:   every run with sweep.seeds seeds; the smallest IsoFLOP budget with sweep.seeds_smallest
-           (if more), so that run-to-run noise is measured (fit.seed_noise) and carried into the
-           Approach 3 intervals.
+  seeds:   every run with sweep.seeds seeds; the smallest IsoFLOP budget (the
+           sweep.seeds_smallest_budgets smallest, default 1) with sweep.seeds_smallest (if more), so
+           that run-to-run noise is measured (fit.seed_noise) and carried into the Approach 3
+           intervals. Raising either extends a finished folder: the runs already there keep their
+           names and configs and are skipped.
   warmup:  min(sweep.warmup_max, sweep.warmup_fraction * steps); cosine to 10% over each run.
   pack:    sweep.pack = K > 1 trains runs that differ only in seed (or lr) K at a time as one
            vmapped program (lm/scaling/packed.py), for accelerators that one small model cannot
@@ -164,7 +166,8 @@ def validate(s) -> None:
     raise UserError(f'sweep.aspect_band={s.aspect_band} must be at least 1 (d_model/n_layers '
                     'within that factor of sweep.aspect).')
   for key in ('sizes_per_budget', 'head_dim', 'seeds', 'evals_per_run', 'checkpoints_per_run',
-              'max_attempts', 'min_layers', 'min_steps', 'seeds_smallest', 'pack'):
+              'max_attempts', 'min_layers', 'min_steps', 'seeds_smallest',
+              'seeds_smallest_budgets', 'pack'):
     if key in s:
       _positive_numbers(s, key, integer=True)
   if int(s.get('pack', 1)) > 1 and int(s.get('parallel', 1)) > 1:
@@ -223,7 +226,9 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
       n = math.sqrt(C / (k * s.tokens_per_param))
     return n
 
-  extra = int(s.get('seeds_smallest', 0))   # the smallest budget repeated with more seeds
+  extra = int(s.get('seeds_smallest', 0))   # the smallest budgets repeated with more seeds
+  if s.mode in ISOFLOP_MODES:
+    smallest = sorted(s.budgets)[:int(s.get('seeds_smallest_budgets', 1))]
   if s.mode == 'isoflop_wsd':
     # One ladder of sizes for every budget, so that a size recurs across budgets and its runs
     # can share a trunk: n0 · step^j, with n0 the smallest budget's predicted optimum and the
@@ -232,13 +237,13 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
     step = s.span ** (2.0 / (s.sizes_per_budget - 1)) if s.sizes_per_budget > 1 else 1.0
   for seed in range(max(s.seeds, extra if s.mode in ISOFLOP_MODES else 0)):
     if s.mode == 'isoflop':
-      for C in (s.budgets if seed < s.seeds else [min(s.budgets)]):
+      for C in (s.budgets if seed < s.seeds else [C for C in s.budgets if C in smallest]):
         n_star = optimum(C)
         for f in np.geomspace(1 / s.span, s.span, s.sizes_per_budget):
           specs.append(spec(n_star * f, C, None, seed))
     elif s.mode == 'isoflop_wsd':
       runs = {}
-      for C in (s.budgets if seed < s.seeds else [min(s.budgets)]):
+      for C in (s.budgets if seed < s.seeds else [C for C in s.budgets if C in smallest]):
         for n in ladder(optimum(C), n0, step, s.span):
           sp = spec(n, C, None, seed)
           runs.setdefault(sp.name, sp)
