@@ -553,8 +553,11 @@ def test_the_smallest_budget_gets_the_extra_seeds():
 
 
 def test_extra_seeds_on_the_smallest_budgets_extend_a_plan():
-  """sweep.seeds_smallest_budgets = k puts the extra seeds on the k smallest budgets; the runs
-  already planned keep their run configs, so a finished folder extends without retraining."""
+  """sweep.seeds_smallest_budgets = k puts the extra seeds on the k smallest budgets. Here (every
+  trunk long enough for the full warmup) the runs already planned keep their run configs, so a
+  finished folder extends without retraining; a branch whose new trunk has another warmup gets
+  another config, which the identity check refuses
+  (test_changed_plan_is_refused_naming_the_changed_keys)."""
   from configs import sweep_exponent_wsd
   c = sweep_exponent_wsd.get_config()
   before = {sp.name: sp for sp in sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)}

@@ -22,8 +22,10 @@ Rules (documented in the README, set in the sweep config):
   seeds:   every run with sweep.seeds seeds; the smallest IsoFLOP budget (the
            sweep.seeds_smallest_budgets smallest, default 1) with sweep.seeds_smallest (if more), so
            that run-to-run noise is measured (fit.seed_noise) and carried into the Approach 3
-           intervals. Raising either extends a finished folder: the runs already there keep their
-           names and configs and are skipped.
+           intervals. Raising either extends a finished folder: the runs already there are
+           skipped, but in mode isoflop_wsd an extra-seed run that now branches from a longer
+           trunk of its seed takes that trunk's warmup, and where that differs the sweep refuses
+           the folder and names the run (move it aside and it is trained again).
   warmup:  min(sweep.warmup_max, sweep.warmup_fraction * steps); cosine to 10% over each run.
   pack:    sweep.pack = K > 1 trains runs that differ only in seed (or lr) K at a time as one
            vmapped program (lm/scaling/packed.py), for accelerators that one small model cannot
