@@ -369,6 +369,15 @@ def test_seed_noise_is_measured_and_widens_the_approach3_interval():
   noisy = fit_lib.bootstrap_approach3(N, D, L, theta, n_boot=20, seed=1, noise_std=0.03)
   width = lambda ci: ci['a'][1] - ci['a'][0]
   assert noisy['noise_std'] == 0.03 and width(noisy) > width(quiet)
+  # Design points drawn whole: each point held twice, resampled by point, refits on the same
+  # points as the runs-bootstrap of the points held once (the same draws, every point doubled).
+  pts = fit_lib.design_points(N, D)
+  N2, D2, L2 = (np.concatenate([v, v]) for v in (N, D, L))
+  paired = fit_lib.bootstrap_approach3(N2, D2, L2, theta, n_boot=20, seed=1, groups=pts + pts)
+  assert paired['units'] == len(L) and 'drawn together' in paired['method']
+  np.testing.assert_allclose(paired['a'], quiet['a'], atol=2e-3)
+  loose = fit_lib.bootstrap_approach3(N2, D2, L2, theta, n_boot=20, seed=1)
+  assert loose['units'] == 2 * len(L) and width(loose) < width(paired)
 
 
 def test_report_says_in_words_when_the_exponent_is_not_pinned(tmp_path):

@@ -139,13 +139,19 @@ def fit_approach3(N, D, L, delta=HUBER_DELTA, reduction='sum', top_k=DEFAULT_TOP
   return out
 
 
+def design_points(N, D) -> list:
+  """One label per run: runs of the same size and token count (to 0.1%) share it, the seeds of
+  one point of the design."""
+  return [(round(math.log(float(n)), 3), round(math.log(float(d)), 3)) for n, d in zip(N, D)]
+
+
 def seed_noise(rows, loss_key='loss', params_key='params', tokens_key='tokens'):
-  """Run-to-run noise from runs repeated with other seeds: runs of the same size and token count
-  (rounded to 0.1%) form a group; the pooled standard deviation of log loss within the groups
-  of two or more. None when no run was repeated."""
+  """Run-to-run noise from runs repeated with other seeds: runs of one design point (the same
+  size and token count) form a group; the pooled standard deviation of log loss within the
+  groups of two or more. None when no run was repeated."""
   groups = {}
-  for r in rows:
-    key = (round(math.log(float(r[params_key])), 3), round(math.log(float(r[tokens_key])), 3))
+  keys = design_points([r[params_key] for r in rows], [r[tokens_key] for r in rows])
+  for key, r in zip(keys, rows):
     groups.setdefault(key, []).append(math.log(float(r[loss_key])))
   reps = [np.asarray(v) for v in groups.values() if len(v) >= 2]
   if not reps:
@@ -158,12 +164,17 @@ def seed_noise(rows, loss_key='loss', params_key='params', tokens_key='tokens'):
 
 
 def bootstrap_approach3(N, D, L, theta, n_boot=100, seed=0, n_grid_starts=2, delta=HUBER_DELTA,
-                        noise_std=0.0):
+                        noise_std=0.0, groups=None):
   """Percentile intervals (2.5, 97.5) from refits on runs resampled with replacement.
 
-  noise_std > 0 (the measured seed-to-seed std of log loss) also perturbs each resampled loss by
-  a lognormal factor of that width: the intervals then carry the run-to-run noise that a single
-  run per point hides.
+  groups: one label per run; runs with the same label (the seeds of one size and token count)
+  are resampled together, as one unit (a cluster bootstrap): they share the point's distance from
+  the law, so drawing them one by one would count one point's misfit as independent evidence.
+  Each run's own seed noise is in its loss already and so in the resamples.
+
+  noise_std > 0 also perturbs each resampled loss by a lognormal factor of that width, on top of
+  the noise the losses carry; benchmarks/bootstrap_coverage.py measures what that does to the
+  intervals' coverage.
 
   Each refit starts from the full-data optimum `theta` plus the `n_grid_starts` grid points that score best
   on the full data: resamples move the optimum only a little, and re-screening the grid per resample would
@@ -177,8 +188,15 @@ def bootstrap_approach3(N, D, L, theta, n_boot=100, seed=0, n_grid_starts=2, del
   keys = ('E', 'A', 'B', 'alpha', 'beta', 'a', 'b', 'G')
   samples = {k: [] for k in keys}
   failed = degenerate = 0
+  if groups is None:
+    units = [np.array([i]) for i in range(len(L))]
+  else:
+    members = {}
+    for i, g in enumerate(groups):
+      members.setdefault(g, []).append(i)
+    units = [np.asarray(v) for v in members.values()]
   for _ in range(n_boot):
-    idx = rng.integers(0, len(L), len(L))
+    idx = np.concatenate([units[j] for j in rng.integers(0, len(units), len(units))])
     x, y, t = np.log(N[idx]), np.log(D[idx]), np.log(L[idx])
     if noise_std:
       t = t + rng.normal(0.0, noise_std, len(t))
@@ -200,9 +218,13 @@ def bootstrap_approach3(N, D, L, theta, n_boot=100, seed=0, n_grid_starts=2, del
   ci['n_used'] = int(n_boot - failed - degenerate)
   ci['n_failed'] = int(failed)
   ci['n_degenerate'] = int(degenerate)
-  ci['method'] = ('bootstrap over runs, 2.5/97.5 percentiles of the resamples whose fit converged '
-                  'with alpha, beta > 0' + (f'; each loss also perturbed by the measured seed noise '
-                                            f'(std of log loss {noise_std:.4f})' if noise_std else ''))
+  over = ('runs, the seeds of one size and token count drawn together' if groups is not None
+          and len(units) < len(L) else 'runs')
+  ci['method'] = (f'bootstrap over {over}, 2.5/97.5 percentiles of the resamples whose fit '
+                  'converged with alpha, beta > 0' + (
+                      f'; each loss also perturbed by the measured seed noise (std of log loss '
+                      f'{noise_std:.4f})' if noise_std else ''))
+  ci['units'] = len(units)
   ci['noise_std'] = float(noise_std)
   return ci
 
