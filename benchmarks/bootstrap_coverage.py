@@ -13,9 +13,7 @@ again by the seed noise. A method is calibrated when the true a lies inside its 
 about 95% of the replicates; wider than that, its intervals overstate the uncertainty. Writes
 table.md and result.json to --out.
 """
-import csv
 import json
-import math
 import os
 import time
 
@@ -39,11 +37,8 @@ METHODS = (('runs', False, False), ('runs + seed noise', False, True),
 def main(argv):
   del argv
   from lm.scaling import fit as fit_lib
-  with open(FLAGS.results) as f:
-    rows = list(csv.DictReader(f))
-  N = np.array([float(r['params']) for r in rows])
-  D = np.array([float(r['tokens']) for r in rows])
-  L = np.array([float(r['loss']) for r in rows])
+  rows = fit_lib.read_results(FLAGS.results, loss_key='loss')
+  N, D, L = (np.array([r[k] for r in rows]) for k in ('params', 'tokens', 'loss'))
   truth = fit_lib.fit_approach3(N, D, L)
   noise = fit_lib.seed_noise(rows)
   sigma = FLAGS.seed_noise if FLAGS.seed_noise >= 0 else (noise['std_log_loss'] if noise else 0.01)
