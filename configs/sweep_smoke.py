@@ -45,6 +45,7 @@ def get_config():
   s.warmup_max = 100
   s.seeds = 1
   s.seeds_smallest_budgets = 1    # how many of the smallest budgets get sweep.seeds_smallest seeds
+  s.only = ''                     # a regex: train only the runs it matches (and their trunks)
   s.evals_per_run = 4             # evaluations (and eval rows) spread over each run
   # Validation windows every run is scored on (the same windows for every batch size);
   # 0: base.train.eval_batches x base.train.batch_size (8 x 16 = 128 here).

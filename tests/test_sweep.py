@@ -582,6 +582,31 @@ def test_extra_seeds_on_the_smallest_budgets_extend_a_plan():
     sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
 
 
+def test_only_keeps_the_matching_runs_and_their_trunks():
+  """sweep.only trains part of a plan: the runs it matches, each with the trunk it branches from
+  (whatever that trunk's name), every kept run exactly as the whole plan has it."""
+  from configs import sweep_exponent_aspect
+  c = sweep_exponent_aspect.get_config()
+  whole = {sp.name: sp for sp in sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)}
+  with c.sweep.unlocked():
+    c.sweep.only = r'^C2\.7e12_L4_d32_s1$'
+  part = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  branch = whole['C2.7e12_L4_d32_s1']
+  assert branch.trunk and branch.trunk != branch.name          # a branch of a longer run
+  assert [sp.name for sp in part] == [n for n in whole if n in (branch.name, branch.trunk)]
+  assert all(sp == whole[sp.name] for sp in part)
+  with c.sweep.unlocked():
+    c.sweep.only = '_L(4_d32|5_d40)_'
+  part = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  assert {(sp.n_layers, sp.d_model) for sp in part} == {(4, 32), (5, 40)}
+  assert len(part) == len([n for n in whole if '_L4_d32_' in n or '_L5_d40_' in n])
+  for pattern, match in (('_L99_', 'matches none'), ('C1e12_(', 'not a valid regular')):
+    with c.sweep.unlocked():
+      c.sweep.only = pattern
+    with pytest.raises(UserError, match=match):
+      sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+
+
 def test_isoflop_wsd_plan_shares_trunks_across_budgets():
   """sweep.mode=isoflop_wsd: one ladder of sizes for every budget; a size's runs with one batch
   are branches of its longest, each keeping its own budget, batch and steps."""

@@ -30,6 +30,9 @@ Rules (documented in the README, set in the sweep config):
   pack:    sweep.pack = K > 1 trains runs that differ only in seed (or lr) K at a time as one
            vmapped program (lm/scaling/packed.py), for accelerators that one small model cannot
            fill; each still gets its own folder and row. 1 (the default): every run alone.
+  only:    sweep.only = a regular expression: the plan keeps the runs whose names it matches
+           (re.search) and the trunks they branch from, to train part of a plan (a changed shape,
+           one budget) in its own folder; '' (the default) keeps every run.
 A run is finished when its summary.json exists; re-running skips it. A run's identity is its full
 resolved config (runs/NAME/run_config.json): a sweep folder whose runs were trained under another
 plan (lr, batch, schedule, data, ...) is refused before anything trains, naming the changed keys. An interrupted run resumes
@@ -42,6 +45,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 import traceback
 
@@ -183,6 +187,14 @@ def validate(s) -> None:
     raise UserError(f'sweep.warmup_max={s.warmup_max} must be >= 0.')
   if s.bootstrap < 0:
     raise UserError(f'sweep.bootstrap={s.bootstrap} must be >= 0 (0: no intervals).')
+  only = s.get('only', '')
+  if not isinstance(only, str):
+    raise UserError(f'sweep.only={only!r} must be a regular expression (a string) over run names.')
+  try:
+    re.compile(only)
+  except re.error as e:
+    raise UserError(f'sweep.only={only!r} is not a valid regular expression ({e}); '
+                    "write one that matches run names such as 'C1e12_L4_d32_s0', or ''.") from None
 
 
 def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
@@ -261,7 +273,24 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
   unique = {}
   for sp in specs:   # two targets can round to the same shape: run it once
     unique.setdefault(sp.name, sp)
-  return list(unique.values())
+  return _only(list(unique.values()), s.get('only', ''))
+
+
+def _only(specs: list[RunSpec], pattern: str) -> list[RunSpec]:
+  """The runs whose names match `pattern` (all for ''), with the trunks they branch from."""
+  if not pattern:
+    return specs
+  by_name = {sp.name: sp for sp in specs}
+  keep = set()
+  for sp in specs:
+    if re.search(pattern, sp.name):
+      while sp is not None and sp.name not in keep:
+        keep.add(sp.name)
+        sp = by_name.get(sp.trunk) if sp.trunk else None
+  if not keep:
+    raise UserError(f'sweep.only={pattern!r} matches none of the {len(specs)} planned runs (names '
+                    f'such as {specs[0].name!r}); fix the pattern or set it to the empty string.')
+  return [sp for sp in specs if sp.name in keep]
 
 
 def ladder(n_star: float, n0: float, step: float, span: float) -> list[float]:
