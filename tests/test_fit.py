@@ -234,10 +234,19 @@ def test_fit_results_conventions_and_heldout():
   assert out['flops_convention'] == 'chinchilla_appendix_f' and out['params_convention'] == 'total'
   held = out['heldout']
   assert held['heldout_C'] == 1e18 and held['n_test'] == 9 and held['mean_rel_error'] < 0.01
+  # The other parameter count is fitted beside: a constant factor between the counts leaves the
+  # exponent as it is (only A moves), a share that shrinks with N would not.
+  other = out['approach3']['a_other_params']
+  assert other['convention'] == 'nonembedding'
+  assert other['a'] == pytest.approx(out['approach3']['a'], abs=2e-3)
   for r in rows:
     del r['flops']
   out = F.fit_results(rows, params_key='params_nonembed', bootstrap=0, top_k=TOP_K)
   assert out['flops_convention'] == '6nd' and out['params_convention'] == 'nonembedding'
+  assert out['approach3']['a_other_params']['convention'] == 'total'
+  for r in rows:
+    del r['params_nonembed']
+  assert F.fit_results(rows, bootstrap=0, top_k=TOP_K)['approach3']['a_other_params'] is None
   assert out['approach3']['flops_per_ND'] == pytest.approx(6.0)  # 6ND with the chosen N, as Kaplan et al.
 
 

@@ -571,6 +571,7 @@ def fit_results(rows, flops_key='flops', params_key='params', loss_key='loss', t
   a3['frontier'] = ('N_opt = G\' (C e^-ln_k0)^(beta/(alpha+beta(1+s))), D_opt = C/(k(N_opt) N_opt), '
                     'k(N) = e^ln_k0 N^s fitted to the runs\' own C/(N D) (flops_per_ND_law); with s = 0 '
                     'this is the paper\'s N_opt = G (C/k)^a')
+  a3['a_other_params'] = other_params_exponent(rows, N, D, L, params_key, top_k)
   t0 = time.perf_counter()
   noise = seed_noise(rows, loss_key, params_key, tokens_key)
   a3['ci'] = bootstrap_approach3(N, D, L, a3['theta'], n_boot=bootstrap, seed=seed,
@@ -602,6 +603,26 @@ def fit_results(rows, flops_key='flops', params_key='params', loss_key='loss', t
       'n_runs': int(len(L)),
   }
   return _plain(out)
+
+
+def other_params_exponent(rows, N, D, L, params_key, top_k=DEFAULT_TOP_K):
+  """Approach 3's a with parameters counted the other way (all parameters against non-embedding),
+  when the rows have both columns; else None. At small sizes the embedding is a large and
+  shrinking share of N, and the two counts give different exponents from the same losses
+  (Kaplan et al. 2020, Sec. 3; Pearce & Song 2024 trace Kaplan's 0.73 against Chinchilla's 0.5
+  largely to this), so the report shows both."""
+  other = {'params': 'params_nonembed', 'params_nonembed': 'params'}.get(params_key)
+  if other is None:
+    return None
+  try:
+    n_other = np.array([float(r[other]) for r in rows])
+  except (KeyError, TypeError, ValueError):   # no such column, or an empty or non-numeric cell
+    return None
+  if not np.all(np.isfinite(n_other) & (n_other > 0)) or np.allclose(n_other, N):
+    return None
+  fit = fit_approach3(n_other, D, L, top_k=top_k)
+  return {'params_key': other, 'convention': PARAMS_CONVENTIONS[other], 'a': fit['a'],
+          'alpha': fit['alpha'], 'beta': fit['beta']}
 
 
 def curves_in_convention(curves, rows, params_key='params', flops_key='flops', tokens_key='tokens',

@@ -133,6 +133,10 @@ def write_report(fit, workdir):
   kl = a3.get('flops_per_ND_law')
   if kl and a3.get('a_this_count') is not None and abs(kl['slope']) > 1e-6:
     lines.append(_row(f'slope of N_opt in this C (k ∝ N^{kl["slope"]:.3f})', _num(a3['a_this_count']), ''))
+  other = a3.get('a_other_params')
+  if other and other.get('a') is not None:
+    lines.append(_row(f'a with {other["convention"]} parameters (Approach 3, same runs)',
+                      _num(other['a']), ''))
   a2_ci = f' ({_num(a2["a_ci"][0], 3)}–{_num(a2["a_ci"][1], 3)})' if a2.get('a_ci') else ''
   lines.append(_row('a (Approach 2, IsoFLOP)', _num(a2['a']) + a2_ci, CHINCHILLA['a2']))
   b2_ci = f' ({_num(a2["b_ci"][0], 3)}–{_num(a2["b_ci"][1], 3)})' if a2.get('b_ci') else ''
