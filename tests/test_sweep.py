@@ -607,6 +607,32 @@ def test_only_keeps_the_matching_runs_and_their_trunks():
       sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
 
 
+def test_one_aspect_ladder_takes_every_shape_of_that_aspect_within_the_span():
+  """sweep.aspect_band = 1: every shape has d_model = aspect · n_layers, and each budget takes
+  all such shapes from N*/span to N*·span (none skipped, none of another aspect)."""
+  from configs import sweep_exponent_one_aspect
+  c = sweep_exponent_one_aspect.get_config()
+  s = c.sweep
+  specs = sweep_lib.plan(s, c.base, BYTES_VOCAB)
+  sizes = sweep_lib.one_aspect_sizes(c.base.model, BYTES_VOCAB, s.head_dim, s.aspect, s.min_layers)
+  assert len(sizes) == 48 - s.min_layers + 1 and sizes == sorted(sizes)
+  assert all(sp.d_model == 10 * sp.n_layers and sp.n_heads == sp.n_layers for sp in specs)
+  for C in s.budgets:
+    mine = sorted(sp.params for sp in specs if sp.budget == C and sp.seed == 0)
+    lo, hi = mine[0], mine[-1]
+    inside = [n for n in sizes if lo <= n <= hi]
+    assert mine == inside and len(mine) >= 3               # a contiguous run of rungs
+    below = [n for n in sizes if n < lo]
+    above = [n for n in sizes if n > hi]
+    assert hi / lo <= s.span ** 2                          # within N*/span .. N*·span
+    if below and above:                                    # the neighbours fall outside
+      assert above[0] / below[-1] > s.span ** 2
+  with c.sweep.unlocked():
+    c.sweep.aspect = 10.3   # 10.3 · L is a multiple of 10 only beyond 48 layers
+  with pytest.raises(UserError, match='No model shape with head_dim=10'):
+    sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+
+
 def test_isoflop_wsd_plan_shares_trunks_across_budgets():
   """sweep.mode=isoflop_wsd: one ladder of sizes for every budget; a size's runs with one batch
   are branches of its longest, each keeping its own budget, batch and steps."""

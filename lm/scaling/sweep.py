@@ -11,7 +11,10 @@ Rules (documented in the README, set in the sweep config):
            the budget: 7-13 at these sizes, not 6); sizes span N* / span .. N* * span evenly in log N; D = C / FLOPs-per-token of
            the chosen shape (Chinchilla App. F count, so C is the compute the run really spends).
   shape:   at least `sweep.min_layers` layers, d_model / n_layers within a factor
-           `sweep.aspect_band` of `sweep.aspect`.
+           `sweep.aspect_band` of `sweep.aspect`. With aspect_band = 1 (isoflop_wsd) every shape
+           has d_model = aspect · n_layers and each budget takes all such shapes from N*/span to
+           N*·span: a ladder of one aspect (docs/results/exponent_aspect: at 1e4-1e6 parameters
+           the aspect moves the loss by a few percent at one size).
   batch:   the largest of `sweep.batch_sizes` that leaves the run `sweep.min_steps` steps or more
            (without sweep.batch_sizes: the base config's batch, fixed per sweep).
   steps:   D / (batch_size * seq_len), rounded.
@@ -249,6 +252,12 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
     # step that puts sizes_per_budget rungs from N*/span to N*·span.
     n0 = optimum(min(s.budgets))
     step = s.span ** (2.0 / (s.sizes_per_budget - 1)) if s.sizes_per_budget > 1 else 1.0
+    # With sweep.aspect_band = 1 every shape has d_model = aspect · n_layers, and those shapes
+    # are the rungs: each budget takes all of them from N*/span to N*·span.
+    one_aspect = float(s.get('aspect_band', 4.0)) == 1.0
+    if one_aspect:
+      rungs = one_aspect_sizes(base_cfg.model, vocab, s.head_dim, s.aspect,
+                               int(s.get('min_layers', 1)))
   for seed in range(max(s.seeds, extra if s.mode in ISOFLOP_MODES else 0)):
     if s.mode == 'isoflop':
       for C in (s.budgets if seed < s.seeds else [C for C in s.budgets if C in smallest]):
@@ -258,7 +267,9 @@ def plan(sweep_cfg, base_cfg, vocab: int) -> list[RunSpec]:
     elif s.mode == 'isoflop_wsd':
       runs = {}
       for C in (s.budgets if seed < s.seeds else [C for C in s.budgets if C in smallest]):
-        for n in ladder(optimum(C), n0, step, s.span):
+        n_star = optimum(C)
+        for n in ([r for r in rungs if n_star / s.span <= r <= n_star * s.span] if one_aspect
+                  else ladder(n_star, n0, step, s.span)):
           sp = spec(n, C, None, seed)
           runs.setdefault(sp.name, sp)
       specs.extend(_isoflop_families(list(runs.values()), float(s.get('cooldown', 0.2))))
@@ -291,6 +302,23 @@ def _only(specs: list[RunSpec], pattern: str) -> list[RunSpec]:
     raise UserError(f'sweep.only={pattern!r} matches none of the {len(specs)} planned runs (names '
                     f'such as {specs[0].name!r}); fix the pattern or set it to the empty string.')
   return [sp for sp in specs if sp.name in keep]
+
+
+def one_aspect_sizes(base_model, vocab: int, head_dim: int, aspect: float, min_layers: int = 1,
+                     max_layers: int = 48) -> list[int]:
+  """Total parameters of every shape with d_model = aspect · n_layers exactly (a multiple of
+  head_dim), from min_layers to max_layers layers: the rungs of a ladder of one aspect."""
+  out = []
+  for L in range(min_layers, max_layers + 1):
+    d = aspect * L
+    if abs(d - round(d)) < 1e-9 and round(d) % head_dim == 0:
+      out.append(flops_lib.param_counts_from_config(
+          _model_cfg(base_model, vocab, L, round(d), head_dim))['total'])
+  if not out:
+    raise UserError(f'sweep.aspect_band=1 asks for shapes with d_model = {aspect} x n_layers, a '
+                    f'multiple of sweep.head_dim={head_dim}, and there are none: pick an aspect '
+                    'and head_dim that allow it (aspect 10, head_dim 10) or widen the band.')
+  return out
 
 
 def ladder(n_star: float, n0: float, step: float, span: float) -> list[float]:
