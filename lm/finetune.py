@@ -445,9 +445,10 @@ def build(cfg, workdir: str) -> Job:
     eval_sft_batches.append(device_batch(rows))
 
   def evaluate_plain(params) -> dict:
-    sums = [sft_eval(params, b) for b in eval_sft_batches]
+    sums = shard_lib.map_bounded(lambda b: sft_eval(params, b), eval_sft_batches)
     total, weight = (float(sum(float(s[i]) for s in sums)) for i in (0, 1))
-    pre = float(np.mean(jax.device_get([pre_eval(params, b) for b in pre_batches])))
+    pre = float(np.mean(jax.device_get(
+        shard_lib.map_bounded(lambda b: pre_eval(params, b), pre_batches))))
     row = {'eval_loss': total / max(weight, 1e-9), 'pretrain_eval_loss': pre}
     if code_eval:   # the gold reward of greedy answers (lm/align/code_task.py)
       answers = greedy_answers(plain, params, tokenizer, code_eval, fc.max_new_tokens,

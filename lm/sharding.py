@@ -251,6 +251,28 @@ def global_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding, local_rows, shape)
 
 
+# At most this many executions of one program may be dispatched and unfinished (map_bounded).
+# XLA:CPU aborts the process when many executions of a program with collectives (any program
+# over several CPU devices, e.g. a host split by split_host) are in flight at once: from about 48
+# on a 2-core host, the shares of one execution wait in an all-reduce for a partner share that
+# never starts, and the rendezvous's 40 s timeout ends the process. Chaining the executions
+# through a data dependency does not prevent it; bounding the number in flight does. 8 keeps a
+# device's queue full at no measurable cost.
+MAX_IN_FLIGHT = 8
+
+
+def map_bounded(fn, items, limit: int = MAX_IN_FLIGHT) -> list:
+  """[fn(x) for x in items] with at most `limit` of the results not yet computed: every loop that
+  dispatches many jitted calls before reading any (evaluation over many batches) goes through
+  here, so a multi-device CPU program cannot pile up executions (see MAX_IN_FLIGHT)."""
+  out = []
+  for x in items:
+    if len(out) >= limit:
+      jax.block_until_ready(out[-limit])
+    out.append(fn(x))
+  return out
+
+
 _ACTIVATION_MESH = contextvars.ContextVar('activation_mesh', default=None)
 
 

@@ -145,7 +145,7 @@ def evaluate_loss(run: Run, params) -> float:
     rows = run.dataset.eval_batches(tc.eval_batches, tc.batch_size, tc.seq_len,
                                     jax.process_index(), jax.process_count())
     run.eval_data = [shard_lib.global_batch(r, run.mesh) for r in rows]
-  losses = [run.eval_step(params, b) for b in run.eval_data]
+  losses = shard_lib.map_bounded(lambda b: run.eval_step(params, b), run.eval_data)
   return float(np.mean(jax.device_get(losses)))
 
 

@@ -298,3 +298,24 @@ def test_data_cache_survives_losing_the_build_race(tmp_path, monkeypatch):
   assert os.stat(os.path.join(loser.path, data_lib.INFO_JSON)).st_ino == winner['ino']
   np.testing.assert_array_equal(loser.train[:1000], winner['tokens'])
   assert [n for n in os.listdir(tmp_path) if n.startswith('.tmp')] == []
+
+
+def test_a_split_host_evaluates_many_batches(tmp_path):
+  """A run over two CPU devices scores 128 validation batches and finishes. Unbounded, those 128
+  executions of a program with an all-reduce made XLA:CPU abort the process (exit 134) after a
+  40 s rendezvous timeout; shard_lib.map_bounded keeps at most MAX_IN_FLIGHT in flight."""
+  workdir = str(tmp_path / 'run')
+  overrides = {'mesh.cpu_devices': 2, 'model.n_layers': 1, 'model.d_model': 32,
+               'model.n_heads': 2, 'train.seq_len': 32, 'train.batch_size': 2, 'train.steps': 2,
+               'train.warmup_steps': 1, 'train.eval_every': 2, 'train.eval_batches': 128,
+               'train.checkpoint_every': 2, 'data.corpus': 'synthetic',
+               'data.synthetic_tokens': 20_000, 'data.cache_dir': str(tmp_path / 'cache')}
+  cmd = [sys.executable, 'run.py', 'train', '--config=configs/tiny.py', f'--workdir={workdir}']
+  cmd += [f'--config.{k}={v}' for k, v in overrides.items()]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, 'manifest.json')) as f:
+    assert json.load(f)['mesh']['data'] == 2   # the batch really was split over two devices
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [json.loads(line) for line in f if 'eval_loss' in line]
+  assert len(evals) == 1 and np.isfinite(evals[0]['eval_loss'])
