@@ -50,6 +50,7 @@ def run(runs_dir=None, ranks=None, pretrain_overrides=None, sft_overrides=None,
   """Pretrains (or reuses) the base, fine-tunes it fully and with LoRA; returns the numbers."""
   from configs import pretrain_small, sft as sft_config
   from lm import finetune as ft
+  from lm import runs
   from lm import sample as sample_lib
   from lm import train as train_lib
   runs_dir = common.runs_dir(NAME, runs_dir)
@@ -84,13 +85,13 @@ def run(runs_dir=None, ranks=None, pretrain_overrides=None, sft_overrides=None,
     summary = ft.finetune(cfg, workdir)
     if not summary.get('finished'):
       raise SystemExit(f'{name} was stopped; rerun to resume.')
-    mc, params, tok = sample_lib.load(workdir)
+    mc, params, tok, _ = runs.load_model(workdir)
     answers = [sample_lib.chat(mc, params, tok, [{'role': 'user', 'content': p}],
                                max_new_tokens=24, temperature=0.0)[0] for p in prompts]
     out['variants'][name] = {'summary': summary['finetune'], 'answers': answers,
                              'steps': summary['steps']}
   # The base model's answers, through the same template (it has never seen one).
-  mc, params, tok = sample_lib.load(base_dir)
+  mc, params, tok, _ = runs.load_model(base_dir)
   out['base_answers'] = [sample_lib.chat(mc, params, tok, [{'role': 'user', 'content': p}],
                                          max_new_tokens=24, temperature=0.0)[0] for p in prompts]
   return out

@@ -20,6 +20,7 @@ import numpy as np
 from configs import tiny
 from experiments import common
 from lm import model as model_lib
+from lm import runs
 from lm import sample as sample_lib
 from lm import train as train_lib
 
@@ -89,7 +90,7 @@ def run(workdir: str | None = None, cfg=None, run_dir: str | None = None, steps:
     cfg = cfg or tiny_config(steps)
     workdir = run_dir or os.path.join(common.out_dir(NAME), f'tiny-{cfg.train.steps}steps')
     summary = train_lib.train(cfg, workdir)
-  mc, params, tok = sample_lib.load(workdir)
+  mc, params, tok, _ = runs.load_model(workdir)
 
   ids = [tok.eos_id] + list(tok.encode(prompt))
   logits = np.asarray(model_lib.apply(mc, params, jnp.asarray([ids], jnp.int32))[0, -1])

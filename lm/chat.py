@@ -1,4 +1,9 @@
-"""`python run.py chat --workdir=RUN`: a terminal chat with a fine-tuned or aligned run.
+"""Talking to a run from the terminal: `python run.py sample` and `python run.py chat`.
+
+`sample_cli` continues a prompt (or, for a run trained in the chat template, answers it as a
+user turn; a reward-model run shows its SFT policy's replies with their rewards).
+
+`chat_cli` is a terminal chat with a fine-tuned or aligned run.
 
 The conversation is kept in the chat template (lm/sft.py) and every reply is streamed: the prompt
 is prefilled into a KV cache once, then one jitted decode step per token, each printed as soon as
@@ -19,8 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import runs
 from lm import sample as sample_lib
 from lm import sft
+from lm.align import common
+from lm.align import reward as reward_lib
 from lm.errors import UserError
 
 _decode = jax.jit(sample_lib.decode_step, static_argnames=('mc',))
@@ -130,17 +138,17 @@ class Chat:
 
 def load_chat_model(workdir: str):
   """(mc, params, tokenizer) of a run that answers in the chat template, else one sentence."""
-  cfg = sample_lib._run_config(workdir)
+  cfg = runs.config_or_empty(workdir)
   if not cfg:
     raise UserError(f'{workdir} is not a run folder (it has no config.json); point --workdir at '
                     'a run that run.py finetune, dpo or ppo wrote.')
-  if 'reward' in cfg:
+  if runs.kind(cfg) == 'reward':
     raise UserError(f'{workdir} is a reward model, which scores replies but does not write them; '
-                    f"chat with its SFT run {cfg['base']['workdir']} instead.")
-  if not sample_lib.is_finetuned(workdir):
+                    f"chat with its SFT run {runs.base_workdir(cfg)} instead.")
+  if not runs.chats(cfg):
     raise UserError(f'{workdir} is a pretrained run, which never learned the chat template; '
                     'fine-tune it first (run.py finetune) or continue text with run.py sample.')
-  return sample_lib.load(workdir)
+  return runs.load_model(workdir)[:3]
 
 
 def chat_cli(workdir: str, prompt: str = '', max_new_tokens: int = 200, temperature: float = 0.8,
@@ -181,3 +189,67 @@ def chat_cli(workdir: str, prompt: str = '', max_new_tokens: int = 200, temperat
       write(f'({e})')
     write('\n')
   return replies
+
+
+def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
+               raw: bool = False, system: str = '') -> list[str]:
+  """`python run.py sample`: prints prompt + continuation for each sample; returns the texts.
+
+  A fine-tuned run gets the prompt as a user turn of the chat template (and `system` as its
+  system message) and prints its reply; raw=True continues the text as pretraining would.
+  """
+  sample_lib.check_sampling(temperature, top_k, top_p, num_samples, max_new_tokens)
+  cfg = runs.read_config(workdir, f'{workdir} has no config.json, so it is not a training run; '
+                         'train first with python run.py train --config=configs/tiny.py '
+                         f'--workdir={workdir}.')
+  if runs.kind(cfg) == 'reward':
+    return _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                                num_samples, system)
+  mc, params, tokenizer, _ = runs.load_model(workdir)
+  if runs.chats(cfg) and not raw:
+    messages = ([{'role': 'system', 'content': system}] if system else []) + [
+        {'role': 'user', 'content': prompt}]
+    n = len(sft.encode_chat(tokenizer, messages, generation_prompt=True)[0])
+    sample_lib.check_lengths(mc, n, max_new_tokens)
+    texts = sample_lib.chat(mc, params, tokenizer, messages, max_new_tokens, temperature, top_k,
+                            top_p, seed, num_samples)
+    for i, text in enumerate(texts):
+      if num_samples > 1:
+        print(f'--- sample {i + 1}/{num_samples} ---')
+      print(f'user: {prompt}\nassistant: {text}', flush=True)
+    return texts
+  n = 1 + len(tokenizer.encode(prompt))
+  sample_lib.check_lengths(mc, n, max_new_tokens)
+  if n + max_new_tokens - 1 > mc.max_len:
+    print(f'note: generating past model.max_len={mc.max_len} positions, which the model never '
+          'saw in training; quality may drop.', flush=True)
+  texts = sample_lib.generate(mc, params, tokenizer, [prompt], max_new_tokens, temperature,
+                              top_k, top_p, seed, num_samples)
+  for i, text in enumerate(texts):
+    if num_samples > 1:
+      print(f'--- sample {i + 1}/{num_samples} ---')
+    print(prompt + text, flush=True)
+  return texts
+
+
+def _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                         num_samples, system) -> list[str]:
+  """A reward-model run: its SFT policy's replies, each with the reward model's normalised score."""
+  rm = reward_lib.load(workdir)
+  policy = common.load_policy(runs.base_workdir(runs.read_config(workdir)))
+  messages = ([{'role': 'system', 'content': system}] if system else []) + [
+      {'role': 'user', 'content': prompt}]
+  prompt_ids = sft.encode_chat(policy.tokenizer, messages, generation_prompt=True)[0]
+  sample_lib.check_lengths(policy.mc, len(prompt_ids), max_new_tokens)
+  texts = sample_lib.chat(policy.mc, policy.params, policy.tokenizer, messages, max_new_tokens,
+                          temperature, top_k, top_p, seed, num_samples)
+  resp = [common.response_ids(policy.tokenizer, t) for t in texts]
+  rows = common.make_rows([prompt_ids] * len(texts), resp,
+                          len(prompt_ids) + max(len(r) for r in resp), policy.tokenizer.pad_id)
+  scores = rm.scores(rows, len(texts))
+  for i, (text, s) in enumerate(zip(texts, scores)):
+    if num_samples > 1:
+      print(f'--- sample {i + 1}/{num_samples} ---')
+    print(f'user: {prompt}\nassistant: {text}\nreward: {s:+.3f}', flush=True)
+  return texts

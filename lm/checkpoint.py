@@ -89,6 +89,46 @@ class Checkpoints:
     self.manager.close()
 
 
+def restore_subtree(directory: str, keys: tuple[str, ...] = ('params',)):
+  """(subtree, step): the part of the newest readable checkpoint in `directory` at the nested
+  `keys`, on the first device, with the shapes and dtypes it was saved with, so reading a run's
+  weights needs neither its model nor its optimizer. An unreadable step is reported and the one
+  before it read (nothing is moved: a reader leaves the run as it is). (None, None) when the
+  folder holds no step."""
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    return None, None
+  manager = ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler())
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  is_leaf = lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype')
+  try:
+    steps = sorted(manager.all_steps())
+    for step in reversed(steps):
+      try:
+        tree = manager.item_metadata(step).tree
+        for k in keys:
+          tree = tree[k]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              tree, is_leaf=is_leaf)
+        args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+        for k in reversed(keys):
+          target, args = {k: target}, {k: args}
+        state = manager.restore(step, args=ocp.args.PyTreeRestore(
+            target, restore_args=args, partial_restore=True))
+        for k in keys:
+          state = state[k]
+        return state, step
+      except Exception as e:  # orbax raises several types for damaged files
+        logging.warning('checkpoint step %d could not be read (%s: %s)', step, type(e).__name__, e)
+        print(f'warning: checkpoint step {step} in {directory} is unreadable '
+              f'({type(e).__name__}); reading the previous one.', flush=True)
+    if steps:
+      raise UserError(f'No checkpoint in {directory} could be read; train the run again.')
+    return None, None
+  finally:
+    manager.close()
+
+
 def _is_shape_mismatch(e: Exception) -> bool:
   text = str(e).lower()
   return 'shape' in text and ('mismatch' in text or 'does not match' in text

@@ -126,10 +126,10 @@ def eval(FLAGS):   # noqa: A001 (the subcommand's name)
 
 
 def sample(FLAGS):
-  from lm import sample as sample_lib
-  sample_lib.sample_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny'), FLAGS.prompt,
-                        FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
-                        FLAGS.seed, FLAGS.num_samples, raw=FLAGS.raw, system=FLAGS.system)
+  from lm import chat as chat_lib
+  chat_lib.sample_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny'), FLAGS.prompt,
+                      FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
+                      FLAGS.seed, FLAGS.num_samples, raw=FLAGS.raw, system=FLAGS.system)
 
 
 def pipeline(FLAGS):
@@ -185,13 +185,13 @@ def default(FLAGS):
 
 
 def fit(FLAGS):
-  from lm.scaling import fit as fit_lib
+  from lm.scaling import report as report_lib
   from lm.scaling import sweep as sweep_lib
   results = _need(FLAGS.results, 'results', '--results=runs/sweep_smoke/results.csv')
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/fit')
   # A sweep's results.csv (even mid-sweep) comes with its runs' training curves: Approach 1.
   curves = sweep_lib.curves_beside(results) if os.path.exists(results) else None
-  out = fit_lib.run_fit(results, workdir, loss_key=FLAGS.loss_key, params_key=FLAGS.params_key,
+  out = report_lib.run_fit(results, workdir, loss_key=FLAGS.loss_key, params_key=FLAGS.params_key,
                         flops_key=FLAGS.flops_key, bootstrap=FLAGS.bootstrap, curves=curves)
   if curves:
     from lm.metrics import write_json_atomic

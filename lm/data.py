@@ -43,6 +43,7 @@ import time
 
 import numpy as np
 
+from lm import arith
 from lm import corpus as corpus_lib
 from lm import tokenizer as tokenizer_lib
 from lm.errors import UserError
@@ -342,9 +343,8 @@ def _write_contents(cfg: DataConfig, files, material: dict, key: str, out: str,
 def _mix_arith(text, cfg: DataConfig) -> None:
   """Adds generated arithmetic documents to both splits of a text corpus, so that they hold
   data.arith_fraction of the mixed bytes; they split by document id like the corpus does."""
-  from lm import tasks
   f = cfg.arith_fraction
-  docs = tasks.arith_documents(int(text.stats['bytes'] * f / (1 - f)), cfg.arith_digits)
+  docs = arith.arith_documents(int(text.stats['bytes'] * f / (1 - f)), cfg.arith_digits)
   train, val = corpus_lib.split_documents(docs, cfg.val_fraction)
   text.train += train
   text.val += val

@@ -31,6 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import corpus as corpus_lib
+from lm import data as data_lib
+from lm import metrics as metrics_lib
+from lm import runs
+from lm import sample as sample_lib
 from lm import tasks as tasks_lib
 from lm.errors import UserError
 
@@ -61,7 +65,6 @@ def token_stream(tokenizer, docs: list[str], max_tokens: int = 0) -> tuple[np.nd
 
 def _window_nats(mc, params, stream: np.ndarray, seq_len: int, batch_size: int) -> float:
   """Sum of -log p(t | earlier tokens of its window) over stream[1:]."""
-  from lm import sample as sample_lib
   n = len(stream) - 1
   starts = list(range(0, n, seq_len))
   total = 0.0
@@ -91,8 +94,7 @@ def text_metrics(mc, params, tokenizer, docs: list[str], seq_len: int, batch_siz
 
 
 def _config(workdir: str) -> dict:
-  from lm import finetune as finetune_lib
-  return finetune_lib._read_config(
+  return runs.read_config(
       workdir, f'{workdir} is not a run folder (it has no config.json); point --workdir at a '
       'folder that run.py train, finetune, dpo, ppo, merge or import wrote.')
 
@@ -100,9 +102,8 @@ def _config(workdir: str) -> dict:
 def pretraining_config(workdir: str) -> dict:
   """The config of the run at the root of workdir's chain of base runs (its pretraining); the
   default config when there is none."""
-  from lm import finetune as finetune_lib
   _config(workdir)
-  root = finetune_lib.root_config(workdir)
+  root = runs.root_config(workdir)
   if root is not None:
     return root
   from configs import base as base_cfg
@@ -112,7 +113,6 @@ def pretraining_config(workdir: str) -> dict:
 def val_documents(data: dict) -> tuple[str, list[str]]:
   """(description, documents) of the validation split a data section describes; the default corpus
   for a synthetic one."""
-  from lm import data as data_lib
   if data.get('corpus') not in ('pystdlib', 'text'):
     from configs import base as base_cfg
     data = base_cfg.get_config().data.to_dict()
@@ -173,11 +173,8 @@ def loop_tasks(tc, mc, tokenizer, seed: int = 0):
 
 def evaluate_run(workdir: str, ec) -> dict:
   """Evaluates the run in workdir as the `eval` config section asks; writes workdir/eval.json."""
-  from lm import finetune as finetune_lib
-  from lm import metrics as metrics_lib
-  from lm import sample as sample_lib
   t0 = time.time()
-  _config(workdir)
+  cfg = _config(workdir)
   names = tasks_lib.resolve(ec.tasks) if ec.tasks != 'auto' else None
   corpora = [c.strip() for c in ec.corpora.split(',') if c.strip()] if ec.corpora else []
   for key in ('max_tokens', 'examples', 'batch_size'):
@@ -186,8 +183,8 @@ def evaluate_run(workdir: str, ec) -> dict:
   if ec.format not in ('auto',) + tasks_lib.FORMATS:
     raise UserError(f"eval.format={ec.format!r} is not known; use auto, fewshot or chat.")
   docs = {name: corpus_documents(name, ec.text_field) for name in corpora}   # before the model
-  mc, params, tokenizer, ident = finetune_lib.load_model(workdir)
-  finetuned = sample_lib.is_finetuned(workdir)
+  mc, params, tokenizer, ident = runs.load_model(workdir)
+  finetuned = runs.chats(cfg)
   fmt = ec.format if ec.format != 'auto' else ('chat' if finetuned else 'fewshot')
   if names is None:
     names = ('instruct',) if finetuned else tasks_lib.SUITES['arith'] + ('instruct',)

@@ -17,13 +17,12 @@ accuracy per task family by greedy decoding with the KV cache, on held-out insta
 phrasings ('eval') and in phrasings never trained on ('eval_phrasing'). The base model's numbers
 are measured once before training (base_eval.json) and reported beside the final ones.
 
-`load_model(workdir)` reads any run (pretraining or fine-tuning, LoRA merged) as (model config,
-params, tokenizer, identity); `merge(workdir, out)` writes a LoRA run as a plain model folder.
+`merge(workdir, out)` writes a LoRA run as a plain model folder (lm/runs.py reads every kind of
+run, a LoRA run merged in memory).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -36,12 +35,14 @@ import numpy as np
 from lm import checkpoint as ckpt_lib
 from lm import data as data_lib
 from lm import flops as flops_lib
+from lm import host
 from lm import instruct
 from lm.align import code_task
 from lm import lora as lora_lib
 from lm import loop
 from lm import metrics as metrics_lib
 from lm import model as model_lib
+from lm import runs
 from lm import sample as sample_lib
 from lm import sft
 from lm import sharding as shard_lib
@@ -117,148 +118,10 @@ class FinetuneConfig:
     return c
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading any run as a model.
-
-def params_hash(params) -> str:
-  """sha256 over the parameters' paths, shapes and bytes: the identity of a set of weights."""
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
-    a = np.ascontiguousarray(np.asarray(leaf))
-    h.update(f'{jax.tree_util.keystr(path)}{a.shape}{a.dtype}'.encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
-
-
-def _read_config(workdir: str, missing: str | None = None) -> dict:
-  """A run's config.json; `missing` is the sentence for a folder without one."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise UserError(missing or f'{workdir} has no config.json, so it is not a training run; point '
-                    'finetune.init_from at a folder that run.py train or run.py finetune wrote.')
-  with open(path) as f:
-    return json.load(f)
-
-
-def root_config(workdir: str) -> dict | None:
-  """The config of the plain run (pretrained, merged or imported: it has `model` and `data`) at
-  the root of workdir's chain of base runs (fine-tuning, DPO, PPO), or None if there is none."""
-  cfg = _read_config(workdir)
-  for _ in range(16):
-    if 'data' in cfg and 'model' in cfg:
-      return cfg
-    base = cfg.get('base', {}).get('workdir')
-    if not base:
-      return None
-    cfg = _read_config(base)
-  return None
-
-
-def restore_state(workdir: str, cfg: dict, trainable_shapes, optimizer=None, extra=None):
-  """(state, step) of a run's newest readable checkpoint, on one device.
-
-  The state is {'params', 'opt_state', 'step'} plus the `extra` entries (a dict of abstract
-  shapes); `optimizer` is the one the run trained with (default: make_optimizer of its train
-  section).
-  """
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
-    raise UserError(f'{workdir} has no checkpoint, so it is neither finished nor resumable; '
-                    'train it first (or point at another run).')
-  tc = TrainConfig.from_config(cfg['train'])
-  optimizer = optimizer or make_optimizer(tc, trainable_shapes, _b_lr_ratio(cfg))
-  shapes = jax.eval_shape(lambda p: {'params': p, 'opt_state': optimizer.init(p),
-                                     'step': jnp.zeros((), jnp.int32)}, trainable_shapes)
-  shapes.update(extra or {})
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          shapes)
-  ckpts = ckpt_lib.Checkpoints(ckpt_dir, keep=int(cfg['train'].get('keep_checkpoints', 2)))
-  try:
-    state, step = ckpts.restore_latest(abstract)
-  finally:
-    ckpts.close()
-  if state is None:
-    raise UserError(f'{workdir} has no checkpoint; train it first.')
-  return state, step
-
-
-def _b_lr_ratio(cfg: dict) -> float:
-  """The LoRA+ ratio a run's optimizer was built with (1 for full fine-tuning and pretraining)."""
-  lo = cfg.get('lora') or {}
-  return float(lo.get('b_lr_ratio', 1.0)) if int(lo.get('rank', 0)) else 1.0
-
-
 def _train_tokens(fc: FinetuneConfig, tokenizer) -> tuple:
   if fc.lora_train_tokens == 'chat':
     return tuple(sorted(int(i) for i in sft._chat_ids(tokenizer).values()))
   return tuple(int(x) for x in fc.lora_train_tokens.split(',') if x.strip())
-
-
-def _plain(mc: ModelConfig) -> ModelConfig:
-  if mc.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
-    mc = dataclasses.replace(mc, attention_impl='auto')   # a GPU-trained run used elsewhere
-  return lora_lib.base_config(mc)
-
-
-def load_model(workdir: str, _depth: int = 0):
-  """(model config without adapters, params, tokenizer, identity) of any trained run.
-
-  A LoRA run's adapters are merged into its base's weights. identity names the run, the step and
-  the params hash.
-  """
-  from lm import tokenizer as tokenizer_lib
-  if _depth > 8:
-    raise UserError(f'{workdir} starts a chain of more than 8 fine-tuning runs; merge it first.')
-  cfg = _read_config(workdir)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
-    raise UserError(f'{workdir} has no checkpoint, so it is neither finished nor resumable; '
-                    'train it first (or point at another run).')
-  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-  if 'reward' in cfg:
-    raise UserError(f'{workdir} is a reward model, not a language model; sample its SFT run '
-                    f"{cfg['base']['workdir']} instead (run.py sample on the reward run shows the "
-                    "SFT run's samples with their rewards).")
-  if 'dpo' in cfg or 'ppo' in cfg:                         # a preference-tuned policy
-    from lm.align import dpo, ppo
-    mc = _plain(ModelConfig(**_model_fields(cfg['base']['model'])))
-    params, step = (dpo if 'dpo' in cfg else ppo).load_params(workdir, cfg, mc)
-  elif 'finetune' not in cfg:                              # a pretraining (or merged) run
-    mc = ModelConfig.from_config(cfg['model'], tokenizer.vocab_size)
-    state, step = restore_state(workdir, cfg, model_lib.param_shapes(mc))
-    params = state['params']
-  else:
-    mc = ModelConfig(**_model_fields(cfg['base']['model']))
-    if mc.lora_rank:
-      base_mc, base_params, _, base_id = load_model(cfg['base']['workdir'], _depth + 1)
-      _check_same_base(cfg['base'], base_id, workdir)
-      shapes = jax.eval_shape(lambda: model_lib.init_variables(mc, jax.random.PRNGKey(0)))
-      state, step = restore_state(workdir, cfg, shapes[lora_lib.COLLECTION])
-      params = jax.jit(lora_lib.merge, static_argnums=0)(mc, base_params, state['params'])
-    else:
-      state, step = restore_state(workdir, cfg, model_lib.param_shapes(mc))
-      params = state['params']
-  mc = _plain(mc)
-  identity = {'workdir': os.path.abspath(workdir), 'step': int(step),
-              'params_sha256': params_hash(params), 'tokenizer_hash': tokenizer.hash,
-              'model': dataclasses.asdict(mc)}
-  return mc, params, tokenizer, identity
-
-
-def _model_fields(d: dict) -> dict:
-  d = dict(d)
-  d['lora_targets'] = tuple(d.get('lora_targets', ()))
-  d['lora_tokens'] = tuple(d.get('lora_tokens', ()))
-  return d
-
-
-def _check_same_base(recorded: dict, found: dict, workdir: str) -> None:
-  for key in ('params_sha256', 'tokenizer_hash'):
-    if recorded.get(key) != found[key]:
-      what = 'weights' if key == 'params_sha256' else 'tokenizer'
-      raise UserError(f"the base run {recorded['workdir']} of {workdir} has changed since it was "
-                      f'fine-tuned (its {what} differ); restore that base or fine-tune again.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +205,7 @@ def build(cfg, workdir: str) -> Job:
   mesh_cfg = shard_lib.MeshConfig.from_config(cfg.mesh)
   shard_lib.maybe_initialize_distributed(mesh_cfg)
   mesh = shard_lib.make_mesh(mesh_cfg, batch_size=tc.batch_size)
-  base_mc, base_params, tokenizer, base_id = load_model(fc.init_from)
+  base_mc, base_params, tokenizer, base_id = runs.load_model(fc.init_from)
   sft._chat_ids(tokenizer)   # a base without chat tokens is refused here, before any work
   if tc.seq_len > base_mc.max_len:
     raise UserError(f'train.seq_len={tc.seq_len} is longer than the base model\'s max_len='
@@ -373,7 +236,7 @@ def build(cfg, workdir: str) -> Job:
             'tokens and were left out (counted in manifest.json).', file=sys.stderr, flush=True)
 
   # The pretraining corpus's validation windows, to measure forgetting.
-  base_cfg = root_config(fc.init_from)   # a fine-tuned base: its pretraining is further back
+  base_cfg = runs.root_config(fc.init_from)   # a fine-tuned base: its pretraining is further back
   if base_cfg is None:
     raise UserError(f'{fc.init_from} does not lead back to a pretrained run (no model and data '
                     'in its chain of base runs); start from a run that run.py train wrote.')
@@ -424,7 +287,7 @@ def build(cfg, workdir: str) -> Job:
                        in_shardings=(s_shard, frozen_sh, batch_sh),
                        out_shardings=(s_shard, replicated), donate_argnums=0)
 
-  plain = _plain(mc)
+  plain = runs.plain(mc)
 
   @jax.jit
   def merged(trainable, base):
@@ -488,7 +351,7 @@ def build(cfg, workdir: str) -> Job:
 
   def manifest() -> dict:
     dev = jax.devices()[0]
-    return {'versions': loop.versions(), 'git_commit': loop.git_commit(), 'command': sys.argv,
+    return {'versions': host.versions(), 'git_commit': host.git_commit(), 'command': sys.argv,
             'device_kind': dev.device_kind, 'platform': dev.platform,
             'device_count': jax.device_count(), 'process_count': jax.process_count(),
             'mesh': dict(zip(mesh.axis_names, mesh.devices.shape)),
@@ -559,32 +422,16 @@ def merge(workdir: str, out: str) -> dict:
   """
   if os.path.exists(os.path.join(out, 'checkpoints')):
     raise UserError(f'{out} already holds a run; choose a new --out folder.')
-  cfg = _read_config(workdir)
-  if 'finetune' not in cfg:
+  cfg = runs.read_config(workdir)
+  if runs.kind(cfg) != 'finetune':
     raise UserError(f'{workdir} is not a fine-tuning run; it is already a plain model.')
-  mc, params, tokenizer, ident = load_model(workdir)
-  root = root_config(workdir)
+  mc, params, tokenizer, ident = runs.load_model(workdir)
+  root = runs.root_config(workdir)
   plain_cfg = {k: root[k] for k in root if k in ('seed', 'model', 'data', 'train', 'mesh')}
   plain_cfg['model'] = {k: v for k, v in dataclasses.asdict(mc).items()
                         if k in root['model'] and not k.startswith('lora')}
   manifest = {'merged_from': ident['workdir'], 'step': ident['step'],
               'params_sha256': ident['params_sha256'], 'model': dataclasses.asdict(mc),
-              'versions': loop.versions(), 'git_commit': loop.git_commit()}
-  write_plain_run(out, plain_cfg, params, tokenizer, ident['step'], manifest)
+              'versions': host.versions(), 'git_commit': host.git_commit()}
+  runs.write_plain_run(out, plain_cfg, params, tokenizer, ident['step'], manifest)
   return manifest
-
-
-def write_plain_run(out: str, cfg: dict, params, tokenizer, step: int, manifest: dict) -> None:
-  """A pretraining-style run folder that every command reads as a model: config.json (seed,
-  model, data, train, mesh), tokenizer/, one checkpoint at `step` holding `params` with fresh
-  optimizer moments, and manifest.json saying where the weights came from."""
-  os.makedirs(out, exist_ok=True)
-  optimizer = make_optimizer(TrainConfig.from_config(cfg['train']), params)
-  state = {'params': params, 'opt_state': optimizer.init(params),
-           'step': jnp.asarray(step, jnp.int32)}
-  ckpts = ckpt_lib.Checkpoints(os.path.join(out, 'checkpoints'), 1)
-  ckpts.save(step, state)
-  ckpts.close()
-  tokenizer.save(os.path.join(out, 'tokenizer'))
-  metrics_lib.write_json_atomic(os.path.join(out, 'config.json'), cfg)
-  metrics_lib.write_json_atomic(os.path.join(out, 'manifest.json'), manifest)

@@ -30,7 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import host
 from lm import metrics as metrics_lib
+from lm import runs
+from lm import tokenizer as tokenizer_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 
@@ -432,10 +435,8 @@ def _written_beside(out: str):
 def export_run(workdir: str, out: str, overwrite: bool = False,
                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
   """Writes the run in workdir (LoRA merged) as a Hugging Face model folder; returns a summary."""
-  from lm import finetune as finetune_lib
-  from lm import tokenizer as tokenizer_lib
   _check_out(out, overwrite, '--out')
-  mc, params, tokenizer, ident = finetune_lib.load_model(workdir)
+  mc, params, tokenizer, ident = runs.load_model(workdir)
   family, tensors = to_hf(mc, params)
   with _written_beside(out) as tmp:
     files = write_safetensors(tensors, tmp, max_shard_bytes)
@@ -473,9 +474,6 @@ def import_model(hf_dir: str, workdir: str, overwrite: bool = False,
   imported model can be fine-tuned with the chat template.
   """
   from configs import base as base_config
-  from lm import finetune as finetune_lib
-  from lm import loop
-  from lm import tokenizer as tokenizer_lib
   cfg_path = os.path.join(hf_dir, 'config.json')
   if not os.path.isdir(hf_dir):
     raise UserError(f'--hf={hf_dir} is not a folder; point it at a Hugging Face model folder.')
@@ -510,10 +508,10 @@ def import_model(hf_dir: str, workdir: str, overwrite: bool = False,
       os.path.join(workdir, 'tokenizer')))
   info = {'imported_from': os.path.abspath(hf_dir), 'family': family,
           'architecture': (hf_cfg.get('architectures') or [family])[0],
-          'params_sha256': finetune_lib.params_hash(params),
+          'params_sha256': runs.params_hash(params),
           'tokenizer': tokenizer.settings(), 'chat_ids': tokenizer.chat_ids,
           'embedding_rows_added': added, 'model': dataclasses.asdict(mc),
-          'versions': loop.versions(), 'git_commit': loop.git_commit()}
+          'versions': host.versions(), 'git_commit': host.git_commit()}
   with _written_beside(workdir) as tmp:
-    finetune_lib.write_plain_run(tmp, cfg, params, tokenizer, 0, info)
+    runs.write_plain_run(tmp, cfg, params, tokenizer, 0, info)
   return info

@@ -17,9 +17,7 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import signal
-import subprocess
 import time
 from typing import Any, Callable
 
@@ -143,24 +141,6 @@ class Stage:
   # never waits on the device; a step that returns host values (PPO) is finished at once.
   defer_metrics: bool = True
   task_eval: Callable[[Any, int], dict] | None = None
-
-
-def git_commit() -> str | None:
-  try:
-    out = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    return out.stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    return None
-
-
-def versions() -> dict:
-  import flax
-  import orbax.checkpoint
-  return {'python': platform.python_version(), 'jax': jax.__version__,
-          'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__') else None,
-          'flax': flax.__version__, 'optax': optax.__version__,
-          'orbax_checkpoint': orbax.checkpoint.__version__, 'numpy': np.__version__}
 
 
 def flatten(d, prefix=''):

@@ -4,7 +4,6 @@ Shared by every training stage (pretraining, fine-tuning, and later objectives):
 optimizer here over whatever tree it trains (all params, or LoRA adapters only).
 """
 import dataclasses
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.errors import UserError
+from lm.host import host_cores
 
 SCHEDULES = ('cosine', 'wsd', 'constant')
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +85,6 @@ class TrainConfig:
     if self.profile_steps and self.profile_range() is None:
       raise UserError(f"{p}profile_steps={self.profile_steps!r} must be 'A:B' with "
                       f'0 <= A < B <= train.steps={self.steps}, e.g. 10:13.')
-    if self.eval_tasks:
-      from lm import tasks
-      tasks.resolve(self.eval_tasks)
     if self.opt_dtype not in ('float32', 'bfloat16'):
       raise UserError(f"{p}opt_dtype={self.opt_dtype!r} must be 'float32' or 'bfloat16'.")
     if self.progress not in ('auto', 'bar', 'log', 'none'):
@@ -124,14 +121,6 @@ def micro_batches(tc: TrainConfig, rows: int, shards: int = 1, platform: str = '
     return A
   fits = [a for a in valid if rows // a // shards * tc.seq_len <= tc.micro_batch_tokens]
   return fits[0] if fits else valid[-1]
-
-
-def host_cores() -> int:
-  """The CPU cores this process may run on (its affinity, so `taskset` and pinned sweep
-  workers count as what they are given)."""
-  if hasattr(os, 'sched_getaffinity'):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
 
 
 def side_by_side(micro: int, shards: int = 1, platform: str = 'cpu',

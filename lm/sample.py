@@ -1,4 +1,4 @@
-"""Sampling from a trained run: load, batched cached generation, continuation log-probabilities.
+"""Sampling from a model: batched cached generation, continuation log-probabilities.
 
 Generation runs in two jitted calls: `prefill` writes the whole prompt batch into a fresh KV cache
 in one forward pass, then `decode_loop` samples one token per step inside a `lax.while_loop` that
@@ -27,17 +27,14 @@ Sampling (`sample_logits`): temperature 0 is greedy (argmax); otherwise the logi
 the temperature, then top-k, then top-p (nucleus) filtering are applied, and a token is drawn.
 A fixed seed gives the same tokens for the same batch.
 """
-import dataclasses
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lm import model as model_lib
-from lm import tokenizer as tokenizer_lib
+from lm import sft
 from lm.config import ModelConfig
 from lm.errors import UserError
 
@@ -90,71 +87,6 @@ def check_sampling(temperature, top_k, top_p, num_samples=1, max_new_tokens=1) -
     raise UserError(f'num_samples={num_samples} must be a positive integer.')
   if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
     raise UserError(f'max_new_tokens={max_new_tokens} must be an integer >= 0.')
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a run.
-
-def _abstract_state(cfg: dict, mc: ModelConfig):
-  """ShapeDtypeStructs of the train state on one device, without data preparation."""
-  from lm import train as train_lib  # train pulls in the data pipeline; only needed here
-  tc = train_lib.TrainConfig.from_config(cfg['train'])
-  shapes = model_lib.param_shapes(mc)
-  optimizer = train_lib.make_optimizer(tc, shapes)
-  state = jax.eval_shape(lambda p: {'params': p, 'opt_state': optimizer.init(p),
-                                    'step': jnp.zeros((), jnp.int32)}, shapes)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), state)
-
-
-CHAT_STAGES = ('finetune', 'dpo', 'ppo', 'reward')   # config sections of runs that chat
-
-
-def _run_config(workdir: str) -> dict:
-  """A run's config.json, or {} when there is none readable."""
-  try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return {}
-
-
-def is_finetuned(workdir: str) -> bool:
-  """True for a run that `run.py finetune`, `dpo`, `ppo` or `reward` wrote (it answers in the
-  chat template)."""
-  return any(k in _run_config(workdir) for k in CHAT_STAGES)
-
-
-def load(workdir: str):
-  """(model_cfg, params, tokenizer) from the newest readable checkpoint of a training run; a
-  fine-tuning run's LoRA adapters come merged into its base's weights."""
-  from lm import checkpoint as ckpt_lib
-  config_path = os.path.join(workdir, 'config.json')
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  hint = f'train first with python run.py train --config=configs/tiny.py --workdir={workdir}'
-  if not os.path.isfile(config_path):
-    raise UserError(f'{workdir} has no config.json, so it is not a training run; {hint}.')
-  with open(config_path) as f:
-    cfg = json.load(f)
-  if any(k in cfg for k in ('finetune', 'dpo', 'ppo')):
-    from lm import finetune as finetune_lib
-    mc, params, tokenizer, _ = finetune_lib.load_model(workdir)
-    return mc, params, tokenizer
-  # Checkpoints() creates the folder, so look before handing it over.
-  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
-    raise UserError(f'{workdir} has no checkpoint; {hint}.')
-  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-  mc = ModelConfig.from_config(cfg['model'], tokenizer.vocab_size)
-  if mc.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
-    mc = dataclasses.replace(mc, attention_impl='auto')  # a GPU-trained run sampled elsewhere
-  ckpts = ckpt_lib.Checkpoints(ckpt_dir, keep=int(cfg['train'].get('keep_checkpoints', 2)))
-  try:
-    state, step = ckpts.restore_latest(_abstract_state(cfg, mc))
-  finally:
-    ckpts.close()
-  if state is None:
-    raise UserError(f'{workdir} has no checkpoint; {hint}.')
-  return mc, state['params'], tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,74 +273,9 @@ def chat(mc: ModelConfig, params, tokenizer, messages: list[dict], max_new_token
          temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
          num_samples: int = 1) -> list[str]:
   """Replies to a conversation in the chat template (lm/sft.py), each cut at <|end|>."""
-  from lm import sft
   check_sampling(temperature, top_k, top_p, num_samples, max_new_tokens)
   ids, _ = sft.encode_chat(tokenizer, messages, generation_prompt=True)
   end = tokenizer.chat_ids['end']
   out = generate_tokens(mc, params, [ids] * num_samples, max_new_tokens, temperature, top_k,
                         top_p, seed, eos_id=end, pad_id=tokenizer.pad_id)
   return [tokenizer.decode(cut_at_eos(row, end)) for row in out]
-
-
-def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-               top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
-               raw: bool = False, system: str = '') -> list[str]:
-  """`python run.py sample`: prints prompt + continuation for each sample; returns the texts.
-
-  A fine-tuned run gets the prompt as a user turn of the chat template (and `system` as its
-  system message) and prints its reply; raw=True continues the text as pretraining would.
-  """
-  check_sampling(temperature, top_k, top_p, num_samples, max_new_tokens)
-  if 'reward' in _run_config(workdir):
-    return _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                                num_samples, system)
-  mc, params, tokenizer = load(workdir)
-  if is_finetuned(workdir) and not raw:
-    from lm import sft
-    messages = ([{'role': 'system', 'content': system}] if system else []) + [
-        {'role': 'user', 'content': prompt}]
-    n = len(sft.encode_chat(tokenizer, messages, generation_prompt=True)[0])
-    check_lengths(mc, n, max_new_tokens)
-    texts = chat(mc, params, tokenizer, messages, max_new_tokens, temperature, top_k, top_p, seed,
-                 num_samples)
-    for i, text in enumerate(texts):
-      if num_samples > 1:
-        print(f'--- sample {i + 1}/{num_samples} ---')
-      print(f'user: {prompt}\nassistant: {text}', flush=True)
-    return texts
-  n = 1 + len(tokenizer.encode(prompt))
-  check_lengths(mc, n, max_new_tokens)
-  if n + max_new_tokens - 1 > mc.max_len:
-    print(f'note: generating past model.max_len={mc.max_len} positions, which the model never '
-          'saw in training; quality may drop.', flush=True)
-  texts = generate(mc, params, tokenizer, [prompt], max_new_tokens, temperature, top_k, top_p,
-                   seed, num_samples)
-  for i, text in enumerate(texts):
-    if num_samples > 1:
-      print(f'--- sample {i + 1}/{num_samples} ---')
-    print(prompt + text, flush=True)
-  return texts
-
-
-def _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                         num_samples, system) -> list[str]:
-  """A reward-model run: its SFT policy's replies, each with the reward model's normalised score."""
-  from lm import sft
-  from lm.align import common, reward
-  rm = reward.load(workdir)
-  policy = common.load_policy(_run_config(workdir)['base']['workdir'])
-  messages = ([{'role': 'system', 'content': system}] if system else []) + [
-      {'role': 'user', 'content': prompt}]
-  prompt_ids = sft.encode_chat(policy.tokenizer, messages, generation_prompt=True)[0]
-  check_lengths(policy.mc, len(prompt_ids), max_new_tokens)
-  texts = chat(policy.mc, policy.params, policy.tokenizer, messages, max_new_tokens, temperature,
-               top_k, top_p, seed, num_samples)
-  resp = [common.response_ids(policy.tokenizer, t) for t in texts]
-  rows = common.make_rows([prompt_ids] * len(texts), resp,
-                          len(prompt_ids) + max(len(r) for r in resp), policy.tokenizer.pad_id)
-  scores = rm.scores(rows, len(texts))
-  for i, (text, s) in enumerate(zip(texts, scores)):
-    if num_samples > 1:
-      print(f'--- sample {i + 1}/{num_samples} ---')
-    print(f'user: {prompt}\nassistant: {text}\nreward: {s:+.3f}', flush=True)
-  return texts

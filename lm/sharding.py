@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm.errors import UserError
+from lm.host import host_cores
 
 AXES = ('data', 'fsdp', 'tensor')
 RULES = (
@@ -120,7 +121,6 @@ def split_host(cpu_devices: int = 0) -> int:
   jax_num_cpu_devices), in a multi-process job, or once JAX has started. Accelerators ignore the
   CPU's device count. Returns the count this call set, else 0.
   """
-  from lm.optim import host_cores
   if cpu_devices < 0:
     raise UserError(f'mesh.cpu_devices={cpu_devices} must be 0 (one per core) or a positive '
                     'count.')

@@ -20,10 +20,14 @@ import optax
 from lm import attention as attention_lib
 from lm import checkpoint as ckpt_lib
 from lm import data as data_lib
+from lm import evaluate as evaluate_lib
 from lm import flops as flops_lib
+from lm import host
 from lm import loop
 from lm import model as model_lib
+from lm import runs
 from lm import sharding as shard_lib
+from lm import tasks as tasks_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 # TrainConfig, the schedules and the optimizer live in lm/optim.py (train.TrainConfig and
@@ -75,6 +79,7 @@ def build(cfg, vocab_size: int = 0) -> Run:
   config's own step on random tokens without preparing its corpus."""
   seed = int(cfg.seed)
   tc = TrainConfig.from_config(cfg.train)
+  tasks_lib.resolve(tc.eval_tasks)   # an unknown task name is refused before any work
   mesh_cfg = shard_lib.MeshConfig.from_config(cfg.mesh)
   shard_lib.maybe_initialize_distributed(mesh_cfg)
   # Before the data: a bad mesh fails in a second.
@@ -153,7 +158,7 @@ def manifest(run: Run) -> dict:
   dev = jax.devices()[0]
   mc = run.model
   return {
-      'versions': loop.versions(), 'git_commit': loop.git_commit(), 'command': sys.argv,
+      'versions': host.versions(), 'git_commit': host.git_commit(), 'command': sys.argv,
       'device_kind': dev.device_kind, 'platform': dev.platform,
       'device_count': jax.device_count(), 'process_count': jax.process_count(),
       'mesh': dict(zip(run.mesh.axis_names, run.mesh.devices.shape)),
@@ -185,7 +190,6 @@ def stage(run: Run) -> loop.Stage:
   """Pretraining as a stage of the one training loop (lm/loop.py)."""
   tc = run.train
   bpt = run.dataset.bytes_per_token('val')
-  from lm import evaluate as evaluate_lib
   task_eval = evaluate_lib.loop_tasks(tc, run.model, run.dataset.tokenizer, int(run.cfg['seed']))
 
   def evaluate(params, _):
@@ -202,8 +206,7 @@ def stage(run: Run) -> loop.Stage:
 
 
 def _init_params(init_from: str, mc: ModelConfig):
-  from lm import finetune as finetune_lib
-  _, params, _, _ = finetune_lib.load_model(init_from)
+  _, params, _, _ = runs.load_model(init_from)
   shapes = model_lib.param_shapes(mc)
   if jax.tree.map(lambda x: x.shape, params) != jax.tree.map(lambda x: x.shape, shapes):
     raise UserError(f'the weights of train.init_from={init_from} do not fit the model this run '
@@ -221,17 +224,12 @@ def with_init_from(cfg):
   init_from = cfg.train.get('init_from', '')
   if not init_from:
     return cfg
-  from lm import finetune as finetune_lib
-  from lm import tokenizer as tokenizer_lib
-  src = finetune_lib._read_config(init_from)
+  src = runs.read_config(init_from)
   tok_dir = os.path.join(init_from, 'tokenizer')
-  tokenizer = tokenizer_lib.load_tokenizer(tok_dir)   # refuses a run without a readable one
-  if 'finetune' in src or 'dpo' in src or 'ppo' in src:
-    model = dict(src['base']['model'])
-  elif 'reward' in src:
+  tokenizer = runs.load_tokenizer(init_from)   # refuses a run without a readable one
+  if runs.kind(src) == 'reward':
     raise UserError(f'train.init_from={init_from} is a reward model; start from a language model.')
-  else:
-    model = dict(src['model'])
+  model = dict(src['model'] if runs.kind(src) == 'pretrain' else src['base']['model'])
   cfg = cfg.copy_and_resolve_references()
   keep = {k: cfg.model[k] for k in ('dropout', 'dtype', 'param_dtype', 'remat', 'attention_impl')}
   with cfg.unlocked():

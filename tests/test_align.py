@@ -14,8 +14,10 @@ from configs import dpo as dpo_cfg
 from configs import ppo as ppo_cfg
 from configs import reward as reward_cfg
 from configs import sft as sft_cfg
+from lm import chat as chat_lib
 from lm import finetune as ft
 from lm import model as model_lib
+from lm import runs
 from lm import sample as sample_lib
 from lm import tokenizer as tokenizer_lib
 from lm import train as train_lib
@@ -381,7 +383,7 @@ def test_ppo_logs_every_iteration_and_samples(ppo_run):
   assert all(r['ratio_dev_first'] < 1e-5 for r in rows)
   assert rows[1]['kl_coef'] != rows[0]['kl_coef']   # adapted after the first iteration
   assert {'eval_gold', 'eval_kl', 'eval_proxy'} <= set(rows[-1])
-  texts = sample_lib.sample_cli(ppo_run, 'def f(a, b):', max_new_tokens=16, num_samples=2)
+  texts = chat_lib.sample_cli(ppo_run, 'def f(a, b):', max_new_tokens=16, num_samples=2)
   assert len(texts) == 2
 
 
@@ -392,8 +394,9 @@ def test_ppo_resume_is_bitwise_exact(ppo_run, rm_run, sft_run, tmp_path):
   ppo.train_ppo(ppo_config(sft_run, rm_run[0]), part)
   cfg = json.load(open(os.path.join(ppo_run, 'config.json')))
   mc = common.load_policy(sft_run).mc
-  a, _ = ppo.load_params(ppo_run, cfg, mc)
-  b, _ = ppo.load_params(part, cfg, mc)
+  assert runs.kind(cfg) == 'ppo' and mc.vocab_size
+  a, _ = runs.restore_params(ppo_run, runs.PARAMS_KEYS['ppo'])
+  b, _ = runs.restore_params(part, runs.PARAMS_KEYS['ppo'])
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -411,7 +414,7 @@ def test_dpo_starts_at_log2_and_learns_the_pairs(rm_run, sft_run, tmp_path):
   assert rows[-1]['loss'] < rows[0]['loss'] and rows[-1]['accuracy'] > 0.5
   after = summary['dpo']['after']
   assert {'eval_gold', 'eval_kl', 'eval_proxy', 'eval_pair_accuracy'} <= set(after)
-  mc, params, tok = sample_lib.load(workdir)
+  mc, params, tok, _ = runs.load_model(workdir)
   assert tok.hash == common.load_policy(sft_run).tokenizer.hash
 
 
@@ -437,7 +440,7 @@ def test_dpo_second_round_samples_its_own_pairs_and_measures_kl_to_the_sft_run(
   info = summary['dpo']
   assert info['train_pairs'] == len(made) and info['sampling']['pairs'] == len(made)
   assert info['kl_reference'] == os.path.abspath(sft_run)
-  assert common.sft_root(second) == os.path.abspath(sft_run)
+  assert runs.sft_root(second) == os.path.abspath(sft_run)
   rows = [json.loads(l) for l in open(os.path.join(second, 'metrics.jsonl'))]
   np.testing.assert_allclose(rows[0]['loss'], math.log(2), rtol=1e-5)   # reference = round 1
   # The pairs file is read back on a rerun, not sampled again.

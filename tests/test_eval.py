@@ -11,6 +11,7 @@ import pytest
 
 from configs import base as base_cfg
 from configs import eval as eval_cfg
+from lm import arith
 from lm import data as data_lib
 from lm import evaluate as ev
 from lm import model as model_lib
@@ -59,7 +60,7 @@ def test_independent_exact_and_score_by_hand():
 # Problems and prompts.
 
 def test_heldout_arithmetic_never_appears_in_training_text_or_demonstrations():
-  docs = tasks.arith_documents(60_000, max_digits=4, seed=3)
+  docs = arith.arith_documents(60_000, max_digits=4, seed=3)
   seen = set()
   for _, text in docs:
     for line in text.splitlines():
@@ -70,8 +71,8 @@ def test_heldout_arithmetic_never_appears_in_training_text_or_demonstrations():
   assert sum(len(t) for _, t in docs) >= 60_000
   digits = {len(str(a)) for a, _ in seen}
   assert digits == {1, 2, 3, 4}
-  for d in tasks.ARITH_DIGITS:
-    held = tasks.arith_problems(d, 300, heldout=True)
+  for d in arith.ARITH_DIGITS:
+    held = arith.arith_problems(d, 300, heldout=True)
     assert held and len(set(held)) == len(held)
     assert all(len(str(a)) == d and len(str(b)) == d for a, b in held if d > 1)
     assert not seen & set(held)
@@ -79,7 +80,7 @@ def test_heldout_arithmetic_never_appears_in_training_text_or_demonstrations():
     demo_q = {x.question for x in task.demos}
     assert not demo_q & {x.question for x in task.eval}
   # One-digit problems: the held-out side is about 20% of the 100.
-  assert 10 <= len(tasks.arith_problems(1, 1000, heldout=True)) <= 30
+  assert 10 <= len(arith.arith_problems(1, 1000, heldout=True)) <= 30
 
 
 def test_fewshot_prompt_and_chat_messages():
@@ -90,7 +91,7 @@ def test_fewshot_prompt_and_chat_messages():
   for line in lines[:3]:
     q, c = line.split('=')
     a, b = map(int, q.split('+'))
-    assert a + b == int(c) and not tasks.arith_is_heldout(a, b)
+    assert a + b == int(c) and not arith.arith_is_heldout(a, b)
   assert tasks.fewshot_prompt(task, 4, k=0) == task.eval[4].question
   assert tasks.fewshot_prompt(task, 4, k=3) == p                         # seeded
   msgs = tasks.chat_messages(task, 4, k=2)

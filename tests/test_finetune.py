@@ -17,6 +17,7 @@ from lm import lora as lora_lib
 from lm import loop
 from lm import model as model_lib
 from lm import optim
+from lm import runs
 from lm import sample as sample_lib
 from lm import sft
 from lm import tokenizer as tokenizer_lib
@@ -285,7 +286,7 @@ def test_lora_run_workdir_names_its_base_and_holds_only_adapters(lora_run, base_
     assert os.path.exists(os.path.join(workdir, name)), name
   cfg = json.load(open(os.path.join(workdir, 'config.json')))
   assert cfg['base']['workdir'] == os.path.abspath(base_run)
-  assert cfg['base']['params_sha256'] == ft.load_model(base_run)[3]['params_sha256']
+  assert cfg['base']['params_sha256'] == runs.load_model(base_run)[3]['params_sha256']
   s = summary['finetune']
   assert s['mode'] == 'lora' and s['trainable_params'] == s['lora_closed_form']
   assert s['trainable_fraction'] == s['trainable_params'] / s['base_params']
@@ -317,16 +318,16 @@ def test_lora_resume_is_bitwise_exact(lora_run, base_run, user_data, tmp_path):
 
 def test_merge_writes_a_plain_model_with_the_adapted_logits(lora_run, tmp_path):
   workdir, _ = lora_run
-  mc_l, params_l, tok, _ = ft.load_model(workdir)           # merged in memory
+  mc_l, params_l, tok, _ = runs.load_model(workdir)           # merged in memory
   cfg = json.load(open(os.path.join(workdir, 'config.json')))
-  mc_a = ModelConfig(**ft._model_fields(cfg['base']['model']))
-  base = ft.load_model(cfg['base']['workdir'])[1]
+  mc_a = runs.model_config(cfg)
+  base = runs.load_model(cfg['base']['workdir'])[1]
   adapters = final_state(workdir)['params']
   tokens = jnp.asarray(sft.encode_chat(tok, CHAT[1:3])[0][None, :48])
   adapted = model_lib.apply(mc_a, base, tokens, adapters=adapters)
   out = str(tmp_path / 'merged')
   ft.merge(workdir, out)
-  mc_m, params_m, _ = sample_lib.load(out)                  # an ordinary run folder
+  mc_m, params_m, _, _ = runs.load_model(out)                  # an ordinary run folder
   np.testing.assert_allclose(model_lib.apply(mc_m, params_m, tokens), adapted, atol=1e-5)
   np.testing.assert_allclose(model_lib.apply(mc_l, params_l, tokens), adapted, atol=1e-5)
   assert np.abs(adapted - model_lib.apply(mc_m, base, tokens)).max() > 1e-4
@@ -347,7 +348,7 @@ def test_finetuning_one_family_beats_the_base_on_held_out_instances(base_run, tm
   assert before == 0.0 and after >= 0.1, (before, after)     # at least 4 of 32 exact
   assert s['after']['eval_loss'] < s['before']['eval_loss'] - 1.0
   # The chat template is what `run.py sample` applies to a fine-tuned run.
-  mc, params, tok = sample_lib.load(workdir)
+  mc, params, tok, _ = runs.load_model(workdir)
   replies = sample_lib.chat(mc, params, tok, [{'role': 'user', 'content': 'Upper-case abc.'}],
                             max_new_tokens=8, temperature=0.0)
   assert len(replies) == 1 and len(replies[0]) <= 8

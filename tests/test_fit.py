@@ -10,6 +10,7 @@ import pytest
 
 from lm.errors import UserError
 from lm.scaling import fit as F
+from lm.scaling import report as report_lib
 
 EPOCH_CSV = Path(__file__).resolve().parent / 'data' / 'chinchilla_epoch.csv'   # source: data/README.md
 # Hoffmann et al. 2022, Section 3.3; Besiroglu et al. 2024 (arXiv:2404.10102), Section 3.
@@ -269,7 +270,7 @@ def test_run_fit_end_to_end(tmp_path):
                         'curve_loss': list(r['eval_loss'] + 0.5 * (1 / np.linspace(0.05, 1, 20) - 1))}
             for r in rows}
   (tmp_path / 'curves.json').write_text(json.dumps(curves))
-  out = F.run_fit(path, tmp_path / 'out', bootstrap=5, top_k=TOP_K, curves=tmp_path / 'curves.json')
+  out = report_lib.run_fit(path, tmp_path / 'out', bootstrap=5, top_k=TOP_K, curves=tmp_path / 'curves.json')
   on_disk = json.loads((tmp_path / 'out' / 'fit.json').read_text())
   assert on_disk == json.loads(json.dumps(out))
   assert out['columns']['loss'] == 'eval_loss' and out['approach1'] is not None

@@ -21,9 +21,10 @@ else:
   transformers = pytest.importorskip('transformers')
 
 from configs import base as base_cfg
-from lm import finetune as ft
 from lm import hf
+from lm import finetune as ft
 from lm import model as model_lib
+from lm import runs
 from lm import sample as sample_lib
 from lm import tokenizer as tokenizer_lib
 from lm import train as train_lib
@@ -137,7 +138,7 @@ def imported_gpt2(hf_tokenizer_dir, tmp_path_factory):
 
 def test_imported_gpt2_run_gives_transformers_logits(imported_gpt2):
   _, ref, run = imported_gpt2
-  mc, params, tok, _ = ft.load_model(run)
+  mc, params, tok, _ = runs.load_model(run)
   assert_same_logits(mc, params, ref)
   assert tok.name == 'hf' and tok.eos_id == 0
 
@@ -155,7 +156,7 @@ def test_eval_of_an_imported_run_matches_transformers_loss(imported_gpt2, tmp_pa
       'arith1', 4, 63
   res = ev.evaluate_run(run, e)
   got = res['text'][str(tmp_path / 'snippet.txt')]
-  _, _, tok, _ = ft.load_model(run)
+  _, _, tok, _ = runs.load_model(run)
   ids = np.asarray([tok.eos_id] + list(tok.encode(text)) + [tok.eos_id])[None]
   assert ids.shape[1] <= 64 and got['tokens'] == ids.shape[1] - 1
   logits = hf_logits(ref, ids[:, :-1]).astype(np.float64)
@@ -181,7 +182,7 @@ def imported_llama(hf_tokenizer_dir, tmp_path_factory):
 
 def test_greedy_generation_equals_transformers_generate(imported_llama):
   _, ref, run = imported_llama
-  mc, params, _, _ = ft.load_model(run)
+  mc, params, _, _ = runs.load_model(run)
   prompt = [5, 17, 42, 8, 99, 3]
   ours = sample_lib.generate_tokens(mc, params, [prompt], 32, temperature=0.0)[0]
   with torch.no_grad():
@@ -232,7 +233,7 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(exported_llama)
       glob.glob(os.path.join(out, 'model-*.safetensors'))) > 1
   model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   assert type(model).__name__ == 'LlamaForCausalLM'
-  mc, params, _, _ = ft.load_model(run)
+  mc, params, _, _ = runs.load_model(run)
   assert_same_logits(mc, params, model)
 
 
@@ -250,8 +251,8 @@ def test_exported_byte_tokenizer_encodes_like_ours(exported_llama):
 def test_import_of_an_export_is_bitwise_equal(exported_llama, tmp_path):
   run, out, _ = exported_llama
   hf.import_model(out, str(tmp_path / 'back'))
-  mc, params, tok, _ = ft.load_model(run)
-  mc2, params2, tok2, _ = ft.load_model(str(tmp_path / 'back'))
+  mc, params, tok, _ = runs.load_model(run)
+  mc2, params2, tok2, _ = runs.load_model(str(tmp_path / 'back'))
   assert jax.tree.structure(params) == jax.tree.structure(params2)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -282,8 +283,8 @@ def test_continued_pretraining_of_an_imported_gpt2_exports_back(imported_gpt2, c
   with open(tmp_path / 'cont' / 'config.json') as f:
     cfg = json.load(f)
   assert cfg['model']['pos'] == 'learned' and cfg['data']['tokenizer'] == 'file'
-  mc, params, _, _ = ft.load_model(str(tmp_path / 'cont'))
-  _, start, _, _ = ft.load_model(run)
+  mc, params, _, _ = runs.load_model(str(tmp_path / 'cont'))
+  _, start, _, _ = runs.load_model(run)
   assert not np.array_equal(np.asarray(params['embed']), np.asarray(start['embed']))
   info = hf.export_run(str(tmp_path / 'cont'), str(tmp_path / 'out'))
   assert info['family'] == 'gpt2'
@@ -294,7 +295,7 @@ def test_continued_pretraining_of_an_imported_gpt2_exports_back(imported_gpt2, c
 def test_chat_tokens_can_be_added_on_import(imported_gpt2, tmp_path):
   src, ref, _ = imported_gpt2
   info = hf.import_model(src, str(tmp_path / 'chat'), add_chat_tokens=True)
-  mc, params, tok, _ = ft.load_model(str(tmp_path / 'chat'))
+  mc, params, tok, _ = runs.load_model(str(tmp_path / 'chat'))
   assert set(tok.chat_ids) == {'system', 'user', 'assistant', 'end'}
   assert mc.vocab_size >= max(tok.chat_ids.values()) + 1
   assert info['embedding_rows_added'] == mc.vocab_size - ref.config.vocab_size

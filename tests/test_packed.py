@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from lm import runs
 from lm import train as train_lib
 from lm.errors import UserError
 from lm.scaling import packed as packed_lib
@@ -87,10 +88,9 @@ def test_packed_runs_equal_the_same_runs_alone(alone, packed):
 
 def test_a_packed_member_folder_is_a_complete_run(alone, packed, cache_dir):
   """Its final checkpoint holds that member's weights: it resumes as finished, like a lone run."""
-  from lm import finetune as finetune_lib
   rdirs, summaries, _, _ = packed
-  _, params_p, _, _ = finetune_lib.load_model(rdirs[1])
-  _, params_a, _, _ = finetune_lib.load_model(alone[1][0])
+  _, params_p, _, _ = runs.load_model(rdirs[1])
+  _, params_a, _, _ = runs.load_model(alone[1][0])
   import jax
   for a, p in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_p)):
     np.testing.assert_allclose(np.asarray(p), np.asarray(a), rtol=2e-3, atol=2e-5)

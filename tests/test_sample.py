@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from configs.base import get_config
+from lm import chat as chat_lib
 from lm import checkpoint as ckpt_lib
 from lm import model as model_lib
+from lm import runs
 from lm import sample
 from lm import tokenizer as tokenizer_lib
 from lm import train as train_lib
@@ -247,34 +249,34 @@ def workdir(tmp_path_factory):
 
 def test_load_and_sample_cli(workdir, capsys):
   path, params = workdir
-  mc, loaded, tok = sample.load(path)
+  mc, loaded, tok, _ = runs.load_model(path)
   assert mc.pos == 'learned' and tok.vocab_size == 263     # bytes, specials and chat tokens
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   kw = dict(max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.9, seed=1, num_samples=2)
   # Emoji and CJK encode through bytes; an empty prompt starts a document.
-  texts = sample.sample_cli(path, '🚀 東京', **kw)
+  texts = chat_lib.sample_cli(path, '🚀 東京', **kw)
   assert len(texts) == 2 and '🚀 東京' in capsys.readouterr().out
-  assert len(sample.sample_cli(path, '', **kw)) == 2
+  assert len(chat_lib.sample_cli(path, '', **kw)) == 2
   assert sample.generate(mc, loaded, tok, ['🚀 東京'], **kw) == texts   # same seed, same text
 
 
 def test_bad_inputs(workdir, tmp_path):
   path, _ = workdir
   with pytest.raises(UserError, match='no config.json'):
-    sample.load(str(tmp_path))
+    runs.load_model(str(tmp_path))
   (tmp_path / 'config.json').write_text(json.dumps(json.loads(get_config().to_json())))
-  with pytest.raises(UserError, match='has no checkpoint; train first'):
-    sample.load(str(tmp_path))
+  with pytest.raises(UserError, match='has no checkpoint.*train it first'):
+    runs.load_model(str(tmp_path))
   ok = dict(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, seed=0, num_samples=1)
   for bad, match in [(dict(top_p=0.0), 'top_p'), (dict(top_p=1.5), 'top_p'),
                      (dict(temperature=-0.1), 'temperature'), (dict(top_k=-1), 'top_k'),
                      (dict(num_samples=0), 'num_samples'), (dict(max_new_tokens=-1), 'max_new')]:
     with pytest.raises(UserError, match=match):
-      sample.sample_cli(path, 'x', **{**ok, **bad})
+      chat_lib.sample_cli(path, 'x', **{**ok, **bad})
   with pytest.raises(UserError, match='shorten the prompt'):       # 40 + 1 tokens > max_len 32
-    sample.sample_cli(path, 'x' * 40, **ok)
+    chat_lib.sample_cli(path, 'x' * 40, **ok)
   with pytest.raises(UserError, match='learned position'):         # 11 + 30 - 1 > 32
-    sample.sample_cli(path, 'x' * 10, **{**ok, 'max_new_tokens': 30})
+    chat_lib.sample_cli(path, 'x' * 10, **{**ok, 'max_new_tokens': 30})
   params = params_for(MODEL)
   long_prompts = PROMPTS[:3] + [list(range(30))]                    # rope runs past max_len 32
   assert sample.generate_tokens(MODEL, params, long_prompts, N_NEW, 0.0).shape == (4, N_NEW)

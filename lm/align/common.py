@@ -21,13 +21,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import host
 from lm import model as model_lib
+from lm import runs
 from lm import sample as sample_lib
 from lm import sft
 from lm.align import code_task
@@ -48,22 +50,9 @@ class Policy:
 
 
 def load_policy(workdir: str) -> Policy:
-  from lm import finetune
-  mc, params, tokenizer, identity = finetune.load_model(workdir)
+  mc, params, tokenizer, identity = runs.load_model(workdir)
   sft._chat_ids(tokenizer)    # a policy must speak the chat template
   return Policy(mc, params, tokenizer, identity)
-
-
-def sft_root(workdir: str) -> str:
-  """The SFT run a chain of preference-tuned runs (DPO rounds, PPO) started from: the reference
-  that every stage's evaluation measures KL against. Absolute path."""
-  path = os.path.abspath(workdir)
-  for _ in range(16):
-    cfg = read_json(os.path.join(path, 'config.json'))
-    if not ('dpo' in cfg or 'ppo' in cfg):
-      return path
-    path = cfg['base']['workdir']
-  raise UserError(f'{workdir} starts a chain of more than 16 preference-tuned runs.')
 
 
 def preference_loss(margin, label_smoothing: float = 0.0):
@@ -276,10 +265,8 @@ def base_identity(policy: Policy) -> dict:
 
 def manifest(policy: Policy, n: dict, extra: dict) -> dict:
   """A preference stage's manifest.json."""
-  import sys
-  from lm import loop
   dev = jax.devices()[0]
-  return {'versions': loop.versions(), 'git_commit': loop.git_commit(), 'command': sys.argv,
+  return {'versions': host.versions(), 'git_commit': host.git_commit(), 'command': sys.argv,
           'device_kind': dev.device_kind, 'platform': dev.platform,
           'device_count': jax.device_count(), 'params': n['total'],
           'params_nonembed': n['nonembed'], 'model': dataclasses.asdict(policy.mc),
@@ -305,14 +292,6 @@ def initial_state(make_params, optimizer, extra=None):
 def read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
-
-
-def finished_summary(workdir: str, what: str, command: str) -> dict:
-  path = os.path.join(workdir, 'summary.json')
-  if not os.path.isfile(path):
-    raise UserError(f'{workdir} is not a finished {what} run (no summary.json); run or resume '
-                    f'`python run.py {command}` there first.')
-  return read_json(path)
 
 
 # ---------------------------------------------------------------------------------------------

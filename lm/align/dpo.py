@@ -42,6 +42,7 @@ import numpy as np
 
 from lm import flops as flops_lib
 from lm import loop
+from lm import runs
 from lm.align import common
 from lm.align import pairs as pairs_lib
 from lm.errors import UserError
@@ -191,7 +192,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   train_step = jax.jit(loop.make_step(lambda p, _, b, r: pair_loss(mc, p, b, beta, eps, alpha),
                                       tc, optimizer, seed), donate_argnums=0)
   eval_loss = jax.jit(lambda p, b: pair_loss(mc, p, b, beta, eps))   # the DPO loss alone
-  root = common.sft_root(dc.init_from)
+  root = runs.sft_root(dc.init_from)
   kl_ref = policy if root == policy.identity['workdir'] else common.load_policy(root)
   evaluator = common.Evaluator(common.task_prompts('eval', dc.eval_prompts), kl_ref, rm,
                                tc.seq_len, dc.max_new_tokens, dc.temperature, dc.sample_batch,
@@ -237,11 +238,3 @@ def build(cfg, workdir: str) -> loop.Stage:
 def train_dpo(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """Trains (or resumes) DPO in workdir; returns the summary."""
   return loop.run(build(cfg, workdir), workdir, stop_at)
-
-
-def load_params(workdir: str, cfg: dict, mc):
-  """(params, step) of a DPO run's newest checkpoint."""
-  from lm import finetune
-  from lm import model as model_lib
-  state, step = finetune.restore_state(workdir, cfg, model_lib.param_shapes(mc))
-  return state['params'], step

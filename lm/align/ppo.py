@@ -348,17 +348,3 @@ def build(cfg, workdir: str) -> loop.Stage:
 def train_ppo(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """Trains (or resumes) PPO in workdir; returns the summary."""
   return loop.run(build(cfg, workdir), workdir, stop_at)
-
-
-def load_params(workdir: str, cfg: dict, mc):
-  """(policy params, step) of a PPO run's newest checkpoint."""
-  from lm import finetune
-  from lm import model as model_lib
-  tc = TrainConfig.from_config(cfg['train'])
-  pc = PpoConfig.from_config(cfg['ppo'], tc.batch_size)
-  trunk = model_lib.param_shapes(mc)
-  shapes = {'policy': trunk, 'value': jax.eval_shape(lambda t: common.init_head(mc, t), trunk)}
-  state, step = finetune.restore_state(
-      workdir, cfg, shapes, optimizer=_Optimizer(_optimizers(tc, pc, shapes)),
-      extra={'kl_coef': jax.ShapeDtypeStruct((), jnp.float32)})
-  return state['params']['policy'], step

@@ -29,10 +29,9 @@ import numpy as np
 
 from lm import flops as flops_lib
 from lm import loop
-from lm import model as model_lib
+from lm import runs
 from lm.align import common
 from lm.align import pairs as pairs_lib
-from lm.config import ModelConfig
 from lm.errors import UserError
 from lm.optim import TrainConfig, make_optimizer
 
@@ -218,19 +217,14 @@ def train_reward(cfg, workdir: str, stop_at: int | None = None) -> dict:
 
 def load(workdir: str) -> common.RewardModel:
   """A finished reward-model run, with its score normalisation."""
-  from lm import finetune
-  from lm import tokenizer as tokenizer_lib
-  summary = common.finished_summary(workdir, 'reward-model', 'reward')
-  cfg = common.read_json(os.path.join(workdir, 'config.json'))
-  if 'reward' not in cfg or 'reward' not in summary:
+  summary = runs.finished_summary(workdir, 'reward-model', 'reward')
+  cfg = runs.read_config(workdir)
+  if runs.kind(cfg) != 'reward' or 'reward' not in summary:
     raise UserError(f'{workdir} is not a reward-model run; train one with python run.py reward.')
-  mc = finetune._plain(ModelConfig(**finetune._model_fields(cfg['base']['model'])))
-  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-  shapes = jax.eval_shape(lambda: common.init_head(mc, model_lib.init_params(
-      mc, jax.random.PRNGKey(0))))
-  state, step = finetune.restore_state(workdir, cfg, shapes)
+  mc = runs.plain(runs.model_config(cfg))
+  tokenizer = runs.load_tokenizer(workdir)
+  params, step = runs.restore_params(workdir, runs.PARAMS_KEYS['reward'])
   norm = summary['reward']['norm']
   ident = {'workdir': os.path.abspath(workdir), 'step': int(step),
-           'params_sha256': finetune.params_hash(state['params'])}
-  return common.RewardModel(mc, state['params'], tokenizer, float(norm['mean']),
-                            float(norm['std']), ident)
+           'params_sha256': runs.params_hash(params)}
+  return common.RewardModel(mc, params, tokenizer, float(norm['mean']), float(norm['std']), ident)

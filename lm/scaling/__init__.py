@@ -1,5 +1,2 @@
-"""Scaling-law fitting (fit), figures (plot) and the markdown summary (report) of a sweep's results."""
-
-from lm.scaling.fit import fit_results, read_results, run_fit
-
-__all__ = ['fit_results', 'read_results', 'run_fit']
+"""Scaling-law sweeps (sweep), fits (fit: numerics only), figures (plot) and the markdown
+summary (report: report.run_fit fits a results table, then plots and writes report.md)."""

@@ -24,7 +24,6 @@ from scipy import optimize
 from threadpoolctl import threadpool_limits
 
 from lm.errors import UserError
-from lm.metrics import write_json_atomic
 
 HUBER_DELTA = 1e-3
 # Hoffmann et al. 2022 (Approach 3, fitting details in Appendix D): the initialisation grid.
@@ -732,21 +731,3 @@ def read_curves(curves):
   if not isinstance(data, dict):
     raise UserError(f'Curves file {path} must hold a JSON object mapping run name to its curve.')
   return data
-
-
-def run_fit(results_csv, workdir, loss_key=None, params_key='params', flops_key=None, bootstrap=100,
-            curves=None, seed=0, top_k=DEFAULT_TOP_K):
-  """Read results, fit, write workdir/fit.json, the plots and workdir/report.md; return the fit."""
-  from lm.scaling import plot, report  # matplotlib is only needed here
-  flops_key = flops_key or 'flops'
-  rows = read_results(results_csv, loss_key, params_key, flops_key)
-  loss_key = resolve_loss_key(rows[0].keys(), loss_key)
-  curves = read_curves(curves)
-  fit = fit_results(rows, flops_key=flops_key, params_key=params_key, loss_key=loss_key, bootstrap=bootstrap,
-                    seed=seed, curves=curves, top_k=top_k)
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(workdir / 'fit.json', fit)
-  plot.make_all(fit, rows, workdir, curves=curves)
-  report.write_report(fit, workdir)
-  return fit

@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+from lm.metrics import write_json_atomic
+from lm.scaling import fit as fitlib
+from lm.scaling import plot
 from lm.scaling.plot import FILES
 
 # Hoffmann et al. 2022 (arXiv:2203.15556): Table 2 exponents and the Approach-3 law of Section 3.3.
@@ -197,3 +200,20 @@ def write_report(fit, workdir):
     lines += [''] + [f'- {n}' for n in notes]
   path.write_text('\n'.join(lines) + '\n')
   return str(path)
+
+
+def run_fit(results_csv, workdir, loss_key=None, params_key='params', flops_key=None, bootstrap=100,
+            curves=None, seed=0, top_k=fitlib.DEFAULT_TOP_K):
+  """The analysis of a results table: read it, fit, write workdir/fit.json, the plots and workdir/report.md; return the fit."""
+  flops_key = flops_key or 'flops'
+  rows = fitlib.read_results(results_csv, loss_key, params_key, flops_key)
+  loss_key = fitlib.resolve_loss_key(rows[0].keys(), loss_key)
+  curves = fitlib.read_curves(curves)
+  fit = fitlib.fit_results(rows, flops_key=flops_key, params_key=params_key, loss_key=loss_key, bootstrap=bootstrap,
+                    seed=seed, curves=curves, top_k=top_k)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(workdir / 'fit.json', fit)
+  plot.make_all(fit, rows, workdir, curves=curves)
+  write_report(fit, workdir)
+  return fit

@@ -55,6 +55,7 @@ import traceback
 import numpy as np
 
 from lm import flops as flops_lib
+from lm import host
 from lm.config import ModelConfig
 from lm.errors import UserError
 from lm.metrics import read_jsonl, write_json_atomic
@@ -383,8 +384,7 @@ def auto_parallel(n_jobs: int) -> int:
   from lm.scaling import parallel as parallel_lib
   platform, count = parallel_lib.probe_devices()
   if platform == 'cpu':
-    from lm.optim import host_cores
-    return max(1, min(host_cores(), n_jobs))
+    return max(1, min(host.host_cores(), n_jobs))
   return max(1, min(count, n_jobs)) if platform in ('gpu', 'cuda', 'rocm') else 1
 
 
@@ -822,7 +822,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
 def fit_sweep(s, workdir: str, finished: list, entropy_rate: float | None = None) -> dict:
   """The fit at the end of a sweep, on its results.csv and the finished runs' curves
   (finished: (spec, config, summary) per run): fit.json, the plots and report.md."""
-  from lm.scaling import fit as fit_lib
+  from lm.scaling import report as report_lib   # scipy and matplotlib: training workers skip them
   if s.mode in WSD_MODES:   # Approach 1 from the branches' finals: one honest point per length
     curves = wsd_curves([(a, c) for a, b, c in finished])
   else:
@@ -831,8 +831,8 @@ def fit_sweep(s, workdir: str, finished: list, entropy_rate: float | None = None
   if usable_curves(curves) is None:
     print('Approach 1 skipped: it needs two or more runs with two or more points on their '
           'curves (a WSD sweep of one budget has one point per size).', flush=True)
-  result = fit_lib.run_fit(os.path.join(workdir, 'results.csv'), workdir, loss_key='eval_loss',
-                           bootstrap=s.bootstrap, curves=usable_curves(curves))
+  result = report_lib.run_fit(os.path.join(workdir, 'results.csv'), workdir, loss_key='eval_loss',
+                              bootstrap=s.bootstrap, curves=usable_curves(curves))
   if entropy_rate is not None:
     _append_truth(workdir, result, entropy_rate)
   return result
