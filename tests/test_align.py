@@ -476,3 +476,25 @@ def test_lesson_report_and_plot_from_a_result(tmp_path, capsys):
   paths = rlhf.plot(result, str(tmp_path))
   assert os.path.getsize(paths[0]) > 0
   assert json.load(open(tmp_path / 'result.json'))['rows']['dpo']['gold'] == 0.8
+
+
+def test_every_kind_of_run_loads_through_runs(sft_run, rm_run, ppo_run):
+  """One reader for every run folder: its kind, its chain of base runs and its weights."""
+  base = runs.read_config(sft_run)['base']['workdir']
+  kinds = {p: runs.kind(runs.read_config(p)) for p in (base, sft_run, rm_run[0], ppo_run)}
+  assert list(kinds.values()) == ['pretrain', 'finetune', 'reward', 'ppo']
+  assert runs.sft_root(ppo_run) == os.path.abspath(sft_run)
+  assert runs.root_config(ppo_run) == runs.read_config(base)
+  assert [p for p, _ in runs.base_chain(ppo_run)] == [ppo_run, sft_run, base]
+  with pytest.raises(UserError, match='is a reward model, not a language model'):
+    runs.load_model(rm_run[0])
+  _, sft_params, _, _ = runs.load_model(sft_run)
+  mc, ppo_params, tok, ident = runs.load_model(ppo_run)
+  summary = json.load(open(os.path.join(ppo_run, 'summary.json')))
+  assert ident['step'] == summary['steps'] and runs.chats(runs.read_config(ppo_run))
+  assert jax.tree.structure(ppo_params) == jax.tree.structure(sft_params)
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+           for a, b in zip(jax.tree.leaves(ppo_params), jax.tree.leaves(sft_params))]
+  assert max(moved) > 0   # the policy's own trained weights, not its base's
+  rm = reward.load(rm_run[0])   # the reward model's trunk and head, read the same way
+  assert set(rm.params) == {'trunk', 'head'}
