@@ -168,8 +168,8 @@ def restore_params(workdir: str, keys: tuple[str, ...] = ('params',)):
     raise UserError(f'{workdir} has no checkpoint, so it is neither finished nor resumable; '
                     'train it first (or point at another run).')
   params, step = ckpt_lib.restore_subtree(os.path.join(workdir, 'checkpoints'), keys)
-  if params is None:
-    raise UserError(f'{workdir} has no checkpoint; train it first.')
+  if params is None:   # step folders that orbax does not count as finished
+    raise UserError(f'{workdir} has no finished checkpoint; train it first.')
   return params, step
 
 
@@ -199,16 +199,13 @@ def load_model(workdir: str, _depth: int = 0):
                     'it first.')
   cfg = read_config(workdir)
   run_kind = kind(cfg)
-  if not has_checkpoint(workdir):
-    raise UserError(f'{workdir} has no checkpoint, so it is neither finished nor resumable; '
-                    'train it first (or point at another run).')
-  tokenizer = load_tokenizer(workdir)
   if run_kind == 'reward':
     raise UserError(f'{workdir} is a reward model, not a language model; use its SFT run '
                     f"{base_workdir(cfg)} instead (run.py sample on the reward run shows the SFT "
                     "run's samples with their rewards).")
+  params, step = restore_params(workdir, PARAMS_KEYS[run_kind])   # refuses a run without one
+  tokenizer = load_tokenizer(workdir)
   mc = model_config(cfg, tokenizer.vocab_size)
-  params, step = restore_params(workdir, PARAMS_KEYS[run_kind])
   if mc.lora_rank:   # the checkpoint holds the adapters: fold them into the base's weights
     _, base_params, _, base_id = load_model(base_workdir(cfg), _depth + 1)
     _check_same_base(cfg['base'], base_id, workdir)
