@@ -253,11 +253,12 @@ def global_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
 
 # At most this many executions of one program may be dispatched and unfinished (map_bounded).
 # XLA:CPU aborts the process when many executions of a program with collectives (any program
-# over several CPU devices, e.g. a host split by split_host) are in flight at once: from about 48
-# on a 2-core host, the shares of one execution wait in an all-reduce for a partner share that
-# never starts, and the rendezvous's 40 s timeout ends the process. Chaining the executions
-# through a data dependency does not prevent it; bounding the number in flight does. 8 keeps a
-# device's queue full at no measurable cost.
+# over several CPU devices, e.g. a host split by split_host) are in flight at once: from about 40
+# on a 2-core host (32 finished in every trial; benchmarks/cpu_in_flight.py), the shares of one
+# execution wait in an all-reduce for a partner share that never starts, and the rendezvous's
+# 40 s timeout ends the process. Chaining the executions through a data dependency does not
+# prevent it; bounding the number in flight does. 8 keeps a device's queue full at no measurable
+# cost.
 MAX_IN_FLIGHT = 8
 
 
