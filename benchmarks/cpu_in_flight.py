@@ -3,7 +3,7 @@
 A program over several CPU devices (a host split by mesh.cpu_devices) carries all-reduces.
 Dispatched many times without waiting, it made jax 0.10.2's CPU runtime abort the process: the
 shares of one execution wait in an all-reduce for a partner share that does not start within
-40 s ("Expected 2 threads to join the rendezvous"). lm.sharding.map_bounded keeps at most
+40 s ("Expected 2 threads to join the rendezvous"). lm.model.sharding.map_bounded keeps at most
 MAX_IN_FLIGHT executions unfinished. This script rechecks the threshold (e.g. after a jax upgrade):
 each trial is a fresh process that dispatches N executions of a tiny data-parallel program at
 once (or bounded, --limit), and the table says how many trials finished.
@@ -21,7 +21,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer('devices', 2, 'CPU devices the program runs over')
 flags.DEFINE_list('counts', ['16', '32', '40', '48', '64'], 'executions dispatched per trial')
 flags.DEFINE_integer('trials', 3, 'fresh processes per count')
-flags.DEFINE_integer('limit', 0, 'at most this many in flight (lm.sharding.map_bounded); 0: all')
+flags.DEFINE_integer('limit', 0, 'at most this many in flight (lm.model.sharding.map_bounded); 0: all')
 flags.DEFINE_integer('timeout', 120, 'seconds before a trial counts as hung')
 
 TRIAL = r'''
@@ -32,7 +32,7 @@ jax.config.update('jax_num_cpu_devices', devices)
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from lm import sharding as shard_lib
+from lm.model import sharding as shard_lib
 mesh = Mesh(np.array(jax.devices()), ('data',))
 rows, whole = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
 w = jax.device_put(jnp.ones((256, 256)), whole)

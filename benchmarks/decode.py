@@ -4,7 +4,7 @@ For each total length L (prompt + new tokens) it greedily generates L - prompt_l
 randomly initialised model (EOS disabled, so every run makes all its tokens) and prints the mean
 time per new token.
 
-  with cache:    `lm.sample.prefill` then the jitted `decode_loop` (one forward of one token per
+  with cache:    `lm.eval.sample.prefill` then the jitted `decode_loop` (one forward of one token per
                  step over a cache of prompt_len + new - 1 slots).
   without cache: every new token recomputes the whole prefix: a jitted full forward over a
                  right-padded buffer whose length is the current length rounded up to a multiple
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import model as model_lib
-from lm import sample
+from lm.model import transformer as model_lib
+from lm.eval import sample
 from lm.config import ModelConfig
 
 

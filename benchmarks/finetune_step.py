@@ -3,8 +3,8 @@
   python -m benchmarks.finetune_step [--layers=4 --d_model=128 --batch=16 --seq_len=128]
                                      [--ranks=4,16] [--targets=q,k,v,o,up,down]
 
-Builds the fine-tuning step that `run.py finetune` uses (lm/loop.py's step over lm/sft.py's masked
-loss, AdamW from lm/optim.py) for full fine-tuning and for LoRA at each rank, on the same packed
+Builds the fine-tuning step that `run.py finetune` uses (lm/training/loop.py's step over lm/data/sft.py's masked
+loss, AdamW from lm/training/optim.py) for full fine-tuning and for LoRA at each rank, on the same packed
 batch of random examples, and times them in interleaved rounds (so a slow spell on a shared
 machine hits all of them); the median round is reported. Memory is counted from the trees
 themselves: trainable numbers, optimizer-state bytes and gradient bytes (what the step keeps
@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import lora as lora_lib
-from lm import loop
-from lm import model as model_lib
-from lm import optim
-from lm import sft
+from lm.model import lora as lora_lib
+from lm.training import loop
+from lm.model import transformer as model_lib
+from lm.training import optim
+from lm.data import sft
 from lm.config import ModelConfig
 
 FLAGS = flags.FLAGS

@@ -31,7 +31,7 @@ config_flags.DEFINE_config_file('config', 'configs/sweep_smoke.py',
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from lm import data as data_lib
+  from lm.data import tokens as data_lib
   from lm.scaling import parallel as parallel_lib
   from lm.scaling import sweep as sweep_lib
   cfg = FLAGS.config

@@ -44,7 +44,7 @@ def time_shape(n_layers, d_model, k):
   import jax
   import numpy as np
 
-  from lm import train as train_lib
+  from lm.stages import pretrain as train_lib
   from lm.scaling import packed as packed_lib
   cfgs = _member_configs(n_layers, d_model, k)
   run = train_lib.build(cfgs[0], vocab_size=259)

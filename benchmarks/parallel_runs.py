@@ -34,8 +34,8 @@ def _time_steps(n_layers, d_model, batch, seq_len, seconds, ready, barrier):
   import jax
   import numpy as np
 
-  from lm import model as model_lib
-  from lm import train as train_lib
+  from lm.model import transformer as model_lib
+  from lm.stages import pretrain as train_lib
   from lm.config import ModelConfig
   mc = ModelConfig.from_config(dict(n_layers=n_layers, d_model=d_model, n_heads=d_model // 32,
                                     max_len=seq_len, pos='rope', norm='rmsnorm', mlp='gelu'),

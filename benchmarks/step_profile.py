@@ -1,6 +1,6 @@
 """Where a training step's time goes: python -m benchmarks.step_profile [--size=tiny] [--trace].
 
-Ablations of the project's jitted step (lm.train.make_train_step, AdamW with clipping), timed in
+Ablations of the project's jitted step (lm.stages.pretrain.make_train_step, AdamW with clipping), timed in
 interleaved rounds like benchmarks/train_step.py, each as milliseconds per step and as a share of
 the whole step:
 
@@ -14,7 +14,7 @@ the whole step:
   head+loss alone  the tied output projection and cross-entropy, forward and backward, on
                    random hidden states (what the vocabulary costs)
 
-The ablations swap pieces of lm.attention / lm.model for the duration of one compile; the
+The ablations swap pieces of lm.model.attention / lm.model.transformer for the duration of one compile; the
 shares are differences, so they are only as steady as the machine.
 
 --trace instead records a jax.profiler trace of the whole step and sums the time of every XLA
@@ -32,8 +32,8 @@ import numpy as np
 import optax
 
 from benchmarks.train_step import SIZES, patched, project_config
-from lm import model as model_lib
-from lm import train as train_lib
+from lm.model import transformer as model_lib
+from lm.stages import pretrain as train_lib
 
 FLAGS = flags.FLAGS
 # --size, --steps and --rounds are benchmarks/train_step.py's flags (imported with it).
@@ -127,7 +127,7 @@ def trace_breakdown(step, state, batch, n: int = 10):
 
 def _no_attention(q, k, v, **_):
   # The shape of the real output, without the scores: GQA repeats the kv heads, and a query
-  # block (lm/attention.py) sees a longer key prefix than its own rows.
+  # block (lm/model/attention.py) sees a longer key prefix than its own rows.
   return jnp.repeat(v[:, :q.shape[1]], q.shape[2] // v.shape[2], axis=2)
 
 
@@ -198,7 +198,7 @@ def main(argv):
               'fwd+bwd': lambda: fwd_bwd(params)[0],
               'forward': lambda: fwd(params),
               'optimizer': lambda: opt_only(grads, opt_state, params)[0]}
-  with patched(jax.nn, 'dot_product_attention', _no_attention):   # what lm/attention.py calls
+  with patched(jax.nn, 'dot_product_attention', _no_attention):   # what lm/model/attention.py calls
     variants['no attention'] = whole_step()
     jax.block_until_ready(variants['no attention']())      # compiled while patched
   with patched(model_lib.Mlp, '__call__', _no_mlp):

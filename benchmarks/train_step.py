@@ -4,9 +4,9 @@
 [--noall_variants], or one row for a training config:
 python -m benchmarks.train_step --config=configs/gpt2_small.py [--config.train.batch_size=8].
 
---config times that config's own jitted step as `lm.train.build` makes it (its mesh, shardings,
+--config times that config's own jitted step as `lm.stages.pretrain.build` makes it (its mesh, shardings,
 dtype, attention choice, optimizer), on random tokens, so no corpus is prepared: tokens/s, step
-time, MFU by the model-FLOPs count (PaLM App. B, `lm.flops.model_flops_per_token`) and by the
+time, MFU by the model-FLOPs count (PaLM App. B, `lm.model.flops.model_flops_per_token`) and by the
 Chinchilla App. F count the budgets use, compile time, the train state's bytes, XLA's own
 estimate of the step's memory, and the device's peak memory where the backend reports it.
 
@@ -15,15 +15,15 @@ then against it; --unblocked adds the project's step with causal attention over 
 T x T square (no query blocks); --whole_batch adds the step computed over the whole batch at
 once (train.micro_batch_tokens=0) instead of in the micro-batches a CPU step uses;
 --one_device adds the step on one device instead of the host's devices (below), its
-micro-batches side by side on the cores (lm.optim.side_by_side); --one_at_a_time adds it on
+micro-batches side by side on the cores (lm.training.optim.side_by_side); --one_at_a_time adds it on
 one device with its micro-batches one after another;
 --micro_tokens adds the step at other micro-batch sizes. On a CPU the process splits itself
-into host devices as `run.py train` does (mesh.cpu_devices, lm.sharding.split_host: one per
+into host devices as `run.py train` does (mesh.cpu_devices, lm.model.sharding.split_host: one per
 core), and the project's candidates run on the data mesh a training run would use, so the
 batch is split over them; --host_devices=K sets that count instead (1: one device).
 Measurements and the breakdown of the step: benchmarks/README.md.
 
-Times the project's jitted training step (`lm.train.make_train_step` with `make_optimizer`) on
+Times the project's jitted training step (`lm.stages.pretrain.make_train_step` with `make_optimizer`) on
 random tokens with every model feature off (LayerNorm, GELU, no bias, dropout, remat or scan),
 in four variants: learned or RoPE positions, gradient clipping at 1.0 or off. At --size=ref
 (or with --compare) it also times a plain Flax GPT of the same shape: nn.Embed, learned
@@ -36,8 +36,8 @@ Each candidate is compiled, warmed up for --warmup steps, then timed over --roun
 each round, so a slow spell on a shared machine hits all of them. The table gives the median
 tokens/s over rounds, the median per-round ratio to the plain Flax step, and this process's
 CPU seconds per step (less disturbed than wall time by other loads on the machine). FLOPs per
-token are the Chinchilla App. F count (`lm.flops.flops_per_token`); MFU needs a peak
-(--peak_flops, else the device table in lm/flops.py) and shows n/a on CPUs.
+token are the Chinchilla App. F count (`lm.model.flops.flops_per_token`); MFU needs a peak
+(--peak_flops, else the device table in lm/model/flops.py) and shows n/a on CPUs.
 """
 import contextlib
 import dataclasses
@@ -53,12 +53,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm import attention as attention_lib
-from lm import flops as flops_lib
-from lm import model as model_lib
-from lm import optim
-from lm import sharding as shard_lib
-from lm import train as train_lib
+from lm.model import attention as attention_lib
+from lm.model import flops as flops_lib
+from lm.model import transformer as model_lib
+from lm.training import optim
+from lm.model import sharding as shard_lib
+from lm.stages import pretrain as train_lib
 from lm.config import ModelConfig
 
 # Shapes: (n_layers, d_model, n_heads, d_ff, vocab, max_len) and the default batch, seq_len, dtype.
@@ -263,10 +263,10 @@ def patched(obj, name, value):
 
 def project_candidate(mc, tc, batch_BT1, unblocked: bool = False, devices: int = 1,
                       one_at_a_time: bool = False):
-  """(run(n) -> last loss, n_params) for lm.train's step, jitted as lm.train.build does.
+  """(run(n) -> last loss, n_params) for lm.stages.pretrain's step, jitted as lm.stages.pretrain.build does.
 
   unblocked: compiled with causal attention over the whole T x T square (no query blocks,
-  lm/attention.py), to show what the blocks buy in the same run. devices > 1: on a mesh whose
+  lm/model/attention.py), to show what the blocks buy in the same run. devices > 1: on a mesh whose
   data axis is the first `devices` devices (params replicated, the batch split).
   one_at_a_time: compiled as if on one core, so its micro-batches run one after another.
   """
@@ -302,7 +302,7 @@ def project_candidate(mc, tc, batch_BT1, unblocked: bool = False, devices: int =
 
 def config_vocab(cfg) -> int:
   """The vocabulary a config's run would have, without building its tokenizer."""
-  from lm import tokenizer as tokenizer_lib
+  from lm.data import tokenizer as tokenizer_lib
   d = cfg.data
   if cfg.model.vocab_size:
     return int(cfg.model.vocab_size)
@@ -322,7 +322,7 @@ def _mib(n) -> str:
 
 def config_row(cfg) -> dict:
   """Times the config's own train step; returns (and prints) its row."""
-  from lm import sharding as shard_lib
+  from lm.model import sharding as shard_lib
   run = train_lib.build(cfg, vocab_size=config_vocab(cfg))
   mc, tc = run.model, run.train
   B, T = tc.batch_size, tc.seq_len

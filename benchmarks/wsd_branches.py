@@ -75,7 +75,7 @@ def main(argv):
 
 
 def _vocab(cfg):
-  from lm import data as data_lib
+  from lm.data import tokens as data_lib
   return data_lib.prepare(data_lib.DataConfig.from_config(cfg.base.data)).tokenizer.vocab_size
 
 

@@ -6,7 +6,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # The transformer (lm/model.py; validated in lm/config.py).
+  # The transformer (lm/model/transformer.py; validated in lm/config.py).
   m = c.model = ml_collections.ConfigDict()
   m.n_layers = 2
   m.d_model = 128
@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention_impl = 'auto'  # auto | xla | cudnn (passed to jax.nn.dot_product_attention)
   m.init_std = 0.02
 
-  # Corpus, tokenizer, token files and batches (lm/data.py).
+  # Corpus, tokenizer, token files and batches (lm/data/tokens.py).
   d = c.data = ml_collections.ConfigDict()
   d.corpus = 'pystdlib'     # pystdlib | text | synthetic
   d.path = ''               # file, folder or glob for corpus=text
@@ -44,8 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.max_bytes = 0           # 0 = the whole corpus; else read at most this many bytes
   d.cache_dir = ''          # '' means $LM_CACHE_DIR or ~/.cache/lm
   d.sp_train_bytes = 20_000_000  # sentencepiece trains on a seeded sample this big (0 = all)
-  d.chat_tokens = True      # reserve <|system|> <|user|> <|assistant|> <|end|> ids (lm/tokenizer.py)
-  d.arith_fraction = 0.0    # share of generated "a+b=c" lines mixed into a text corpus (lm/tasks.py)
+  d.chat_tokens = True      # reserve <|system|> <|user|> <|assistant|> <|end|> ids (lm/data/tokenizer.py)
+  d.arith_fraction = 0.0    # share of generated "a+b=c" lines mixed into a text corpus (lm/eval/tasks.py)
   d.arith_digits = 4        # their largest operand digit count (1-4)
   d.synthetic_vocab = 64
   d.synthetic_order = 1
@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.synthetic_tokens = 2_000_000
   d.synthetic_seed = 1234
 
-  # Optimisation, evaluation, checkpoints (lm/train.py).
+  # Optimisation, evaluation, checkpoints (lm/stages/pretrain.py).
   t = c.train = ml_collections.ConfigDict()
   t.steps = 200
   t.batch_size = 16
@@ -81,18 +81,18 @@ def get_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 100
   t.keep_checkpoints = 2
   t.async_checkpoint = True  # checkpoints written in the background while training goes on
-  t.peak_flops = 0.0        # FLOP/s for MFU; 0 means look the device up in lm/flops.py
+  t.peak_flops = 0.0        # FLOP/s for MFU; 0 means look the device up in lm/model/flops.py
   t.progress = 'auto'       # auto | bar | log | none
   t.init_from = ''          # continued pretraining: a run (or an imported model) whose weights,
                             # shape and tokenizer this run starts from, with a fresh optimizer
-  t.eval_tasks = ''         # task suites scored few-shot at evaluations, e.g. 'arith' (lm/tasks.py)
+  t.eval_tasks = ''         # task suites scored few-shot at evaluations, e.g. 'arith' (lm/eval/tasks.py)
   t.eval_tasks_every = 0    # every this many steps (a multiple of eval_every); 0: every evaluation
   t.eval_task_examples = 100  # held-out problems per task
   t.eval_shots = 3          # demonstrations in each prompt
   t.opt_dtype = 'float32'   # AdamW moments: float32 | bfloat16 (half the optimizer state)
   t.profile_steps = ''      # 'A:B' writes a jax.profiler trace of steps A+1..B to workdir/profile
 
-  # Device mesh (lm/sharding.py). -1 means "the rest of the devices".
+  # Device mesh (lm/model/sharding.py). -1 means "the rest of the devices".
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.data = -1
   mesh.fsdp = 1

@@ -1,6 +1,6 @@
 """The emergence ladder (experiments/emergence.py): six model sizes spanning about 45x in
 parameters, trained on the Python standard library mixed with 10% generated "a+b=c" lines
-(training-side problems only; lm/tasks.py), with held-out 1-4 digit addition scored few-shot at
+(training-side problems only; lm/eval/tasks.py), with held-out 1-4 digit addition scored few-shot at
 eight points of every run.
 
   python -m experiments.emergence              # trains the ladder (sweep grid mode), then plots

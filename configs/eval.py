@@ -1,4 +1,4 @@
-"""`python run.py eval --workdir=RUN`: what to evaluate (lm/evaluate.py, lm/tasks.py).
+"""`python run.py eval --workdir=RUN`: what to evaluate (lm/eval/evaluate.py, lm/eval/tasks.py).
 
 Override any key on the command line, e.g.
   python run.py eval --workdir=runs/tiny --config=configs/eval.py \

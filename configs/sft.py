@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   f = c.finetune = ml_collections.ConfigDict()
   f.init_from = ''          # the trained run to start from (required)
-  f.data = 'builtin'        # 'builtin' (lm/instruct.py), 'code' (lm/align/code_task.py), both
+  f.data = 'builtin'        # 'builtin' (lm/data/instruct.py), 'code' (lm/data/code_task.py), both
                             # ('builtin+code': every code header beside the instruction set) or a JSONL
                             # file of prompt/response or messages records
   f.eval_data = ''          # held-out JSONL for your own data ('' holds out 5% of f.data)

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on the code-body task (lm/align/code_task.py): the SFT model that the
+"""Supervised fine-tuning on the code-body task (lm/data/code_task.py): the SFT model that the
 preference stages (configs/reward.py, dpo.py, ppo.py) start from.
 
   python run.py finetune --config=configs/sft_code.py --workdir=runs/sft_code \

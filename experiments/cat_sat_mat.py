@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from lm.flops import count_params
+from lm.model.flops import count_params
 
 NAME = 'cat_sat_mat'
 SENTENCE = 'the cat sat on the mat'

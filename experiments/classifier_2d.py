@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from lm.flops import count_params
+from lm.model.flops import count_params
 
 NAME = 'classifier_2d'
 

@@ -5,7 +5,7 @@ the answer depend on the metric?
 
 A ladder of six byte-level models, 33K to 1.5M parameters (about 45x), is trained by the sweep
 engine in grid mode (configs/emergence.py) on the Python standard library mixed with 10% generated
-"a+b=c" lines. Every run scores held-out addition problems (never in its training text; lm/tasks.py)
+"a+b=c" lines. Every run scores held-out addition problems (never in its training text; lm/eval/tasks.py)
 with 1, 2, 3 and 4 digit operands, few-shot with 3 demonstrations, at eight points of training
 (train.eval_tasks in the training loop), by three metrics:
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from lm.flops import count_params
+from lm.model.flops import count_params
 
 NAME = 'forward_pass'
 X = [1.0, 2.0]

@@ -3,7 +3,7 @@
   python -m experiments.instruction_tuning [--runs=runs/instruction_tuning] [--ranks=4,8]
 
 A 4-layer byte model is pretrained on the Python standard library (configs/pretrain_small.py),
-then taught the built-in instruction set (lm/instruct.py: addition, subtraction, reversing and
+then taught the built-in instruction set (lm/data/instruct.py: addition, subtraction, reversing and
 upper-casing a word, counting a letter, sorting numbers, naming a function from its `def` line
 and a module from its import) three ways from the same weights: every parameter trained, and
 LoRA adapters at two ranks with the base frozen (configs/sft.py). The LoRA recipe: adapters on
@@ -49,10 +49,10 @@ def run(runs_dir=None, ranks=None, pretrain_overrides=None, sft_overrides=None,
         prompts=PROMPTS, base_dir=None, lora_lr=None):
   """Pretrains (or reuses) the base, fine-tunes it fully and with LoRA; returns the numbers."""
   from configs import pretrain_small, sft as sft_config
-  from lm import finetune as ft
+  from lm.stages import finetune as ft
   from lm import runs
-  from lm import sample as sample_lib
-  from lm import train as train_lib
+  from lm.eval import sample as sample_lib
+  from lm.stages import pretrain as train_lib
   runs_dir = common.runs_dir(NAME, runs_dir)
   ranks = ranks or tuple(int(r) for r in _RANKS.value.split(','))
   base_dir = common.base_run(base_dir)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import common
-from lm.flops import count_params
+from lm.model.flops import count_params
 
 NAME = 'lora_arithmetic'
 

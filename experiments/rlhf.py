@@ -2,7 +2,7 @@
 
   python -m experiments.rlhf [--runs=runs/rlhf] [--base=PRETRAINED_RUN] [--kl_coefs=0.2,0.05,0.01]
 
-The task (lm/align/code_task.py): given a Python function header from the standard library, write
+The task (lm/data/code_task.py): given a Python function header from the standard library, write
 its first statement. A program judges every answer (parses, does something, reads an argument:
 gold reward 0 to 1), so every number below is checked rather than guessed. The stages, each an
 ordinary workdir under --runs (a rerun skips what is finished and resumes what was interrupted):
@@ -65,8 +65,8 @@ def run(runs_dir=None, base_dir=None, kl_coefs=None, overrides=None, eval_prompt
   """
   from configs import dpo as dpo_cfg, ppo as ppo_cfg, pretrain_small, reward as reward_cfg
   from configs import sft_code
-  from lm import finetune as ft
-  from lm import train as train_lib
+  from lm.stages import finetune as ft
+  from lm.stages import pretrain as train_lib
   from lm.align import dpo, ppo, reward
   parsed = flags.FLAGS.is_parsed()
   runs_dir = common.runs_dir(NAME, runs_dir)

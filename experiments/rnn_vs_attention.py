@@ -2,7 +2,7 @@
 
   python -m experiments.rnn_vs_attention [--out=DIR]
 
-Both models read the same byte-level Python stdlib windows (lm.data, the same batches in the same
+Both models read the same byte-level Python stdlib windows (lm.data.tokens, the same batches in the same
 order), have about the same number of parameters (the GRU's hidden width is chosen to match the
 transformer's count) and train for the same steps with the same AdamW settings: warmup then cosine
 decay, weight decay on weight matrices only, gradient clipping at 1. Only the peak learning rate
@@ -29,12 +29,12 @@ import optax
 
 from configs import base
 from experiments import common
-from lm import data as data_lib
-from lm import model as model_lib
-from lm import optim
-from lm import train as train_lib
+from lm.data import tokens as data_lib
+from lm.model import transformer as model_lib
+from lm.training import optim
+from lm.stages import pretrain as train_lib
 from lm.config import ModelConfig
-from lm.flops import count_params
+from lm.model.flops import count_params
 
 NAME = 'rnn_vs_attention'
 
@@ -75,8 +75,8 @@ def matched_hidden(target: int, vocab_size: int, d_embed: int) -> int:
 
 
 def make_optimizer(tc: train_lib.TrainConfig, params) -> optax.GradientTransformation:
-  """lm.train's AdamW for any parameter tree: its schedule and settings, and weight decay on
-  matrices except the embedding (for the transformer this is exactly lm.optim.decay_mask)."""
+  """lm.stages.pretrain's AdamW for any parameter tree: its schedule and settings, and weight decay on
+  matrices except the embedding (for the transformer this is exactly lm.training.optim.decay_mask)."""
   def decay(path, x):
     names = [str(getattr(k, 'key', k)) for k in path]
     return x.ndim >= 2 and 'embed' not in names

@@ -3,11 +3,11 @@
   python -m experiments.temperature [--out=DIR] [--workdir=RUN]
 
 Without --workdir it trains a tiny byte-level model (configs/tiny.py, fewer steps) into
-OUT/tiny-STEPSsteps, which later runs reuse: lm.train.train returns a finished run at once.
-The prompt is fed the way lm.sample.generate feeds it (EOS first, as at the start of a document),
+OUT/tiny-STEPSsteps, which later runs reuse: lm.stages.pretrain.train returns a finished run at once.
+The prompt is fed the way lm.eval.sample.generate feeds it (EOS first, as at the start of a document),
 and the last position's logits z give the distribution p_T = softmax(z / T) at temperature T.
 T = 0 is greedy decoding: all the mass on the argmax. T < 1 sharpens (lower entropy), T > 1
-flattens. Top-p 0.9 (lm.sample.apply_top_p) keeps the smallest set of most likely tokens whose
+flattens. Top-p 0.9 (lm.eval.sample.apply_top_p) keeps the smallest set of most likely tokens whose
 mass reaches 0.9 and renormalises within it.
 """
 import os
@@ -19,10 +19,10 @@ import numpy as np
 
 from configs import tiny
 from experiments import common
-from lm import model as model_lib
+from lm.model import transformer as model_lib
 from lm import runs
-from lm import sample as sample_lib
-from lm import train as train_lib
+from lm.eval import sample as sample_lib
+from lm.stages import pretrain as train_lib
 
 NAME = 'temperature'
 TEMPERATURES = (0.0, 0.7, 1.0, 1.5)
@@ -55,10 +55,10 @@ def entropy(p: np.ndarray) -> float:
 
 
 def top_p_kept(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
-  """Which tokens lm.sample's top-p filter keeps at this temperature (bool [V])."""
+  """Which tokens lm.eval.sample's top-p filter keeps at this temperature (bool [V])."""
   if temperature == 0:
     return np.arange(len(logits)) == np.argmax(logits)
-  scaled = jnp.asarray(logits, jnp.float32) / temperature  # as lm.sample.sample_logits does
+  scaled = jnp.asarray(logits, jnp.float32) / temperature  # as lm.eval.sample.sample_logits does
   return np.isfinite(np.asarray(sample_lib.apply_top_p(scaled, top_p)))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from lm.flops import count_params
+from lm.model.flops import count_params
 
 NAME = 'xor_mlp'
 X = jnp.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=jnp.float32)

@@ -5,7 +5,7 @@ user turn; a reward-model run shows its SFT policy's replies with their rewards)
 
 `chat_cli` is a terminal chat with a fine-tuned or aligned run.
 
-The conversation is kept in the chat template (lm/sft.py) and every reply is streamed: the prompt
+The conversation is kept in the chat template (lm/data/sft.py) and every reply is streamed: the prompt
 is prefilled into a KV cache once, then one jitted decode step per token, each printed as soon as
 it completes a character. Sampling is `run.py sample`'s (temperature, top-k, top-p, seed; step t
 draws with fold_in(seed, t) as `sample.decode_loop` does, so a streamed reply equals the batched
@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import runs
-from lm import sample as sample_lib
-from lm import sft
+from lm.eval import sample as sample_lib
+from lm.data import sft
 from lm.align import common
 from lm.align import reward as reward_lib
 from lm.errors import UserError

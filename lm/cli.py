@@ -11,7 +11,7 @@ def _need(value, flag: str, example: str):
 
 
 def train(FLAGS):
-  from lm import train as train_lib
+  from lm.stages import pretrain as train_lib
   cfg = _need(FLAGS.config, 'config', '--config=configs/tiny.py')
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny')
   summary = train_lib.train(cfg, workdir)
@@ -22,7 +22,7 @@ def train(FLAGS):
 
 
 def finetune(FLAGS):
-  from lm import finetune as finetune_lib
+  from lm.stages import finetune as finetune_lib
   cfg = _need(FLAGS.config, 'config', '--config=configs/sft.py')
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sft')
   if 'finetune' not in cfg:
@@ -81,7 +81,7 @@ def ppo(FLAGS):
 
 
 def merge(FLAGS):
-  from lm import finetune as finetune_lib
+  from lm.stages import finetune as finetune_lib
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sft_lora')
   out = _need(FLAGS.out, 'out', '--out=runs/sft_lora_merged')
   finetune_lib.merge(workdir, out)
@@ -89,7 +89,7 @@ def merge(FLAGS):
 
 
 def export(FLAGS):
-  from lm import hf
+  from lm.interop import hf
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/base_small')
   out = _need(FLAGS.out, 'out', '--out=runs/base_small_hf')
   if FLAGS.max_shard_mb < 1:
@@ -101,7 +101,7 @@ def export(FLAGS):
 
 
 def import_(FLAGS):
-  from lm import hf
+  from lm.interop import hf
   src = _need(FLAGS.hf, 'hf', '--hf=path/to/hf_model')
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/imported')
   info = hf.import_model(src, workdir, overwrite=FLAGS.overwrite,
@@ -114,7 +114,7 @@ def import_(FLAGS):
 
 def eval(FLAGS):   # noqa: A001 (the subcommand's name)
   from configs import eval as eval_config
-  from lm import evaluate as evaluate_lib
+  from lm.eval import evaluate as evaluate_lib
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny')
   cfg = FLAGS.config or eval_config.get_config()
   if 'eval' not in cfg:

@@ -61,7 +61,7 @@ class ModelConfig:
   scan_layers: bool = False
   attention_impl: str = 'auto'
   init_std: float = 0.02
-  # LoRA adapters (lm/lora.py): rank 0 means none. Set by fine-tuning, not by pretraining configs.
+  # LoRA adapters (lm/model/lora.py): rank 0 means none. Set by fine-tuning, not by pretraining configs.
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0

@@ -31,7 +31,7 @@ import json
 import os
 import time
 
-from lm import loop
+from lm.training import loop
 from lm.errors import UserError
 from lm.metrics import read_jsonl, write_json_atomic, write_text_atomic
 
@@ -91,15 +91,15 @@ def stage_keys(configs: dict) -> dict:
 def _run_stage(name: str, cfg, folder: str) -> dict:
   """The library call behind the stage's subcommand; returns its summary."""
   if name == 'tokenizer':
-    from lm import data as data_lib
+    from lm.data import tokens as data_lib
     ds = data_lib.prepare(cfg, progress=None)
     return {'finished': True, 'vocab_size': ds.tokenizer.vocab_size,
             'bytes_per_token': ds.bytes_per_token('train')}
   if name == 'pretrain':
-    from lm import train as train_lib
+    from lm.stages import pretrain as train_lib
     return train_lib.train(cfg, folder)
   if name == 'sft':
-    from lm import finetune as ft
+    from lm.stages import finetune as ft
     return ft.finetune(cfg, folder)
   if name == 'reward':
     from lm.align import reward
@@ -188,7 +188,7 @@ def run_pipeline(cfg, workdir: str, log=print) -> dict:
 
 def evaluate_stages(cfg, workdir: str, state: dict, log=print) -> None:
   """eval.json for every model stage; gold, proxy and KL for the policies (cached by stage key)."""
-  from lm import evaluate as evaluate_lib
+  from lm.eval import evaluate as evaluate_lib
   stages = state['stages']
   for name in ('pretrain',) + POLICIES:
     rec = stages.get(name)

@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import checkpoint as ckpt_lib
-from lm import lora as lora_lib
+from lm.training import checkpoint as ckpt_lib
+from lm.model import lora as lora_lib
 from lm import metrics as metrics_lib
-from lm import tokenizer as tokenizer_lib
+from lm.data import tokenizer as tokenizer_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
-from lm.optim import TrainConfig, make_optimizer
+from lm.training.optim import TrainConfig, make_optimizer
 
 KINDS = ('pretrain', 'finetune', 'reward', 'dpo', 'ppo')
 CHAT_KINDS = ('finetune', 'reward', 'dpo', 'ppo')   # trained in the chat template

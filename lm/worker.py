@@ -43,7 +43,7 @@ def main(argv) -> int:
 
   import ml_collections
 
-  from lm import train as train_lib
+  from lm.stages import pretrain as train_lib
   from lm.errors import UserError
   from lm.scaling import sweep as sweep_lib
 

@@ -42,7 +42,7 @@ def cache_dir(tmp_path_factory):
 def sp_tokenizer(tmp_path_factory):
   """A small SentencePiece BPE tokenizer (400 pieces) trained on 150 KB of the default corpus."""
   from configs import base
-  from lm import data as data_lib
+  from lm.data import tokens as data_lib
   cfg = base.get_config().data
   cfg.tokenizer, cfg.vocab_size, cfg.max_bytes = 'sentencepiece', 400, 150_000
   cfg.cache_dir = str(tmp_path_factory.mktemp('sp'))

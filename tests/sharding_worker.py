@@ -31,10 +31,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
-from lm import checkpoint as ckpt_lib  # noqa: E402
+from lm.training import checkpoint as ckpt_lib  # noqa: E402
 from lm import metrics as metrics_lib  # noqa: E402
-from lm import sharding as shard_lib  # noqa: E402
-from lm import train as train_lib  # noqa: E402
+from lm.model import sharding as shard_lib  # noqa: E402
+from lm.stages import pretrain as train_lib  # noqa: E402
 from lm.errors import UserError  # noqa: E402
 
 T0 = time.time()

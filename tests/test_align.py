@@ -15,13 +15,14 @@ from configs import ppo as ppo_cfg
 from configs import reward as reward_cfg
 from configs import sft as sft_cfg
 from lm import chat as chat_lib
-from lm import finetune as ft
-from lm import model as model_lib
+from lm.stages import finetune as ft
+from lm.model import transformer as model_lib
 from lm import runs
-from lm import sample as sample_lib
-from lm import tokenizer as tokenizer_lib
-from lm import train as train_lib
-from lm.align import code_task, common, dpo, pairs as pairs_lib, ppo, reward
+from lm.eval import sample as sample_lib
+from lm.data import tokenizer as tokenizer_lib
+from lm.stages import pretrain as train_lib
+from lm.data import code_task
+from lm.align import common, dpo, pairs as pairs_lib, ppo, reward
 from lm.config import ModelConfig
 from lm.errors import UserError
 from tests.test_finetune import pretrain_config
@@ -252,7 +253,7 @@ def test_pairs_file_errors_name_file_and_line(tmp_path):
 
 
 def test_ppo_learning_rate_schedule_spans_every_update_of_the_run():
-  from lm.optim import learning_rate_schedule
+  from lm.training.optim import learning_rate_schedule
   c = ppo_cfg.get_config()
   c.ppo.init_from, c.ppo.reward_from = 'a', 'b'
   c.train.schedule, c.train.steps, c.train.warmup_steps = 'cosine', 10, 2

@@ -1,4 +1,4 @@
-"""Tests of corpora, tokenizers, token files and batches (lm/corpus.py, tokenizer.py, data.py)."""
+"""Tests of corpora, tokenizers, token files and batches (lm/data/corpus.py, tokenizer.py, data.py)."""
 import json
 import os
 import random
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs.base import get_config
-from lm import corpus as corpus_lib
-from lm import data
-from lm import tokenizer as tokenizer_lib
+from lm.data import corpus as corpus_lib
+from lm.data import tokens as data
+from lm.data import tokenizer as tokenizer_lib
 from lm.errors import UserError
 
 SAMPLES = [

@@ -11,13 +11,13 @@ import pytest
 
 from configs import base as base_cfg
 from configs import eval as eval_cfg
-from lm import arith
-from lm import data as data_lib
-from lm import evaluate as ev
-from lm import model as model_lib
-from lm import tasks
-from lm import tokenizer as tokenizer_lib
-from lm import train as train_lib
+from lm.data import arith
+from lm.data import tokens as data_lib
+from lm.eval import evaluate as ev
+from lm.model import transformer as model_lib
+from lm.eval import tasks
+from lm.data import tokenizer as tokenizer_lib
+from lm.stages import pretrain as train_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 

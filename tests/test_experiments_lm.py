@@ -73,7 +73,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p(temp_result):
   p, kept = r['probs'], r['top_p_mask']
   n = int(kept.sum())
   desc = np.sort(p)[::-1]
-  # lm.sample sums in float32, so allow rounding at the boundary.
+  # lm.eval.sample sums in float32, so allow rounding at the boundary.
   assert desc[:n].sum() >= r['top_p'] - 1e-6
   assert desc[:n - 1].sum() < r['top_p'] + 1e-6
   # The kept tokens are the n most likely ones.

@@ -11,17 +11,17 @@ import pytest
 
 from configs import base as base_cfg
 from configs import sft as sft_cfg
-from lm import finetune as ft
-from lm import instruct
-from lm import lora as lora_lib
-from lm import loop
-from lm import model as model_lib
-from lm import optim
+from lm.stages import finetune as ft
+from lm.data import instruct
+from lm.model import lora as lora_lib
+from lm.training import loop
+from lm.model import transformer as model_lib
+from lm.training import optim
 from lm import runs
-from lm import sample as sample_lib
-from lm import sft
-from lm import tokenizer as tokenizer_lib
-from lm import train as train_lib
+from lm.eval import sample as sample_lib
+from lm.data import sft
+from lm.data import tokenizer as tokenizer_lib
+from lm.stages import pretrain as train_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 
@@ -436,7 +436,7 @@ def test_changed_base_refuses_to_resume_and_keeps_the_run(base_run, user_data, t
 
 def _perturb_checkpoint(workdir, step):
   """Rewrites the checkpoint at `step` with every parameter nudged (other weights, same shapes)."""
-  from lm import checkpoint as ckpt_lib
+  from lm.training import checkpoint as ckpt_lib
   import orbax.checkpoint as ocp
   import shutil
   d = os.path.join(workdir, 'checkpoints')
@@ -465,7 +465,7 @@ def test_cli_finetune_reports_a_bad_jsonl_in_one_sentence(base_run, tmp_path):
 
 def test_eval_of_a_finetuned_run_uses_the_chat_template(lora_run):
   from configs import eval as eval_cfg
-  from lm import evaluate as ev
+  from lm.eval import evaluate as ev
   workdir, _ = lora_run
   e = eval_cfg.get_config().eval
   e.max_tokens, e.examples, e.batch_size = 2000, 16, 16

@@ -1,4 +1,4 @@
-"""Hugging Face interchange (lm/hf.py): logit parity with `transformers` both ways, bitwise round
+"""Hugging Face interchange (lm/interop/hf.py): logit parity with `transformers` both ways, bitwise round
 trips, tokenizer parity, greedy generation, continued pretraining of an imported model, and the
 refusals. Needs torch and transformers (requirements-test.txt); CI sets LM_REQUIRE_HF=1 so that
 their absence fails instead of skipping."""
@@ -21,13 +21,13 @@ else:
   transformers = pytest.importorskip('transformers')
 
 from configs import base as base_cfg
-from lm import hf
-from lm import finetune as ft
-from lm import model as model_lib
+from lm.interop import hf
+from lm.stages import finetune as ft
+from lm.model import transformer as model_lib
 from lm import runs
-from lm import sample as sample_lib
-from lm import tokenizer as tokenizer_lib
-from lm import train as train_lib
+from lm.eval import sample as sample_lib
+from lm.data import tokenizer as tokenizer_lib
+from lm.stages import pretrain as train_lib
 from lm.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +121,7 @@ def imported(tmp_path_factory, tokenizer_dir, family, **kw):
 
 
 def load_direct(folder):
-  """lm/hf.py's import path without writing a run: config, tensors, params."""
+  """lm/interop/hf.py's import path without writing a run: config, tensors, params."""
   with open(os.path.join(folder, 'config.json')) as f:
     family, mc = hf.model_config_from_hf(json.load(f), folder)
   tensors = hf.read_safetensors(folder, hf._expected_shapes(mc, family), family)
@@ -147,7 +147,7 @@ def test_eval_of_an_imported_run_matches_transformers_loss(imported_gpt2, tmp_pa
   """run.py eval on an imported model: its loss on a text equals the cross-entropy that
   transformers computes on the same tokens."""
   from configs import eval as eval_cfg
-  from lm import evaluate as ev
+  from lm.eval import evaluate as ev
   _, ref, run = imported_gpt2
   text = 'def add(a, b):\n    return a + b\n'
   (tmp_path / 'snippet.txt').write_text(text)

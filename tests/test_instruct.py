@@ -1,4 +1,4 @@
-"""Tests of the built-in instruction-tuning set (lm/instruct.py).
+"""Tests of the built-in instruction-tuning set (lm/data/instruct.py).
 
 Answers, instance keys and the held-out hash are recomputed here from the prompts (regexes,
 Python string ops, ast), not with the module's own answer code.
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from lm import instruct
+from lm.data import instruct
 from lm.errors import UserError
 
 NAMES = '''alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november

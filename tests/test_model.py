@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from lm import flops, model
-from lm.attention import alibi_slopes, apply_rope, sinusoidal_table
+from lm.model import flops, transformer as model
+from lm.model.attention import alibi_slopes, apply_rope, sinusoidal_table
 from lm.config import ModelConfig
 from lm.errors import UserError
 
@@ -76,7 +76,7 @@ def test_sinusoidal_matches_formula():
 
 
 def test_alibi_bias_is_one_array_for_the_batch_in_training():
-  from lm.attention import alibi_bias
+  from lm.model.attention import alibi_bias
   slots = jnp.arange(5)[None]
   bias = alibi_bias(4, slots, slots)
   assert bias.shape == (1, 4, 5, 5) and bias.dtype == jnp.float32
@@ -134,7 +134,7 @@ def _reference_attention(cfg, p, x_BTD, positions):
 @pytest.mark.parametrize('n_kv', (4, 2, 1))
 def test_grouped_query_attention_matches_plain_multi_head(n_kv):
   """GQA equals multi-head attention whose k/v heads repeat the shared ones (n_kv=4: plain MHA)."""
-  from lm.attention import Attention
+  from lm.model.attention import Attention
   cfg = tiny(n_kv_heads=n_kv)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 16))
   pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
@@ -294,7 +294,7 @@ def test_parameter_count_from_config_equals_the_tree(kw):
 @pytest.mark.parametrize('n_kv,with_mask,with_bias', [(2, True, False), (1, False, True)])
 def test_blocked_causal_attention_equals_full(n_kv, with_mask, with_bias):
   """Query blocks scored against their key prefix only: the same as full causal attention."""
-  from lm.attention import blocked_attention, causal_mask, segment_mask
+  from lm.model.attention import blocked_attention, causal_mask, segment_mask
   B, T, N, H = 2, 64, 4, 8
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   q = jax.random.normal(ks[0], (B, T, N, H))
@@ -312,7 +312,7 @@ def test_blocked_causal_attention_equals_full(n_kv, with_mask, with_bias):
 @pytest.mark.parametrize('pos', ('rope', 'alibi'))
 def test_blocked_attention_leaves_losses_and_gradients_unchanged(pos, monkeypatch):
   """The training loss and its gradients, with query blocks (T=128) and without, to fp32 noise."""
-  from lm import attention
+  from lm.model import attention
   cfg = tiny(pos=pos, max_len=128, n_kv_heads=2, n_layers=1)
   params = model.init_params(cfg, jax.random.PRNGKey(0))
   x = tokens(b=2, t=129)

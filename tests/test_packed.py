@@ -7,7 +7,7 @@ import pytest
 
 from configs import base
 from lm import runs
-from lm import train as train_lib
+from lm.stages import pretrain as train_lib
 from lm.errors import UserError
 from lm.scaling import packed as packed_lib
 from lm.scaling import sweep as sweep_lib

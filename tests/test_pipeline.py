@@ -5,7 +5,7 @@ import os
 import pytest
 
 from configs import pipeline as pipeline_cfg
-from lm import finetune as ft
+from lm.stages import finetune as ft
 from lm import pipeline
 from lm.errors import UserError
 

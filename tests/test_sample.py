@@ -1,4 +1,4 @@
-"""Tests of cached generation, logits filtering, scoring and the sample command (lm/sample.py)."""
+"""Tests of cached generation, logits filtering, scoring and the sample command (lm/eval/sample.py)."""
 import functools
 import json
 
@@ -9,12 +9,12 @@ import pytest
 
 from configs.base import get_config
 from lm import chat as chat_lib
-from lm import checkpoint as ckpt_lib
-from lm import model as model_lib
+from lm.training import checkpoint as ckpt_lib
+from lm.model import transformer as model_lib
 from lm import runs
-from lm import sample
-from lm import tokenizer as tokenizer_lib
-from lm import train as train_lib
+from lm.eval import sample
+from lm.data import tokenizer as tokenizer_lib
+from lm.stages import pretrain as train_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from lm import data as data_lib
-from lm import sharding as shard_lib
+from lm.data import tokens as data_lib
+from lm.model import sharding as shard_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 
@@ -182,7 +182,7 @@ def test_mesh_shape_errors():
 
 HOST_SPLIT = """
 import json, jax
-from lm import sharding as s
+from lm.model import sharding as s
 n = s.split_host(2)
 m3 = s.make_mesh(s.MeshConfig(cpu_devices=2), batch_size=3)
 m4 = s.make_mesh(s.MeshConfig(cpu_devices=2), batch_size=4)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from configs import sweep_smoke
-from lm import data as data_lib
-from lm import train as train_lib
+from lm.data import tokens as data_lib
+from lm.stages import pretrain as train_lib
 from lm.errors import UserError
 from lm.metrics import read_jsonl
 from lm.scaling import sweep as sweep_lib
-from lm.tokenizer import ByteTokenizer
+from lm.data.tokenizer import ByteTokenizer
 
 BYTES_VOCAB = ByteTokenizer().vocab_size   # what the sweeps' byte corpus runs with (chat tokens in)
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from configs import base
-from lm import attention as attention_lib
-from lm import checkpoint as ckpt_lib
-from lm import flops as flops_lib
-from lm import model as model_lib
-from lm import optim
-from lm import train as train_lib
+from lm.model import attention as attention_lib
+from lm.training import checkpoint as ckpt_lib
+from lm.model import flops as flops_lib
+from lm.model import transformer as model_lib
+from lm.training import optim
+from lm.stages import pretrain as train_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 
@@ -411,13 +411,13 @@ def test_every_config_file_builds(path):
 
 def _check_config(cfg):
   if 'eval' in cfg:        # run.py eval: the tasks it names exist
-    from lm import tasks
+    from lm.eval import tasks
     if cfg.eval.tasks != 'auto':
       tasks.resolve(cfg.eval.tasks)
     assert cfg.eval.format in ('auto',) + tasks.FORMATS
     return
   if 'finetune' in cfg:    # fine-tuning configs take their model from the base run
-    from lm import finetune as finetune_lib
+    from lm.stages import finetune as finetune_lib
     cfg.finetune.init_from = 'runs/any'
     finetune_lib.FinetuneConfig.from_config(cfg)
     train_lib.TrainConfig.from_config(cfg.train)
@@ -533,7 +533,7 @@ def test_sigterm_saves_and_stops_cleanly(cache_dir, reference_run, tmp_path, mon
 
 
 def test_a_config_written_before_a_key_existed_still_resumes():
-  from lm import loop
+  from lm.training import loop
   new = base.get_config().to_dict()
   old = json.loads(json.dumps(new))
   del old['train']['init_from'], old['data']['tokenizer_path']
@@ -568,7 +568,7 @@ def test_bfloat16_params_halve_the_weights_and_still_train(reference_run, cache_
 KILL_DURING_SAVE = r'''
 import json, os, signal, sys, threading, time
 import ml_collections
-from lm import train as train_lib
+from lm.stages import pretrain as train_lib
 cfg = ml_collections.ConfigDict(json.loads(sys.argv[1]))
 ckdir = os.path.join(sys.argv[2], 'checkpoints')
 

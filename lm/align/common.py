@@ -9,7 +9,7 @@ them from changing anything before them. `last` [B] indexes the last response id
 head (reward model) reads.
 
 Log-probabilities at temperature T are log softmax(logits / T): the distribution the sampler
-draws from at that temperature (lm/sample.py), so a policy's ratios and KL terms are of what it
+draws from at that temperature (lm/eval/sample.py), so a policy's ratios and KL terms are of what it
 actually sampled.
 
 Scalar heads: {'trunk': transformer params, 'head': {'w': [D], 'b': []}}; the score of a position
@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import host
-from lm import model as model_lib
+from lm.model import transformer as model_lib
 from lm import runs
-from lm import sample as sample_lib
-from lm import sft
-from lm.align import code_task
+from lm.eval import sample as sample_lib
+from lm.data import sft
+from lm.data import code_task
 from lm.config import ModelConfig
 from lm.errors import UserError
 

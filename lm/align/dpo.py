@@ -27,7 +27,7 @@ evaluation's KL is always to the SFT model the chain of runs began from.
 The reference log-probabilities never change, so they are computed once for every pair before
 training and travel with the batches: the reference is never held in the train state and costs
 no forward pass per step. `train_dpo(cfg, workdir)` runs through the one training loop
-(lm/loop.py); the evaluation samples the policy on held-out prompts for its gold reward, its KL to
+(lm/training/loop.py); the evaluation samples the policy on held-out prompts for its gold reward, its KL to
 the reference and (with dpo.reward_from) the reward model's score.
 """
 from __future__ import annotations
@@ -40,13 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import flops as flops_lib
-from lm import loop
+from lm.model import flops as flops_lib
+from lm.training import loop
 from lm import runs
 from lm.align import common
 from lm.align import pairs as pairs_lib
 from lm.errors import UserError
-from lm.optim import TrainConfig, make_optimizer
+from lm.training.optim import TrainConfig, make_optimizer
 
 PAIRS = 'pairs.jsonl'      # on-policy pairs sampled by the run itself (dpo.pairs empty)
 

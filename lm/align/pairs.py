@@ -5,7 +5,7 @@ preferred. Sampled pairs (`sample_pairs`) also carry the gold scores of both res
 the simulated rater's label was flipped:
 
   * every prompt gets `samples_per_prompt` responses from the policy at the sampling temperature;
-  * the responses are scored by the gold program (lm/align/code_task.py); a prompt whose responses
+  * the responses are scored by the gold program (lm/data/code_task.py); a prompt whose responses
     all score the same gives no pair (a rater could only guess), otherwise two responses with
     different scores are drawn at random and the higher-scoring one is chosen, up to
     `pairs_per_prompt` such pairs per prompt with no response in two of them;

@@ -1,6 +1,6 @@
 """RLHF with PPO (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022).
 
-One training step of the loop (lm/loop.py) is one PPO iteration:
+One training step of the loop (lm/training/loop.py) is one PPO iteration:
 
   1. Rollouts. train.batch_size training prompts (a pure function of the step) are answered by
      the policy through the KV-cache sampler at ppo.temperature, seeded by (seed, step).
@@ -35,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm import flops as flops_lib
-from lm import loop
+from lm.model import flops as flops_lib
+from lm.training import loop
 from lm.align import common
 from lm.errors import UserError
-from lm.optim import TrainConfig, make_optimizer
+from lm.training.optim import TrainConfig, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)

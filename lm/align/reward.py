@@ -9,7 +9,7 @@
      into the workdir (pairs.jsonl, pairs_eval.jsonl), and a rerun reads them back;
   3. trains the trunk (initialised from the SFT weights) and a zero-initialised scalar head read at
      the last response token with the Bradley-Terry loss, -log sigmoid(r(chosen) - r(rejected)),
-     through the one training loop (lm/loop.py): checkpoints, exact resume, metrics, SIGTERM;
+     through the one training loop (lm/training/loop.py): checkpoints, exact resume, metrics, SIGTERM;
   4. evaluates the held-out pair accuracy (against gold labels, for sampled pairs) and, at the end,
      the mean and standard deviation of its scores on the SFT policy's own samples (the training
      pairs' responses): later stages use (score - mean) / std, rewards of mean 0 and std 1.
@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import flops as flops_lib
-from lm import loop
+from lm.model import flops as flops_lib
+from lm.training import loop
 from lm import runs
 from lm.align import common
 from lm.align import pairs as pairs_lib
 from lm.errors import UserError
-from lm.optim import TrainConfig, make_optimizer
+from lm.training.optim import TrainConfig, make_optimizer
 
 PAIRS, EVAL_PAIRS = 'pairs.jsonl', 'pairs_eval.jsonl'
 NORM_SAMPLES = 1024        # SFT responses the score normalisation is measured on

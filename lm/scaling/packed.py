@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm import checkpoint as ckpt_lib
-from lm import loop
+from lm.training import checkpoint as ckpt_lib
+from lm.training import loop
 from lm import metrics as metrics_lib
-from lm import model as model_lib
-from lm import optim
+from lm.model import transformer as model_lib
+from lm.training import optim
 from lm.errors import UserError
 
 PACKABLE = ('seed', 'train.lr')   # the config keys in which members may differ
@@ -69,9 +69,9 @@ class Pack:
   """The jitted, vmapped programs of K members (built from the first member's config)."""
 
   def __init__(self, cfgs, run=None):
-    """run: the first member's lm.train.build(...) when the caller has it (the benchmark
+    """run: the first member's lm.stages.pretrain.build(...) when the caller has it (the benchmark
     builds one without data); otherwise built here."""
-    from lm import train as train_lib
+    from lm.stages import pretrain as train_lib
     check_members(cfgs)
     self.cfgs = cfgs
     self.K = len(cfgs)
@@ -142,7 +142,7 @@ def train_packed(cfgs, rdirs: list[str], pack_dir: str, stop_at: int | None = No
   if all(os.path.exists(p) for p in done):
     return [json.load(open(p)) for p in done]
 
-  from lm import train as train_lib
+  from lm.stages import pretrain as train_lib
   manifest = train_lib.manifest(run)
   writers = []
   ckpts = ckpt_lib.Checkpoints(os.path.join(pack_dir, 'checkpoints'), tc.keep_checkpoints,

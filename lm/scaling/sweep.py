@@ -54,7 +54,7 @@ import traceback
 
 import numpy as np
 
-from lm import flops as flops_lib
+from lm.model import flops as flops_lib
 from lm import host
 from lm.config import ModelConfig
 from lm.errors import UserError
@@ -520,7 +520,7 @@ def check_run_identity(workdir: str, name: str, cfg) -> None:
   """A run folder belongs to the run whose full resolved config it was trained with: if the
   sweep's plan now resolves that run to a different config (another lr, batch, schedule, data
   ...), its losses are not this plan's, and the sweep refuses rather than mixing them in."""
-  from lm import loop
+  from lm.training import loop
   rdir = os.path.join(workdir, 'runs', name)
   for fname in (RUN_IDENTITY, 'config.json'):   # config.json: what the trainer itself wrote
     path = os.path.join(rdir, fname)
@@ -678,8 +678,8 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
 
   sweep.parallel > 1 trains that many runs at once, each in its own process on its own share of
   the devices (lm.scaling.parallel); otherwise runs go one after another in this process."""
-  from lm import data as data_lib
-  from lm import train as train_lib
+  from lm.data import tokens as data_lib
+  from lm.stages import pretrain as train_lib
   s, base_cfg = sweep_file_cfg.sweep, sweep_file_cfg.base
   validate(s)   # before the corpus is prepared or anything is written
   parallel = s.get('parallel', 1)
@@ -844,7 +844,7 @@ def packs(jobs: list[Job], size: int) -> list[list[Job]]:
   size 1 (the default): every job alone."""
   if size <= 1:
     return [[j] for j in jobs]
-  from lm import loop
+  from lm.training import loop
   from lm.scaling import packed as packed_lib
   groups = {}
   for j in jobs:

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import model as model_lib
-from lm import sft
+from lm.model import transformer as model_lib
+from lm.data import sft
 from lm.config import ModelConfig
 from lm.errors import UserError
 
@@ -272,7 +272,7 @@ def continuation_logprob(mc: ModelConfig, params, prompt_ids, continuation_ids) 
 def chat(mc: ModelConfig, params, tokenizer, messages: list[dict], max_new_tokens: int = 200,
          temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
          num_samples: int = 1) -> list[str]:
-  """Replies to a conversation in the chat template (lm/sft.py), each cut at <|end|>."""
+  """Replies to a conversation in the chat template (lm/data/sft.py), each cut at <|end|>."""
   check_sampling(temperature, top_k, top_p, num_samples, max_new_tokens)
   ids, _ = sft.encode_chat(tokenizer, messages, generation_prompt=True)
   end = tokenizer.chat_ids['end']

@@ -4,7 +4,7 @@ their metrics.
 Tasks (`TASKS`; `SUITES` names groups of them):
   arith1 .. arith4   a+b for two operands of exactly n digits (1 digit: 0-9), written as
                      "a+b=c" lines, the way `arith_documents` writes them into a training corpus.
-  instruct           the built-in instruction set (lm/instruct.py), held-out instances, all eight
+  instruct           the built-in instruction set (lm/data/instruct.py), held-out instances, all eight
                      families, reported per family as well.
 
 Held-out arithmetic. A problem a+b is held out iff `corpus.split_fraction('arith:a+b')` falls below
@@ -16,7 +16,7 @@ Formats. `fewshot` (for pretrained models): k demonstrations `question answer se
 training pool, then the question; the greedy continuation is cut at the first newline. For
 arithmetic a demonstration is "12+34=46\\n"; for instructions "Q: ...\\nA: ...\\n\\n". `chat`
 (for fine-tuned models): k demonstrations as earlier user/assistant turns of the chat template
-(lm/sft.py), then the question as a user turn; the reply ends at <|end|>.
+(lm/data/sft.py), then the question as a user turn; the reply ends at <|end|>.
 
 Metrics per task (and per instruct family):
   exact    exact match of the stripped answer.
@@ -37,10 +37,10 @@ import functools
 
 import numpy as np
 
-from lm import instruct
-from lm import sample as sample_lib
-from lm import sft
-from lm.arith import ARITH_DIGITS, arith_problems
+from lm.data import instruct
+from lm.eval import sample as sample_lib
+from lm.data import sft
+from lm.data.arith import ARITH_DIGITS, arith_problems
 from lm.errors import UserError
 
 TASKS = tuple(f'arith{d}' for d in ARITH_DIGITS) + ('instruct',)

@@ -2,8 +2,8 @@
 
 `finetune(cfg, workdir)` loads the model named by finetune.init_from (a pretraining run, or an
 earlier fine-tuning run, finished or resumable), builds the examples (the built-in instruction set
-of lm/instruct.py, or the user's JSONL), and trains them through the one training loop
-(lm/loop.py) with the masked, packed loss of lm/sft.py. What trains:
+of lm/data/instruct.py, or the user's JSONL), and trains them through the one training loop
+(lm/training/loop.py) with the masked, packed loss of lm/data/sft.py. What trains:
 
   * full fine-tuning (lora.rank = 0): the train state holds every parameter;
   * LoRA (lora.rank > 0): the train state holds the adapters alone and the base parameters are the
@@ -32,24 +32,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import checkpoint as ckpt_lib
-from lm import data as data_lib
-from lm import flops as flops_lib
+from lm.training import checkpoint as ckpt_lib
+from lm.data import tokens as data_lib
+from lm.model import flops as flops_lib
 from lm import host
-from lm import instruct
-from lm.align import code_task
-from lm import lora as lora_lib
-from lm import loop
+from lm.data import instruct
+from lm.data import code_task
+from lm.model import lora as lora_lib
+from lm.training import loop
 from lm import metrics as metrics_lib
-from lm import model as model_lib
+from lm.model import transformer as model_lib
 from lm import runs
-from lm import sample as sample_lib
-from lm import sft
-from lm import sharding as shard_lib
-from lm import train as train_lib
+from lm.eval import sample as sample_lib
+from lm.data import sft
+from lm.model import sharding as shard_lib
+from lm.stages import pretrain as train_lib
 from lm.config import LORA_TARGETS, ModelConfig
 from lm.errors import UserError
-from lm.optim import TrainConfig, make_optimizer
+from lm.training.optim import TrainConfig, make_optimizer
 
 BASE_EVAL = 'base_eval.json'
 MIXED = 'builtin+code'   # finetune.data: the instruction set and the code-body task together
@@ -313,7 +313,7 @@ def build(cfg, workdir: str) -> Job:
     pre = float(np.mean(jax.device_get(
         shard_lib.map_bounded(lambda b: pre_eval(params, b), pre_batches))))
     row = {'eval_loss': total / max(weight, 1e-9), 'pretrain_eval_loss': pre}
-    if code_eval:   # the gold reward of greedy answers (lm/align/code_task.py)
+    if code_eval:   # the gold reward of greedy answers (lm/data/code_task.py)
       answers = greedy_answers(plain, params, tokenizer, code_eval, fc.max_new_tokens,
                                fc.eval_batch_size)
       row['gold'] = float(np.mean([code_task.gold(r['prompt'], a)

@@ -1,9 +1,9 @@
 """Pretraining by next-token prediction: the model, data and jitted steps of one run.
 
 `train(cfg, workdir)` is the whole job: it prepares the data, builds the mesh and the sharded
-state, and hands them to the training loop (lm/loop.py), which trains with periodic evaluation
+state, and hands them to the training loop (lm/training/loop.py), which trains with periodic evaluation
 and checkpoints, resumes, and writes config.json, manifest.json, metrics.jsonl, TensorBoard
-events and summary.json into workdir. Optimiser and schedules: lm/optim.py.
+events and summary.json into workdir. Optimiser and schedules: lm/training/optim.py.
 """
 import dataclasses
 import json
@@ -17,22 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm import attention as attention_lib
-from lm import checkpoint as ckpt_lib
-from lm import data as data_lib
-from lm import evaluate as evaluate_lib
-from lm import flops as flops_lib
+from lm.model import attention as attention_lib
+from lm.training import checkpoint as ckpt_lib
+from lm.data import tokens as data_lib
+from lm.eval import evaluate as evaluate_lib
+from lm.model import flops as flops_lib
 from lm import host
-from lm import loop
-from lm import model as model_lib
+from lm.training import loop
+from lm.model import transformer as model_lib
 from lm import runs
-from lm import sharding as shard_lib
-from lm import tasks as tasks_lib
+from lm.model import sharding as shard_lib
+from lm.eval import tasks as tasks_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
-# TrainConfig, the schedules and the optimizer live in lm/optim.py (train.TrainConfig and
+# TrainConfig, the schedules and the optimizer live in lm/training/optim.py (train.TrainConfig and
 # train.make_optimizer stay reachable here for callers that build a training step).
-from lm.optim import TrainConfig, make_optimizer
+from lm.training.optim import TrainConfig, make_optimizer
 
 
 def next_token_loss(mc: ModelConfig, params, batch_BT1, rng=None):
@@ -187,7 +187,7 @@ def eval_row(loss: float, bytes_per_token: float | None) -> dict:
 
 
 def stage(run: Run) -> loop.Stage:
-  """Pretraining as a stage of the one training loop (lm/loop.py)."""
+  """Pretraining as a stage of the one training loop (lm/training/loop.py)."""
   tc = run.train
   bpt = run.dataset.bytes_per_token('val')
   task_eval = evaluate_lib.loop_tasks(tc, run.model, run.dataset.tokenizer, int(run.cfg['seed']))

@@ -27,12 +27,12 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from lm import checkpoint as ckpt_lib
-from lm import flops as flops_lib
+from lm.training import checkpoint as ckpt_lib
+from lm.model import flops as flops_lib
 from lm import metrics as metrics_lib
 from lm.errors import UserError
-from lm import sharding as shard_lib
-from lm.optim import TrainConfig, learning_rate_schedule, micro_batches, side_by_side
+from lm.model import sharding as shard_lib
+from lm.training.optim import TrainConfig, learning_rate_schedule, micro_batches, side_by_side
 
 # Keys that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_every',
@@ -119,7 +119,7 @@ class Stage:
   batch(step) gives the global batch of a step (a pure function of the step, for exact resume);
   evaluate(params, frozen) gives the fields of an evaluation row (e.g. eval_loss); summary(
   last_eval) gives the stage's own summary.json fields; task_eval(params, step), when set, adds
-  task metrics to evaluation rows (lm/evaluate.py: train.eval_tasks).
+  task metrics to evaluation rows (lm/eval/evaluate.py: train.eval_tasks).
   """
   config: dict
   train: TrainConfig

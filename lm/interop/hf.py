@@ -33,7 +33,7 @@ import numpy as np
 from lm import host
 from lm import metrics as metrics_lib
 from lm import runs
-from lm import tokenizer as tokenizer_lib
+from lm.data import tokenizer as tokenizer_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 
@@ -469,7 +469,7 @@ def import_model(hf_dir: str, workdir: str, overwrite: bool = False,
                  add_chat_tokens: bool = False) -> dict:
   """Writes a plain run folder from a Hugging Face GPT-2 or Llama folder; returns a summary.
 
-  add_chat_tokens: a tokenizer without the chat tokens (lm/tokenizer.py) gets them as new special
+  add_chat_tokens: a tokenizer without the chat tokens (lm/data/tokenizer.py) gets them as new special
   tokens, and the embedding grows to hold them (new rows start at the mean row), so that the
   imported model can be fine-tuned with the chat template.
   """

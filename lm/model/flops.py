@@ -10,7 +10,7 @@ def count_params(tree) -> int:
 
 def param_counts(params) -> dict:
   """{'total': all scalars, 'nonembed': minus token/position embeddings and an untied head}."""
-  from lm.model import is_embedding_path  # local: lm.model imports nothing from here
+  from lm.model.transformer import is_embedding_path  # local: lm.model imports nothing from here
   total = embed = 0
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     n = int(np.prod(x.shape))

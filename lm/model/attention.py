@@ -1,6 +1,6 @@
 """Causal multi-head attention with grouped-query heads, positional encodings and a KV cache.
 
-Shape letters as in lm/model.py. Positional variants:
+Shape letters as in lm/model/transformer.py. Positional variants:
   learned / sinusoidal: added to the token embeddings (in the model);
   rope:  rotary embeddings on q and k (Su et al. 2021), pairs (2i, 2i+1) rotated by
          pos * base^(-2i/H);
@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm import lora
-from lm.sharding import constrain
+from lm.model import lora
+from lm.model.sharding import constrain
 from lm.errors import UserError
 from lm.config import ModelConfig
 

@@ -9,7 +9,7 @@ reaches A and B without a gradient for W ever being formed.
 
 Layout: the adapters live in their own Flax collection, 'lora', beside 'params', with the same
 module paths: params ['layer_0']['attn']['wq'] has adapters ['layer_0']['attn']['wq_a'] and
-['wq_b']. Training differentiates the 'lora' tree alone (lm/finetune.py); the base is an input.
+['wq_b']. Training differentiates the 'lora' tree alone (lm/stages/finetune.py); the base is an input.
 
 Trainable numbers per adapted matrix: r (fan_in + fan_out); for a 4096 x 4096 matrix at rank 16
 that is 131,072 of 16,777,216 (0.78%). `merge` folds the adapters back: W + (alpha / r) A B.

@@ -1,7 +1,7 @@
 """Token files and batches.
 
 Entry point: `prepare(cfg.data, progress=None) -> Dataset` (a `DataConfig` works too). It reads the
-corpus (lm/corpus.py), builds the tokenizer (lm/tokenizer.py), tokenizes both splits once into
+corpus (lm/data/corpus.py), builds the tokenizer (lm/data/tokenizer.py), tokenizes both splits once into
 memory-mapped token files and returns a `Dataset` over them.
 
 Token files. Each corpus x tokenizer lives in `<cache>/<corpus>-<tokenizer>-<key>/` with train.bin,
@@ -43,9 +43,9 @@ import time
 
 import numpy as np
 
-from lm import arith
-from lm import corpus as corpus_lib
-from lm import tokenizer as tokenizer_lib
+from lm.data import arith
+from lm.data import corpus as corpus_lib
+from lm.data import tokenizer as tokenizer_lib
 from lm.errors import UserError
 
 # Bump when the layout or meaning of the token files changes, so old cache folders are not reused.
@@ -85,7 +85,7 @@ class DataConfig:
   # data.tokenizer=file: a tokenizer folder that Tokenizer.save wrote (a run's tokenizer/).
   # Optional so that configs written before it existed still read.
   tokenizer_path: str = ''
-  # Generated "a+b=c" lines (lm/tasks.py, training-side problems only) mixed into a text corpus:
+  # Generated "a+b=c" lines (lm/eval/tasks.py, training-side problems only) mixed into a text corpus:
   # their share of the mixed corpus's bytes, and the largest operand digit count.
   arith_fraction: float = 0.0
   arith_digits: int = 4

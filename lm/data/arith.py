@@ -2,14 +2,14 @@
 
 A problem a+b is held out iff `corpus.split_fraction('arith:a+b')` falls below ARITH_HELDOUT, so
 the split is the same in every process. `arith_documents` (the text that data.arith_fraction mixes
-into a corpus) draws only problems that are not held out; the arithmetic tasks (lm/tasks.py)
+into a corpus) draws only problems that are not held out; the arithmetic tasks (lm/eval/tasks.py)
 score only held-out ones, so a scored problem never occurs in training text.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from lm import corpus as corpus_lib
+from lm.data import corpus as corpus_lib
 from lm.errors import UserError
 
 ARITH_DIGITS = (1, 2, 3, 4)

@@ -40,14 +40,14 @@ class TrainConfig:
   keep_checkpoints: int = 2
   peak_flops: float = 0.0
   progress: str = 'auto'
-  init_from: str = ''       # pretraining: start from this run's weights (lm/train.py)
-  eval_tasks: str = ''      # pretraining: task suites scored at evaluations (lm/tasks.py)
+  init_from: str = ''       # pretraining: start from this run's weights (lm/stages/pretrain.py)
+  eval_tasks: str = ''      # pretraining: task suites scored at evaluations (lm/eval/tasks.py)
   eval_tasks_every: int = 0  # ... every this many steps (0: at every evaluation)
   eval_task_examples: int = 100
   eval_shots: int = 3
   profile_steps: str = ''   # 'A:B': a jax.profiler trace of steps A+1..B in workdir/profile
   opt_dtype: str = 'float32'  # AdamW moments stored as float32 or bfloat16 (half the bytes)
-  async_checkpoint: bool = True   # write checkpoints in the background (lm/checkpoint.py)
+  async_checkpoint: bool = True   # write checkpoints in the background (lm/training/checkpoint.py)
 
   def __post_init__(self):
     p = 'train.'

@@ -17,7 +17,7 @@ cut at the cap, and its bytes counted from the decoded tokens). Windows are eval
 (0: the run's pretraining train.seq_len, within model.max_len), each token predicted with the
 context of its window.
 
-Tasks (lm/tasks.py): each scored by greedy decoding (exact match, partial credit, the sub-skills
+Tasks (lm/eval/tasks.py): each scored by greedy decoding (exact match, partial credit, the sub-skills
 prediction) and the log-probability of the correct answer; format 'auto' means the chat template
 for fine-tuned runs and few-shot text otherwise.
 """
@@ -30,12 +30,12 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from lm import corpus as corpus_lib
-from lm import data as data_lib
+from lm.data import corpus as corpus_lib
+from lm.data import tokens as data_lib
 from lm import metrics as metrics_lib
 from lm import runs
-from lm import sample as sample_lib
-from lm import tasks as tasks_lib
+from lm.eval import sample as sample_lib
+from lm.eval import tasks as tasks_lib
 from lm.errors import UserError
 
 DEFAULT_MAX_TOKENS = 131072

@@ -28,7 +28,7 @@ import collections
 import functools
 import textwrap
 
-from lm import corpus as corpus_lib
+from lm.data import corpus as corpus_lib
 from lm.errors import UserError
 
 FAMILY = 'code'

@@ -5,7 +5,7 @@ Shape letters used in names:
   K key/value heads, H head dim, F d_ff, V vocabulary, L layers, M = B*T rows.
 
 Every parameter carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp,
-norm, pos, layers); lm/sharding.py maps them to mesh axes, the model never names a mesh axis.
+norm, pos, layers); lm/model/sharding.py maps them to mesh axes, the model never names a mesh axis.
 Params are a plain pytree after `nn.meta.unbox`; `logical_specs(cfg)` gives their axis names.
 
 The forward pass optionally takes a key/value cache (see `init_cache`): the same attention code
@@ -19,10 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm import lora
-from lm.sharding import constrain
+from lm.model import lora
+from lm.model.sharding import constrain
 from lm.config import ModelConfig
-from lm.attention import Attention, sinusoidal_table
+from lm.model.attention import Attention, sinusoidal_table
 
 
 class KVCache(NamedTuple):
@@ -249,7 +249,7 @@ def is_embedding_path(path: tuple[str, ...]) -> bool:
 
 def apply(cfg: ModelConfig, params, tokens_BT, adapters=None, **kw) -> Any:
   """Functional forward pass: `Transformer(cfg).apply({'params': params}, tokens, ...)`; a LoRA
-  model also takes its adapters (the 'lora' collection, lm/lora.py)."""
+  model also takes its adapters (the 'lora' collection, lm/model/lora.py)."""
   rngs = kw.pop('rngs', None)
   variables = {'params': params}
   if adapters is not None:

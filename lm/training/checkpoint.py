@@ -82,7 +82,7 @@ class Checkpoints:
         os.replace(os.path.join(self.directory, str(step)), target)
         print(f'warning: moved the unreadable checkpoint {step} to {target}', flush=True)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('lm.checkpoint.set_aside')
+      multihost_utils.sync_global_devices('lm.training.checkpoint.set_aside')
     self.manager.reload()
 
   def close(self):

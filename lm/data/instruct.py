@@ -38,7 +38,7 @@ import string
 
 import numpy as np
 
-from lm import corpus as corpus_lib
+from lm.data import corpus as corpus_lib
 from lm.errors import UserError
 
 FAMILIES = ('add', 'sub', 'reverse', 'upper', 'count', 'sort', 'funcname', 'module')

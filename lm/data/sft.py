@@ -5,7 +5,7 @@ Chat template (token ids, built by id so text can never forge a marker):
   EOS <|system|> system text <|end|> <|user|> prompt <|end|> <|assistant|> response <|end|> ...
 
 EOS comes first because pretraining separates documents with EOS: it is what the model has seen
-before the start of a text (lm/sample.py starts raw prompts the same way). The loss counts the
+before the start of a text (lm/eval/sample.py starts raw prompts the same way). The loss counts the
 assistant's content tokens and the <|end|> that closes each assistant turn, and nothing else: the
 model learns to answer and to stop, never to predict the user's words. A prompt for generation is
 the template up to and including the <|assistant|> that opens the reply; decoding stops at <|end|>.
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm import model as model_lib
+from lm.model import transformer as model_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 

@@ -13,7 +13,7 @@ come from ids a model produced, and `decode` replaces it with U+FFFD.
     is representable. Ids 0..3 are <unk> (never produced), BOS, EOS, PAD; then the 256 byte pieces,
     then newline and tab (own pieces so code's line structure is cheap), then learned pieces.
     Normalisation is off and whitespace is kept verbatim, so round trips are exact.
-  * `hf`: a Hugging Face `tokenizer.json` (from an imported checkpoint, lm/hf.py), run by the
+  * `hf`: a Hugging Face `tokenizer.json` (from an imported checkpoint, lm/interop/hf.py), run by the
     `tokenizers` library, so text encodes to the ids `transformers` gives it
     (`encode(text, add_special_tokens=False)`). Its special ids come from the checkpoint.
   * `symbols`: the identity tokenizer of the synthetic corpus: symbols 0..n-1 are their own ids,
@@ -22,7 +22,7 @@ come from ids a model produced, and `decode` replaces it with U+FFFD.
 Chat tokens. `CHAT_TOKENS` (<|system|>, <|user|>, <|assistant|>, <|end|>) are special ids that the
 byte and SentencePiece vocabularies reserve, so a model pretrained with either already has
 embedding rows for them and fine-tuning needs no vocabulary change. Text never encodes to them
-(writing "<|user|>" in a prompt gives its characters); only the chat template (lm/sft.py) inserts
+(writing "<|user|>" in a prompt gives its characters); only the chat template (lm/data/sft.py) inserts
 them, by id, from `tokenizer.chat_ids` ({'system', 'user', 'assistant', 'end'} -> id, or None for a
 vocabulary without them). `decode` drops them like the other special ids.
 """

@@ -9,7 +9,7 @@ A parameter dimension that the mesh axis does not divide evenly stays replicated
 
 Activations follow the same rules, except that their model width is never split: FSDP shards
 the weights, not the hidden states. `constrain` pins them inside a step traced under
-`activation_constraints(mesh)` (the training and evaluation steps of lm/train.py), so XLA's
+`activation_constraints(mesh)` (the training and evaluation steps of lm/stages/pretrain.py), so XLA's
 partitioner keeps the intended plan (batch over data x fsdp, heads and MLP units over tensor)
 instead of guessing one, which could move whole activations between devices.
 """
@@ -169,7 +169,7 @@ def check_divisibility(mesh: Mesh, model_cfg, batch_size: int) -> None:
 def check_process_layout(mesh: Mesh) -> None:
   """Each process must own whole batch shards, the same number of them.
 
-  Every process reads only its own rows (lm/data.py) and `global_batch` places them on its
+  Every process reads only its own rows (lm/data/tokens.py) and `global_batch` places them on its
   devices, so a batch shard whose devices span two processes (mesh.tensor across hosts, or
   data x fsdp smaller than the process count) would need rows no single process has.
   """
@@ -193,7 +193,7 @@ def _mesh_axes(logical: str | None):
       return target
   if logical is None:
     return None
-  raise ValueError(f'logical axis {logical!r} has no rule in lm.sharding.RULES')
+  raise ValueError(f'logical axis {logical!r} has no rule in lm.model.sharding.RULES')
 
 
 def spec_for(logical_spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

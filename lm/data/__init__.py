@@ -1,0 +1,1 @@
+"""Text to token rows: corpora, tokenizers, token files and packing, chat template, task generators."""

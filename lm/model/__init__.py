@@ -1,0 +1,1 @@
+"""The model: the transformer, attention, LoRA, sharding rules and FLOP counts."""

@@ -1,0 +1,1 @@
+"""Training stages: pretraining and supervised fine-tuning (the preference stages live in lm/align)."""

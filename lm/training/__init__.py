@@ -1,0 +1,1 @@
+"""Training machinery every stage shares: optimizer and schedule, checkpoints, the loop."""
