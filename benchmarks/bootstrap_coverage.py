@@ -36,15 +36,16 @@ METHODS = (('runs', False, False), ('runs + seed noise', False, True),
 
 def main(argv):
   del argv
+  from lm.scaling import chinchilla, numerics
   from lm.scaling import fit as fit_lib
   rows = fit_lib.read_results(FLAGS.results, loss_key='loss')
   N, D, L = (np.array([r[k] for r in rows]) for k in ('params', 'tokens', 'loss'))
-  truth = fit_lib.fit_approach3(N, D, L)
-  noise = fit_lib.seed_noise(rows)
+  truth = chinchilla.fit_approach3(N, D, L)
+  noise = numerics.seed_noise(rows)
   sigma = FLAGS.seed_noise if FLAGS.seed_noise >= 0 else (noise['std_log_loss'] if noise else 0.01)
-  groups = fit_lib.design_points(N, D)
+  groups = numerics.design_points(N, D)
   points = sorted(set(groups))
-  law = fit_lib.predict_loss(truth, N, D)
+  law = numerics.predict_loss(truth, N, D)
   print(f'design: {len(L)} runs at {len(points)} points; true a = {truth["a"]:.4f}; '
         f'seed noise {sigma:.4f}, point noise {FLAGS.point_noise:.4f}', flush=True)
   scenarios = [('seed noise only', 0.0)] + (
@@ -59,14 +60,14 @@ def main(argv):
     for rep in range(FLAGS.replicates):
       shift = dict(zip(points, rng.normal(0.0, point_sd, len(points))))
       y = law * np.exp(rng.normal(0.0, sigma, len(L)) + np.array([shift[g] for g in groups]))
-      fit = fit_lib.fit_approach3(N, D, y)
+      fit = chinchilla.fit_approach3(N, D, y)
       if fit['a'] is None:
         continue
       point_a.append(fit['a'])
       for label, by_point, add_noise in METHODS:
-        ci = fit_lib.bootstrap_approach3(N, D, y, fit['theta'], n_boot=FLAGS.bootstrap, seed=rep,
-                                         noise_std=sigma if add_noise else 0.0,
-                                         groups=groups if by_point else None)
+        ci = chinchilla.bootstrap_approach3(N, D, y, fit['theta'], n_boot=FLAGS.bootstrap, seed=rep,
+                                            noise_std=sigma if add_noise else 0.0,
+                                            groups=groups if by_point else None)
         if ci['a'] is None:
           continue
         lo, hi = ci['a']

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from lm.errors import UserError
+from lm.scaling import chinchilla, numerics
+from lm.scaling import kaplan as kaplan_lib
 from lm.scaling import fit as F
 from lm.scaling import report as report_lib
 
@@ -39,11 +41,11 @@ def isoflop_sweep(law, budgets, span=(0.25, 4.0), n=9, noise=0.003, seed=0, offs
   rng = np.random.default_rng(seed)
   rows = []
   for C in budgets:
-    n_opt = F.frontier(law, C)[0] * (offset or {}).get(C, 1.0)
+    n_opt = numerics.frontier(law, C)[0] * (offset or {}).get(C, 1.0)
     for N in n_opt * np.geomspace(*span, n):
       D = C / (6 * N)
       rows.append({'params': N, 'tokens': D, 'budget': C, 'flops': C * rng.uniform(0.98, 1.02),
-                   'loss': float(F.predict_loss(law, N, D) * math.exp(rng.normal(0, noise)))})
+                   'loss': float(numerics.predict_loss(law, N, D) * math.exp(rng.normal(0, noise)))})
   return rows
 
 
@@ -56,8 +58,8 @@ def test_approach3_recovers_known_law(seed, params):
   law = make_law(*params)
   N, D = (v.ravel() for v in np.meshgrid(np.geomspace(1e5, 1e8, 8), np.geomspace(1e7, 1e10, 8)))
   rng = np.random.default_rng(seed)
-  L = F.predict_loss(law, N, D) * np.exp(rng.normal(0, 0.005, N.size))
-  got = F.fit_approach3(N, D, L, top_k=TOP_K)
+  L = numerics.predict_loss(law, N, D) * np.exp(rng.normal(0, 0.005, N.size))
+  got = chinchilla.fit_approach3(N, D, L, top_k=TOP_K)
   # Tolerances are ~1.5x the worst error over 10 noise seeds per law. A and B are loose because ln A moves
   # with α times ln N (≈15 here) and ln B with β times ln D (≈20): exponents within 2% leave A, B within ~40%.
   for key, tol in (('E', 0.05), ('alpha', 0.05), ('beta', 0.05)):
@@ -66,7 +68,7 @@ def test_approach3_recovers_known_law(seed, params):
     assert abs(math.log(got[key] / law[key])) < 0.45, (key, got[key], law[key])
   assert abs(got['a'] - law['a']) < 0.02
   # The identifiable part: the fitted surface matches the true one to well under the noise.
-  assert np.abs(F.predict_loss(got, N, D) / F.predict_loss(law, N, D) - 1).max() < 0.005
+  assert np.abs(numerics.predict_loss(got, N, D) / numerics.predict_loss(law, N, D) - 1).max() < 0.005
 
 
 def epoch_data():
@@ -83,30 +85,30 @@ def theta_of(law):
 
 def test_epoch_replication_and_mean_reduction_bug():
   N, D, L = epoch_data()
-  got = F.fit_approach3(N, D, L, top_k=EPOCH_TOP_K)
+  got = chinchilla.fit_approach3(N, D, L, top_k=EPOCH_TOP_K)
   for key, want in EPOCH.items():
     ok = abs(got[key] / want - 1) < 0.03 or (key in EPOCH_CI and EPOCH_CI[key][0] <= got[key] <= EPOCH_CI[key][1])
     assert ok, (key, got[key], want)
   assert abs(got['a'] - 0.51) < 0.02
   # The known bug: averaging the Huber terms, L-BFGS-B with scipy's default tolerances stops next to the
   # paper's own values (its relative-reduction test is against max(|f|, 1), and the mean loss is ~4e-6).
-  stuck = F.fit_approach3(N, D, L, reduction='mean', starts=[theta_of(PAPER)], top_k=None, lbfgs_options={})
+  stuck = chinchilla.fit_approach3(N, D, L, reduction='mean', starts=[theta_of(PAPER)], top_k=None, lbfgs_options={})
   for key, want in PAPER.items():
     assert abs(stuck[key] / want - 1) < 0.03, (key, stuck[key], want)
   assert stuck['objective'] * len(L) > got['objective'] * 1.1  # a clearly worse fit, not another optimum
   # The same start with this module's tolerances reaches the Epoch optimum.
-  fixed = F.fit_approach3(N, D, L, starts=[theta_of(PAPER)], top_k=None)
+  fixed = chinchilla.fit_approach3(N, D, L, starts=[theta_of(PAPER)], top_k=None)
   assert abs(fixed['A'] / got['A'] - 1) < 0.01 and abs(fixed['beta'] / got['beta'] - 1) < 0.01
 
 
 def test_frontier_closed_form_is_the_constrained_minimum():
   law = CHIN_LIKE
   C = 1e20
-  n_opt, d_opt = F.frontier(law, C)
+  n_opt, d_opt = numerics.frontier(law, C)
   assert math.isclose(6 * n_opt * d_opt, C, rel_tol=1e-9)
   ns = n_opt * np.geomspace(0.5, 2, 201)
-  assert abs(ns[np.argmin(F.predict_loss(law, ns, C / (6 * ns)))] / n_opt - 1) < 0.01
-  assert math.isclose(F.tokens_per_param(law, C), d_opt / n_opt)
+  assert abs(ns[np.argmin(numerics.predict_loss(law, ns, C / (6 * ns)))] / n_opt - 1) < 0.01
+  assert math.isclose(numerics.tokens_per_param(law, C), d_opt / n_opt)
 
 
 def test_frontier_with_each_runs_own_flops_per_token():
@@ -116,19 +118,19 @@ def test_frontier_with_each_runs_own_flops_per_token():
   law = CHIN_LIKE
   kspec = {'ln_k0': math.log(60.0), 'slope': -0.15}
   for C in (1e13, 1e15, 1e17):
-    n_opt, d_opt = F.frontier(law, C, kspec)
-    assert math.isclose(float(F.flops_per_nd(kspec, n_opt)) * n_opt * d_opt, C, rel_tol=1e-9)
+    n_opt, d_opt = numerics.frontier(law, C, kspec)
+    assert math.isclose(float(numerics.flops_per_nd(kspec, n_opt)) * n_opt * d_opt, C, rel_tol=1e-9)
     ns = n_opt * np.geomspace(0.7, 1.4, 4001)
-    best = ns[np.argmin(F.predict_loss(law, ns, C / (F.flops_per_nd(kspec, ns) * ns)))]
+    best = ns[np.argmin(numerics.predict_loss(law, ns, C / (numerics.flops_per_nd(kspec, ns) * ns)))]
     assert abs(best / n_opt - 1) < 2e-3
-  n1, n2 = F.frontier(law, 1e13, kspec)[0], F.frontier(law, 1e17, kspec)[0]
+  n1, n2 = numerics.frontier(law, 1e13, kspec)[0], numerics.frontier(law, 1e17, kspec)[0]
   slope = math.log(n2 / n1) / math.log(1e4)
   assert abs(slope - law['beta'] / (law['alpha'] + law['beta'] * 0.85)) < 1e-9
   N = np.geomspace(1e5, 1e7, 9)
   D = 1e9 / N
-  got = F.flops_per_nd_law(N, D, F.flops_per_nd(kspec, N) * N * D)
+  got = numerics.flops_per_nd_law(N, D, numerics.flops_per_nd(kspec, N) * N * D)
   assert abs(got['slope'] + 0.15) < 1e-9 and abs(got['ln_k0'] - math.log(60.0)) < 1e-9
-  assert F.flops_per_nd_law(N, D, 6 * N * D) == {'ln_k0': pytest.approx(math.log(6)), 'slope': 0.0}
+  assert numerics.flops_per_nd_law(N, D, 6 * N * D) == {'ln_k0': pytest.approx(math.log(6)), 'slope': 0.0}
 
 
 def test_approach2_converts_with_each_runs_own_flops_per_token():
@@ -139,7 +141,7 @@ def test_approach2_converts_with_each_runs_own_flops_per_token():
   k = np.geomspace(13.0, 7.0, 5)
   D = C / (k * N)
   L = 2.0 + 0.3 * (np.log(N) - math.log(2e5)) ** 2      # minimum at 2e5, off the median k's run
-  got = F.fit_approach2(N, D, L, np.full(5, C), np.full(5, C), n_boot=0)
+  got = chinchilla.fit_approach2(N, D, L, np.full(5, C), np.full(5, C), n_boot=0)
   b = got['budgets'][0]
   assert abs(b['N_opt'] / 2e5 - 1) < 1e-6
   k_at = math.exp(np.interp(math.log(2e5), np.log(N), np.log(k)))
@@ -151,7 +153,7 @@ def test_approach2_recovers_exponent_and_flags_offcentre_grid():
   budgets = [1e15, 1e16, 1e17, 1e18]
   rows = isoflop_sweep(CHIN_LIKE, budgets, offset={1e18: 16.0})  # last grid spans 4x-64x the optimum
   N, D, L, C, budget, _ = F.columns_of(rows)
-  got = F.fit_approach2(N, D, L, C, budget, n_boot=20)
+  got = chinchilla.fit_approach2(N, D, L, C, budget, n_boot=20)
   inside = {b['C']: b['minimum_inside_grid'] for b in got['budgets']}
   assert inside == {1e15: True, 1e16: True, 1e17: True, 1e18: False}
   assert got['n_budgets_fitted'] == 3 and not got['uses_minima_outside_grid']
@@ -165,7 +167,7 @@ def test_approach2_recovers_exponent_and_flags_offcentre_grid():
 def test_approach2_bins_flops_without_budget_column():
   rows = isoflop_sweep(CHIN_LIKE, [1e15, 1e16, 1e17])
   N, D, L, C, _, _ = F.columns_of(rows)
-  got = F.fit_approach2(N, D, L, C, budget=None, n_boot=0)
+  got = chinchilla.fit_approach2(N, D, L, C, budget=None, n_boot=0)
   assert [round(math.log10(b['C']), 6) for b in got['budgets']] == [15, 16, 17]
   assert abs(got['a'] - CHIN_LIKE['a']) < 0.02
 
@@ -175,8 +177,8 @@ def test_approach1_envelope_of_training_curves():
   for i, n in enumerate(np.geomspace(1e5, 1e8, 16)):
     d = np.geomspace(1e6, 3e10, 80)
     curves[f'run{i}'] = {'params': n, 'curve_flops': 6 * n * d, 'curve_tokens': d,
-                         'curve_loss': F.predict_loss(CHIN_LIKE, n, d)}
-  got = F.fit_approach1(curves)
+                         'curve_loss': numerics.predict_loss(CHIN_LIKE, n, d)}
+  got = chinchilla.fit_approach1(curves)
   # The envelope can only pick the 16 sizes (0.2-decade steps), so N_opt is a staircase around the true line;
   # points pinned to the smallest/largest size are excluded (measured error 0.003).
   assert abs(got['a'] - CHIN_LIKE['a']) < 0.02
@@ -192,7 +194,7 @@ def test_approach1_counts_curves_in_the_fits_convention():
     d = np.geomspace(1e6, 3e10, 80)
     ne = 0.5 * n   # a non-embedding count that differs from the total
     curves[f'run{i}'] = {'params': n, 'curve_flops': list(8 * n * d), 'curve_tokens': list(d),
-                         'curve_loss': list(F.predict_loss(CHIN_LIKE, ne, d))}
+                         'curve_loss': list(numerics.predict_loss(CHIN_LIKE, ne, d))}
     rows.append({'run': f'run{i}', 'params': str(n), 'params_nonembed': str(ne),
                  'tokens': str(d[-1]), 'flops': str(8 * n * d[-1]),
                  'flops_6nd_nonembed': str(6 * ne * d[-1])})
@@ -202,8 +204,8 @@ def test_approach1_counts_curves_in_the_fits_convention():
     assert c['params'] == ne
     np.testing.assert_allclose(c['curve_flops'], 6 * ne * np.asarray(c['curve_tokens']), rtol=1e-12)
   # Counted as the law was made (N_nonembed, 6 N D), the envelope finds its exponent.
-  assert abs(F.fit_approach1(kaplan)['a'] - CHIN_LIKE['a']) < 0.02
-  assert {p['N_opt'] for p in F.fit_approach1(kaplan)['envelope']} <= {
+  assert abs(chinchilla.fit_approach1(kaplan)['a'] - CHIN_LIKE['a']) < 0.02
+  assert {p['N_opt'] for p in chinchilla.fit_approach1(kaplan)['envelope']} <= {
       float(r['params_nonembed']) for r in rows}
   # In the sweep's own convention the curves are used as they are.
   assert F.curves_in_convention(curves, rows) is curves
@@ -221,7 +223,7 @@ def test_kaplan_power_law_on_pure_power_law():
   N = np.geomspace(1e5, 1e9, 12)
   D = np.full_like(N, 1e12)
   L = (8.8e13 / N) ** 0.076  # Kaplan et al. 2020's L(N)
-  got = F.fit_kaplan(N, D, L, 6 * N * D)
+  got = kaplan_lib.fit_kaplan(N, D, L, 6 * N * D)
   assert abs(got['L_N']['alpha_N'] - 0.076) < 1e-6
   assert abs(got['L_N']['N_c'] / 8.8e13 - 1) < 1e-4
 
@@ -304,9 +306,9 @@ def test_bad_csv_raises_user_error(tmp_path, text, match):
 
 def test_too_few_runs_and_bad_curves_raise_user_error(tmp_path):
   with pytest.raises(UserError, match='5 parameters'):
-    F.fit_approach3([1e6, 2e6], [1e8, 1e8], [3.0, 2.9])
+    chinchilla.fit_approach3([1e6, 2e6], [1e8, 1e8], [3.0, 2.9])
   with pytest.raises(UserError, match='curve_loss'):
-    F.fit_approach1({'r': {'params': 1e6, 'curve_flops': [1, 2], 'curve_tokens': [1, 2]}})
+    chinchilla.fit_approach1({'r': {'params': 1e6, 'curve_flops': [1, 2], 'curve_tokens': [1, 2]}})
   with pytest.raises(UserError, match='does not exist'):
     F.read_curves(tmp_path / 'missing.json')
 
@@ -355,7 +357,6 @@ def test_fit_without_exponent_finishes_and_counts_bootstrap_failures(tmp_path, c
 
 
 def test_seed_noise_is_measured_and_widens_the_approach3_interval():
-  from lm.scaling import fit as fit_lib
   rng = np.random.default_rng(0)
   law = dict(E=1.0, A=30.0, B=40.0, alpha=0.35, beta=0.3)
   rows = []
@@ -366,27 +367,27 @@ def test_seed_noise_is_measured_and_widens_the_approach3_interval():
       L = law['E'] + law['A'] / N ** law['alpha'] + law['B'] / D ** law['beta']
       rows.append({'params': N, 'tokens': D, 'loss': L * math.exp(rng.normal(0, 0.003)),
                    'flops': C})
-  assert fit_lib.seed_noise(rows) is None
+  assert numerics.seed_noise(rows) is None
   # Two seeds of one run at hand-chosen losses: std of log loss over 1 degree of freedom.
   rows2 = rows + [dict(rows[0], loss=rows[0]['loss'] * 1.02)]
-  noise = fit_lib.seed_noise(rows2)
+  noise = numerics.seed_noise(rows2)
   expect = abs(math.log(1.02)) / math.sqrt(2)
   assert noise['groups'] == 1 and noise['dof'] == 1
   assert abs(noise['std_log_loss'] - expect) < 1e-9 and abs(noise['max_spread'] - 0.02) < 1e-9
   N, D, L = (np.array([r[k] for r in rows]) for k in ('params', 'tokens', 'loss'))
-  theta = fit_lib.fit_approach3(N, D, L)['theta']
-  quiet = fit_lib.bootstrap_approach3(N, D, L, theta, n_boot=20, seed=1)
-  noisy = fit_lib.bootstrap_approach3(N, D, L, theta, n_boot=20, seed=1, noise_std=0.03)
+  theta = chinchilla.fit_approach3(N, D, L)['theta']
+  quiet = chinchilla.bootstrap_approach3(N, D, L, theta, n_boot=20, seed=1)
+  noisy = chinchilla.bootstrap_approach3(N, D, L, theta, n_boot=20, seed=1, noise_std=0.03)
   width = lambda ci: ci['a'][1] - ci['a'][0]
   assert noisy['noise_std'] == 0.03 and width(noisy) > width(quiet)
   # Design points drawn whole: each point held twice, resampled by point, refits on the same
   # points as the runs-bootstrap of the points held once (the same draws, every point doubled).
-  pts = fit_lib.design_points(N, D)
+  pts = numerics.design_points(N, D)
   N2, D2, L2 = (np.concatenate([v, v]) for v in (N, D, L))
-  paired = fit_lib.bootstrap_approach3(N2, D2, L2, theta, n_boot=20, seed=1, groups=pts + pts)
+  paired = chinchilla.bootstrap_approach3(N2, D2, L2, theta, n_boot=20, seed=1, groups=pts + pts)
   assert paired['units'] == len(L) and 'drawn together' in paired['method']
   np.testing.assert_allclose(paired['a'], quiet['a'], atol=2e-3)
-  loose = fit_lib.bootstrap_approach3(N2, D2, L2, theta, n_boot=20, seed=1)
+  loose = chinchilla.bootstrap_approach3(N2, D2, L2, theta, n_boot=20, seed=1)
   assert loose['units'] == 2 * len(L) and width(loose) < width(paired)
 
 

@@ -24,8 +24,9 @@ LAYERS = (
     ('stages', ('lm.stages', 'lm.stages.pretrain', 'lm.stages.finetune', 'lm.align',
                 'lm.align.common', 'lm.align.pairs', 'lm.align.reward', 'lm.align.dpo',
                 'lm.align.ppo')),
-    ('scaling', ('lm.scaling', 'lm.scaling.fit', 'lm.scaling.plot', 'lm.scaling.report',
-                 'lm.scaling.packed', 'lm.scaling.parallel', 'lm.scaling.sweep')),
+    ('scaling', ('lm.scaling', 'lm.scaling.numerics', 'lm.scaling.chinchilla', 'lm.scaling.kaplan',
+                 'lm.scaling.fit', 'lm.scaling.plot', 'lm.scaling.report', 'lm.scaling.packed',
+                 'lm.scaling.parallel', 'lm.scaling.sweep')),
     ('interop', ('lm.interop', 'lm.interop.hf')),
     ('app', ('lm.cli', 'lm.pipeline', 'lm.chat', 'lm.worker')),
 )

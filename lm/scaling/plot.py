@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib import cm, colors, ticker  # noqa: E402
 
 from lm.scaling import fit as fitlib  # noqa: E402
+from lm.scaling import numerics  # noqa: E402
 
 DPI = 150
 LOSS_LABEL = 'Final loss (nats/token)'
@@ -76,7 +77,7 @@ def plot_loss_vs_compute(fit, rows, path, curves=None):
   else:
     norm = _lognorm(N)
   ax.scatter(C, L, c=N, cmap=cmap, norm=norm, s=14, edgecolors='k', linewidths=0.3, zorder=3, label='final loss')
-  keep = fitlib._pareto(C, L)
+  keep = numerics.pareto(C, L)
   ax.plot(C[keep], L[keep], 'k-', lw=1.2, label='frontier (envelope of final losses)')
   a1 = fit.get('approach1')
   if a1 and a1['envelope']:
@@ -85,8 +86,8 @@ def plot_loss_vs_compute(fit, rows, path, curves=None):
   law = _a3_law(fit)
   if law:
     cs = np.geomspace(C.min(), C.max(), 100)
-    n, d = fitlib.frontier(law, cs, _kspec(fit['approach3']))
-    ax.plot(cs, fitlib.predict_loss(law, n, d), 'r--', lw=1.2, label='Approach 3 compute-optimal loss')
+    n, d = numerics.frontier(law, cs, _kspec(fit['approach3']))
+    ax.plot(cs, numerics.predict_loss(law, n, d), 'r--', lw=1.2, label='Approach 3 compute-optimal loss')
   ax.set(xscale='log', yscale='log', xlabel='Compute C (FLOPs)', title='Loss vs compute',
          ylabel='Loss (nats/token)' if curves else LOSS_LABEL)
   _plain_log_ticks(ax)
@@ -101,7 +102,7 @@ def plot_isoflop(fit, rows, path):
   fig, ax = plt.subplots(figsize=(6.4, 4.6))
   budgets = fit['approach2']['budgets']
   cmap = plt.get_cmap('plasma')
-  labels = fitlib.group_budgets(C, _budget_column(rows), _decades(fit))
+  labels = numerics.group_budgets(C, _budget_column(rows), _decades(fit))
   allc = [b['C'] for b in budgets] or list(labels)
   norm = _lognorm(allc)
   for b in budgets:
@@ -147,7 +148,7 @@ def plot_optimal_allocation(fit, path):
       ax.plot(grid, np.exp(a1[f'{key}_intercept_ln']) * grid ** a1[letter], 'C2-',
               label=f'Approach 1 fit, {letter} = {a1[letter]:.3f}')
     if law:
-      n, d = fitlib.frontier(law, grid, _kspec(fit['approach3']))
+      n, d = numerics.frontier(law, grid, _kspec(fit['approach3']))
       ax.plot(grid, n if key == 'N' else d, 'r--', label=f'Approach 3 frontier, {letter} = {law[letter]:.3f}')
     n_ref = np.sqrt(grid / (6 * CHINCHILLA_TOKENS_PER_PARAM))
     ax.plot(grid, n_ref if key == 'N' else CHINCHILLA_TOKENS_PER_PARAM * n_ref, 'k:',
@@ -163,7 +164,7 @@ def plot_approach3_fit(fit, rows, path):
   N, D, L, C = _data(fit, rows)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
   law = fit['approach3']
-  pred = fitlib.predict_loss(law, N, D)
+  pred = numerics.predict_loss(law, N, D)
   norm = _lognorm(N)
   sc = axes[0].scatter(L, pred, c=N, norm=norm, cmap='viridis', s=14, edgecolors='k', linewidths=0.3)
   lim = [min(L.min(), pred.min()) * 0.98, max(L.max(), pred.max()) * 1.02]
@@ -176,7 +177,7 @@ def plot_approach3_fit(fit, rows, path):
               ylabel='Predicted loss (nats/token)', title='Approach 3: predicted vs observed')
   axes[0].legend(fontsize=7)
   fig.colorbar(sc, ax=axes[0], label='Parameters N')
-  labels = fitlib.group_budgets(C, _budget_column(rows), _decades(fit))
+  labels = numerics.group_budgets(C, _budget_column(rows), _decades(fit))
   cmap = plt.get_cmap('plasma')
   bnorm = _lognorm(labels)
   k = _kspec(law)
@@ -186,7 +187,7 @@ def plot_approach3_fit(fit, rows, path):
     axes[1].scatter(N[m], L[m], color=col, s=14)
     if len(np.unique(N[m])) >= 2:
       ns = np.geomspace(N[m].min(), N[m].max(), 60)
-      axes[1].plot(ns, fitlib.predict_loss(law, ns, lab / (fitlib.flops_per_nd(k, ns) * ns)), color=col, lw=1)
+      axes[1].plot(ns, numerics.predict_loss(law, ns, lab / (numerics.flops_per_nd(k, ns) * ns)), color=col, lw=1)
   axes[1].set(xscale='log', xlabel='Parameters N', ylabel=LOSS_LABEL,
               title='Approach 3 along each budget (lines), data (points)')
   fig.colorbar(cm.ScalarMappable(norm=bnorm, cmap=cmap), ax=axes[1], label='FLOP budget C')

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from lm.metrics import write_json_atomic
+from lm.scaling import chinchilla
 from lm.scaling import fit as fitlib
 from lm.scaling import plot
 from lm.scaling.plot import FILES
@@ -203,7 +204,7 @@ def write_report(fit, workdir):
 
 
 def run_fit(results_csv, workdir, loss_key=None, params_key='params', flops_key=None, bootstrap=100,
-            curves=None, seed=0, top_k=fitlib.DEFAULT_TOP_K):
+            curves=None, seed=0, top_k=chinchilla.DEFAULT_TOP_K):
   """The analysis of a results table: read it, fit, write workdir/fit.json, the plots and workdir/report.md; return the fit."""
   flops_key = flops_key or 'flops'
   rows = fitlib.read_results(results_csv, loss_key, params_key, flops_key)
