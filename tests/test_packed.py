@@ -10,7 +10,8 @@ from lm import runs
 from lm.stages import pretrain as train_lib
 from lm.errors import UserError
 from lm.scaling import packed as packed_lib
-from lm.scaling import sweep as sweep_lib
+from lm.scaling import plan as plan_lib
+from lm.scaling import runner as runner_lib
 
 MEMBERS = ((0, 3e-3), (1, 6e-3))   # (seed, peak lr)
 
@@ -49,9 +50,9 @@ def packed(cache_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp('packed')
   rdirs = [str(root / f'm{seed}') for seed, _ in MEMBERS]
   cfgs = [member_config(cache_dir, seed, lr) for seed, lr in MEMBERS]
-  stopped = packed_lib.train_packed(cfgs, rdirs, str(root / 'pack'), stop_at=4)
+  stopped = packed_lib.train(cfgs, rdirs, str(root / 'pack'), stop_at=4)
   stopped_with_summary = [os.path.exists(os.path.join(r, 'summary.json')) for r in rdirs]
-  summaries = packed_lib.train_packed(cfgs, rdirs, str(root / 'pack'))
+  summaries = packed_lib.train(cfgs, rdirs, str(root / 'pack'))
   return rdirs, summaries, root, (stopped, stopped_with_summary)
 
 
@@ -102,8 +103,7 @@ def test_a_packed_member_folder_is_a_complete_run(alone, packed, cache_dir):
 def test_members_of_different_programs_are_refused(cache_dir, tmp_path):
   cfgs = [member_config(cache_dir, 0, 3e-3), member_config(cache_dir, 1, 3e-3, n_layers=3)]
   with pytest.raises(UserError, match='model.n_layers'):
-    packed_lib.train_packed(cfgs, [str(tmp_path / 'a'), str(tmp_path / 'b')],
-                            str(tmp_path / 'pack'))
+    packed_lib.train(cfgs, [str(tmp_path / 'a'), str(tmp_path / 'b')], str(tmp_path / 'pack'))
   assert not os.path.exists(tmp_path / 'a')
   cfgs = [member_config(cache_dir, 0, 3e-3, dropout=0.1), member_config(cache_dir, 1, 3e-3,
                                                                         dropout=0.1)]
@@ -116,10 +116,10 @@ def test_sweep_groups_only_runs_that_differ_in_seed(cache_dir):
   c = tiny_sweep(cache_dir)
   c.sweep.seeds, c.sweep.pack = 1, 2
   c.sweep.seeds_smallest = 3
-  specs = sweep_lib.plan(c.sweep, c.base, 259)
-  jobs = [sweep_lib.Job(i, sp, sweep_lib.run_config(c.base, sp), f'/x/{sp.name}', 1)
+  specs = plan_lib.plan(c.sweep, c.base, 259)
+  jobs = [runner_lib.Job(i, sp, plan_lib.run_config(c.base, sp), f'/x/{sp.name}', 1)
           for i, sp in enumerate(specs)]
-  groups = sweep_lib.packs(jobs, 2)
+  groups = runner_lib.packs(jobs, 2)
   assert sorted(j.spec.name for g in groups for j in g) == sorted(sp.name for sp in specs)
   for g in groups:
     assert len({(j.spec.n_layers, j.spec.d_model, j.spec.steps) for j in g}) == 1
@@ -127,4 +127,4 @@ def test_sweep_groups_only_runs_that_differ_in_seed(cache_dir):
   assert sorted(len(g) for g in groups) == [1] * (len(specs) - 6) + [2] * 3
   c.sweep.parallel = 2
   with pytest.raises(UserError, match='sweep.pack'):
-    sweep_lib.validate(c.sweep)
+    plan_lib.validate(c.sweep)

@@ -19,21 +19,18 @@ another (CPU cores are already busy with one small model), so sweeps pack only w
 (`sweep.pack`); the program runs on one device.
 """
 import json
-import os
-import shutil
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm.training import checkpoint as ckpt_lib
-from lm.training import loop
-from lm import metrics as metrics_lib
-from lm.model import transformer as model_lib
-from lm.training import optim
 from lm.errors import UserError
+from lm.eval import evaluate as evaluate_lib
+from lm.model import transformer as model_lib
+from lm.stages import pretrain as train_lib
+from lm.training import checkpoint as ckpt_lib
+from lm.training import loop, optim
 
 PACKABLE = ('seed', 'train.lr')   # the config keys in which members may differ
 
@@ -71,7 +68,6 @@ class Pack:
   def __init__(self, cfgs, run=None):
     """run: the first member's lm.stages.pretrain.build(...) when the caller has it (the benchmark
     builds one without data); otherwise built here."""
-    from lm.stages import pretrain as train_lib
     check_members(cfgs)
     self.cfgs = cfgs
     self.K = len(cfgs)
@@ -127,138 +123,40 @@ class Pack:
     return dict(one, opt_state=one['opt_state'][0])
 
 
-def train_packed(cfgs, rdirs: list[str], pack_dir: str, stop_at: int | None = None
-                 ) -> list[dict]:
+def stage(pack: Pack, rdirs: list[str]) -> loop.Stage:
+  """The pack as one stage of the training loop (lm/training/loop.py), each member recorded in
+  its own run folder."""
+  run, tc = pack.run, pack.run.train
+  if len(rdirs) != pack.K:
+    raise ValueError('one run folder per member')
+  bpt = run.dataset.bytes_per_token('val')
+  members = tuple(loop.Member(rdir, json.loads(cfg.to_json()),
+                              f'packed member {k} (seed {pack.seeds[k]}, lr {pack.lrs[k]:.3g})')
+                  for k, (cfg, rdir) in enumerate(zip(pack.cfgs, rdirs)))
+  tasks = [evaluate_lib.loop_tasks(tc, run.model, run.dataset.tokenizer, s) for s in pack.seeds]
+
+  def task_eval(params, step):
+    return [t(jax.tree.map(lambda x: x[k], params), step) for k, t in enumerate(tasks)]
+  return loop.Stage(
+      config=members[0].config, train=tc, dtype=run.model.dtype,
+      manifest=lambda: train_lib.manifest(run), tokenizer=run.dataset.tokenizer,
+      abstract_state=pack.abstract_state, init_state=pack.init_state, frozen=None,
+      train_step=lambda state, _, batch: pack.step(state, batch), batch=pack.batch,
+      evaluate=lambda params, _: [train_lib.eval_row(float(x), bpt)
+                                  for x in pack.evaluate(params)],
+      tokens_per_step=tc.batch_size * tc.seq_len, flops_per_token=run.flops_per_token,
+      n_params=run.n_params, task_eval=task_eval if tasks[0] is not None else None,
+      learning_rate=lambda step: pack.lrs * pack.unit_schedule(step),
+      members=members, member_state=pack.member)
+
+
+def train(cfgs, rdirs: list[str], pack_dir: str, stop_at: int | None = None) -> list[dict]:
   """Trains (or resumes) the packed members, each into its own run folder; returns their
   summaries in order. The stacked state is checkpointed in pack_dir (removed when the members'
   folders are complete); `stop_at` simulates a kill at that step."""
-  if len(cfgs) != len(rdirs):
-    raise ValueError('one run folder per member')
   for cfg, rdir in zip(cfgs, rdirs):
-    loop.check_config(rdir, json.loads(cfg.to_json()))
-  pack = Pack(cfgs)
-  run, tc, K = pack.run, pack.run.train, pack.K
-  done = [os.path.join(r, 'summary.json') for r in rdirs]
-  if all(os.path.exists(p) for p in done):
-    return [json.load(open(p)) for p in done]
+    loop.check_config(rdir, json.loads(cfg.to_json()))   # refuse before preparing any data
+  return loop.run(stage(Pack(cfgs), rdirs), pack_dir, stop_at)
 
-  from lm.stages import pretrain as train_lib
-  manifest = train_lib.manifest(run)
-  writers = []
-  ckpts = ckpt_lib.Checkpoints(os.path.join(pack_dir, 'checkpoints'), tc.keep_checkpoints,
-                               async_save=tc.async_checkpoint)
-  state, start = ckpts.restore_latest(pack.abstract_state)
-  if state is None:
-    state, start = pack.init_state(), 0
-  for k, (cfg, rdir) in enumerate(zip(cfgs, rdirs)):
-    os.makedirs(rdir, exist_ok=True)
-    metrics_lib.write_json_atomic(os.path.join(rdir, 'config.json'), json.loads(cfg.to_json()))
-    metrics_lib.write_json_atomic(os.path.join(rdir, 'manifest.json'), dict(
-        manifest, packed={'members': K, 'index': k, 'pack_dir': os.path.abspath(pack_dir)}))
-    run.dataset.tokenizer.save(os.path.join(rdir, 'tokenizer'))
-    writers.append(metrics_lib.MetricsWriter(rdir, start))
 
-  tokens_per_step = tc.batch_size * tc.seq_len
-  fpt = run.flops_per_token
-  progress = metrics_lib.Progress(tc.steps, start, tc.progress)
-  if start:
-    progress.message(f'resuming the pack of {K} from step {start}')
-  since = {'time': time.time(), 'step': start, 'losses': []}
-  last_rows, last_eval = [None] * K, None
-  stopped = False
-
-  def rows(step, m, evals=None):
-    """The members' rows at `step`; loss_avg covers every step since the last row, as a lone
-    run's does (each step's [K] losses were kept on the device until now)."""
-    m = jax.device_get(m)
-    every = np.asarray(jax.device_get(since['losses']), np.float64)   # [steps since, K]
-    losses = every[-1]
-    if not np.isfinite(every).all():
-      i = int(np.flatnonzero(~np.isfinite(every).all(axis=1))[0])
-      bad = int(np.flatnonzero(~np.isfinite(every[i]))[0])
-      raise UserError(f'The loss of packed member {bad} (seed {pack.seeds[bad]}, lr '
-                      f'{pack.lrs[bad]:.3g}) became {every[i, bad]} at step '
-                      f'{step - len(every) + i + 1}; the last good checkpoint is kept. Lower its '
-                      'train.lr or raise train.warmup_steps, then rerun to resume.')
-    now = time.time()
-    tps = (step - since['step']) * tokens_per_step / max(now - since['time'], 1e-9)
-    avg = every.mean(axis=0)
-    tokens = step * tokens_per_step
-    out = []
-    for k in range(K):
-      row = {'step': step, 'loss': float(losses[k]), 'loss_avg': float(avg[k]),
-             'grad_norm': float(m['grad_norm'][k]),
-             'lr': float(pack.lrs[k] * pack.unit_schedule(step - 1)),
-             'tokens': tokens, 'flops': tokens * fpt['chinchilla'],
-             'flops_6nd': tokens * fpt['6n'], 'tokens_per_s': tps, 'pack_tokens_per_s': tps * K,
-             'time': now}
-      if evals is not None:
-        row.update(evals[k])
-      out.append(row)
-    return out
-
-  bpt = run.dataset.bytes_per_token('val')
-
-  def member_eval(params):
-    return [train_lib.eval_row(float(loss), bpt) for loss in pack.evaluate(params)]
-
-  with loop._StopFlag() as flag:
-    step = start
-    while step < tc.steps:
-      state, m = pack.step(state, pack.batch(step))
-      since['losses'].append(m['loss'])
-      step += 1
-      is_eval = step % tc.eval_every == 0 or step == tc.steps
-      save = step % tc.checkpoint_every == 0 or step == tc.steps or flag.stop or step == stop_at
-      if is_eval or step % tc.log_every == 0 or save:
-        evals = None
-        if is_eval:
-          t0 = time.time()
-          evals = last_eval = member_eval(state['params'])
-          since['time'] += time.time() - t0
-        out = rows(step, m, evals)
-        if is_eval or step % tc.log_every == 0:
-          for w, row in zip(writers, out):
-            w.write(row)
-          progress.update(step, {'loss_avg': float(np.mean([r['loss_avg'] for r in out])),
-                                 'tokens_per_s': out[0]['pack_tokens_per_s']})
-          since.update(time=time.time(), step=step, losses=[])
-          last_rows = out
-      if save:
-        ckpts.save(step, state)
-        if flag.stop or step == stop_at:
-          ckpts.wait()
-          stopped = True
-          progress.message(f'stopped at step {step}; checkpoint saved, rerun to resume.')
-          break
-  if not stopped and start >= tc.steps:   # died after the last checkpoint, before the summaries
-    last_eval = member_eval(state['params'])
-    for k, rdir in enumerate(rdirs):
-      logged = [r for r in metrics_lib.read_jsonl(os.path.join(rdir, 'metrics.jsonl'))
-                if isinstance(r.get('loss_avg'), float) and r.get('step', 0) <= start]
-      last_rows[k] = logged[-1] if logged else None
-  progress.close()
-  for w in writers:
-    w.close()
-  ckpts.close()
-  summaries = []
-  for k, rdir in enumerate(rdirs):
-    summary = {'steps': step, 'final_loss': last_rows[k]['loss_avg'] if last_rows[k] else None,
-               'eval_loss': last_eval[k]['eval_loss'] if last_eval else None,
-               'tokens': step * tokens_per_step, 'flops': step * tokens_per_step * fpt['chinchilla'],
-               'flops_6nd': step * tokens_per_step * fpt['6n'], 'params': run.n_params['total'],
-               'params_nonembed': run.n_params['nonembed'], 'finished': not stopped,
-               'packed': K}
-    summaries.append(summary)
-  if stopped:
-    return summaries
-  # Each member's folder gets its final state, like a run trained alone, then its summary.
-  for k, rdir in enumerate(rdirs):
-    own = ckpt_lib.Checkpoints(os.path.join(rdir, 'checkpoints'), tc.keep_checkpoints)
-    if step not in own.steps():
-      own.save(step, pack.member(state, k))
-    own.close()
-  for path, summary in zip(done, summaries):
-    metrics_lib.write_json_atomic(path, summary)
-  shutil.rmtree(pack_dir, ignore_errors=True)
-  return summaries
+train_packed = train   # the sweep's call site is renamed next

@@ -15,8 +15,8 @@ unequal weight (a packed fine-tuning batch's response tokens) accumulate exactly
 """
 import dataclasses
 import json
-import math
 import os
+import shutil
 import signal
 import time
 from typing import Any, Callable
@@ -141,6 +141,23 @@ class Stage:
   # never waits on the device; a step that returns host values (PPO) is finished at once.
   defer_metrics: bool = True
   task_eval: Callable[[Any, int], dict] | None = None
+  # The learning rate a step's row records (default: train's schedule at the step).
+  learning_rate: Callable[[int], Any] | None = None
+  # Packed runs (lm/scaling/packed.py): K runs of one shape trained as one stacked state, whose
+  # step metrics carry a leading [K] axis and whose evaluate and task_eval give a list of K rows.
+  # Each member keeps its own folder (config.json, manifest, tokenizer, metrics, its final
+  # checkpoint from member_state(state, k), summary.json); the stacked checkpoints live in the
+  # workdir given to `run`, which is removed once every member's folder is complete.
+  members: tuple = ()
+  member_state: Callable[[Any, int], Any] | None = None
+
+
+@dataclasses.dataclass
+class Member:
+  """One run of a packed stage: its folder, its config, and how messages name it."""
+  workdir: str
+  config: dict
+  label: str
 
 
 def flatten(d, prefix=''):
@@ -213,157 +230,291 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self.previous)
 
 
-def run(stage: Stage, workdir: str, stop_at: int | None = None) -> dict:
-  """Trains (or resumes) the stage in workdir; returns the summary. `stop_at` simulates a kill."""
-  os.makedirs(workdir, exist_ok=True)
-  config_path = os.path.join(workdir, 'config.json')
-  check_config(workdir, stage.config, stage.resumable_changes)
-  summary_path = os.path.join(workdir, 'summary.json')
+class _Books:
+  """The records of one run, or of each member of a packed run: config, manifest, tokenizer,
+  metrics rows, progress and summaries. Rows of a packed run come from [K]-shaped metrics."""
+
+  def __init__(self, stage: Stage, workdir: str, is_main: bool):
+    self.stage, self.workdir, self.is_main = stage, workdir, is_main
+    self.stacked = bool(stage.members)
+    self.members = stage.members or (Member(workdir, stage.config, ''),)
+    self.K = len(self.members)
+    self.summary_paths = [os.path.join(m.workdir, 'summary.json') for m in self.members]
+    self.schedule = stage.learning_rate or learning_rate_schedule(stage.train)
+    self.fpt = stage.flops_per_token
+    self.last_rows = [None] * self.K
+    self.last_eval = [{} for _ in range(self.K)]
+
+  def check(self) -> None:
+    for m in self.members:
+      check_config(m.workdir, m.config, self.stage.resumable_changes)
+
+  def finished(self) -> list[dict] | None:
+    """Every member's summary when all are written (a packed run that already finished)."""
+    if self.stacked and all(os.path.exists(p) for p in self.summary_paths):
+      return [_read_json(p) for p in self.summary_paths]
+    return None
+
+  def open(self, start: int) -> None:
+    stage = self.stage
+    if self.is_main:
+      manifest = stage.manifest()
+      for k, m in enumerate(self.members):
+        os.makedirs(m.workdir, exist_ok=True)
+        metrics_lib.write_json_atomic(os.path.join(m.workdir, 'config.json'), m.config)
+        if self.stacked:
+          manifest = dict(manifest, packed={'members': self.K, 'index': k,
+                                            'pack_dir': os.path.abspath(self.workdir)})
+        metrics_lib.write_json_atomic(os.path.join(m.workdir, 'manifest.json'), manifest)
+        stage.tokenizer.save(os.path.join(m.workdir, 'tokenizer'))
+    self.writers = [metrics_lib.MetricsWriter(m.workdir, start, enabled=self.is_main)
+                    for m in self.members]
+    tc = stage.train
+    self.progress = metrics_lib.Progress(tc.steps, start, tc.progress, enabled=self.is_main)
+    if start:
+      self.progress.message(f'resuming{f" the pack of {self.K}" if self.stacked else ""} '
+                            f'from step {start}')
+    dev = jax.devices()[0]
+    self.peak = flops_lib.peak_flops(dev.device_kind, stage.dtype, tc.peak_flops)
+    note = None if self.peak else flops_lib.unknown_device_note(dev.device_kind, dev.platform)
+    if note:
+      self.progress.message(note)
+    self.since = {'time': time.time(), 'step': start, 'losses': []}   # since the last row
+
+  def _value(self, x, k: int) -> float:
+    x = np.asarray(x)
+    return float(x[k] if self.stacked else x)
+
+  def finish_rows(self, step: int, m) -> list[dict]:
+    """Host-side rows of one step (one per member); averages cover the steps since the last
+    written row. A non-finite loss stops the run, naming the member."""
+    m = jax.device_get(m)
+    loss = np.asarray(m['loss'], np.float64)
+    bad = np.flatnonzero(~np.isfinite(np.atleast_1d(loss)))
+    if bad.size:
+      k = int(bad[0])
+      label = self.members[k].label
+      raise UserError(f'The loss{" of " + label if label else ""} became '
+                      f'{np.atleast_1d(loss)[k]} at step {step}; the last good checkpoint is kept. '
+                      'Lower train.lr or raise train.warmup_steps, then rerun to resume.')
+    self.since['losses'].append(loss)
+    avg = np.mean(np.stack(self.since['losses']), axis=0)
+    tokens = step * self.stage.tokens_per_step
+    lr = self.schedule(step - 1)
+    rows = []
+    for k in range(self.K):
+      row = {'step': step, 'loss': self._value(loss, k), 'loss_avg': self._value(avg, k),
+             'grad_norm': self._value(m['grad_norm'], k), 'lr': self._value(lr, k),
+             'tokens': tokens, 'flops': tokens * self.fpt['chinchilla'],
+             'flops_6nd': tokens * self.fpt['6n']}
+      row.update({key: self._value(v, k) for key, v in m.items() if key not in row})
+      rows.append(row)
+    return rows
+
+  def add_eval(self, rows: list[dict], evals: list[dict]) -> None:
+    self.last_eval = evals
+    for row, e in zip(rows, evals):
+      row.update(e)
+
+  def write(self, rows: list[dict]) -> None:
+    now = time.time()
+    since = self.since
+    tps = (rows[0]['step'] - since['step']) * self.stage.tokens_per_step / max(
+        now - since['time'], 1e-9)
+    for row in rows:
+      row.update(tokens_per_s=tps, time=now)
+      if self.stacked:
+        row['pack_tokens_per_s'] = tps * self.K
+      if self.peak:   # model FLOPs (PaLM's definition, causal attention) and the App. F count
+        per_s = tps * self.K / (self.peak * jax.device_count())
+        row['mfu'] = per_s * self.fpt.get('model', self.fpt['chinchilla'])
+        row['mfu_appf'] = per_s * self.fpt['chinchilla']
+    for w, row in zip(self.writers, rows):
+      w.write(row)
+    shown = rows[0] if not self.stacked else {
+        'loss_avg': float(np.mean([r['loss_avg'] for r in rows])),
+        'tokens_per_s': rows[0]['pack_tokens_per_s']}
+    self.progress.update(rows[0]['step'], shown)
+    since.update(time=now, step=rows[0]['step'], losses=[])
+    self.last_rows = rows
+
+  def recover(self, start: int) -> None:
+    """The run died after its final checkpoint but before its summary: the last rows come from
+    the logged metrics."""
+    for k, m in enumerate(self.members):
+      logged = [r for r in metrics_lib.read_jsonl(os.path.join(m.workdir, 'metrics.jsonl'))
+                if isinstance(r.get('loss_avg'), float) and r.get('step', 0) <= start]
+      self.last_rows[k] = logged[-1] if logged else None
+    self.progress.message(f'step {start} was already trained; evaluated its checkpoint for the '
+                          'summary')
+
+  def close(self) -> None:
+    self.progress.close()
+    for w in self.writers:
+      w.close()
+
+  def summaries(self, step: int, stopped: bool) -> list[dict]:
+    stage, tokens = self.stage, step * self.stage.tokens_per_step
+    out = []
+    for k in range(self.K):
+      row, last_eval = self.last_rows[k], self.last_eval[k]
+      # final_loss: the mean train loss over the last logging interval (one batch is noisy).
+      summary = {'steps': step, 'final_loss': row['loss_avg'] if row else None,
+                 'eval_loss': last_eval.get('eval_loss'), 'tokens': tokens,
+                 'flops': tokens * self.fpt['chinchilla'], 'flops_6nd': tokens * self.fpt['6n'],
+                 'params': stage.n_params['total'],
+                 'params_nonembed': stage.n_params['nonembed'], 'finished': not stopped}
+      if self.stacked:
+        summary['packed'] = self.K
+      if not stopped and stage.summary is not None:
+        summary.update(stage.summary(last_eval))
+      out.append(summary)
+    return out
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _evaluate(stage: Stage, params, step: int) -> list[dict]:
+  """One evaluation row per member: the stage's evaluation and its task metrics."""
+  evals = stage.evaluate(params, stage.frozen)
+  evals = list(evals) if stage.members else [evals]
+  if stage.task_eval is not None:
+    tasks = stage.task_eval(params, step)
+    for e, t in zip(evals, tasks if stage.members else [tasks]):
+      e.update(t)
+  return evals
+
+
+def _should_stop(flag: _StopFlag, step: int, log_every: int) -> bool:
+  """SIGTERM seen; on several hosts, agreed by all at a logging step (a host that stopped alone
+  would leave the others waiting forever in the next step)."""
+  if jax.process_count() == 1:
+    return flag.stop
+  if step % log_every:
+    return False
+  return bool(multihost_utils.process_allgather(np.int32(flag.stop)).max())
+
+
+class _Profile:
+  """A profiler trace of train.profile_steps (main process only), if asked for."""
+
+  def __init__(self, tc: TrainConfig, workdir: str, is_main: bool, progress):
+    self.range = tc.profile_range() if tc.profile_steps and is_main else None
+    self.dir, self.progress, self.tracing = os.path.join(workdir, 'profile'), progress, False
+
+  def step(self, step: int, train_step, state, frozen, batch):
+    if self.range and step == self.range[0]:
+      jax.profiler.start_trace(self.dir)
+      self.tracing = True
+    if not self.tracing:
+      return train_step(state, frozen, batch)
+    with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):   # numbered steps
+      out = train_step(state, frozen, batch)
+    if step + 1 == self.range[1]:
+      jax.block_until_ready(out)
+      self.stop()
+      self.progress.message(f'wrote a profiler trace of steps {self.range[0] + 1}-'
+                            f'{self.range[1]} to {self.dir}')
+    return out
+
+  def stop(self):
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+
+
+def _train(stage: Stage, books: _Books, ckpts, state, start: int, stop_at: int | None):
+  """The steps from `start` to train.steps, or to a stop; returns (state, step, stopped)."""
+  tc = stage.train
+  pending = None   # (step, metrics on device): pulled one step later, so the host never waits
+  profile = _Profile(tc, books.workdir, books.is_main, books.progress)
+  step, stopped = start, False
+  with _StopFlag() as flag:
+    try:
+      while step < tc.steps:
+        state, m = profile.step(step, stage.train_step, state, stage.frozen, stage.batch(step))
+        step += 1
+        if pending is not None:
+          rows = books.finish_rows(*pending)
+          if pending[0] % tc.log_every == 0:
+            books.write(rows)
+        pending = (step, m)
+        is_eval = step % tc.eval_every == 0 or step == tc.steps
+        stop = _should_stop(flag, step, tc.log_every)
+        # Checkpoints keep their own cadence (evaluations do not force one); the last step, a
+        # stop and stop_at always save. With async saving the files are written while the next
+        # steps train; closing the manager waits for the last one, so summary.json is only
+        # written once the final checkpoint is complete on disk.
+        save = step % tc.checkpoint_every == 0 or step == tc.steps or stop or step == stop_at
+        if save or is_eval or not stage.defer_metrics:
+          rows = books.finish_rows(*pending)   # makes sure the state is finite before saving
+          pending = None
+          if is_eval:
+            t0 = time.time()
+            books.add_eval(rows, _evaluate(stage, state['params'], step))
+            books.since['time'] += time.time() - t0   # evaluation is not training throughput
+          if is_eval or step % tc.log_every == 0:
+            books.write(rows)
+        if save:
+          ckpts.save(step, state)
+          if stop or step == stop_at:
+            ckpts.wait()   # on disk before the message says so (the process may be killed next)
+            stopped = True
+            books.progress.message(f'stopped at step {step}; checkpoint saved, rerun to resume.')
+            break
+    finally:
+      profile.stop()
+  return state, step, stopped
+
+
+def _finish_members(stage: Stage, books: _Books, state, step: int) -> None:
+  """Each member of a packed run gets its final state in its own folder, as if trained alone."""
+  if not books.stacked:
+    return
+  for k, m in enumerate(books.members):
+    own = ckpt_lib.Checkpoints(os.path.join(m.workdir, 'checkpoints'),
+                               stage.train.keep_checkpoints)
+    if step not in own.steps():
+      own.save(step, stage.member_state(state, k))
+    own.close()
+
+
+def run(stage: Stage, workdir: str, stop_at: int | None = None):
+  """Trains (or resumes) the stage in workdir; returns the summary (a packed stage: the list of
+  its members' summaries). `stop_at` simulates a kill."""
   is_main = jax.process_index() == 0
   tc = stage.train
-  if is_main:
-    metrics_lib.write_json_atomic(config_path, stage.config)
-    metrics_lib.write_json_atomic(os.path.join(workdir, 'manifest.json'), stage.manifest())
-    stage.tokenizer.save(os.path.join(workdir, 'tokenizer'))
-
+  books = _Books(stage, workdir, is_main)
+  books.check()
+  done = books.finished()
+  if done is not None:
+    return done
+  os.makedirs(workdir, exist_ok=True)
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), tc.keep_checkpoints,
                                async_save=tc.async_checkpoint)
   state, start = ckpts.restore_latest(stage.abstract_state)
   if state is None:
     state, start = stage.init_state(), 0
-  if start >= tc.steps and os.path.exists(summary_path):
+  if not books.stacked and start >= tc.steps and os.path.exists(books.summary_paths[0]):
     ckpts.close()
-    with open(summary_path) as f:
-      return json.load(f)
-
-  writer = metrics_lib.MetricsWriter(workdir, start, enabled=is_main)
-  progress = metrics_lib.Progress(tc.steps, start, tc.progress, enabled=is_main)
-  if start:
-    progress.message(f'resuming from step {start}')
-  tokens_per_step = stage.tokens_per_step
-  fpt = stage.flops_per_token
-  dev = jax.devices()[0]
-  peak = flops_lib.peak_flops(dev.device_kind, stage.dtype, tc.peak_flops)
-  note = None if peak else flops_lib.unknown_device_note(dev.device_kind, dev.platform)
-  if note:
-    progress.message(note)
-  schedule = learning_rate_schedule(tc)
-  last_row, last_eval = None, {}
-  pending = None                      # (step, metrics on device): pulled one step later
-  since = {'time': time.time(), 'step': start, 'losses': []}   # since the last written row
-
-  def finish_row(step, m):
-    """Host-side metrics of one step; the row's averages cover the steps since the last row."""
-    m = jax.device_get(m)
-    loss = float(m['loss'])
-    if not math.isfinite(loss):
-      raise UserError(f'The loss became {loss} at step {step}; the last good checkpoint is kept. '
-                      'Lower train.lr or raise train.warmup_steps, then rerun to resume.')
-    since['losses'].append(loss)
-    tokens = step * tokens_per_step
-    row = {'step': step, 'loss': loss, 'loss_avg': float(np.mean(since['losses'])),
-           'grad_norm': float(m['grad_norm']), 'lr': float(schedule(step - 1)),
-           'tokens': tokens, 'flops': tokens * fpt['chinchilla'],
-           'flops_6nd': tokens * fpt['6n']}
-    row.update({k: float(v) for k, v in m.items() if k not in row})   # the stage's own metrics
-    return row
-
-  def write(row):
-    nonlocal last_row
-    now = time.time()
-    tps = (row['step'] - since['step']) * tokens_per_step / max(now - since['time'], 1e-9)
-    row.update(tokens_per_s=tps, time=now)
-    if peak:   # model FLOPs (PaLM's definition, causal attention) and the App. F count
-      row['mfu'] = tps * fpt.get('model', fpt['chinchilla']) / (peak * jax.device_count())
-      row['mfu_appf'] = tps * fpt['chinchilla'] / (peak * jax.device_count())
-    writer.write(row)
-    progress.update(row['step'], row)
-    since.update(time=now, step=row['step'], losses=[])
-    last_row = row
-
-  stopped = False
-  profile = tc.profile_range() if tc.profile_steps else None
-  tracing = False
-  with _StopFlag() as flag:
-    step = start
-    while step < tc.steps:
-      if profile and step == profile[0] and is_main:
-        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-        tracing = True
-      batch = stage.batch(step)
-      if tracing:   # named, numbered steps in the trace; nothing added to untraced steps
-        with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
-          state, m = stage.train_step(state, stage.frozen, batch)
-      else:
-        state, m = stage.train_step(state, stage.frozen, batch)
-      step += 1
-      if tracing and step == profile[1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        tracing = False
-        progress.message(f'wrote a profiler trace of steps {profile[0] + 1}-{profile[1]} to '
-                         f'{os.path.join(workdir, "profile")}')
-      if pending is not None:
-        row = finish_row(*pending)
-        if pending[0] % tc.log_every == 0:
-          write(row)
-      pending = (step, m)
-      is_eval = step % tc.eval_every == 0 or step == tc.steps
-      stop = flag.stop
-      if jax.process_count() > 1 and step % tc.log_every == 0:
-        # Every host must stop at the same step, or the others wait forever in the next step.
-        stop = bool(multihost_utils.process_allgather(np.int32(flag.stop)).max())
-      elif jax.process_count() > 1:
-        stop = False
-      # Checkpoints keep their own cadence (evaluations do not force one); the last step, a
-      # stop and stop_at always save. With async saving the files are written while the next
-      # steps train; closing the manager below waits for the last one, so summary.json is only
-      # written once the final checkpoint is complete on disk.
-      save = (step % tc.checkpoint_every == 0 or step == tc.steps or stop
-              or step == stop_at)
-      if save or is_eval or not stage.defer_metrics:
-        row = finish_row(*pending)   # makes sure the state is finite before saving it
-        pending = None
-        if is_eval:
-          t0 = time.time()
-          last_eval = stage.evaluate(state['params'], stage.frozen)
-          if stage.task_eval is not None:
-            last_eval.update(stage.task_eval(state['params'], step))
-          since['time'] += time.time() - t0   # evaluation time is not training throughput
-          row.update(last_eval)
-        if is_eval or step % tc.log_every == 0:
-          write(row)
-      if save:
-        ckpts.save(step, state)
-        if stop or step == stop_at:
-          ckpts.wait()   # on disk before the message says so (the process may be killed next)
-          stopped = True
-          progress.message(f'stopped at step {step}; checkpoint saved, rerun to resume.')
-          break
-  if tracing:   # stopped (SIGTERM, stop_at) inside the traced steps
-    jax.profiler.stop_trace()
+    return _read_json(books.summary_paths[0])
+  books.open(start)
+  state, step, stopped = _train(stage, books, ckpts, state, start, stop_at)
   if not stopped and start >= tc.steps:
-    # Resumed at the last step: the run died after its final checkpoint but before its summary.
-    # The summary is completed from that checkpoint (a fresh evaluation) and the logged rows.
-    last_eval = stage.evaluate(state['params'], stage.frozen)
-    if stage.task_eval is not None:
-      last_eval.update(stage.task_eval(state['params'], start))
-    logged = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
-              if isinstance(r.get('loss_avg'), float) and r.get('step', 0) <= start]
-    last_row = logged[-1] if logged else None
-    progress.message(f'step {start} was already trained; evaluated its checkpoint for the summary')
-  progress.close()
-  writer.close()
+    # Resumed at the last step: the run died after its final checkpoint but before its summary,
+    # which is completed from that checkpoint (a fresh evaluation) and the logged rows.
+    books.last_eval = _evaluate(stage, state['params'], start)
+    books.recover(start)
+  books.close()
   ckpts.close()
-  # final_loss: the mean train loss over the last logging interval (one batch is too noisy).
-  summary = {'steps': step, 'final_loss': last_row['loss_avg'] if last_row else None,
-             'eval_loss': last_eval.get('eval_loss'), 'tokens': step * tokens_per_step,
-             'flops': step * tokens_per_step * fpt['chinchilla'],
-             'flops_6nd': step * tokens_per_step * fpt['6n'],
-             'params': stage.n_params['total'], 'params_nonembed': stage.n_params['nonembed'],
-             'finished': not stopped}
-  if not stopped and stage.summary is not None:
-    summary.update(stage.summary(last_eval))
+  summaries = books.summaries(step, stopped)
   if not stopped and is_main:
-    metrics_lib.write_json_atomic(summary_path, summary)
-  return summary
+    _finish_members(stage, books, state, step)
+    for path, summary in zip(books.summary_paths, summaries):
+      metrics_lib.write_json_atomic(path, summary)
+    if books.stacked:   # the members' folders are complete: the stacked checkpoints go
+      shutil.rmtree(workdir, ignore_errors=True)
+  return summaries if books.stacked else summaries[0]
