@@ -33,28 +33,29 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from lm.data import tokens as data_lib
   from lm.scaling import parallel as parallel_lib
-  from lm.scaling import sweep as sweep_lib
+  from lm.scaling import plan as plan_lib
+  from lm.scaling import runner as runner_lib
   cfg = FLAGS.config
   cfg.base.train.progress = 'none'
   s = cfg.sweep
   s.budgets = (FLAGS.budget,)
   vocab = data_lib.prepare(data_lib.DataConfig.from_config(cfg.base.data)).tokenizer.vocab_size
-  plan = sweep_lib.plan(s, cfg.base, vocab)
+  plan = plan_lib.plan(s, cfg.base, vocab)
   ends = [min(plan, key=lambda sp: sp.params), max(plan, key=lambda sp: sp.params)]
   multiples = [float(m) for m in FLAGS.multiples.split(',')]
   # Each scanned run stands alone (a WSD plan's branch trains as the whole run it equals).
   specs = [dataclasses.replace(sp, name=f'{sp.name}_lrx{m:g}', lr=sp.lr * m, trunk='',
                                branch_step=0) for sp in ends for m in multiples]
-  rows_eval = sweep_lib.eval_rows(s, cfg.base)
+  rows_eval = plan_lib.eval_rows(s, cfg.base)
   os.makedirs(os.path.join(FLAGS.out, 'runs'), exist_ok=True)
   jobs = []
   for i, sp in enumerate(specs):
     rdir = os.path.join(FLAGS.out, 'runs', sp.name)
     if not os.path.exists(os.path.join(rdir, 'summary.json')):
-      jobs.append(sweep_lib.Job(i, sp, sweep_lib.run_config(cfg.base, sp, 1, 1, rows_eval), rdir,
+      jobs.append(runner_lib.Job(i, sp, plan_lib.run_config(cfg.base, sp, 1, 1, rows_eval), rdir,
                                 1))
   t0 = time.time()
-  parallel = FLAGS.parallel or sweep_lib.auto_parallel(max(1, len(jobs)))
+  parallel = FLAGS.parallel or runner_lib.auto_parallel(max(1, len(jobs)))
 
   def start(job, where=''):
     os.makedirs(job.rdir, exist_ok=True)
@@ -72,7 +73,7 @@ def main(argv):
     with open(path) as f:
       rows.append({'run': sp.name, 'params': sp.params, 'd_model': sp.d_model,
                    'n_layers': sp.n_layers, 'steps': sp.steps, 'lr': sp.lr,
-                   'batch_size': sweep_lib.spec_batch(sp, cfg.base),
+                   'batch_size': plan_lib.spec_batch(sp, cfg.base),
                    'eval_loss': json.load(f)['eval_loss']})
   lines = ['| run | N | batch | steps | lr | multiple of the rule | eval loss | above the scan\'s best |',
            '|---|---|---|---|---|---|---|---|']

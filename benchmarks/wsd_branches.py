@@ -35,6 +35,7 @@ def _sweep_config(mode: str, params, tokens, cooldown):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax's INFO lines would bury the sweeps' progress
+  from lm.scaling import plan as plan_lib
   from lm.scaling import sweep as sweep_lib
   params = [float(x) for x in FLAGS.params.split(',')]
   tokens = [float(x) for x in FLAGS.tokens.split(',')]
@@ -44,14 +45,14 @@ def main(argv):
     t0 = time.time()
     sweep_lib.run_sweep(cfg, os.path.join(FLAGS.out, mode), fit=False)
     results[mode] = {'wall_s': time.time() - t0, 'runs': {}}
-    plan = sweep_lib.plan(cfg.sweep, cfg.base, _vocab(cfg))
+    plan = plan_lib.plan(cfg.sweep, cfg.base, _vocab(cfg))
     spent = 0.0
     for sp in plan:
       with open(os.path.join(FLAGS.out, mode, 'runs', sp.name, 'summary.json')) as f:
         summary = json.load(f)
       results[mode]['runs'][sp.name] = {'params': summary['params'], 'tokens': summary['tokens'],
                                         'eval_loss': summary['eval_loss']}
-      spent += (sweep_lib._trained_steps(sp) / sp.steps) * summary['flops']
+      spent += (plan_lib.trained_steps(sp) / sp.steps) * summary['flops']
     results[mode]['flops_spent'] = spent
   lines = ['| run | N | D | WSD branch loss | cosine run loss | difference |', '|---|---|---|---|---|---|']
   diffs = []

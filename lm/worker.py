@@ -45,15 +45,15 @@ def main(argv) -> int:
 
   from lm.stages import pretrain as train_lib
   from lm.errors import UserError
-  from lm.scaling import sweep as sweep_lib
+  from lm.scaling import runner as runner_lib
 
   rdir = argv[1]
   with open(os.path.join(rdir, 'run_config.json')) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
   try:
-    if not sweep_lib.branch_in_worker(rdir, train_lib.train):   # a WSD branch: its trunk first
+    if not runner_lib.branch_in_worker(rdir, train_lib.train):   # a WSD branch: its trunk first
       return STOPPED
-    summary = sweep_lib.train_and_record(train_lib.train, cfg, rdir)
+    summary = runner_lib.train_and_record(train_lib.train, cfg, rdir)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

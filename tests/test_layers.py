@@ -26,7 +26,8 @@ LAYERS = (
                 'lm.align.ppo')),
     ('scaling', ('lm.scaling', 'lm.scaling.numerics', 'lm.scaling.chinchilla', 'lm.scaling.kaplan',
                  'lm.scaling.fit', 'lm.scaling.plot', 'lm.scaling.report', 'lm.scaling.packed',
-                 'lm.scaling.parallel', 'lm.scaling.sweep')),
+                 'lm.scaling.parallel', 'lm.scaling.plan', 'lm.scaling.results',
+                 'lm.scaling.runner', 'lm.scaling.sweep')),
     ('interop', ('lm.interop', 'lm.interop.hf')),
     ('app', ('lm.cli', 'lm.pipeline', 'lm.chat', 'lm.worker')),
 )

@@ -17,6 +17,9 @@ from lm.data import tokens as data_lib
 from lm.stages import pretrain as train_lib
 from lm.errors import UserError
 from lm.metrics import read_jsonl
+from lm.scaling import plan as plan_lib
+from lm.scaling import results as results_lib
+from lm.scaling import runner as runner_lib
 from lm.scaling import sweep as sweep_lib
 from lm.data.tokenizer import ByteTokenizer
 
@@ -40,7 +43,7 @@ def tiny_sweep(cache_dir, budgets=(4e9, 1.2e10)):
 
 def test_isoflop_plan_is_centred_and_spends_the_budget():
   c = sweep_smoke.get_config()
-  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  specs = plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   tokens_per_step = c.base.train.batch_size * c.base.train.seq_len
   assert len(specs) == 10
   for C in c.sweep.budgets:
@@ -72,7 +75,7 @@ def test_grid_plan():
   c = sweep_smoke.get_config()
   c.sweep.mode = 'grid'
   c.sweep.grid_params, c.sweep.grid_tokens = (5e4, 2e5), (1e6, 4e6)
-  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  specs = plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   assert len(specs) == 4 and all(s.budget is None for s in specs)
   steps = sorted(s.steps for s in specs)
   tokens_per_step = c.base.train.batch_size * c.base.train.seq_len
@@ -81,15 +84,15 @@ def test_grid_plan():
 
 def test_results_csv_is_written_atomically(tmp_path, monkeypatch):
   path = str(tmp_path / 'results.csv')
-  sweep_lib.write_results(path, [{'run': 'a', 'params': 1, 'tokens': 2, 'loss': 3.0}])
+  results_lib.write_results(path, [{'run': 'a', 'params': 1, 'tokens': 2, 'loss': 3.0}])
   before = open(path).read()
 
   class Boom(csv.DictWriter):
     def writerow(self, row):
       raise OSError('disk full')
-  monkeypatch.setattr(sweep_lib.csv, 'DictWriter', Boom)
+  monkeypatch.setattr(results_lib.csv, 'DictWriter', Boom)
   with pytest.raises(OSError):
-    sweep_lib.write_results(path, [{'run': 'b', 'params': 1, 'tokens': 2, 'loss': 3.0}])
+    results_lib.write_results(path, [{'run': 'b', 'params': 1, 'tokens': 2, 'loss': 3.0}])
   assert open(path).read() == before
 
 
@@ -175,22 +178,22 @@ def test_changed_plan_is_refused_naming_the_changed_keys(tmp_path):
 
 
 def test_sweep_progress_line():
-  line = sweep_lib.progress_line(4, 10, 1e13, 4e13, 6e12, 200.0)
+  line = runner_lib.progress_line(4, 10, 1e13, 4e13, 6e12, 200.0)
   assert line == 'sweep: 4/10 runs, 1e+13 of 4e+13 FLOPs (25%), 3e+10 FLOP/s, eta 17 min'
-  assert sweep_lib.progress_line(0, 3, 0.0, 1e12, 0.0, 0.0).endswith('0 FLOP/s, eta unknown')
+  assert runner_lib.progress_line(0, 3, 0.0, 1e12, 0.0, 0.0).endswith('0 FLOP/s, eta unknown')
 
 
 def test_run_names_are_unique_for_close_budgets():
   """1.5e13 and 2e13 once shared the tag C2e13 and one budget's runs were silently dropped."""
   c = sweep_smoke.get_config()
   c.sweep.budgets = (1.5e13, 2e13)
-  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  specs = plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   assert len({s.name for s in specs}) == len(specs) == 2 * c.sweep.sizes_per_budget
   assert {s.budget for s in specs} == {1.5e13, 2e13}
   assert any(s.name.startswith('C1.5e13_') for s in specs)
   c.sweep.mode = 'grid'
   c.sweep.grid_params, c.sweep.grid_tokens = (5e4,), (1.2e6, 1.25e6)
-  assert len({s.name for s in sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)}) == 2
+  assert len({s.name for s in plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)}) == 2
 
 
 @pytest.mark.parametrize('key,value,needle', [
@@ -216,7 +219,7 @@ def test_every_sweep_key_is_validated_before_planning(tmp_path, key, value, need
   with c.sweep.unlocked():
     c.sweep[key] = value
   with pytest.raises(UserError, match=re.escape(needle)):
-    sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+    plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   with pytest.raises(UserError):
     sweep_lib.run_sweep(c, str(tmp_path / 'sw'), train_fn=lambda *a: None, fit=False)
   assert not (tmp_path / 'sw').exists()
@@ -312,7 +315,7 @@ def test_parallel_sweep_stops_on_sigterm_resumes_and_matches_in_process(tmp_path
   cfg.sweep.checkpoints_per_run = 4
   cfg.base.train.progress = 'log'   # the worker's train.log then says when it resumes
   workdir = str(tmp_path / 'sweep')
-  specs = sweep_lib.plan(cfg.sweep, cfg.base, BYTES_VOCAB)
+  specs = plan_lib.plan(cfg.sweep, cfg.base, BYTES_VOCAB)
   longest = f'{workdir}/runs/{specs[0].name}'   # in the first pair to start; most steps
   assert specs[0].steps == max(s.steps for s in specs) and len(specs) == 3
 
@@ -334,7 +337,7 @@ def test_parallel_sweep_stops_on_sigterm_resumes_and_matches_in_process(tmp_path
   assert int(rows[specs[0].name]['steps']) == specs[0].steps
 
   sp = specs[-1]
-  ref = train_lib.train(sweep_lib.run_config(cfg.base, sp, cfg.sweep.evals_per_run,
+  ref = train_lib.train(plan_lib.run_config(cfg.base, sp, cfg.sweep.evals_per_run,
                                              cfg.sweep.checkpoints_per_run),
                         str(tmp_path / 'ref'))
   assert abs(float(rows[sp.name]['eval_loss']) - ref['eval_loss']) < 1e-5
@@ -344,10 +347,10 @@ def test_parallel_worker_failure_is_booked_with_its_message(tmp_path):
   """A worker that exits on bad input: the sweep books a failure that quotes its last line."""
   from lm.scaling import parallel as par
   cfg = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9,))
-  sp = sweep_lib.plan(cfg.sweep, cfg.base, BYTES_VOCAB)[0]
-  run_cfg = sweep_lib.run_config(cfg.base, sp)
+  sp = plan_lib.plan(cfg.sweep, cfg.base, BYTES_VOCAB)[0]
+  run_cfg = plan_lib.run_config(cfg.base, sp)
   run_cfg.train.warmup_steps = run_cfg.train.steps + 1      # refused before any training
-  job = sweep_lib.Job(0, sp, run_cfg, str(tmp_path / 'run'), attempt=1)
+  job = runner_lib.Job(0, sp, run_cfg, str(tmp_path / 'run'), attempt=1)
   os.makedirs(job.rdir)
   booked = []
   stopped = par.run_jobs([job], 1, start=lambda j, where: None,
@@ -362,8 +365,8 @@ def test_runs_start_from_each_budgets_middle():
   """Within a budget the sizes nearest the predicted optimum train first, smaller budgets before
   larger ones: a sweep stopped part-way has bracketed its minima."""
   c = sweep_smoke.get_config()
-  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
-  order = sorted(specs, key=lambda sp: sweep_lib._priority(specs, sp))
+  specs = plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  order = sorted(specs, key=lambda sp: runner_lib.priority(specs, sp))
   for C, runs in [(C, [s for s in specs if s.budget == C]) for C in c.sweep.budgets]:
     got = [s for s in order if s.budget == C]
     assert [runs.index(s) for s in got] == [2, 1, 3, 0, 4]
@@ -378,17 +381,17 @@ def test_worker_stops_at_a_checkpoint_when_the_sweep_is_killed(tmp_path):
   import sys
   cfg = tiny_sweep(str(tmp_path / 'cache'), budgets=(1e11,))
   cfg.base.train.progress = 'log'
-  sp = sweep_lib.plan(cfg.sweep, cfg.base, BYTES_VOCAB)[0]
-  job_cfg = sweep_lib.run_config(cfg.base, sp)
+  sp = plan_lib.plan(cfg.sweep, cfg.base, BYTES_VOCAB)[0]
+  job_cfg = plan_lib.run_config(cfg.base, sp)
   rdir = str(tmp_path / 'run')
   os.makedirs(rdir)
   with open(tmp_path / 'job.json', 'w') as f:
     f.write(job_cfg.to_json())
   script = f'''
 import json, ml_collections
-from lm.scaling import parallel, sweep
+from lm.scaling import parallel, plan, runner
 cfg = ml_collections.ConfigDict(json.load(open({str(tmp_path / 'job.json')!r})))
-job = sweep.Job(0, sweep.RunSpec(**{json.dumps(dataclasses.asdict(sp))}), cfg, {rdir!r}, 1)
+job = runner.Job(0, plan.RunSpec(**{json.dumps(dataclasses.asdict(sp))}), cfg, {rdir!r}, 1)
 parallel.run_jobs([job], 1, lambda j, w: None, lambda *a: None, [parallel.Slot('cpu', {{}})])
 '''
   sweep_proc = subprocess.Popen([sys.executable, '-c', script], cwd=os.path.dirname(
@@ -415,7 +418,7 @@ def test_wsd_branches_equal_standalone_runs_and_are_booked_once(tmp_path):
   s = cfg.sweep
   s.mode, s.grid_params, s.grid_tokens, s.cooldown = 'wsd', (6e4,), (12_288, 24_576, 49_152), 0.25
   s.warmup_max, s.evals_per_run, s.checkpoints_per_run = 4, 1, 1
-  specs = sweep_lib.plan(s, cfg.base, BYTES_VOCAB)
+  specs = plan_lib.plan(s, cfg.base, BYTES_VOCAB)
   assert [sp.steps for sp in specs] == [24, 48, 96]
   trunk = specs[-1]
   assert [sp.trunk for sp in specs] == [trunk.name, trunk.name, '']
@@ -433,7 +436,7 @@ def test_wsd_branches_equal_standalone_runs_and_are_booked_once(tmp_path):
   assert [c for c in calls if c[0] == trunk.name] == [(trunk.name, 18), (trunk.name, 36),
                                                        (trunk.name, None)]
   alone = str(tmp_path / 'alone')
-  summary = train_lib.train(sweep_lib.run_config(cfg.base, specs[1], 1, 1), alone)
+  summary = train_lib.train(plan_lib.run_config(cfg.base, specs[1], 1, 1), alone)
   branch = json.load(open(f'{workdir}/runs/{specs[1].name}/summary.json'))
   assert branch['final_loss'] == summary['final_loss'] and branch['eval_loss'] == summary['eval_loss']
   # ... and it trained only its cooldown: its rows up to the branch point are the trunk's own
@@ -448,7 +451,7 @@ def test_wsd_branches_equal_standalone_runs_and_are_booked_once(tmp_path):
   calls.clear()
   sweep_lib.run_sweep(cfg, workdir, train_fn=counting_train, fit=False)
   assert calls == [] and len(list(csv.DictReader(open(f'{workdir}/results.csv')))) == 3
-  curves = sweep_lib.wsd_curves([(sp, json.load(open(f'{workdir}/runs/{sp.name}/summary.json')))
+  curves = results_lib.wsd_curves([(sp, json.load(open(f'{workdir}/runs/{sp.name}/summary.json')))
                                  for sp in specs])
   (curve,) = curves.values()
   assert curve['curve_tokens'] == [sp.steps * 8 * 64 for sp in specs]
@@ -472,17 +475,17 @@ def test_batch_rule_keeps_every_run_above_the_step_floor_and_shapes_in_band():
     s.budgets, s.span, s.head_dim, s.aspect = (5e11, 1.5e12, 4.5e12), 3.0, 8, 16.0
     s.aspect_band, s.min_layers = 2.0, 2
     s.batch_sizes, s.min_steps = (8, 16, 32, 64, 128), 400
-  specs = sweep_lib.plan(s, c.base, BYTES_VOCAB)
+  specs = plan_lib.plan(s, c.base, BYTES_VOCAB)
   T = c.base.train.seq_len
   for sp in specs:
     assert sp.n_layers >= 2 and 0.5 <= (sp.d_model / sp.n_layers) / 16.0 <= 2.0
     assert_batch_rule(sp, T, floor=400, largest=128)
-    assert sweep_lib.run_config(c.base, sp).train.batch_size == sp.batch_size
+    assert plan_lib.run_config(c.base, sp).train.batch_size == sp.batch_size
   assert len({sp.batch_size for sp in specs}) > 2      # small models take the large batches
   # Without a ladder the base config's batch holds for every run, as before.
   with s.unlocked():
     del s['batch_sizes']
-  assert {sweep_lib.spec_batch(sp, c.base) for sp in sweep_lib.plan(s, c.base, BYTES_VOCAB)} \
+  assert {plan_lib.spec_batch(sp, c.base) for sp in plan_lib.plan(s, c.base, BYTES_VOCAB)} \
       == {c.base.train.batch_size}
 
 
@@ -493,20 +496,20 @@ def test_runs_of_different_batches_are_scored_on_the_same_windows(tmp_path):
   c = tiny_sweep(str(tmp_path / 'cache'))
   s = c.sweep
   s.batch_sizes, s.min_steps, s.eval_rows = (2, 4, 8), 150, 24
-  specs = sweep_lib.plan(s, c.base, BYTES_VOCAB)
+  specs = plan_lib.plan(s, c.base, BYTES_VOCAB)
   assert {sp.batch_size for sp in specs} == {2, 4, 8}
   ds = data_lib.prepare(data_lib.DataConfig.from_config(c.base.data))
   T = c.base.train.seq_len
   seen = []
   for sp in specs:
-    tc = sweep_lib.run_config(c.base, sp, rows=sweep_lib.eval_rows(s, c.base)).train
+    tc = plan_lib.run_config(c.base, sp, rows=plan_lib.eval_rows(s, c.base)).train
     assert tc.eval_batches * tc.batch_size == 24
     seen.append(np.concatenate(ds.eval_batches(tc.eval_batches, tc.batch_size, T)))
   assert all(np.array_equal(seen[0], x) for x in seen[1:])
   # Without sweep.eval_rows: the base config's eval_batches x batch_size (2 x 8) for every run.
   with s.unlocked():
     del s['eval_rows']
-  assert {sweep_lib.run_config(c.base, sp).train.eval_batches * sp.batch_size
+  assert {plan_lib.run_config(c.base, sp).train.eval_batches * sp.batch_size
           for sp in specs} == {16}
   s.eval_rows = 10
   with pytest.raises(UserError, match=re.escape('sweep.eval_rows=10 is not a multiple of the '
@@ -520,7 +523,7 @@ def test_exponent_sweep_gives_every_run_its_step_floor():
   batch 2 when none does; the budgets are what the runs spend."""
   from configs import sweep_exponent
   c = sweep_exponent.get_config()
-  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  specs = plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   T = c.base.train.seq_len
   assert len(specs) == 23 and {sp.batch_size for sp in specs} == {2, 4, 8, 16}
   for sp in specs:
@@ -531,18 +534,18 @@ def test_auto_parallel_takes_one_run_per_core(monkeypatch):
   from lm.scaling import parallel as parallel_lib
   monkeypatch.setattr(parallel_lib, 'probe_devices', lambda: ('cpu', 1))
   monkeypatch.setattr(os, 'sched_getaffinity', lambda _: {0, 1, 2, 3})
-  assert sweep_lib.auto_parallel(10) == 4 and sweep_lib.auto_parallel(3) == 3
+  assert runner_lib.auto_parallel(10) == 4 and runner_lib.auto_parallel(3) == 3
   monkeypatch.setattr(parallel_lib, 'probe_devices', lambda: ('gpu', 8))
-  assert sweep_lib.auto_parallel(5) == 5
+  assert runner_lib.auto_parallel(5) == 5
   monkeypatch.setattr(parallel_lib, 'probe_devices', lambda: ('tpu', 8))
-  assert sweep_lib.auto_parallel(5) == 1
+  assert runner_lib.auto_parallel(5) == 1
 
 
 def test_the_smallest_budget_gets_the_extra_seeds():
   c = sweep_smoke.get_config()
   with c.sweep.unlocked():
     c.sweep.seeds_smallest = 3
-  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  specs = plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   small = min(c.sweep.budgets)
   for seed in (1, 2):
     mine = [s for s in specs if s.seed == seed]
@@ -560,14 +563,14 @@ def test_extra_seeds_on_the_smallest_budgets_extend_a_plan():
   (test_changed_plan_is_refused_naming_the_changed_keys)."""
   from configs import sweep_exponent_wsd
   c = sweep_exponent_wsd.get_config()
-  before = {sp.name: sp for sp in sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)}
+  before = {sp.name: sp for sp in plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)}
   with c.sweep.unlocked():
     c.sweep.seeds_smallest_budgets = 3
-  after = {sp.name: sp for sp in sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)}
+  after = {sp.name: sp for sp in plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)}
   assert set(before) < set(after)
   for name, sp in before.items():   # same run config (its identity); a branch may find a longer
-    assert (sweep_lib.run_config(c.base, after[name]).to_dict()   # trunk of its own seed
-            == sweep_lib.run_config(c.base, sp).to_dict())
+    assert (plan_lib.run_config(c.base, after[name]).to_dict()   # trunk of its own seed
+            == plan_lib.run_config(c.base, sp).to_dict())
     assert after[name] == dataclasses.replace(sp, trunk=after[name].trunk)
   three = sorted(c.sweep.budgets)[:3]
   extra = [sp for sp in after.values() if sp.seed == 1]
@@ -579,7 +582,7 @@ def test_extra_seeds_on_the_smallest_budgets_extend_a_plan():
   with c.sweep.unlocked():
     c.sweep.seeds_smallest_budgets = 0
   with pytest.raises(UserError, match='seeds_smallest_budgets'):
-    sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+    plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
 
 
 def test_only_keeps_the_matching_runs_and_their_trunks():
@@ -587,24 +590,24 @@ def test_only_keeps_the_matching_runs_and_their_trunks():
   (whatever that trunk's name), every kept run exactly as the whole plan has it."""
   from configs import sweep_exponent_aspect
   c = sweep_exponent_aspect.get_config()
-  whole = {sp.name: sp for sp in sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)}
+  whole = {sp.name: sp for sp in plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)}
   with c.sweep.unlocked():
     c.sweep.only = r'^C2\.7e12_L4_d32_s1$'
-  part = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  part = plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   branch = whole['C2.7e12_L4_d32_s1']
   assert branch.trunk and branch.trunk != branch.name          # a branch of a longer run
   assert [sp.name for sp in part] == [n for n in whole if n in (branch.name, branch.trunk)]
   assert all(sp == whole[sp.name] for sp in part)
   with c.sweep.unlocked():
     c.sweep.only = '_L(4_d32|5_d40)_'
-  part = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  part = plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   assert {(sp.n_layers, sp.d_model) for sp in part} == {(4, 32), (5, 40)}
   assert len(part) == len([n for n in whole if '_L4_d32_' in n or '_L5_d40_' in n])
   for pattern, match in (('_L99_', 'matches none'), ('C1e12_(', 'not a valid regular')):
     with c.sweep.unlocked():
       c.sweep.only = pattern
     with pytest.raises(UserError, match=match):
-      sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+      plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
 
 
 def test_one_aspect_ladder_takes_every_shape_of_that_aspect_within_the_span():
@@ -613,8 +616,8 @@ def test_one_aspect_ladder_takes_every_shape_of_that_aspect_within_the_span():
   from configs import sweep_exponent_one_aspect
   c = sweep_exponent_one_aspect.get_config()
   s = c.sweep
-  specs = sweep_lib.plan(s, c.base, BYTES_VOCAB)
-  sizes = sweep_lib.one_aspect_sizes(c.base.model, BYTES_VOCAB, s.head_dim, s.aspect, s.min_layers)
+  specs = plan_lib.plan(s, c.base, BYTES_VOCAB)
+  sizes = plan_lib.one_aspect_sizes(c.base.model, BYTES_VOCAB, s.head_dim, s.aspect, s.min_layers)
   assert len(sizes) == 48 - s.min_layers + 1 and sizes == sorted(sizes)
   assert all(sp.d_model == 10 * sp.n_layers and sp.n_heads == sp.n_layers for sp in specs)
   for C in s.budgets:
@@ -630,7 +633,7 @@ def test_one_aspect_ladder_takes_every_shape_of_that_aspect_within_the_span():
   with c.sweep.unlocked():
     c.sweep.aspect = 10.3   # 10.3 · L is a multiple of 10 only beyond 48 layers
   with pytest.raises(UserError, match='No model shape with head_dim=10'):
-    sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+    plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
 
 
 def test_isoflop_wsd_plan_shares_trunks_across_budgets():
@@ -638,7 +641,7 @@ def test_isoflop_wsd_plan_shares_trunks_across_budgets():
   are branches of its longest, each keeping its own budget, batch and steps."""
   from configs import sweep_exponent_wsd
   c = sweep_exponent_wsd.get_config()
-  specs = sweep_lib.plan(c.sweep, c.base, BYTES_VOCAB)
+  specs = plan_lib.plan(c.sweep, c.base, BYTES_VOCAB)
   T = c.base.train.seq_len
   by_name = {sp.name: sp for sp in specs}
   assert len(by_name) == len(specs)
@@ -647,7 +650,7 @@ def test_isoflop_wsd_plan_shares_trunks_across_budgets():
     assert len([sp for sp in specs if sp.budget == C and sp.seed == 0]) == 5
   for sp in specs:
     assert_batch_rule(sp, T, floor=2000, largest=16, smallest=2)   # the rule, run by run
-    assert sp.cooldown == 0.2 and sweep_lib.run_config(c.base, sp).train.schedule == 'wsd'
+    assert sp.cooldown == 0.2 and plan_lib.run_config(c.base, sp).train.schedule == 'wsd'
     if sp.trunk:
       t = by_name[sp.trunk]
       assert (t.n_layers, t.d_model, t.seed, t.batch_size, t.lr, t.warmup_steps) == (
@@ -657,7 +660,7 @@ def test_isoflop_wsd_plan_shares_trunks_across_budgets():
   shared = [sp for sp in specs if sp.trunk]
   assert len(shared) >= 8 and len({sp.d_model for sp in specs}) >= 6
   # The ladder: the same shapes recur from budget to budget.
-  ladder = sweep_lib.ladder(100.0, 10.0, 3 ** 0.5, 3.0)
+  ladder = plan_lib.ladder(100.0, 10.0, 3 ** 0.5, 3.0)
   assert np.allclose(ladder, [10 * 3 ** (k / 2) for k in range(3, 7)])
 
 
@@ -669,7 +672,7 @@ def test_isoflop_wsd_sweep_in_worker_processes(tmp_path):
   cfg = tiny_sweep(str(tmp_path / 'cache'))
   s = cfg.sweep
   s.mode, s.warmup_max, s.parallel = 'isoflop_wsd', 4, 2
-  specs = sweep_lib.plan(s, cfg.base, BYTES_VOCAB)
+  specs = plan_lib.plan(s, cfg.base, BYTES_VOCAB)
   branches = [sp for sp in specs if sp.trunk]
   assert len(specs) == 5 and len(branches) == 2
   workdir = str(tmp_path / 'sweep')
@@ -684,7 +687,7 @@ def test_isoflop_wsd_sweep_in_worker_processes(tmp_path):
     assert early and all(r['time'] == t_rows[r['step']]['time'] for r in early)
     assert max(r['step'] for r in b_rows) == sp.steps
   sp = branches[0]
-  alone = train_lib.train(sweep_lib.run_config(cfg.base, sp, 1, 1), str(tmp_path / 'alone'))
+  alone = train_lib.train(plan_lib.run_config(cfg.base, sp, 1, 1), str(tmp_path / 'alone'))
   assert abs(float(rows[sp.name]['eval_loss']) - alone['eval_loss']) < 1e-5
   stamps = {x.name: os.path.getmtime(f'{workdir}/runs/{x.name}/summary.json') for x in specs}
   again = sweep_lib.run_sweep(cfg, workdir, fit=False)
@@ -692,7 +695,7 @@ def test_isoflop_wsd_sweep_in_worker_processes(tmp_path):
   assert stamps == {x.name: os.path.getmtime(f'{workdir}/runs/{x.name}/summary.json')
                     for x in specs}   # nothing was trained again
   finished = [(x, json.load(open(f'{workdir}/runs/{x.name}/summary.json'))) for x in specs]
-  curve = sweep_lib.wsd_curves(finished)[f'L{sp.n_layers}_d{sp.d_model}_s0']
+  curve = results_lib.wsd_curves(finished)[f'L{sp.n_layers}_d{sp.d_model}_s0']
   same = sorted((x for x in specs if (x.n_layers, x.d_model) == (sp.n_layers, sp.d_model)),
                 key=lambda x: x.steps)
   assert len(same) == 2 and curve['curve_loss'] == [float(rows[x.name]['eval_loss']) for x in same]
@@ -705,11 +708,11 @@ def test_a_one_budget_wsd_sweep_is_fitted_without_approach1(tmp_path, capsys):
   c = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9,))
   s = c.sweep
   s.mode, s.sizes_per_budget, s.seeds, s.bootstrap = 'isoflop_wsd', 6, 2, 0
-  specs = sweep_lib.plan(s, c.base, BYTES_VOCAB)
+  specs = plan_lib.plan(s, c.base, BYTES_VOCAB)
   assert len(specs) >= 6 and not any(sp.trunk for sp in specs)
   finished = []
   for sp in specs:
-    cfg = sweep_lib.run_config(c.base, sp)
+    cfg = plan_lib.run_config(c.base, sp)
     tokens = sp.steps * sp.batch_size * c.base.train.seq_len
     summary = {'params': sp.params, 'params_nonembed': sp.params // 2, 'tokens': tokens,
                'flops': sp.flops_per_token * tokens, 'flops_6nd': 6.0 * sp.params * tokens,
@@ -717,7 +720,7 @@ def test_a_one_budget_wsd_sweep_is_fitted_without_approach1(tmp_path, capsys):
     finished.append((sp, cfg, summary))
   workdir = tmp_path / 'sweep'
   workdir.mkdir()
-  sweep_lib.write_results(str(workdir / 'results.csv'), [sweep_lib._result_row(*f) for f in finished])
+  results_lib.write_results(str(workdir / 'results.csv'), [results_lib.result_row(*f) for f in finished])
   fit = sweep_lib.fit_sweep(s, str(workdir), finished)
   assert fit['approach1'] is None and fit['approach3']['a'] is not None
   assert 'Approach 1 skipped' in capsys.readouterr().out

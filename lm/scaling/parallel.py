@@ -117,7 +117,7 @@ def _where(job) -> str:
 
 def run_jobs(jobs, parallel: int, start, done, slots: list[Slot] | None = None,
              ready=None) -> bool:
-  """Trains `jobs` (sweep.Job) at most `parallel` at a time, in order, each as soon as
+  """Trains `jobs` (runner.Job) at most `parallel` at a time, in order, each as soon as
   `ready(job, running_jobs)` allows (default: always); `start(job, where)` and
   `done(job, summary | None, error)` are the sweep's booking callbacks. True if stopped."""
   if not jobs:
