@@ -235,7 +235,7 @@ def test_same_output_in_other_processes(tmp_path):
   """Python's hash() is salted per process; the set must not depend on it."""
   args = dict(seed=5, train_per_family=30, eval_per_family=10, sources=SOURCES)
   (tmp_path / 'args.json').write_text(json.dumps(args))
-  code = ('import hashlib, json, sys; from lm import instruct; '
+  code = ('import hashlib, json, sys; from lm.data import instruct; '
           'd = instruct.build_instruction_set(**json.load(open(sys.argv[1]))); '
           'print(hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest())')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
