@@ -115,6 +115,76 @@ def _where(job) -> str:
   return f"{job.spec.name} step {r['step']}/{job.spec.steps} loss {r.get('loss_avg', 0):.3f}"
 
 
+class _Workers:
+  """run_jobs' worker processes, one per busy slot, each booked through `done` as it ends."""
+
+  def __init__(self, slots: list[Slot], start, done):
+    self.slots, self.start, self.done = slots, start, done
+    self.free = list(range(len(slots)))
+    self.running = {}   # slot index -> (job, Popen, log file)
+    self.stop_requested = False
+
+  def jobs(self) -> list:
+    return [j for j, _, _ in self.running.values()]
+
+  def fill(self, queue: list, ready) -> None:
+    """Starts queued jobs on the free slots, each time the first in the queue that
+    `ready(job, running_jobs)` allows (None: any)."""
+    while queue and self.free:
+      now = self.jobs()
+      k = next((i for i, j in enumerate(queue) if ready is None or ready(j, now)), None)
+      if k is None:
+        break
+      self.launch(queue.pop(k), self.free.pop(0))
+
+  def launch(self, job, k: int) -> None:
+    self.start(job, self.slots[k].label)
+    write_json_atomic(os.path.join(job.rdir, 'run_config.json'), json.loads(job.cfg.to_json()))
+    log = open(os.path.join(job.rdir, 'train.log'), 'a')
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), LM_WORKER_PARENT=str(os.getpid()),
+               **self.slots[k].env)
+    proc = subprocess.Popen([sys.executable, '-m', 'lm.worker', os.path.abspath(job.rdir)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_ROOT)
+    self.running[k] = (job, proc, log)
+
+  def reap_ended(self) -> None:
+    for k in [k for k, (_, proc, _) in self.running.items() if proc.poll() is not None]:
+      self.reap(k)
+
+  def reap(self, k: int) -> None:
+    """Books slot k's ended worker: finished, stopped at a checkpoint, or failed."""
+    job, proc, log = self.running.pop(k)
+    log.close()
+    self.free.append(k)
+    code = proc.returncode
+    summary_path = os.path.join(job.rdir, 'summary.json')
+    if code == 0 and os.path.exists(summary_path):
+      with open(summary_path) as f:
+        self.done(job, json.load(f))
+    elif code == 3 or (code < 0 and self.stop_requested):
+      print(f'    {job.spec.name} stopped at a checkpoint', flush=True)
+    else:
+      last = _last_line(os.path.join(job.rdir, 'train.log'))
+      self.done(job, None, f'worker exited with status {code}: {last[:500]} '
+                           f'(log: {job.rdir}/train.log)')
+
+  def stop_all(self, wait_s: float = 300.0) -> None:
+    """SIGTERM to every running worker (each saves a checkpoint and stops), then waits up to
+    wait_s in all (a worker still running then is killed) and books them."""
+    for _, proc, _ in self.running.values():
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + wait_s
+    for k in list(self.running):
+      proc = self.running[k][1]
+      try:
+        proc.wait(timeout=max(1.0, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+      self.reap(k)
+
+
 def run_jobs(jobs, parallel: int, start, done, slots: list[Slot] | None = None,
              ready=None) -> bool:
   """Trains `jobs` (runner.Job) at most `parallel` at a time, in order, each as soon as
@@ -122,82 +192,30 @@ def run_jobs(jobs, parallel: int, start, done, slots: list[Slot] | None = None,
   `done(job, summary | None, error)` are the sweep's booking callbacks. True if stopped."""
   if not jobs:
     return False
-  slots = slots or device_slots(parallel)
-  free = list(range(len(slots)))
+  workers = _Workers(slots or device_slots(parallel), start, done)
   queue = list(jobs)
-  running = {}   # slot index -> (job, Popen, log file)
-  stop = {'requested': False}
 
   def on_term(*_):
-    stop['requested'] = True
+    workers.stop_requested = True
   try:
     previous = signal.signal(signal.SIGTERM, on_term)
   except ValueError:   # not the main thread
     previous = None
-
-  def launch(job, k):
-    start(job, slots[k].label)
-    write_json_atomic(os.path.join(job.rdir, 'run_config.json'), json.loads(job.cfg.to_json()))
-    log = open(os.path.join(job.rdir, 'train.log'), 'a')
-    env = dict(os.environ, PYTHONPATH=_pythonpath(), LM_WORKER_PARENT=str(os.getpid()),
-               **slots[k].env)
-    proc = subprocess.Popen([sys.executable, '-m', 'lm.worker', os.path.abspath(job.rdir)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_ROOT)
-    running[k] = (job, proc, log)
-
-  def reap(k) -> None:
-    """Books slot k's ended worker: finished, stopped at a checkpoint, or failed."""
-    job, proc, log = running.pop(k)
-    log.close()
-    free.append(k)
-    code = proc.returncode
-    summary_path = os.path.join(job.rdir, 'summary.json')
-    if code == 0 and os.path.exists(summary_path):
-      with open(summary_path) as f:
-        done(job, json.load(f))
-    elif code == 3 or (code < 0 and stop['requested']):
-      print(f'    {job.spec.name} stopped at a checkpoint', flush=True)
-    else:
-      last = _last_line(os.path.join(job.rdir, 'train.log'))
-      done(job, None, f'worker exited with status {code}: {last[:500]} '
-                      f'(log: {job.rdir}/train.log)')
-
-  def stop_all(wait_s: float = 300.0):
-    for _, proc, _ in running.values():
-      if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    deadline = time.time() + wait_s
-    for k in list(running):
-      proc = running[k][1]
-      try:
-        proc.wait(timeout=max(1.0, deadline - time.time()))
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-      reap(k)
-
   last_status = time.time()
   try:
-    while queue or running:
-      if stop['requested']:
-        stop_all()
+    while queue or workers.running:
+      if workers.stop_requested:
+        workers.stop_all()
         return True
-      while queue and free:
-        now = [j for j, _, _ in running.values()]
-        k = next((i for i, j in enumerate(queue) if ready is None or ready(j, now)), None)
-        if k is None:
-          break
-        launch(queue.pop(k), free.pop(0))
-      for k in [k for k, (_, proc, _) in running.items() if proc.poll() is not None]:
-        reap(k)
-      if running and time.time() - last_status >= STATUS_EVERY_S:
-        print('    running: ' + '; '.join(_where(j) for j, _, _ in running.values()),
-              flush=True)
+      workers.fill(queue, ready)
+      workers.reap_ended()
+      if workers.running and time.time() - last_status >= STATUS_EVERY_S:
+        print('    running: ' + '; '.join(_where(j) for j in workers.jobs()), flush=True)
         last_status = time.time()
       time.sleep(0.2)
-    return stop['requested']
+    return workers.stop_requested
   except KeyboardInterrupt:
-    stop_all(wait_s=60.0)
+    workers.stop_all(wait_s=60.0)
     raise
   finally:
     if previous is not None:
