@@ -90,16 +90,122 @@ def verdict(fit) -> str:
 def write_report(fit, workdir):
   """Write workdir/report.md and return its path."""
   workdir = Path(workdir)
+  lines = (_header(fit) + _table_rows(fit) + _heldout_section(fit) + _figures_section(workdir)
+           + _notes_section(fit))
+  notes = _caveats(fit)
+  if notes:
+    lines += [''] + [f'- {n}' for n in notes]
+  path = workdir / 'report.md'
+  path.write_text('\n'.join(lines) + '\n')
+  return str(path)
+
+
+def _header(fit) -> list[str]:
+  """The title, the verdict, how the runs are counted and fitted, and the table's head."""
+  a3 = fit['approach3']
+  return ['# Scaling-law fit', '', verdict(fit), '',
+          f'{fit["n_runs"]} runs; parameters counted as **{fit["params_convention"]}**, FLOPs as '
+          f'**{fit["flops_convention"]}** (k = C/(N·D) = {_num(a3["flops_per_ND"])}); Approach 3 loss: '
+          f'{a3["loss_function"]}, L-BFGS-B from the best {a3["n_starts"]} of the 4500 grid starts of '
+          'Hoffmann et al. 2022. Intervals are 95% bootstrap percentiles over runs.', '',
+          '| quantity | this fit (95% CI) | Chinchilla (Hoffmann et al. 2022) | Epoch refit (Besiroglu et al. 2024) '
+          '| Kaplan et al. 2020 |',
+          '|---|---|---|---|---|']
+
+
+def _table_rows(fit) -> list[str]:
+  """The table: this fit's numbers next to Chinchilla's, Epoch's and Kaplan's."""
   a3, a2, a1, ka = fit['approach3'], fit['approach2'], fit.get('approach1'), fit['kaplan']
   ci = a3.get('ci')
-  lines = ['# Scaling-law fit', '', verdict(fit), '',
-           f'{fit["n_runs"]} runs; parameters counted as **{fit["params_convention"]}**, FLOPs as '
-           f'**{fit["flops_convention"]}** (k = C/(N·D) = {_num(a3["flops_per_ND"])}); Approach 3 loss: '
-           f'{a3["loss_function"]}, L-BFGS-B from the best {a3["n_starts"]} of the 4500 grid starts of '
-           'Hoffmann et al. 2022. Intervals are 95% bootstrap percentiles over runs.', '',
-           '| quantity | this fit (95% CI) | Chinchilla (Hoffmann et al. 2022) | Epoch refit (Besiroglu et al. 2024) '
-           '| Kaplan et al. 2020 |',
-           '|---|---|---|---|---|']
+  lines = []
+  for key in ('E', 'A', 'B', 'alpha', 'beta'):
+    lines.append(_row(f'{key} (Approach 3)', _num(a3[key]) + _ci(ci, key), CHINCHILLA[key], EPOCH[key]))
+  lines.append(_row('a = β/(α+β) (Approach 3)', _num(a3['a']) + _ci(ci, 'a'), CHINCHILLA['a3'], EPOCH['a3'],
+                    f'{KAPLAN["a"]} (N_opt ∝ C^a)'))
+  kl = a3.get('flops_per_ND_law')
+  if kl and a3.get('a_this_count') is not None and abs(kl['slope']) > 1e-6:
+    lines.append(_row(f'slope of N_opt in this C (k ∝ N^{kl["slope"]:.3f})', _num(a3['a_this_count']), ''))
+  other = a3.get('a_other_params')
+  if other and other.get('a') is not None:
+    lines.append(_row(f'a with {other["convention"]} parameters (Approach 3, same runs)',
+                      _num(other['a']), ''))
+  a2_ci = f' ({_num(a2["a_ci"][0], 3)}–{_num(a2["a_ci"][1], 3)})' if a2.get('a_ci') else ''
+  lines.append(_row('a (Approach 2, IsoFLOP)', _num(a2['a']) + a2_ci, CHINCHILLA['a2']))
+  b2_ci = f' ({_num(a2["b_ci"][0], 3)}–{_num(a2["b_ci"][1], 3)})' if a2.get('b_ci') else ''
+  lines.append(_row('b (Approach 2, IsoFLOP)', _num(a2['b']) + b2_ci, 0.51))
+  if a1:
+    lines.append(_row('a (Approach 1, envelope)', _num(a1['a']), CHINCHILLA['a1']))
+  tpp = fit['tokens_per_param_at_optimum']
+  for name in ('approach3', 'approach2'):
+    if tpp[name]:
+      lines.append(_row(f'tokens/param at optimum ({name.replace("approach", "Approach ")})', _tpp(tpp[name]),
+                        f'~{CHINCHILLA["tokens_per_param"]}'))
+  for key, name, kkey in (('L_N', 'α_N in L(N) = (N_c/N)^α_N', 'alpha_N'),
+                          ('L_D', 'α_D in L(D) = (D_c/D)^α_D', 'alpha_D'),
+                          ('L_C', 'α_C in L(C) = (C_c/C)^α_C', 'alpha_C')):
+    law = ka.get(key)
+    lines.append(_row(name, _num(law[kkey]) if law else '–', '', '', KAPLAN[kkey]))
+  lines.append(_row('a from the final-loss frontier (Kaplan-style)', _num(ka.get('frontier_N_opt_exponent')), '', '',
+                    KAPLAN['a']))
+  return lines
+
+
+def _heldout_section(fit) -> list[str]:
+  lines = ['', '## Held-out check', '']
+  held = fit.get('heldout')
+  if held:
+    lines.append(f'Approach 3 fit on {held["n_train"]} runs without the largest budget (C = {held["heldout_C"]:.3g}) '
+                 f'predicts its {held["n_test"]} runs with mean absolute error {held["mean_abs_error"]:.4f} nats '
+                 f'({100 * held["mean_rel_error"]:.2f}% relative; worst {held["max_abs_error"]:.4f})'
+                 + (f'; {held["n_unused"]} run(s) above that budget are unused.' if held['n_unused'] else '.'))
+  else:
+    lines.append('Not run: it needs at least two budgets and five runs below the largest one.')
+  return lines
+
+
+def _figures_section(workdir: Path) -> list[str]:
+  lines = ['', '## Figures', '']
+  for name, fname in FILES.items():
+    if (workdir / fname).exists():
+      lines.append(f'- [{name}]({fname})')
+  return lines
+
+
+def _notes_section(fit) -> list[str]:
+  """How Approaches 2 and 1 and the Kaplan-style laws used the runs, budget by budget."""
+  a2, a1 = fit['approach2'], fit.get('approach1')
+  if a2['n_budgets_fitted'] == 0:
+    how = 'Approach 2 was not fitted (it needs two budgets with a minimum).'
+  elif a2['uses_minima_outside_grid']:
+    how = (f'the power laws use {a2["n_budgets_fitted"]} budgets including minima outside their grids '
+           '(fewer than two inside).')
+  else:
+    how = f'the power laws use the {a2["n_budgets_fitted"]} budgets whose minimum lies inside the grid.'
+  lines = ['', '## Notes', '', f'- Approach 2 budgets grouped by {a2["grouping"]}; {how}']
+  for b in a2['budgets']:
+    where = ('inside the N grid' if b['minimum_inside_grid'] else
+             'outside the N grid' if b['opens_upward'] else 'absent (parabola opens downward)')
+    lo, hi = (_num(v, 3) for v in b['N_range'])
+    lines.append(f'- C = {b["C"]:.3g}: minimum {where}; N grid {lo}–{hi}; '
+                 f'N_opt = {_num(b["N_opt"], 3)}, {b["n_runs"]} runs.')
+  if a2['skipped_budgets']:
+    lines.append('- Skipped (fewer than 3 distinct N): C = '
+                 + ', '.join(f'{s["C"]:.3g}' for s in a2['skipped_budgets']) + '.')
+  if a1:
+    lines.append(f'- Approach 1 fits {a1["n_points_fitted"]} envelope points; points won by the smallest or largest '
+                 'model are left out, since there the envelope sits at the edge of the size grid.')
+  lines.append('- Kaplan-style laws use lower envelopes of final losses: the best loss per N (or D) kept only when '
+               'no smaller N (D) did better, and the loss-vs-C frontier; fit as lines in log-log space.')
+  lines.append('- Approach-2 minima are biased by off-centre or narrow grids: centre each budget on the predicted '
+               'optimum and span about 1/4 to 4 times it.')
+  return lines
+
+
+def _caveats(fit) -> list[str]:
+  """What to keep in mind reading the numbers: a missing or loose exponent, seed noise, the
+  resamples the intervals rest on (the report's last bullets)."""
+  a3, a2 = fit['approach3'], fit['approach2']
+  ci = a3.get('ci')
   notes = []
   if a3['a'] is None:
     notes.append('Approach 3 gives no exponent: a fitted α or β is not positive, so in these runs '
@@ -130,77 +236,7 @@ def write_report(fit, workdir):
   if a2.get('n_boot_requested'):
     notes.append(f'Approach 2 intervals: {a2["n_boot"]} of {a2["n_boot_requested"]} resamples had '
                  'two or more usable IsoFLOP minima.')
-  for key in ('E', 'A', 'B', 'alpha', 'beta'):
-    lines.append(_row(f'{key} (Approach 3)', _num(a3[key]) + _ci(ci, key), CHINCHILLA[key], EPOCH[key]))
-  lines.append(_row('a = β/(α+β) (Approach 3)', _num(a3['a']) + _ci(ci, 'a'), CHINCHILLA['a3'], EPOCH['a3'],
-                    f'{KAPLAN["a"]} (N_opt ∝ C^a)'))
-  kl = a3.get('flops_per_ND_law')
-  if kl and a3.get('a_this_count') is not None and abs(kl['slope']) > 1e-6:
-    lines.append(_row(f'slope of N_opt in this C (k ∝ N^{kl["slope"]:.3f})', _num(a3['a_this_count']), ''))
-  other = a3.get('a_other_params')
-  if other and other.get('a') is not None:
-    lines.append(_row(f'a with {other["convention"]} parameters (Approach 3, same runs)',
-                      _num(other['a']), ''))
-  a2_ci = f' ({_num(a2["a_ci"][0], 3)}–{_num(a2["a_ci"][1], 3)})' if a2.get('a_ci') else ''
-  lines.append(_row('a (Approach 2, IsoFLOP)', _num(a2['a']) + a2_ci, CHINCHILLA['a2']))
-  b2_ci = f' ({_num(a2["b_ci"][0], 3)}–{_num(a2["b_ci"][1], 3)})' if a2.get('b_ci') else ''
-  lines.append(_row('b (Approach 2, IsoFLOP)', _num(a2['b']) + b2_ci, 0.51))
-  if a1:
-    lines.append(_row('a (Approach 1, envelope)', _num(a1['a']), CHINCHILLA['a1']))
-  tpp = fit['tokens_per_param_at_optimum']
-  for name in ('approach3', 'approach2'):
-    if tpp[name]:
-      lines.append(_row(f'tokens/param at optimum ({name.replace("approach", "Approach ")})', _tpp(tpp[name]),
-                        f'~{CHINCHILLA["tokens_per_param"]}'))
-  for key, name, kkey in (('L_N', 'α_N in L(N) = (N_c/N)^α_N', 'alpha_N'),
-                          ('L_D', 'α_D in L(D) = (D_c/D)^α_D', 'alpha_D'),
-                          ('L_C', 'α_C in L(C) = (C_c/C)^α_C', 'alpha_C')):
-    law = ka.get(key)
-    lines.append(_row(name, _num(law[kkey]) if law else '–', '', '', KAPLAN[kkey]))
-  lines.append(_row('a from the final-loss frontier (Kaplan-style)', _num(ka.get('frontier_N_opt_exponent')), '', '',
-                    KAPLAN['a']))
-  lines += ['', '## Held-out check', '']
-  held = fit.get('heldout')
-  if held:
-    lines.append(f'Approach 3 fit on {held["n_train"]} runs without the largest budget (C = {held["heldout_C"]:.3g}) '
-                 f'predicts its {held["n_test"]} runs with mean absolute error {held["mean_abs_error"]:.4f} nats '
-                 f'({100 * held["mean_rel_error"]:.2f}% relative; worst {held["max_abs_error"]:.4f})'
-                 + (f'; {held["n_unused"]} run(s) above that budget are unused.' if held['n_unused'] else '.'))
-  else:
-    lines.append('Not run: it needs at least two budgets and five runs below the largest one.')
-  lines += ['', '## Figures', '']
-  for name, fname in FILES.items():
-    if (workdir / fname).exists():
-      lines.append(f'- [{name}]({fname})')
-  if a2['n_budgets_fitted'] == 0:
-    how = 'Approach 2 was not fitted (it needs two budgets with a minimum).'
-  elif a2['uses_minima_outside_grid']:
-    how = (f'the power laws use {a2["n_budgets_fitted"]} budgets including minima outside their grids '
-           '(fewer than two inside).')
-  else:
-    how = f'the power laws use the {a2["n_budgets_fitted"]} budgets whose minimum lies inside the grid.'
-  lines += ['', '## Notes', '', f'- Approach 2 budgets grouped by {a2["grouping"]}; {how}']
-  for b in a2['budgets']:
-    where = ('inside the N grid' if b['minimum_inside_grid'] else
-             'outside the N grid' if b['opens_upward'] else 'absent (parabola opens downward)')
-    lo, hi = (_num(v, 3) for v in b['N_range'])
-    lines.append(f'- C = {b["C"]:.3g}: minimum {where}; N grid {lo}–{hi}; '
-                 f'N_opt = {_num(b["N_opt"], 3)}, {b["n_runs"]} runs.')
-  if a2['skipped_budgets']:
-    lines.append('- Skipped (fewer than 3 distinct N): C = '
-                 + ', '.join(f'{s["C"]:.3g}' for s in a2['skipped_budgets']) + '.')
-  if a1:
-    lines.append(f'- Approach 1 fits {a1["n_points_fitted"]} envelope points; points won by the smallest or largest '
-                 'model are left out, since there the envelope sits at the edge of the size grid.')
-  lines.append('- Kaplan-style laws use lower envelopes of final losses: the best loss per N (or D) kept only when '
-               'no smaller N (D) did better, and the loss-vs-C frontier; fit as lines in log-log space.')
-  lines.append('- Approach-2 minima are biased by off-centre or narrow grids: centre each budget on the predicted '
-               'optimum and span about 1/4 to 4 times it.')
-  path = workdir / 'report.md'
-  if notes:
-    lines += [''] + [f'- {n}' for n in notes]
-  path.write_text('\n'.join(lines) + '\n')
-  return str(path)
+  return notes
 
 
 def run_fit(results_csv, workdir, loss_key=None, params_key='params', flops_key=None, bootstrap=100,
