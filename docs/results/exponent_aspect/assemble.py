@@ -20,7 +20,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', '..'))
 
 from configs import sweep_exponent_aspect, sweep_exponent_wide  # noqa: E402
-from lm.scaling import sweep as sweep_lib  # noqa: E402
+from lm.scaling import plan as plan_lib  # noqa: E402
+from lm.scaling import results as results_lib  # noqa: E402
 
 BYTES_VOCAB = 263
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,8 +36,8 @@ def main(new_dir):
   aspect = sweep_exponent_aspect.get_config()
   wide = sweep_exponent_wide.get_config()
   wide.sweep.seeds_smallest_budgets = 9   # the second command of docs/results/exponent_wide
-  plan = sweep_lib.plan(aspect.sweep, aspect.base, BYTES_VOCAB)
-  wide_plan = {sp.name: sp for sp in sweep_lib.plan(wide.sweep, wide.base, BYTES_VOCAB)}
+  plan = plan_lib.plan(aspect.sweep, aspect.base, BYTES_VOCAB)
+  wide_plan = {sp.name: sp for sp in plan_lib.plan(wide.sweep, wide.base, BYTES_VOCAB)}
   old = read(os.path.join(HERE, '..', 'exponent_wide', 'results.csv'))
   new = read(os.path.join(new_dir, 'results.csv'))
   rows, missing = [], []
@@ -56,10 +57,10 @@ def main(new_dir):
     sys.exit(f'{len(missing)} planned runs are in neither folder ({", ".join(missing[:4])}, ...): '
              'train them with the sweep command in this file.')
   with open(os.path.join(HERE, 'results.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=sweep_lib.RESULT_COLUMNS)
+    w = csv.DictWriter(f, fieldnames=results_lib.RESULT_COLUMNS)
     w.writeheader()
     for r in rows:
-      w.writerow({k: r.get(k, '') for k in sweep_lib.RESULT_COLUMNS})
+      w.writerow({k: r.get(k, '') for k in results_lib.RESULT_COLUMNS})
   curves = {}   # per size and seed, the final losses of its WSD branches (lm.scaling.sweep.wsd_curves)
   for r in sorted(rows, key=lambda r: float(r['tokens'])):
     c = curves.setdefault(f"L{r['n_layers']}_d{r['d_model']}_s{r['seed']}",
