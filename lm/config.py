@@ -6,6 +6,8 @@ Every bad value raises `UserError` with one sentence naming the key and the fix.
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from lm.errors import UserError
 
 POS_KINDS = ('learned', 'sinusoidal', 'rope', 'alibi', 'none')
@@ -17,6 +19,54 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 # LoRA target names -> (module, matrix) in the params tree.
 LORA_TARGETS = {'q': ('attn', 'wq'), 'k': ('attn', 'wk'), 'v': ('attn', 'wv'), 'o': ('attn', 'wo'),
                 'up': ('mlp', 'wi'), 'gate': ('mlp', 'wg'), 'down': ('mlp', 'wo')}
+
+
+_KINDS = {'str': str, 'int': int, 'float': float, 'bool': bool}
+
+
+def typed(key: str, v, kind: str):
+  """v as a field of type `kind` (ints stay ints; floats accept ints), or a UserError naming
+  the key. A 'tuple' field also reads a comma-separated string; other kinds pass unchanged."""
+  if kind == 'tuple':
+    if isinstance(v, str):
+      return tuple(x.strip() for x in v.split(',') if x.strip())
+    return tuple(v)
+  if kind not in _KINDS:
+    return v
+  number = (int, float, np.integer, np.floating)
+  ok = {'str': isinstance(v, str),
+        'int': isinstance(v, (int, np.integer)) and not isinstance(v, bool),
+        'float': isinstance(v, number) and not isinstance(v, bool),
+        'bool': isinstance(v, (bool, np.bool_))}[kind]
+  if not ok:
+    raise UserError(f'{key}={v!r} must be a {kind}; fix --config.{key}')
+  return _KINDS[kind](v)
+
+
+def read_section(cls, section, name: str, prefix: str = '', defaults: dict | None = None,
+                 skip: str = '') -> dict:
+  """The fields of dataclass `cls` read from one config section, the one way every section is
+  parsed: each field `prefix + key` from `section[key]`, cast to its declared type; a missing
+  key takes the field's default (or `defaults[key]`, for keys added after runs existed), else
+  is refused; a key no field reads is refused by name. Fields without the prefix, or starting
+  with `skip`, belong to another section and are left out."""
+  d = dict(section or {})
+  fields = {f.name[len(prefix):]: f for f in dataclasses.fields(cls)
+            if f.name.startswith(prefix) and not (skip and f.name.startswith(skip))}
+  unknown = sorted(set(d) - set(fields))
+  _check(not unknown, f"{name}.{unknown[0] if unknown else ''} is not a {name} option; see "
+         'configs/ for the keys each section takes.')
+  values = {}
+  for key, f in fields.items():
+    if key in d:
+      kind = f.type if isinstance(f.type, str) else getattr(f.type, '__name__', '')
+      values[f.name] = typed(f'{name}.{key}', d[key], kind.split('[')[0])
+    elif defaults and key in defaults:
+      values[f.name] = defaults[key]
+    elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+      raise UserError(f'the config has no {name}.{key}; start from the config files in '
+                      'configs/, which set every key.')
+  return values
 
 
 def _check(ok: bool, msg: str):
@@ -147,8 +197,4 @@ class ModelConfig:
       d['n_kv_heads'] = d['n_heads']
     if not d.get('d_ff'):
       d['d_ff'] = default_d_ff(d['d_model'], d['mlp'])
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    _check(not unknown, f"model.{unknown[0] if unknown else ''} is not a model option; "
-           'see configs/base.py for the keys.')
-    return cls(**d)
+    return cls(**read_section(cls, d, 'model'))

@@ -45,8 +45,10 @@ from lm.training import loop
 from lm import runs
 from lm.align import common
 from lm.align import pairs as pairs_lib
+from lm.config import read_section
 from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
+from lm.align import reward as reward_lib
 
 PAIRS = 'pairs.jsonl'      # on-policy pairs sampled by the run itself (dpo.pairs empty)
 
@@ -72,14 +74,8 @@ class DpoConfig:
 
   @classmethod
   def from_config(cls, s) -> 'DpoConfig':
-    c = cls(init_from=str(s.init_from), pairs=str(s.pairs), eval_pairs=str(s.eval_pairs),
-            beta=float(s.beta), label_smoothing=float(s.label_smoothing),
-            sft_weight=float(s.get('sft_weight', 0.0)),
-            samples_per_prompt=int(s.get('samples_per_prompt', 8)),
-            pairs_per_prompt=int(s.get('pairs_per_prompt', 4)), noise=float(s.get('noise', 0.1)),
-            reward_from=str(s.reward_from), eval_prompts=int(s.eval_prompts),
-            eval_samples=int(s.eval_samples), max_new_tokens=int(s.max_new_tokens),
-            temperature=float(s.temperature), sample_batch=int(s.sample_batch))
+    c = cls(**read_section(cls, s, 'dpo', defaults={
+        'sft_weight': 0.0, 'samples_per_prompt': 8, 'pairs_per_prompt': 4, 'noise': 0.1}))
     if not c.init_from:
       raise UserError('dpo.init_from is empty; name the SFT run to start from, e.g. '
                       '--config.dpo.init_from=runs/sft_code.')
@@ -138,7 +134,7 @@ def _reference_logprobs(mc, params, rows: dict, batch: int) -> np.ndarray:
 
 def build(cfg, workdir: str) -> loop.Stage:
   seed = int(cfg.seed)
-  tc = TrainConfig.from_config(cfg.train)
+  tc = TrainConfig.from_config(cfg.train, 'dpo')
   dc = DpoConfig.from_config(cfg.dpo)
   common.check_single_process()
   policy = common.load_policy(dc.init_from)
@@ -148,7 +144,6 @@ def build(cfg, workdir: str) -> loop.Stage:
                     f'{mc.max_len}; lower train.seq_len.')
   rm = None
   if dc.reward_from:
-    from lm.align import reward as reward_lib
     rm = reward_lib.load(dc.reward_from)
     common.check_compatible(policy, rm.mc, rm.tokenizer, 'reward model')
   config = json.loads(cfg.to_json())

@@ -38,8 +38,10 @@ import optax
 from lm.model import flops as flops_lib
 from lm.training import loop
 from lm.align import common
+from lm.config import read_section
 from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
+from lm.align import reward as reward_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +68,7 @@ class PpoConfig:
 
   @classmethod
   def from_config(cls, s, batch_size: int) -> 'PpoConfig':
-    cast = {f.name: f.type for f in dataclasses.fields(cls)}   # 'str', 'int' or 'float'
-    c = cls(**{k: {'str': str, 'int': int, 'float': float}[t](s[k]) for k, t in cast.items()})
+    c = cls(**read_section(cls, s, 'ppo'))
     if not c.init_from:
       raise UserError('ppo.init_from is empty; name the SFT run to start from, e.g. '
                       '--config.ppo.init_from=runs/sft_code.')
@@ -251,9 +252,8 @@ class _Optimizer:
 
 
 def build(cfg, workdir: str) -> loop.Stage:
-  from lm.align import reward as reward_lib
   seed = int(cfg.seed)
-  tc = TrainConfig.from_config(cfg.train)
+  tc = TrainConfig.from_config(cfg.train, 'ppo')
   pc = PpoConfig.from_config(cfg.ppo, tc.batch_size)
   common.check_single_process()
   policy = common.load_policy(pc.init_from)

@@ -32,6 +32,7 @@ from lm.training import loop
 from lm import runs
 from lm.align import common
 from lm.align import pairs as pairs_lib
+from lm.config import read_section
 from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
 
@@ -57,14 +58,7 @@ class RewardConfig:
 
   @classmethod
   def from_config(cls, section) -> 'RewardConfig':
-    s = section
-    c = cls(init_from=str(s.init_from), pairs=str(s.pairs), eval_pairs=str(s.eval_pairs),
-            prompts=int(s.prompts), eval_prompts=int(s.eval_prompts),
-            samples_per_prompt=int(s.samples_per_prompt),
-            pairs_per_prompt=int(s.pairs_per_prompt), noise=float(s.noise),
-            label_smoothing=float(s.get('label_smoothing', 0.0)),
-            max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
-            sample_batch=int(s.sample_batch))
+    c = cls(**read_section(cls, section, 'reward', defaults={'label_smoothing': 0.0}))
     if not c.init_from:
       raise UserError('reward.init_from is empty; name the SFT run whose samples are judged, '
                       'e.g. --config.reward.init_from=runs/sft_code.')
@@ -144,7 +138,7 @@ def get_pairs(rc: RewardConfig, policy: common.Policy, workdir: str, seed: int, 
 
 def build(cfg, workdir: str) -> loop.Stage:
   seed = int(cfg.seed)
-  tc = TrainConfig.from_config(cfg.train)
+  tc = TrainConfig.from_config(cfg.train, 'reward')
   rc = RewardConfig.from_config(cfg.reward)
   common.check_single_process()
   policy = common.load_policy(rc.init_from)

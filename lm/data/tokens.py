@@ -46,6 +46,7 @@ import numpy as np
 from lm.data import arith
 from lm.data import corpus as corpus_lib
 from lm.data import tokenizer as tokenizer_lib
+from lm.config import read_section
 from lm.errors import UserError
 
 # Bump when the layout or meaning of the token files changes, so old cache folders are not reused.
@@ -93,17 +94,7 @@ class DataConfig:
   @classmethod
   def from_config(cls, cfg) -> DataConfig:
     """Reads every field from cfg (cfg.data of configs/base.py) and validates it."""
-    values = {}
-    for f in dataclasses.fields(cls):
-      try:
-        v = cfg[f.name]
-      except (KeyError, AttributeError):
-        if f.default is not dataclasses.MISSING:
-          continue
-        raise UserError(f'the config has no data.{f.name}; start from configs/base.py, which sets '
-                        'every key') from None
-      values[f.name] = _typed(f.name, v, f.type)
-    c = cls(**values)
+    c = cls(**read_section(cls, cfg, 'data'))
     c._validate()
     return c
 
@@ -156,18 +147,6 @@ class DataConfig:
             f'gives {contexts} contexts (data.synthetic_vocab**data.synthetic_order), more than '
             f'{corpus_lib.MAX_SYNTHETIC_CONTEXTS}',
             'lower --config.data.synthetic_order or --config.data.synthetic_vocab')
-
-
-def _typed(name: str, v, kind: str):
-  """v as the field's type (ints stay ints; floats accept ints), or a UserError."""
-  number = (int, float, np.integer, np.floating)
-  ok = {'str': isinstance(v, str),
-        'int': isinstance(v, (int, np.integer)) and not isinstance(v, bool),
-        'float': isinstance(v, number) and not isinstance(v, bool),
-        'bool': isinstance(v, (bool, np.bool_))}[kind]
-  if not ok:
-    raise UserError(f'data.{name}={v!r} must be a {kind}; fix --config.data.{name}')
-  return {'str': str, 'int': int, 'float': float, 'bool': bool}[kind](v)
 
 
 def cache_root(cfg: DataConfig) -> str:

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lm.config import read_section
 from lm.errors import UserError
 from lm.host import host_cores
 
@@ -51,7 +52,7 @@ class MeshConfig:
 
   @classmethod
   def from_config(cls, mesh_cfg) -> 'MeshConfig':
-    return cls(**dict(mesh_cfg))
+    return cls(**read_section(cls, mesh_cfg, 'mesh'))
 
 
 def maybe_initialize_distributed(mc: MeshConfig) -> None:

@@ -10,13 +10,37 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm.config import read_section
 from lm.errors import UserError
 from lm.host import host_cores
 
 SCHEDULES = ('cosine', 'wsd', 'constant')
+# Who reads the `train` section. Every stage reads the optimizer and schedule keys (steps, lr,
+# warmup_steps, schedule, final_lr_fraction, decay_fraction, b1, b2, eps, weight_decay,
+# decay_embeddings, grad_clip, opt_dtype: make_optimizer, learning_rate_schedule), the batch
+# (batch_size, seq_len) and the loop's keys (eval_every, log_every, checkpoint_every,
+# keep_checkpoints, peak_flops, progress, profile_steps, async_checkpoint: lm/training/loop.py).
+# The keys below are read by some stages only; a stage refuses one it would ignore when it is set
+# to anything but its default.
+_TASKS = 'task suites are scored during pretraining only; score this run with run.py eval'
+_ONLY_PRETRAIN = {'eval_tasks': _TASKS, 'eval_tasks_every': _TASKS,
+                  'eval_task_examples': _TASKS, 'eval_shots': _TASKS}
+_NO_HELD_OUT = 'this stage evaluates on its own held-out pairs or prompts, not on text batches'
+_NO_MICRO = 'PPO takes its steps in ppo.minibatch minibatches, not micro-batches'
+UNUSED_KEYS = {
+    'pretrain': {},
+    'finetune': _ONLY_PRETRAIN,
+    'reward': dict(_ONLY_PRETRAIN, eval_batches=_NO_HELD_OUT),
+    'dpo': dict(_ONLY_PRETRAIN, eval_batches=_NO_HELD_OUT),
+    'ppo': dict(_ONLY_PRETRAIN, eval_batches=_NO_HELD_OUT, grad_accum=_NO_MICRO,
+                micro_batch_tokens=_NO_MICRO),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimisation, evaluation and checkpointing options (see configs/base.py)."""
+  """The `train` section: optimizer and schedule, batch, and the loop's evaluation,
+  checkpointing, progress and profiling (keys: configs/base.py; who reads which: above)."""
   steps: int = 200
   batch_size: int = 16
   seq_len: int = 128
@@ -99,8 +123,14 @@ class TrainConfig:
     return (a, b) if 0 <= a < b <= self.steps else None
 
   @classmethod
-  def from_config(cls, train_cfg) -> 'TrainConfig':
-    return cls(**dict(train_cfg))
+  def from_config(cls, train_cfg, stage: str = 'pretrain') -> 'TrainConfig':
+    """The section as `stage` reads it; a key that stage would ignore is refused by name."""
+    tc = cls(**read_section(cls, train_cfg, 'train'))
+    for key, why in UNUSED_KEYS[stage].items():
+      if getattr(tc, key) != getattr(cls, key):
+        raise UserError(f'train.{key}={getattr(tc, key)!r} has no effect in a {stage} run ({why}); '
+                        f'leave it at its default ({getattr(cls, key)!r}).')
+    return tc
 
 
 def micro_batches(tc: TrainConfig, rows: int, shards: int = 1, platform: str = 'cpu') -> int:
