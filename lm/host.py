@@ -2,6 +2,7 @@
 import os
 import platform
 import subprocess
+import sys
 
 import flax
 import jax
@@ -34,3 +35,15 @@ def versions() -> dict:
           'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__') else None,
           'flax': flax.__version__, 'optax': optax.__version__,
           'orbax_checkpoint': orbax.checkpoint.__version__, 'numpy': np.__version__}
+
+
+def device_manifest(mesh=None) -> dict:
+  """The part of every run's manifest.json that says where and with what it ran: versions, git
+  commit, command line, device kind and counts, and the mesh's axis sizes when there is one."""
+  dev = jax.devices()[0]
+  out = {'versions': versions(), 'git_commit': git_commit(), 'command': sys.argv,
+         'device_kind': dev.device_kind, 'platform': dev.platform,
+         'device_count': jax.device_count(), 'process_count': jax.process_count()}
+  if mesh is not None:
+    out['mesh'] = dict(zip(mesh.axis_names, mesh.devices.shape))
+  return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -265,12 +264,8 @@ def base_identity(policy: Policy) -> dict:
 
 def manifest(policy: Policy, n: dict, extra: dict) -> dict:
   """A preference stage's manifest.json."""
-  dev = jax.devices()[0]
-  return {'versions': host.versions(), 'git_commit': host.git_commit(), 'command': sys.argv,
-          'device_kind': dev.device_kind, 'platform': dev.platform,
-          'device_count': jax.device_count(), 'params': n['total'],
-          'params_nonembed': n['nonembed'], 'model': dataclasses.asdict(policy.mc),
-          'base': policy.identity, **extra}
+  return dict(host.device_manifest(), params=n['total'], params_nonembed=n['nonembed'],
+              model=dataclasses.asdict(policy.mc), base=policy.identity, **extra)
 
 
 def initial_state(make_params, optimizer, extra=None):

@@ -47,7 +47,7 @@ from lm.eval import sample as sample_lib
 from lm.data import sft
 from lm.model import sharding as shard_lib
 from lm.stages import pretrain as train_lib
-from lm.config import LORA_TARGETS, ModelConfig
+from lm.config import LORA_TARGETS, ModelConfig, read_section
 from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
 
@@ -78,16 +78,9 @@ class FinetuneConfig:
 
   @classmethod
   def from_config(cls, cfg) -> 'FinetuneConfig':
-    f, lo = cfg.finetune, cfg.lora
-    fams = tuple(x.strip() for x in str(f.families).split(',') if x.strip())
-    targets = tuple(x.strip() for x in str(lo.targets).split(',') if x.strip())
-    c = cls(init_from=str(f.init_from), data=str(f.data), eval_data=str(f.eval_data),
-            families=fams, train_per_family=int(f.train_per_family),
-            eval_per_family=int(f.eval_per_family), data_seed=int(f.data_seed),
-            max_new_tokens=int(f.max_new_tokens), eval_batch_size=int(f.eval_batch_size),
-            lora_rank=int(lo.rank), lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout),
-            lora_targets=targets, lora_train_tokens=str(lo.get('train_tokens', '')).strip(),
-            lora_b_lr_ratio=float(lo.get('b_lr_ratio', 1.0)))
+    lora = read_section(cls, cfg.lora, 'lora', prefix='lora_',
+                        defaults={'train_tokens': '', 'b_lr_ratio': 1.0})
+    c = cls(**read_section(cls, cfg.finetune, 'finetune', skip='lora_'), **lora)
     if not c.init_from:
       raise UserError('finetune.init_from is empty; point it at a trained run, e.g. '
                       '--config.finetune.init_from=runs/base_small.')
@@ -198,44 +191,53 @@ class Job:
   info: dict
 
 
-def build(cfg, workdir: str) -> Job:
-  seed = int(cfg.seed)
-  tc = TrainConfig.from_config(cfg.train)
-  fc = FinetuneConfig.from_config(cfg)
-  mesh_cfg = shard_lib.MeshConfig.from_config(cfg.mesh)
-  shard_lib.maybe_initialize_distributed(mesh_cfg)
-  mesh = shard_lib.make_mesh(mesh_cfg, batch_size=tc.batch_size)
+def _model(fc: FinetuneConfig, tc: TrainConfig, mesh):
+  """(base model config, base params, tokenizer, base identity, the trained model's config)."""
   base_mc, base_params, tokenizer, base_id = runs.load_model(fc.init_from)
   sft._chat_ids(tokenizer)   # a base without chat tokens is refused here, before any work
   if tc.seq_len > base_mc.max_len:
     raise UserError(f'train.seq_len={tc.seq_len} is longer than the base model\'s max_len='
                     f'{base_mc.max_len}; lower train.seq_len.')
+  use_lora = fc.lora_rank > 0
   mc = dataclasses.replace(base_mc, lora_rank=fc.lora_rank, lora_alpha=fc.lora_alpha,
                            lora_dropout=fc.lora_dropout,
-                           lora_targets=fc.lora_targets if fc.lora_rank else (),
-                           lora_tokens=_train_tokens(fc, tokenizer) if fc.lora_rank else ())
+                           lora_targets=fc.lora_targets if use_lora else (),
+                           lora_tokens=_train_tokens(fc, tokenizer) if use_lora else ())
   shard_lib.check_divisibility(mesh, mc, tc.batch_size)
   if tc.batch_size % jax.process_count():
     raise UserError(f'train.batch_size={tc.batch_size} must divide evenly over '
                     f'{jax.process_count()} processes.')
-  use_lora = fc.lora_rank > 0
+  return base_mc, base_params, tokenizer, base_id, mc
 
+
+@dataclasses.dataclass
+class _Data:
+  train: sft.Examples
+  stream: sft.PackedStream
+  eval: sft.Examples
+  acc_splits: dict       # split -> records scored by exact match (instruction families)
+  code_eval: list        # records scored by the code task's gold reward
+
+
+def _examples(fc: FinetuneConfig, tc: TrainConfig, tokenizer, seed: int) -> _Data:
   records = load_records(fc)
   train_ex = sft.Examples(records['train'], tokenizer, tc.seq_len, 'training examples')
-  stream = sft.PackedStream(train_ex, seed)
   eval_ex = sft.Examples(records['eval'], tokenizer, tc.seq_len, 'held-out examples')
-  eval_packed = eval_ex.pack(np.arange(len(eval_ex)))
-  # Exact match on the instruction families; the gold reward on the code task's headers.
-  acc_splits = {k: [r for r in records[k] if r.get('family') != code_task.FAMILY]
-                for k in ('eval', 'eval_phrasing') if k in records}
-  code_eval = [r for r in records['eval'] if r.get('family') == code_task.FAMILY]
-  builtin = fc.data in ('builtin', MIXED)
   for name, ex in (('training', train_ex), ('held-out', eval_ex)):
     if ex.too_long:
       print(f'note: {ex.too_long} {name} examples are longer than train.seq_len={tc.seq_len} '
             'tokens and were left out (counted in manifest.json).', file=sys.stderr, flush=True)
+  # Exact match on the instruction families; the gold reward on the code task's headers.
+  acc_splits = {k: [r for r in records[k] if r.get('family') != code_task.FAMILY]
+                for k in ('eval', 'eval_phrasing') if k in records}
+  if fc.data not in ('builtin', MIXED):
+    acc_splits = {}
+  code_eval = [r for r in records['eval'] if r.get('family') == code_task.FAMILY]
+  return _Data(train_ex, sft.PackedStream(train_ex, seed), eval_ex, acc_splits, code_eval)
 
-  # The pretraining corpus's validation windows, to measure forgetting.
+
+def _pretrain_batches(fc: FinetuneConfig, tc: TrainConfig, tokenizer, mesh) -> list:
+  """The pretraining corpus's validation windows, to measure forgetting."""
   base_cfg = runs.root_config(fc.init_from)   # a fine-tuned base: its pretraining is further back
   if base_cfg is None:
     raise UserError(f'{fc.init_from} does not lead back to a pretrained run (no model and data '
@@ -244,11 +246,58 @@ def build(cfg, workdir: str) -> Job:
   if dataset.tokenizer.hash != tokenizer.hash:
     raise UserError(f'the tokenizer of {fc.init_from} differs from its pretraining data\'s; '
                     'the base run is inconsistent, pretrain it again.')
-  pre_rows = dataset.eval_batches(tc.eval_batches, tc.batch_size, tc.seq_len,
-                                  jax.process_index(), jax.process_count())
-  pre_batches = [shard_lib.global_batch(r, mesh) for r in pre_rows]
+  rows = dataset.eval_batches(tc.eval_batches, tc.batch_size, tc.seq_len, jax.process_index(),
+                              jax.process_count())
+  return [shard_lib.global_batch(r, mesh) for r in rows]
 
-  # Shardings: params by their logical axes, adapters likewise.
+
+def _eval_batches(examples: sft.Examples, batch_size: int, mesh) -> list:
+  """The held-out examples packed into batches of one shape (the last padded with empty rows,
+  weight 0)."""
+  packed = examples.pack(np.arange(len(examples)))
+  out = []
+  for i in range(0, len(packed['tokens']), batch_size):
+    rows = {k: v[i:i + batch_size] for k, v in packed.items()}
+    short = batch_size - len(rows['tokens'])
+    if short:
+      rows = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+              for k, v in rows.items()}
+    out.append({k: shard_lib.global_batch(v, mesh) for k, v in rows.items()})
+  return out
+
+
+def _evaluator(fc: FinetuneConfig, mc: ModelConfig, tokenizer, data: _Data, sft_batches: list,
+               pre_batches: list):
+  """(params of the plain model) -> evaluation row: held-out loss, the pretraining corpus's loss,
+  and the task scores."""
+  plain = runs.plain(mc)
+  sft_eval = jax.jit(lambda p, b: sft.masked_loss(plain, p, b))
+  pre_eval = jax.jit(lambda p, b: train_lib.next_token_loss(plain, p, b))
+
+  def evaluate_plain(params) -> dict:
+    sums = shard_lib.map_bounded(lambda b: sft_eval(params, b), sft_batches)
+    total, weight = (float(sum(float(s[i]) for s in sums)) for i in (0, 1))
+    pre = float(np.mean(jax.device_get(
+        shard_lib.map_bounded(lambda b: pre_eval(params, b), pre_batches))))
+    row = {'eval_loss': total / max(weight, 1e-9), 'pretrain_eval_loss': pre}
+    if data.code_eval:   # the gold reward of greedy answers (lm/data/code_task.py)
+      answers = greedy_answers(plain, params, tokenizer, data.code_eval, fc.max_new_tokens,
+                               fc.eval_batch_size)
+      row['gold'] = float(np.mean([code_task.gold(r['prompt'], a)
+                                   for r, a in zip(data.code_eval, answers)]))
+    for split, recs in data.acc_splits.items():
+      acc = exact_match_accuracy(plain, params, tokenizer, recs, fc.max_new_tokens,
+                                 fc.eval_batch_size)['accuracy']
+      tag = 'acc' if split == 'eval' else 'acc_phrasing'
+      row.update({f'{tag}/{fam}': v for fam, v in acc.items()})
+    return row
+  return evaluate_plain
+
+
+def _train_state(fc, tc, mc, base_mc, base_params, seed: int, mesh):
+  """What trains, on which shardings: (init_state, state shapes, state shardings, frozen, frozen
+  shardings, trainable shapes, optimizer). LoRA trains the adapters with the base frozen."""
+  use_lora = fc.lora_rank > 0
   p_shard = shard_lib.param_shardings(mesh, model_lib.logical_specs(base_mc),
                                       model_lib.param_shapes(base_mc))
   base_params = jax.device_put(base_params, p_shard)
@@ -257,9 +306,8 @@ def build(cfg, workdir: str) -> Job:
     t_shapes = var_shapes[lora_lib.COLLECTION]
     t_shard = shard_lib.param_shardings(mesh, model_lib.logical_specs(mc, lora_lib.COLLECTION),
                                         t_shapes)
-    frozen = base_params
   else:
-    t_shapes, t_shard, frozen = model_lib.param_shapes(base_mc), p_shard, None
+    t_shapes, t_shard = model_lib.param_shapes(base_mc), p_shard
   optimizer = make_optimizer(tc, t_shapes, fc.lora_b_lr_ratio if use_lora else 1.0)
 
   def init_state():
@@ -269,79 +317,59 @@ def build(cfg, workdir: str) -> Job:
       trainable = base_params
     return {'params': trainable, 'opt_state': optimizer.init(trainable),
             'step': jnp.zeros((), jnp.int32)}
-  state_shapes = jax.eval_shape(init_state)
-  s_shard = shard_lib.state_shardings(mesh, state_shapes, t_shard)
+  shapes = jax.eval_shape(init_state)
+  s_shard = shard_lib.state_shardings(mesh, shapes, t_shard)
   s_shard['params'] = t_shard
-  batch_sh = shard_lib.batch_sharding(mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  frozen_sh = p_shard if use_lora else None
+  frozen, frozen_sh = (base_params, p_shard) if use_lora else (None, None)
+  return init_state, shapes, s_shard, frozen, frozen_sh, t_shapes, optimizer, base_params
 
-  if use_lora:
-    def loss_fn(trainable, base, batch, rng):
-      return sft.masked_loss(mc, base, batch, trainable, rng)
-  else:
-    def loss_fn(trainable, _, batch, rng):
-      return sft.masked_loss(mc, trainable, batch, None, rng)
-  train_step = jax.jit(shard_lib.with_activation_constraints(
-      loop.make_step(loss_fn, tc, optimizer, seed, row_wise=True), mesh),
-                       in_shardings=(s_shard, frozen_sh, batch_sh),
-                       out_shardings=(s_shard, replicated), donate_argnums=0)
 
-  plain = runs.plain(mc)
-
-  @jax.jit
-  def merged(trainable, base):
-    return lora_lib.merge(mc, base, trainable) if use_lora else trainable
-
-  sft_eval = jax.jit(lambda p, b: sft.masked_loss(plain, p, b))
-  pre_eval = jax.jit(lambda p, b: train_lib.next_token_loss(plain, p, b))
-
-  def device_batch(rows: dict):
-    return {k: shard_lib.global_batch(v, mesh) for k, v in rows.items()}
-  eval_sft_batches = []
-  for i in range(0, len(eval_packed['tokens']), tc.batch_size):
-    rows = {k: v[i:i + tc.batch_size] for k, v in eval_packed.items()}
-    short = tc.batch_size - len(rows['tokens'])
-    if short:   # pad with empty rows (weight 0) so every evaluation batch has one shape
-      rows = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
-              for k, v in rows.items()}
-    eval_sft_batches.append(device_batch(rows))
-
-  def evaluate_plain(params) -> dict:
-    sums = shard_lib.map_bounded(lambda b: sft_eval(params, b), eval_sft_batches)
-    total, weight = (float(sum(float(s[i]) for s in sums)) for i in (0, 1))
-    pre = float(np.mean(jax.device_get(
-        shard_lib.map_bounded(lambda b: pre_eval(params, b), pre_batches))))
-    row = {'eval_loss': total / max(weight, 1e-9), 'pretrain_eval_loss': pre}
-    if code_eval:   # the gold reward of greedy answers (lm/data/code_task.py)
-      answers = greedy_answers(plain, params, tokenizer, code_eval, fc.max_new_tokens,
-                               fc.eval_batch_size)
-      row['gold'] = float(np.mean([code_task.gold(r['prompt'], a)
-                                   for r, a in zip(code_eval, answers)]))
-    if builtin:
-      for split, recs in acc_splits.items():
-        acc = exact_match_accuracy(plain, params, tokenizer, recs, fc.max_new_tokens,
-                                   fc.eval_batch_size)['accuracy']
-        tag = 'acc' if split == 'eval' else 'acc_phrasing'
-        row.update({f'{tag}/{fam}': v for fam, v in acc.items()})
-    return row
-
-  def evaluate(trainable, base) -> dict:
-    return evaluate_plain(merged(trainable, base))
-
+def _info(fc, tc, mc, base_mc, base_id, data: _Data, t_shapes, state_shapes) -> dict:
+  use_lora = fc.lora_rank > 0
   n_base = flops_lib.param_counts(model_lib.param_shapes(base_mc))
   n_trainable = lora_lib.tree_size(t_shapes)
-  opt_bytes = lora_lib.tree_bytes(state_shapes['opt_state'])
-  info = {
+  rows = data.stream.rows_per_epoch()
+  return {
       'base': base_id, 'mode': 'lora' if use_lora else 'full',
       'trainable_params': n_trainable, 'base_params': n_base['total'],
       'trainable_fraction': n_trainable / n_base['total'],
       'lora_closed_form': lora_lib.trainable_count(mc) if use_lora else None,
-      'optimizer_state_bytes': opt_bytes,
-      'data': {'source': fc.data, 'train': train_ex.info(), 'eval': eval_ex.info(),
-               'rows_per_epoch': stream.rows_per_epoch(),
-               'packing_fill': train_ex.info()['pairs'] / (stream.rows_per_epoch() * tc.seq_len)},
+      'optimizer_state_bytes': lora_lib.tree_bytes(state_shapes['opt_state']),
+      'data': {'source': fc.data, 'train': data.train.info(), 'eval': data.eval.info(),
+               'rows_per_epoch': rows,
+               'packing_fill': data.train.info()['pairs'] / (rows * tc.seq_len)},
   }
+
+
+def build(cfg, workdir: str) -> Job:
+  seed = int(cfg.seed)
+  tc = TrainConfig.from_config(cfg.train, 'finetune')
+  fc = FinetuneConfig.from_config(cfg)
+  mesh_cfg = shard_lib.MeshConfig.from_config(cfg.mesh)
+  shard_lib.maybe_initialize_distributed(mesh_cfg)
+  mesh = shard_lib.make_mesh(mesh_cfg, batch_size=tc.batch_size)
+  base_mc, base_params, tokenizer, base_id, mc = _model(fc, tc, mesh)
+  data = _examples(fc, tc, tokenizer, seed)
+  pre_batches = _pretrain_batches(fc, tc, tokenizer, mesh)
+  (init_state, state_shapes, s_shard, frozen, frozen_sh, t_shapes, optimizer,
+   base_params) = _train_state(fc, tc, mc, base_mc, base_params, seed, mesh)
+  use_lora = fc.lora_rank > 0
+
+  def loss_fn(trainable, base, batch, rng):
+    if use_lora:
+      return sft.masked_loss(mc, base, batch, trainable, rng)
+    return sft.masked_loss(mc, trainable, batch, None, rng)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  train_step = jax.jit(shard_lib.with_activation_constraints(
+      loop.make_step(loss_fn, tc, optimizer, seed, row_wise=True), mesh),
+                       in_shardings=(s_shard, frozen_sh, shard_lib.batch_sharding(mesh)),
+                       out_shardings=(s_shard, replicated), donate_argnums=0)
+  evaluate_plain = _evaluator(fc, mc, tokenizer, data, _eval_batches(data.eval, tc.batch_size,
+                                                                    mesh), pre_batches)
+  merged = jax.jit(lambda t, base: lora_lib.merge(mc, base, t) if use_lora else t)
+
+  info = _info(fc, tc, mc, base_mc, base_id, data, t_shapes, state_shapes)
+  n_base = flops_lib.param_counts(model_lib.param_shapes(base_mc))
   fpt = flops_lib.flops_per_token(base_mc, tc.seq_len, n_base['total'], n_base['nonembed'])
   config = json.loads(cfg.to_json())
   # The base's identity is part of the run's: a resume against other weights is refused.
@@ -350,27 +378,23 @@ def build(cfg, workdir: str) -> Job:
   config = json.loads(json.dumps(config))     # tuples as lists, as config.json will read back
 
   def manifest() -> dict:
-    dev = jax.devices()[0]
-    return {'versions': host.versions(), 'git_commit': host.git_commit(), 'command': sys.argv,
-            'device_kind': dev.device_kind, 'platform': dev.platform,
-            'device_count': jax.device_count(), 'process_count': jax.process_count(),
-            'mesh': dict(zip(mesh.axis_names, mesh.devices.shape)),
-            'params': n_base['total'], 'params_nonembed': n_base['nonembed'],
-            'flops_per_token': {'chinchilla_appendix_f': fpt['chinchilla'], '6n': fpt['6n']},
-            'model': dataclasses.asdict(mc), **info}
+    return dict(host.device_manifest(mesh), params=n_base['total'],
+                params_nonembed=n_base['nonembed'],
+                flops_per_token={'chinchilla_appendix_f': fpt['chinchilla'], '6n': fpt['6n']},
+                model=dataclasses.asdict(mc), **info)
 
-  def summary(last_eval: dict) -> dict:
-    return {'finetune': _summary(workdir, info, last_eval, tc)}
-
+  def batch(step):
+    rows = data.stream.batch(step, tc.batch_size, jax.process_index(), jax.process_count())
+    return {k: shard_lib.global_batch(v, mesh) for k, v in rows.items()}
   stage = loop.Stage(
       config=config, train=tc, dtype=mc.dtype, manifest=manifest, tokenizer=tokenizer,
       abstract_state=ckpt_lib.abstract(state_shapes, s_shard), init_state=jax.jit(
           init_state, out_shardings=s_shard),
-      frozen=frozen, train_step=train_step,
-      batch=lambda step: device_batch(stream.batch(step, tc.batch_size, jax.process_index(),
-                                                   jax.process_count())),
-      evaluate=evaluate, tokens_per_step=tc.batch_size * tc.seq_len, flops_per_token=fpt,
-      n_params=n_base, summary=summary, resumable_changes=RESUMABLE_CHANGES)
+      frozen=frozen, train_step=train_step, batch=batch,
+      evaluate=lambda trainable, base: evaluate_plain(merged(trainable, base)),
+      tokens_per_step=tc.batch_size * tc.seq_len, flops_per_token=fpt, n_params=n_base,
+      summary=lambda last_eval: {'finetune': _summary(workdir, info, last_eval, tc)},
+      resumable_changes=RESUMABLE_CHANGES)
   return Job(stage=stage, evaluate_plain=evaluate_plain, base_params=base_params, info=info)
 
 

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Any
 
 import jax
@@ -155,14 +154,9 @@ def evaluate_loss(run: Run, params) -> float:
 
 
 def manifest(run: Run) -> dict:
-  dev = jax.devices()[0]
   mc = run.model
   return {
-      'versions': host.versions(), 'git_commit': host.git_commit(), 'command': sys.argv,
-      'device_kind': dev.device_kind, 'platform': dev.platform,
-      'device_count': jax.device_count(), 'process_count': jax.process_count(),
-      'mesh': dict(zip(run.mesh.axis_names, run.mesh.devices.shape)),
-      'data': run.dataset.info,
+      **host.device_manifest(run.mesh), 'data': run.dataset.info,
       'params': run.n_params['total'], 'params_nonembed': run.n_params['nonembed'],
       'flops_per_token': {'chinchilla_appendix_f': run.flops_per_token['chinchilla'],
                           '6n': run.flops_per_token['6n'],
