@@ -2,6 +2,20 @@
 import os
 
 from lm.errors import UserError
+from lm import chat as chat_lib
+from lm import pipeline as pipeline_lib
+from lm.align import dpo as dpo_lib
+from lm.align import ppo as ppo_lib
+from lm.align import reward as reward_lib
+from lm.eval import evaluate as evaluate_lib
+from lm.interop import hf
+from lm.metrics import write_json_atomic
+from lm.scaling import fit as fit_lib
+from lm.scaling import plot as plot_lib
+from lm.scaling import report as report_lib
+from lm.scaling import sweep as sweep_lib
+from lm.stages import finetune as finetune_lib
+from lm.stages import pretrain as train_lib
 
 
 def _need(value, flag: str, example: str):
@@ -11,7 +25,6 @@ def _need(value, flag: str, example: str):
 
 
 def train(FLAGS):
-  from lm.stages import pretrain as train_lib
   cfg = _need(FLAGS.config, 'config', '--config=configs/tiny.py')
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny')
   summary = train_lib.train(cfg, workdir)
@@ -22,7 +35,6 @@ def train(FLAGS):
 
 
 def finetune(FLAGS):
-  from lm.stages import finetune as finetune_lib
   cfg = _need(FLAGS.config, 'config', '--config=configs/sft.py')
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sft')
   if 'finetune' not in cfg:
@@ -50,7 +62,6 @@ def _stage(FLAGS, section: str, example: str):
 
 
 def reward(FLAGS):
-  from lm.align import reward as reward_lib
   cfg, workdir = _stage(FLAGS, 'reward', 'reward')
   summary = reward_lib.train_reward(cfg, workdir)
   if summary.get('finished'):
@@ -60,7 +71,6 @@ def reward(FLAGS):
 
 
 def dpo(FLAGS):
-  from lm.align import dpo as dpo_lib
   cfg, workdir = _stage(FLAGS, 'dpo', 'dpo')
   summary = dpo_lib.train_dpo(cfg, workdir)
   if summary.get('finished'):
@@ -70,7 +80,6 @@ def dpo(FLAGS):
 
 
 def ppo(FLAGS):
-  from lm.align import ppo as ppo_lib
   cfg, workdir = _stage(FLAGS, 'ppo', 'ppo')
   summary = ppo_lib.train_ppo(cfg, workdir)
   if summary.get('finished'):
@@ -81,7 +90,6 @@ def ppo(FLAGS):
 
 
 def merge(FLAGS):
-  from lm.stages import finetune as finetune_lib
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sft_lora')
   out = _need(FLAGS.out, 'out', '--out=runs/sft_lora_merged')
   finetune_lib.merge(workdir, out)
@@ -89,7 +97,6 @@ def merge(FLAGS):
 
 
 def export(FLAGS):
-  from lm.interop import hf
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/base_small')
   out = _need(FLAGS.out, 'out', '--out=runs/base_small_hf')
   if FLAGS.max_shard_mb < 1:
@@ -101,7 +108,6 @@ def export(FLAGS):
 
 
 def import_(FLAGS):
-  from lm.interop import hf
   src = _need(FLAGS.hf, 'hf', '--hf=path/to/hf_model')
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/imported')
   info = hf.import_model(src, workdir, overwrite=FLAGS.overwrite,
@@ -114,7 +120,6 @@ def import_(FLAGS):
 
 def eval(FLAGS):   # noqa: A001 (the subcommand's name)
   from configs import eval as eval_config
-  from lm.eval import evaluate as evaluate_lib
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny')
   cfg = FLAGS.config or eval_config.get_config()
   if 'eval' not in cfg:
@@ -126,7 +131,6 @@ def eval(FLAGS):   # noqa: A001 (the subcommand's name)
 
 
 def sample(FLAGS):
-  from lm import chat as chat_lib
   chat_lib.sample_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny'), FLAGS.prompt,
                       FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                       FLAGS.seed, FLAGS.num_samples, raw=FLAGS.raw, system=FLAGS.system)
@@ -134,7 +138,6 @@ def sample(FLAGS):
 
 def pipeline(FLAGS):
   from configs import pipeline as pipeline_config
-  from lm import pipeline as pipeline_lib
   cfg = FLAGS.config or pipeline_config.get_config()
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/pipeline')
   if 'pipeline' not in cfg:
@@ -144,14 +147,12 @@ def pipeline(FLAGS):
 
 
 def chat(FLAGS):
-  from lm import chat as chat_lib
   chat_lib.chat_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/sft_full'), FLAGS.prompt,
                     FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                     FLAGS.seed, FLAGS.system)
 
 
 def sweep(FLAGS, cfg=None, workdir=None):
-  from lm.scaling import sweep as sweep_lib
   cfg = cfg or _need(FLAGS.config, 'config', '--config=configs/sweep_smoke.py')
   workdir = workdir or _need(FLAGS.workdir, 'workdir', '--workdir=runs/sweep')
   if 'sweep' not in cfg or 'base' not in cfg:
@@ -169,7 +170,6 @@ def sweep(FLAGS, cfg=None, workdir=None):
     print(f"fit: approach 2 a={fmt(a2.get('a'))} b={fmt(a2.get('b'))}; approach 3 "
           f"E={fmt(a3.get('E'))} alpha={fmt(a3.get('alpha'))} beta={fmt(a3.get('beta'))} "
           f"a={fmt(a3.get('a'))}")
-    from lm.scaling import report as report_lib
     print(report_lib.verdict(fit).replace('**', ''))
     print(f'plots and report: {os.path.abspath(workdir)}/*.png, '
           f'{os.path.abspath(workdir)}/report.md')
@@ -185,8 +185,6 @@ def default(FLAGS):
 
 
 def fit(FLAGS):
-  from lm.scaling import report as report_lib
-  from lm.scaling import sweep as sweep_lib
   results = _need(FLAGS.results, 'results', '--results=runs/sweep_smoke/results.csv')
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/fit')
   # A sweep's results.csv (even mid-sweep) comes with its runs' training curves: Approach 1.
@@ -194,7 +192,6 @@ def fit(FLAGS):
   out = report_lib.run_fit(results, workdir, loss_key=FLAGS.loss_key, params_key=FLAGS.params_key,
                         flops_key=FLAGS.flops_key, bootstrap=FLAGS.bootstrap, curves=curves)
   if curves:
-    from lm.metrics import write_json_atomic
     write_json_atomic(os.path.join(workdir, 'curves.json'), curves)   # for `run.py plot`
   a3 = out['approach3']
   g = lambda v: 'none' if v is None else f'{v:.4g}'
@@ -204,7 +201,6 @@ def fit(FLAGS):
     print('approach 3 gives no exponent: a fitted alpha or beta is not positive, so loss does not '
           'fall with parameters and data in these runs (see report.md).')
   elif out['approach2']['budgets'] or out['approach2']['skipped_budgets']:
-    from lm.scaling import report as report_lib
     print(report_lib.verdict(out).replace('**', ''))
   print(f'wrote {workdir}/fit.json, {workdir}/report.md and the plots')
 
@@ -212,8 +208,6 @@ def fit(FLAGS):
 def plot(FLAGS):
   """Re-draws the plots of a sweep or fit folder from its results.csv and fit.json."""
   import json
-  from lm.scaling import fit as fit_lib
-  from lm.scaling import plot as plot_lib
   workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sweep_smoke')
   fit_path = os.path.join(workdir, 'fit.json')
   results = FLAGS.results or os.path.join(workdir, 'results.csv')

@@ -34,6 +34,14 @@ import time
 from lm.training import loop
 from lm.errors import UserError
 from lm.metrics import read_jsonl, write_json_atomic, write_text_atomic
+from lm.align import common as al
+from lm.align import dpo
+from lm.align import ppo
+from lm.align import reward
+from lm.data import tokens as data_lib
+from lm.eval import evaluate as evaluate_lib
+from lm.stages import finetune as ft
+from lm.stages import pretrain as train_lib
 
 STAGES = ('tokenizer', 'pretrain', 'sft', 'reward', 'ppo', 'dpo')
 UPSTREAM = {'tokenizer': (), 'pretrain': ('tokenizer',), 'sft': ('pretrain',),
@@ -61,7 +69,6 @@ def stage_configs(cfg, workdir: str) -> dict:
   out['ppo'].ppo.init_from, out['ppo'].ppo.reward_from = d('sft'), d('reward')
   out['dpo'] = copy.deepcopy(cfg.dpo)
   out['dpo'].dpo.init_from, out['dpo'].dpo.reward_from = d('sft'), d('reward')
-  from lm.align import reward
   out['dpo'].dpo.pairs = os.path.join(d('reward'), reward.PAIRS)
   out['dpo'].dpo.eval_pairs = os.path.join(d('reward'), reward.EVAL_PAIRS)
   wanted = [s.strip() for s in str(cfg.pipeline.stages).split(',') if s.strip()]
@@ -91,23 +98,17 @@ def stage_keys(configs: dict) -> dict:
 def _run_stage(name: str, cfg, folder: str) -> dict:
   """The library call behind the stage's subcommand; returns its summary."""
   if name == 'tokenizer':
-    from lm.data import tokens as data_lib
     ds = data_lib.prepare(cfg, progress=None)
     return {'finished': True, 'vocab_size': ds.tokenizer.vocab_size,
             'bytes_per_token': ds.bytes_per_token('train')}
   if name == 'pretrain':
-    from lm.stages import pretrain as train_lib
     return train_lib.train(cfg, folder)
   if name == 'sft':
-    from lm.stages import finetune as ft
     return ft.finetune(cfg, folder)
   if name == 'reward':
-    from lm.align import reward
     return reward.train_reward(cfg, folder)
   if name == 'ppo':
-    from lm.align import ppo
     return ppo.train_ppo(cfg, folder)
-  from lm.align import dpo
   return dpo.train_dpo(cfg, folder)
 
 
@@ -188,7 +189,6 @@ def run_pipeline(cfg, workdir: str, log=print) -> dict:
 
 def evaluate_stages(cfg, workdir: str, state: dict, log=print) -> None:
   """eval.json for every model stage; gold, proxy and KL for the policies (cached by stage key)."""
-  from lm.eval import evaluate as evaluate_lib
   stages = state['stages']
   for name in ('pretrain',) + POLICIES:
     rec = stages.get(name)
@@ -206,8 +206,6 @@ def evaluate_stages(cfg, workdir: str, state: dict, log=print) -> None:
   policies = [p for p in POLICIES if stages.get(p, {}).get('finished')]
   if 'reward' in stages and stages['reward'].get('finished') and policies and any(
       'policy' not in stages[p].get('eval', {}) for p in policies):
-    from lm.align import common as al
-    from lm.align import reward
     t0 = time.time()
     p = cfg.pipeline
     sft = al.load_policy(os.path.join(workdir, 'sft'))

@@ -2,6 +2,8 @@
 import jax
 import numpy as np
 
+from lm.model.transformer import is_embedding_path
+
 
 def count_params(tree) -> int:
   """Total number of scalars in a pytree of arrays (or ShapeDtypeStructs)."""
@@ -10,7 +12,6 @@ def count_params(tree) -> int:
 
 def param_counts(params) -> dict:
   """{'total': all scalars, 'nonembed': minus token/position embeddings and an untied head}."""
-  from lm.model.transformer import is_embedding_path  # local: lm.model imports nothing from here
   total = embed = 0
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     n = int(np.prod(x.shape))
