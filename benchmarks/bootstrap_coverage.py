@@ -7,7 +7,7 @@ results.csv, losses drawn from the law fitted to it, times lognormal noise of tw
   seed:   every run its own draw, std --seed_noise (what two seeds of one point differ by);
   point:  one draw per design point, shared by its seeds, std --point_noise (a point's misfit to
           the law: its shape, its batch), 0 to leave it out.
-Each replicate is fitted (lm.scaling.fit.fit_approach3) and bootstrapped four ways: over runs or
+Each replicate is fitted (lm.scaling.chinchilla.fit_approach3) and bootstrapped four ways: over runs or
 over design points (seeds drawn together), each with and without every resampled loss perturbed
 again by the seed noise. A method is calibrated when the true a lies inside its 95% interval in
 about 95% of the replicates; wider than that, its intervals overstate the uncertainty. Writes

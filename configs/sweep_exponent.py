@@ -16,7 +16,7 @@ def get_config():
   s.sizes_per_budget, s.span, s.tokens_per_param = 5, 3.0, 80.0
   s.head_dim, s.aspect, s.aspect_band, s.min_layers = 8, 16.0, 2.0, 2
   s.seeds_smallest = 2
-  # The batch rule (lm/scaling/sweep.batch_for): the largest of these batches that leaves a run
+  # The batch rule (lm/scaling/plan.batch_for): the largest of these batches that leaves a run
   # 2000 steps or more. At a fixed 16 x 128 the large models of the small budgets had 363-645
   # steps; more steps for the same tokens lowered their losses by up to 18%
   # (docs/results/exponent_cpu/batch_pilot.md).

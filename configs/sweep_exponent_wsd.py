@@ -5,7 +5,7 @@ Seven budgets from 5e11 to 1.5e13 FLOPs (a factor 30, about 1.76 apart), sizes o
 (a factor 3^0.4 per rung, five sizes within 3x of each budget's predicted optimum), the smallest
 budget with two seeds; the predicted optimum at 45 tokens per parameter, where the cosine exponent
 sweep found it (docs/results/exponent_cpu). The runs of one size that the batch rule gives the same batch are branches
-of one trunk (sweep.mode=isoflop_wsd, lm/scaling/sweep._isoflop_families): a trunk holds its peak
+of one trunk (sweep.mode=isoflop_wsd, lm/scaling/plan._isoflop_families): a trunk holds its peak
 learning rate and each branch leaves it where its own last 20% (its cooldown) begins. A size
 recurring across budgets then costs its longest run plus the shorter runs' cooldowns. Results:
 docs/results/exponent_wsd.

@@ -157,6 +157,3 @@ def train(cfgs, rdirs: list[str], pack_dir: str, stop_at: int | None = None) -> 
   for cfg, rdir in zip(cfgs, rdirs):
     loop.check_config(rdir, json.loads(cfg.to_json()))   # refuse before preparing any data
   return loop.run(stage(Pack(cfgs), rdirs), pack_dir, stop_at)
-
-
-train_packed = train   # the sweep's call site is renamed next

@@ -300,8 +300,7 @@ def train_pack(group: list[Job], workdir: str, start, done) -> bool:
   print(f'    packed: {names} in one program', flush=True)
   t0 = time.time()
   try:
-    summaries = packed_lib.train_packed([j.cfg for j in group], [j.rdir for j in group],
-                                        pack_dir)
+    summaries = packed_lib.train([j.cfg for j in group], [j.rdir for j in group], pack_dir)
   except KeyboardInterrupt:
     raise
   except Exception as e:  # every member failed with it; retried on the next invocation

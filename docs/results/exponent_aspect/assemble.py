@@ -61,7 +61,7 @@ def main(new_dir):
     w.writeheader()
     for r in rows:
       w.writerow({k: r.get(k, '') for k in results_lib.RESULT_COLUMNS})
-  curves = {}   # per size and seed, the final losses of its WSD branches (lm.scaling.sweep.wsd_curves)
+  curves = {}   # per size and seed, the final losses of its WSD branches (lm.scaling.results.wsd_curves)
   for r in sorted(rows, key=lambda r: float(r['tokens'])):
     c = curves.setdefault(f"L{r['n_layers']}_d{r['d_model']}_s{r['seed']}",
                           {'params': int(r['params']), 'curve_flops': [], 'curve_tokens': [],
