@@ -1,4 +1,6 @@
 """Packed runs (lm/scaling/packed.py): K runs in one vmapped program equal the same runs alone."""
+import csv
+import glob
 import json
 import os
 
@@ -12,6 +14,7 @@ from lm.errors import UserError
 from lm.scaling import packed as packed_lib
 from lm.scaling import plan as plan_lib
 from lm.scaling import runner as runner_lib
+from lm.scaling import sweep as sweep_lib
 
 MEMBERS = ((0, 3e-3), (1, 6e-3))   # (seed, peak lr)
 
@@ -128,3 +131,20 @@ def test_sweep_groups_only_runs_that_differ_in_seed(cache_dir):
   c.sweep.parallel = 2
   with pytest.raises(UserError, match='sweep.pack'):
     plan_lib.validate(c.sweep)
+
+
+def test_a_packed_sweep_books_every_member(cache_dir, tmp_path):
+  """sweep.pack through the sweep driver: the smallest budget's seeds train as packs (through
+  the training loop's packed stage), each member booked in results.csv as a finished run."""
+  from tests.test_sweep import tiny_sweep
+  c = tiny_sweep(cache_dir, budgets=(4e9,))
+  c.sweep.sizes_per_budget, c.sweep.seeds, c.sweep.seeds_smallest, c.sweep.pack = 1, 1, 2, 2
+  c.sweep.bootstrap = 0
+  out = sweep_lib.run_sweep(c, str(tmp_path))
+  assert out['finished'] == 2 and not out['failed']
+  rows = list(csv.DictReader(open(tmp_path / 'results.csv')))
+  assert len(rows) == 2 and len({r['seed'] for r in rows}) == 2
+  packed = [json.load(open(os.path.join(d, 'manifest.json')))['packed']
+            for d in glob.glob(str(tmp_path / 'runs' / '*'))]
+  assert sorted(p['index'] for p in packed) == [0, 1]
+  assert not os.path.exists(tmp_path / 'packs') or not os.listdir(tmp_path / 'packs')
