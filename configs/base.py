@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True
   m.dropout = 0.0
   m.dtype = 'float32'       # compute dtype: float32 | bfloat16
-  m.param_dtype = 'float32' # stored weights: float32 | bfloat16 (half the bytes; see README)
+  m.param_dtype = 'float32' # stored weights: float32 | bfloat16 (half the bytes; see docs/configuration.md)
   m.remat = False
   m.scan_layers = False
   m.attention_impl = 'auto'  # auto | xla | cudnn (passed to jax.nn.dot_product_attention)
@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.grad_accum = 1
   # On a CPU a step runs its forward and backward over micro-batches of about this many tokens
   # (whole rows, gradients summed): 10-30% faster from cache, the same gradient up to float
-  # rounding (lm/optim.micro_batches, benchmarks/README.md). 0: off. Accelerators ignore it.
+  # rounding (lm.training.optim.micro_batches, benchmarks/README.md). 0: off. Accelerators ignore it.
   t.micro_batch_tokens = 512
   t.eval_every = 100
   t.eval_batches = 8

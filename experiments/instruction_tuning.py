@@ -21,7 +21,7 @@ adapters' loss spikes and a longer run ends worse). Each run is an ordinary work
   * forgetting: the validation loss on the pretraining corpus before and after;
   * the same prompts answered by each model.
 
-On 2 CPU cores the whole lesson takes about 40 minutes; the numbers are in the README.
+On 2 CPU cores the whole lesson takes about 40 minutes; the numbers are in docs/finetuning.md.
 """
 import json
 import os

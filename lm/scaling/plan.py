@@ -2,7 +2,7 @@
 budgets or an N x D grid), each as a RunSpec and its full resolved config, and the checks that
 a sweep folder's runs belong to this plan (check_run_identity).
 
-Rules (documented in the README, set in the sweep config):
+Rules (documented in docs/scaling.md, set in the sweep config):
   shape:   for a target N (all parameters, embeddings included) pick n_layers and d_model so that
            d_model / n_layers stays near `sweep.aspect`, with d_model a multiple of the fixed
            `sweep.head_dim` (n_heads = d_model / head_dim); N is counted exactly from the shapes.
