@@ -3,6 +3,7 @@ tiny models, and one small pipeline of real runs)."""
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,8 @@ from lm.data import code_task
 from lm.align import common, dpo, pairs as pairs_lib, ppo, reward
 from lm.config import ModelConfig
 from lm.errors import UserError
-from tests.test_finetune import pretrain_config
+from tests.test_finetune import (assert_same_logits, loaded, logits, pretrain_config,
+                                 recorded_config, restored_by_stage, stage_model)
 
 BYTES = tokenizer_lib.ByteTokenizer()
 
@@ -196,7 +198,7 @@ def test_logprobs_at_temperature_match_the_samplers_distribution(temperature=0.7
     want.append(float(jax.nn.log_softmax(logits[0] / temperature)[tok]))
     logits, cache = step(params, cache, jnp.array([tok]), jnp.array([len(prompt) + t]))
   seq = jnp.asarray([prompt + drawn], jnp.int32)
-  got = jax.jit(lambda p, x: common.token_logprobs(mc, p, x, temperature))(params, seq)
+  got = jax.jit(lambda p, x: model_lib.token_logprobs(mc, p, x, temperature))(params, seq)
   np.testing.assert_allclose(got[0, len(prompt) - 1:], want, atol=2e-5)
   assert len(set(drawn)) > 1    # a real draw, not one repeated argmax
 
@@ -402,14 +404,20 @@ def test_ppo_resume_is_bitwise_exact(ppo_run, rm_run, sft_run, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_dpo_starts_at_log2_and_learns_the_pairs(rm_run, sft_run, tmp_path):
-  workdir = str(tmp_path / 'dpo')
+@pytest.fixture(scope='module')
+def dpo_run(rm_run, sft_run, tmp_path_factory):
+  """DPO for 8 steps on the reward run's pairs."""
+  workdir = str(tmp_path_factory.mktemp('dpo'))
   c = small(dpo_cfg.get_config(), steps=8, eval_every=8, checkpoint_every=8, lr=1e-3)
   d = c.dpo
   d.init_from, d.pairs = sft_run, os.path.join(rm_run[0], reward.PAIRS)
   d.eval_pairs, d.reward_from = os.path.join(rm_run[0], reward.EVAL_PAIRS), rm_run[0]
   d.eval_prompts, d.eval_samples, d.max_new_tokens, d.sample_batch = 8, 1, 24, 8
-  summary = dpo.train_dpo(c, workdir)
+  return workdir, dpo.train_dpo(c, workdir)
+
+
+def test_dpo_starts_at_log2_and_learns_the_pairs(dpo_run, sft_run):
+  workdir, summary = dpo_run
   rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   np.testing.assert_allclose(rows[0]['loss'], math.log(2), rtol=1e-5)   # step 1: policy == ref
   assert rows[-1]['loss'] < rows[0]['loss'] and rows[-1]['accuracy'] > 0.5
@@ -499,3 +507,111 @@ def test_every_kind_of_run_loads_through_runs(sft_run, rm_run, ppo_run):
   assert max(moved) > 0   # the policy's own trained weights, not its base's
   rm = reward.load(rm_run[0])   # the reward model's trunk and head, read the same way
   assert set(rm.params) == {'trunk', 'head'}
+
+
+# ---- runs.load_model gives the logits of each run's own stage -------------------------------
+# Each stage is built again from its run's config.json and its state restored as the training
+# loop resumes it (tests/test_finetune.py: restored_by_stage); the weights runs.load_model reads,
+# under the plain Transformer, must give that stage's own numbers.
+
+def code_rows(tok, n=8, seq_len=128):
+  """Rows of n held-out code-task prompts, each answered by its true body."""
+  ex = code_task.examples()['eval'][:n]
+  return common.make_rows([common.prompt_ids(tok, h) for h, _ in ex],
+                          [common.response_ids(tok, b) for _, b in ex], seq_len, tok.pad_id)
+
+
+def logprobs_of(logits_BTV, tokens, temperature=1.0):
+  """log p_T(target t) [B, T-1] from the logits [B, T, V] of tokens [B, T], in float64."""
+  z = np.asarray(logits_BTV, np.float64)[:, :-1] / temperature
+  z = z - z.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], -1)[..., 0]
+
+
+def test_pretrain_and_full_finetune_runs_load_with_their_stages_logits(sft_run):
+  """The pretraining stage's restored params under its own model, and the full fine-tuning
+  stage's, give the logits of what runs.load_model reads."""
+  base = runs.read_config(sft_run)['base']['workdir']
+  tokens = code_rows(runs.load_tokenizer(sft_run))['tokens']
+  run = train_lib.build(recorded_config(base))
+  state, step = restored_by_stage(train_lib.stage(run), base)
+  own_base = logits(run.model, state['params'], tokens)
+  mc, params, ident = loaded(base)
+  assert ident['step'] == step == 40
+  assert_same_logits(logits(mc, params, tokens), own_base)
+
+  stage = ft.build(recorded_config(sft_run), sft_run).stage
+  state, step = restored_by_stage(stage, sft_run)
+  mc_own = stage_model(stage)
+  assert mc_own.lora_rank == 0 and stage.frozen is None      # full fine-tuning
+  own = logits(mc_own, state['params'], tokens)
+  mc, params, ident = loaded(sft_run)
+  assert ident['step'] == step == 20
+  assert_same_logits(logits(mc, params, tokens), own)
+  assert np.abs(own - own_base).max() > 0.1                   # its own weights, not its base's
+
+
+def test_reward_run_is_refused_and_reward_load_scores_as_its_stage(rm_run, sft_run):
+  """load_model refuses a reward run, naming its SFT run; reward.load's normalised scores are
+  the reward stage's own scores of its training batch, normalised by the mean and std the
+  stage's evaluation measures again on its restored params."""
+  workdir, summary = rm_run
+  with pytest.raises(UserError, match=re.escape(
+      f'is a reward model, not a language model; use its SFT run {os.path.abspath(sft_run)} ')):
+    runs.load_model(workdir)
+  stage = reward.build(recorded_config(workdir), workdir)
+  state, step = restored_by_stage(stage, workdir)
+  own_eval = stage.evaluate(state['params'], None)    # its normalisation, measured again
+  rm = reward.load(workdir)
+  assert rm.identity['step'] == step == 6
+  np.testing.assert_allclose([rm.mean, rm.std], [own_eval['score_mean'], own_eval['score_std']],
+                             rtol=1e-6)
+  assert own_eval['eval_accuracy'] == summary['reward']['eval_accuracy']
+  batch = jax.device_get(stage.batch(0))              # 8 chosen then 8 rejected rows
+  rows = {k: batch[k] for k in ('tokens', 'mask', 'last')}
+  own = np.asarray(common.jit_last_scores(state['params'], rows, mc=stage_model(stage)))
+  got = rm.scores(rows, len(own))
+  np.testing.assert_allclose(got, (own - own_eval['score_mean']) / own_eval['score_std'],
+                             rtol=1e-5, atol=1e-5)
+  assert np.ptp(got) > 1e-2
+
+
+def test_ppo_run_loads_the_policy_its_stage_restores(ppo_run):
+  """load_model of a PPO run: the policy half of the state its stage restores (not the value
+  network, not the SFT reference the stage holds frozen)."""
+  stage = ppo.build(recorded_config(ppo_run), ppo_run)
+  state, step = restored_by_stage(stage, ppo_run)
+  policy, mc, T = state['params']['policy'], stage_model(stage), stage.config['ppo']['temperature']
+  rows = code_rows(stage.tokenizer, 16)
+  # The log-probabilities its evaluation takes of responses, of its policy and its reference.
+  own = np.asarray(common.jit_sequence_logprob(policy, rows, mc=mc, temperature=T))
+  ref = np.asarray(common.jit_sequence_logprob(stage.frozen['ref'], rows, mc=mc, temperature=T))
+  mc_p, params_p, ident = loaded(ppo_run)
+  assert ident['step'] == step == 2
+  tokens, mask = rows['tokens'][:8], rows['mask'][:8]
+  got = logits(mc_p, params_p, tokens)
+  assert_same_logits(got, logits(mc, policy, tokens))
+  np.testing.assert_allclose((logprobs_of(got, tokens, T) * mask).sum(-1), own[:8], rtol=1e-5,
+                             atol=1e-4)
+  assert np.abs(own - ref).max() > 1e-2                # the policy, not its SFT reference
+
+
+def test_dpo_run_loads_the_policy_its_stage_restores(dpo_run):
+  """load_model of a DPO run: the policy its stage restores, scored on the stage's own first
+  batch as its loss scores it (summed response log-probabilities), off the reference's."""
+  workdir, _ = dpo_run
+  stage = dpo.build(recorded_config(workdir), workdir)
+  state, step = restored_by_stage(stage, workdir)
+  mc = stage_model(stage)
+  batch = jax.device_get(stage.batch(0))     # its pairs, with the reference's log-probabilities
+  rows = {k: batch[k] for k in ('tokens', 'mask', 'last')}
+  own = np.asarray(common.jit_sequence_logprob(state['params'], rows, mc=mc))
+  mc_d, params_d, ident = loaded(workdir)
+  assert ident['step'] == step == 8
+  chosen = rows['tokens'][:8]                # 8 rows: the forward pass the tests above compiled
+  got = logits(mc_d, params_d, chosen)
+  assert_same_logits(got, logits(mc, state['params'], chosen))
+  got_lp = (logprobs_of(got, chosen) * rows['mask'][:8]).sum(-1)
+  np.testing.assert_allclose(got_lp, own[:8], rtol=1e-5, atol=1e-4)
+  assert np.abs(own - batch['ref']).max() > 0.1      # the policy moved off its reference

@@ -1,4 +1,5 @@
 """Fine-tuning: chat template, masking, packing, LoRA, the fine-tuning stage, resume, bad input."""
+import functools
 import json
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from configs import sft as sft_cfg
 from lm.stages import finetune as ft
 from lm.data import instruct
 from lm.model import lora as lora_lib
+from lm.training import checkpoint as ckpt_lib
 from lm.training import loop
 from lm.model import transformer as model_lib
 from lm.training import optim
@@ -272,6 +275,60 @@ def final_state(workdir):
   return state
 
 
+def recorded_config(workdir):
+  """A run's config.json as the config its stage is built from."""
+  return ml_collections.ConfigDict(runs.read_config(workdir))
+
+
+def restored_by_stage(stage, workdir):
+  """(state, step) of a run as its own stage holds it: the stage, built again from the run's
+  config.json, must record exactly that config, and its state is restored the way the training
+  loop resumes (lm/training/loop.py: Checkpoints.restore_latest onto the stage's abstract
+  state), not through lm/runs.py."""
+  assert stage.config == runs.read_config(workdir)
+  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                               stage.train.keep_checkpoints)
+  try:
+    state, step = ckpts.restore_latest(stage.abstract_state)
+  finally:
+    ckpts.close()
+  assert state is not None and int(state['step']) == step
+  return state, step
+
+
+def stage_model(stage) -> ModelConfig:
+  """The model a fine-tuning or preference stage built (its config.json's base.model), adapters
+  included."""
+  d = {k: tuple(v) if isinstance(v, list) else v for k, v in stage.config['base']['model'].items()}
+  return ModelConfig(**d)
+
+
+def loaded(workdir):
+  """runs.load_model's (model config, params, identity) of a language-model run."""
+  mc, params, _, ident = runs.load_model(workdir)
+  assert not mc.lora_rank
+  return mc, params, ident
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(mc, params, tokens, adapters, positions, segments):
+  return model_lib.apply(mc, params, tokens, adapters=adapters, positions_BT=positions,
+                         segment_ids_BT=segments)
+
+
+def logits(mc, params, tokens, adapters=None, positions=None, segments=None) -> np.ndarray:
+  """Transformer(mc).apply of params (and a LoRA model's adapters) to tokens, jitted once per
+  model and shape (an eager forward pass compiles every op anew: seconds). Arrays are taken to
+  the host first, so a stage's sharded params and a loaded run's share one compilation."""
+  return np.asarray(_logits(mc, *jax.device_get((params, tokens, adapters, positions, segments))))
+
+
+def assert_same_logits(got, want):
+  """Equal up to float rounding: 1e-5 of the logits' scale (LoRA merge rounding included)."""
+  want = np.asarray(want)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.fixture(scope='module')
 def lora_run(base_run, user_data, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('lora'))
@@ -333,6 +390,32 @@ def test_merge_writes_a_plain_model_with_the_adapted_logits(lora_run, tmp_path):
   assert np.abs(adapted - model_lib.apply(mc_m, base, tokens)).max() > 1e-4
   with pytest.raises(UserError, match='already holds a run'):
     ft.merge(workdir, out)
+
+
+def test_lora_and_merged_runs_load_with_the_logits_of_the_lora_stage(lora_run, tmp_path):
+  """runs.load_model of a LoRA run (adapters merged into the base) and of its merged folder give
+  the logits of the stage's own LoRA model: the base it holds frozen plus the adapters it
+  restores, unmerged, on its own first training batch (packed: positions and segments)."""
+  workdir, _ = lora_run
+  stage = ft.build(recorded_config(workdir), workdir).stage
+  state, step = restored_by_stage(stage, workdir)
+  mc = stage_model(stage)
+  assert mc.lora_rank == 4 and mc.lora_tokens      # adapters and trained chat-token rows
+  batch = jax.device_get(stage.batch(0))
+  tokens, packing = batch['tokens'], dict(positions=batch['positions'], segments=batch['segments'])
+  assert batch['segments'].max() > 1               # packed rows: the segment masks matter
+  own = logits(mc, stage.frozen, tokens, adapters=state['params'], **packing)
+  mc_l, params_l, ident = loaded(workdir)
+  assert ident['step'] == step == 8
+  assert_same_logits(logits(mc_l, params_l, tokens, **packing), own)
+  # The adapters matter: the base's own logits are far from the adapted ones.
+  assert np.abs(own - logits(mc_l, stage.frozen, tokens, **packing)).max() > 1e-2
+  out = str(tmp_path / 'merged')
+  ft.merge(workdir, out)
+  mc_m, params_m, ident_m = loaded(out)
+  assert runs.kind(runs.read_config(out)) == 'pretrain' and mc_m == mc_l
+  assert ident_m['step'] == step
+  assert_same_logits(logits(mc_m, params_m, tokens, **packing), own)
 
 
 @pytest.mark.slow   # 35 s; measured in docs/results/instruction_tuning, the fine-tuning mechanics stay

@@ -29,6 +29,7 @@ from lm.eval import sample as sample_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.stages import pretrain as train_lib
 from lm.errors import UserError
+from tests.test_finetune import logits   # jitted: an eager forward pass compiles every op
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = os.path.dirname(json.__file__)
@@ -178,6 +179,17 @@ def test_imported_llama_gives_transformers_logits(hf_tokenizer_dir, tmp_path, kv
 @pytest.fixture(scope='module')
 def imported_llama(hf_tokenizer_dir, tmp_path_factory):
   return imported(tmp_path_factory, hf_tokenizer_dir, 'llama', kv=2, tied=False, seed=7)
+
+
+def test_imported_llama_run_gives_transformers_logits(imported_llama):
+  """runs.load_model of an imported Llama run (2 kv heads, untied head) gives the logits of the
+  transformers model it came from (an imported GPT-2 run: the first test of this file)."""
+  _, ref, run = imported_llama
+  assert runs.kind(runs.read_config(run)) == 'pretrain'
+  mc, params, _, ident = runs.load_model(run)
+  assert (mc.n_kv_heads, mc.tie_embeddings, ident['step']) == (2, False, 0)
+  x = tokens_for(mc.vocab_size)
+  np.testing.assert_allclose(logits(mc, params, x), hf_logits(ref, x), atol=TOL, rtol=0)
 
 
 def test_greedy_generation_equals_transformers_generate(imported_llama):
