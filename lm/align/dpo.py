@@ -132,6 +132,53 @@ def _reference_logprobs(mc, params, rows: dict, batch: int) -> np.ndarray:
   return common.batched(lambda r: common.jit_sequence_logprob(params, r, mc=mc), rows, batch)
 
 
+def _pairs(dc: DpoConfig, tc: TrainConfig, policy, workdir: str, seed: int):
+  """The training pairs (a file, or sampled on-policy into the workdir once) and the held-out
+  ones, as rows with the reference policy's log-probabilities: (pairs path, sampling info,
+  training pairs, pairs dropped as too long, rows, held-out rows or None)."""
+  mc, tok, B = policy.mc, policy.tokenizer, tc.batch_size
+  pairs_path, sampled = dc.pairs, None
+  if not pairs_path:            # on-policy pairs from the starting policy (module docstring)
+    pairs_path = os.path.join(workdir, PAIRS)
+    if not os.path.exists(pairs_path):
+      _, sampled = pairs_lib.sample_to_file(
+          pairs_path, policy, common.task_prompts('train'), 'train', 'dpo',
+          dc.samples_per_prompt, dc.noise, dc.max_new_tokens, dc.temperature, seed,
+          dc.sample_batch, dc.pairs_per_prompt)
+  train_pairs, dropped = pairs_lib.fitting(tok, pairs_lib.read_pairs(pairs_path), tc.seq_len)
+  if not train_pairs:
+    raise UserError(f'every pair of {pairs_path} is longer than train.seq_len={tc.seq_len} '
+                    'tokens.')
+  rows = pairs_lib.pair_rows(tok, train_pairs, tc.seq_len)
+  for side in ('chosen', 'rejected'):
+    rows[side]['ref'] = _reference_logprobs(mc, policy.params, rows[side], 2 * B)
+  eval_rows = None
+  if dc.eval_pairs:
+    ev, _ = pairs_lib.fitting(tok, pairs_lib.read_pairs(dc.eval_pairs), tc.seq_len)
+    eval_rows = pairs_lib.pair_rows(tok, ev, tc.seq_len)
+    for side in ('chosen', 'rejected'):
+      eval_rows[side]['ref'] = _reference_logprobs(mc, policy.params, eval_rows[side], 2 * B)
+  return pairs_path, sampled, train_pairs, dropped, rows, eval_rows
+
+
+def _held_out_pairs(eval_loss, params, eval_rows: dict, stack, B: int) -> dict:
+  """The DPO loss, accuracy and margin over the held-out pairs, in batches of B."""
+  n = len(eval_rows['chosen']['tokens'])
+  sums = np.zeros(3)
+  for i in range(0, n, B):
+    idx = np.arange(i, min(i + B, n))
+    b = stack(eval_rows, idx)
+    if len(idx) < B:   # pad to the compiled batch with weight-0 pairs
+      pad = np.zeros(B - len(idx), int)
+      b = stack(eval_rows, np.concatenate([idx, pad]))
+      b['weight'][len(idx):B] = 0.0
+      b['weight'][B + len(idx):] = 0.0
+    total, (w, m) = eval_loss(params, b)
+    sums += [float(total), float(m['accuracy']), float(m['margin'])]
+  return {'eval_pair_loss': sums[0] / n, 'eval_pair_accuracy': sums[1] / n,
+          'eval_pair_margin': sums[2] / n}
+
+
 def build(cfg, workdir: str) -> loop.Stage:
   seed = int(cfg.seed)
   tc = TrainConfig.from_config(cfg.train, 'dpo')
@@ -150,28 +197,9 @@ def build(cfg, workdir: str) -> loop.Stage:
   config['base'] = common.base_identity(policy)
   loop.check_config(workdir, config)
 
-  pairs_path, sampled = dc.pairs, None
-  if not pairs_path:            # on-policy pairs from the starting policy (module docstring)
-    pairs_path = os.path.join(workdir, PAIRS)
-    if not os.path.exists(pairs_path):
-      _, sampled = pairs_lib.sample_to_file(
-          pairs_path, policy, common.task_prompts('train'), 'train', 'dpo',
-          dc.samples_per_prompt, dc.noise, dc.max_new_tokens, dc.temperature, seed,
-          dc.sample_batch, dc.pairs_per_prompt)
-  train_pairs, dropped = pairs_lib.fitting(tok, pairs_lib.read_pairs(pairs_path), tc.seq_len)
-  if not train_pairs:
-    raise UserError(f'every pair of {pairs_path} is longer than train.seq_len={tc.seq_len} '
-                    'tokens.')
-  rows = pairs_lib.pair_rows(tok, train_pairs, tc.seq_len)
+  pairs_path, sampled, train_pairs, dropped, rows, eval_rows = _pairs(dc, tc, policy, workdir,
+                                                                     seed)
   B = tc.batch_size
-  for side in ('chosen', 'rejected'):
-    rows[side]['ref'] = _reference_logprobs(mc, policy.params, rows[side], 2 * B)
-  eval_rows = None
-  if dc.eval_pairs:
-    ev, _ = pairs_lib.fitting(tok, pairs_lib.read_pairs(dc.eval_pairs), tc.seq_len)
-    eval_rows = pairs_lib.pair_rows(tok, ev, tc.seq_len)
-    for side in ('chosen', 'rejected'):
-      eval_rows[side]['ref'] = _reference_logprobs(mc, policy.params, eval_rows[side], 2 * B)
   n_pairs = len(train_pairs)
 
   keys = ('tokens', 'mask', 'last', 'ref')
@@ -196,20 +224,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   def evaluate(params, _frozen) -> dict:
     out = evaluator.evaluate(params)
     if eval_rows is not None:
-      n = len(eval_rows['chosen']['tokens'])
-      sums = np.zeros(3)
-      for i in range(0, n, B):
-        idx = np.arange(i, min(i + B, n))
-        b = stack(eval_rows, idx)
-        if len(idx) < B:   # pad to the compiled batch with weight-0 pairs
-          pad = np.zeros(B - len(idx), int)
-          b = stack(eval_rows, np.concatenate([idx, pad]))
-          b['weight'][len(idx):B] = 0.0
-          b['weight'][B + len(idx):] = 0.0
-        total, (w, m) = eval_loss(params, b)
-        sums += [float(total), float(m['accuracy']), float(m['margin'])]
-      out.update(eval_pair_loss=sums[0] / n, eval_pair_accuracy=sums[1] / n,
-                 eval_pair_margin=sums[2] / n)
+      out.update(_held_out_pairs(eval_loss, params, eval_rows, stack, B))
     return out
 
   n = flops_lib.param_counts(policy.params)

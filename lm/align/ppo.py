@@ -38,6 +38,7 @@ import optax
 from lm.model import flops as flops_lib
 from lm.training import loop
 from lm.align import common
+from lm.model import transformer as model_lib
 from lm.config import read_section
 from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
@@ -165,7 +166,7 @@ def value_loss(values, old_values, returns, mask, clip: float):
 def _score(params, frozen, rows, rm_mean, rm_std, *, mc, temperature):
   """Old log-probabilities and entropy, reference log-probabilities, values, normalised scores."""
   logp, entropy = common.logprobs_and_entropy(mc, params['policy'], rows['tokens'], temperature)
-  ref = common.token_logprobs(mc, frozen['ref'], rows['tokens'], temperature)
+  ref = model_lib.token_logprobs(mc, frozen['ref'], rows['tokens'], temperature)
   values = common.position_scores(mc, params['value'], rows['tokens'])[:, :-1]
   raw = common.last_scores(mc, frozen['rm'], rows)
   return {'logp': logp, 'entropy': entropy, 'ref': ref, 'values': values,
@@ -251,6 +252,48 @@ class _Optimizer:
     return {k: o.init(params[k]) for k, o in self.opts.items()}
 
 
+def _train_step(policy, rm, pc: PpoConfig, tc: TrainConfig, headers: list, prompts: list,
+                seed: int):
+  """One PPO step as the training loop calls it: sample responses to a batch of prompts, score
+  them, compute advantages, update policy and value, adapt the KL coefficient. Host-side (its
+  sampling and metrics are not jitted), so the loop finishes its metrics at once."""
+  mc, tok, B, T = policy.mc, policy.tokenizer, tc.batch_size, pc.temperature
+
+  def train_step(state, frozen, prompt_idx):
+    step = int(state['step'])
+    params = state['params']
+    batch_prompts = [prompts[i] for i in prompt_idx]
+    pol = dataclasses.replace(policy, params=params['policy'])
+    resp = common.sample_responses(pol, batch_prompts, pc.max_new_tokens, T,
+                                   seed * 1_000_003 + step, B)
+    texts = [common.response_text(tok, r) for r in resp]
+    gold = common.gold_scores([headers[i] for i in prompt_idx], texts)
+    rows = jax.device_put(common.make_rows(batch_prompts, resp, tc.seq_len, tok.pad_id))
+    scored = _score(params, frozen, rows, rm.mean, rm.std, mc=mc, temperature=T)
+    adv, returns, kl = _advantages(scored, rows, state['kl_coef'], gamma=pc.gamma, lam=pc.lam)
+    data = {'tokens': rows['tokens'], 'mask': rows['mask'], 'logp': scored['logp'],
+            'values': scored['values'], 'adv': adv, 'returns': returns}
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    new_params, new_opt, stats = _update(params, state['opt_state'], data, key, mc=mc, tc=tc,
+                                         pc=pc)
+    kl_mean = float(jnp.mean(kl))
+    kl_coef = state['kl_coef']
+    if pc.kl_target > 0:
+      err = float(np.clip(kl_mean / pc.kl_target - 1, -0.2, 0.2))
+      kl_coef = kl_coef * jnp.float32(1 + err * B / pc.kl_horizon)
+    mask = np.asarray(rows['mask'])
+    metrics = {k: float(v) for k, v in stats.items() if k != 'ratio_dev'}
+    metrics.update(
+        proxy_reward=float(jnp.mean(scored['score'])), gold_reward=float(gold.mean()),
+        kl=kl_mean, kl_coef=float(state['kl_coef']),
+        entropy=float((np.asarray(scored['entropy']) * mask).sum() / mask.sum()),
+        response_length=float(mask.sum(1).mean()))
+    new_state = {'params': new_params, 'opt_state': new_opt, 'step': state['step'] + 1,
+                 'kl_coef': jnp.asarray(kl_coef, jnp.float32)}
+    return new_state, metrics
+  return train_step
+
+
 def build(cfg, workdir: str) -> loop.Stage:
   seed = int(cfg.seed)
   tc = TrainConfig.from_config(cfg.train, 'ppo')
@@ -285,38 +328,7 @@ def build(cfg, workdir: str) -> loop.Stage:
       init_params, _Optimizer(opts), {'kl_coef': lambda: jnp.asarray(pc.kl_coef, jnp.float32)})
   frozen = {'ref': policy.params, 'rm': rm.params}
 
-  def train_step(state, frozen, prompt_idx):
-    step = int(state['step'])
-    params = state['params']
-    batch_prompts = [prompts[i] for i in prompt_idx]
-    pol = dataclasses.replace(policy, params=params['policy'])
-    resp = common.sample_responses(pol, batch_prompts, pc.max_new_tokens, T,
-                                   seed * 1_000_003 + step, B)
-    texts = [common.response_text(tok, r) for r in resp]
-    gold = common.gold_scores([headers[i] for i in prompt_idx], texts)
-    rows = jax.device_put(common.make_rows(batch_prompts, resp, tc.seq_len, tok.pad_id))
-    scored = _score(params, frozen, rows, rm.mean, rm.std, mc=mc, temperature=T)
-    adv, returns, kl = _advantages(scored, rows, state['kl_coef'], gamma=pc.gamma, lam=pc.lam)
-    data = {'tokens': rows['tokens'], 'mask': rows['mask'], 'logp': scored['logp'],
-            'values': scored['values'], 'adv': adv, 'returns': returns}
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-    new_params, new_opt, stats = _update(params, state['opt_state'], data, key, mc=mc, tc=tc,
-                                         pc=pc)
-    kl_mean = float(jnp.mean(kl))
-    kl_coef = state['kl_coef']
-    if pc.kl_target > 0:
-      err = float(np.clip(kl_mean / pc.kl_target - 1, -0.2, 0.2))
-      kl_coef = kl_coef * jnp.float32(1 + err * B / pc.kl_horizon)
-    mask = np.asarray(rows['mask'])
-    metrics = {k: float(v) for k, v in stats.items() if k != 'ratio_dev'}
-    metrics.update(
-        proxy_reward=float(jnp.mean(scored['score'])), gold_reward=float(gold.mean()),
-        kl=kl_mean, kl_coef=float(state['kl_coef']),
-        entropy=float((np.asarray(scored['entropy']) * mask).sum() / mask.sum()),
-        response_length=float(mask.sum(1).mean()))
-    new_state = {'params': new_params, 'opt_state': new_opt, 'step': state['step'] + 1,
-                 'kl_coef': jnp.asarray(kl_coef, jnp.float32)}
-    return new_state, metrics
+  train_step = _train_step(policy, rm, pc, tc, headers, prompts, seed)
 
   def batch(step: int):
     return common.epoch_indices(step, B, len(prompts), seed, 0x990)
