@@ -50,7 +50,7 @@ class Policy:
 
 def load_policy(workdir: str) -> Policy:
   mc, params, tokenizer, identity = runs.load_model(workdir)
-  sft._chat_ids(tokenizer)    # a policy must speak the chat template
+  sft.chat_ids(tokenizer)    # a policy must speak the chat template
   return Policy(mc, params, tokenizer, identity)
 
 
@@ -147,16 +147,10 @@ def logprobs_and_entropy(mc: ModelConfig, params, tokens, temperature: float = 1
   return logp, entropy
 
 
-def token_logprobs(mc: ModelConfig, params, tokens, temperature: float = 1.0):
-  """log p_T(target t | ids <= t): [B, seq_len - 1]."""
-  logits = model_lib.apply(mc, params, tokens[:, :-1]) / temperature
-  return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, 1:, None],
-                             axis=-1)[..., 0]
-
-
 def sequence_logprob(mc: ModelConfig, params, rows, temperature: float = 1.0):
   """Summed log-probability of each row's response: [B]."""
-  return jnp.sum(token_logprobs(mc, params, rows['tokens'], temperature) * rows['mask'], axis=-1)
+  logp = model_lib.token_logprobs(mc, params, rows['tokens'], temperature)
+  return jnp.sum(logp * rows['mask'], axis=-1)
 
 
 def init_head(mc: ModelConfig, trunk) -> dict:

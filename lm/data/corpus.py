@@ -134,7 +134,7 @@ def split_fraction(doc_id: str) -> float:
   return int.from_bytes(h[:8], 'big') / 2.0**64
 
 
-def _decode(raw: bytes) -> tuple[str, int]:
+def decode_text(raw: bytes) -> tuple[str, int]:
   """UTF-8 text and the number of characters that had to be replaced with U+FFFD."""
   try:
     return raw.decode('utf-8'), 0
@@ -144,7 +144,7 @@ def _decode(raw: bytes) -> tuple[str, int]:
     return text, text.count('\ufffd') - raw.count('\ufffd'.encode('utf-8'))
 
 
-def _documents(f: SourceFile, raw: str, text_field: str):
+def file_documents(f: SourceFile, raw: str, text_field: str):
   """(doc id, text) pairs of one file: the whole file, or one per non-blank .jsonl line."""
   if not f.relpath.endswith('.jsonl'):
     yield f.relpath, raw
@@ -192,13 +192,13 @@ def read_text_corpus(name: str, files: list[SourceFile], *, text_field: str, val
     if name == 'pystdlib' and b'\x00' in raw:
       skipped += 1  # Binary data with a .py name (there are a few in test folders).
       continue
-    text, bad = _decode(raw)
+    text, bad = decode_text(raw)
     used_files += 1
     replaced += bad
     # Hash what is read, with the path and length framing it so file boundaries matter.
     sha.update(f'{f.relpath}\0{len(raw)}\0'.encode('utf-8'))
     sha.update(raw)
-    for doc_id, doc in _documents(f, text, text_field):
+    for doc_id, doc in file_documents(f, text, text_field):
       if max_bytes:
         left = max_bytes - n_bytes
         if left <= 0:

@@ -44,7 +44,7 @@ ROLES = ('system', 'user', 'assistant')
 # ---------------------------------------------------------------------------------------------
 # The chat template.
 
-def _chat_ids(tokenizer) -> dict:
+def chat_ids(tokenizer) -> dict:
   if tokenizer.chat_ids is None and tokenizer.name == 'hf':
     raise UserError('the imported tokenizer of this run has no chat tokens; import the model again '
                     'with --add_chat_tokens (python run.py import ... --add_chat_tokens).')
@@ -61,7 +61,7 @@ def encode_chat(tokenizer, messages: list[dict], generation_prompt: bool = False
 
   generation_prompt: the messages end before the reply; <|assistant|> is appended to open it.
   """
-  chat = _chat_ids(tokenizer)
+  chat = chat_ids(tokenizer)
   ids, mask = [tokenizer.eos_id], [False]
   for m in messages:
     body = list(tokenizer.encode(m['content']))
@@ -76,7 +76,7 @@ def encode_chat(tokenizer, messages: list[dict], generation_prompt: bool = False
 
 def decode_chat(tokenizer, ids) -> list[dict]:
   """The messages of a templated id sequence (inverse of encode_chat)."""
-  chat = _chat_ids(tokenizer)
+  chat = chat_ids(tokenizer)
   role_of = {chat[r]: r for r in ROLES}
   out, role, body = [], None, []
   for i in [int(i) for i in ids]:

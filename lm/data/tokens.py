@@ -293,7 +293,7 @@ def _write_contents(cfg: DataConfig, files, material: dict, key: str, out: str,
     text = corpus_lib.read_text_corpus(cfg.corpus, files, text_field=cfg.text_field,
                                        val_fraction=cfg.val_fraction, max_bytes=cfg.max_bytes)
     if cfg.arith_fraction:
-      _mix_arith(text, cfg)
+      mix_arith(text, cfg)
     if cfg.tokenizer == 'bytes':
       tok = tokenizer_lib.ByteTokenizer(chat=cfg.chat_tokens)
     elif cfg.tokenizer == 'file':
@@ -319,7 +319,7 @@ def _write_contents(cfg: DataConfig, files, material: dict, key: str, out: str,
   return info
 
 
-def _mix_arith(text, cfg: DataConfig) -> None:
+def mix_arith(text, cfg: DataConfig) -> None:
   """Adds generated arithmetic documents to both splits of a text corpus, so that they hold
   data.arith_fraction of the mixed bytes; they split by document id like the corpus does."""
   f = cfg.arith_fraction

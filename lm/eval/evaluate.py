@@ -75,7 +75,7 @@ def _window_nats(mc, params, stream: np.ndarray, seq_len: int, batch_size: int) 
       w = stream[s:s + seq_len + 1]
       rows[r, :len(w)] = w
       mask[r, :len(w) - 1] = True
-    lp = np.asarray(sample_lib._token_logprobs(mc, params, jnp.asarray(rows)), np.float64)
+    lp = np.asarray(sample_lib.score_tokens(mc, params, jnp.asarray(rows)), np.float64)
     total -= float(np.where(mask, lp, 0.0).sum())
   return total
 
@@ -121,7 +121,7 @@ def val_documents(data: dict) -> tuple[str, list[str]]:
   text = corpus_lib.read_text_corpus(dc.corpus, files, text_field=dc.text_field,
                                      val_fraction=dc.val_fraction, max_bytes=dc.max_bytes)
   if dc.arith_fraction:
-    data_lib._mix_arith(text, dc)
+    data_lib.mix_arith(text, dc)
   what = f'{dc.corpus} validation split' + (f' of {dc.path}' if dc.corpus == 'text' else '')
   return what, text.val
 
@@ -136,8 +136,8 @@ def corpus_documents(path: str, text_field: str = 'text') -> list[str]:
   docs = []
   for f in files:
     with open(f.path, 'rb') as fh:
-      text, _ = corpus_lib._decode(fh.read())
-    docs += [d for _, d in corpus_lib._documents(f, text, text_field) if d]
+      text, _ = corpus_lib.decode_text(fh.read())
+    docs += [d for _, d in corpus_lib.file_documents(f, text, text_field) if d]
   if not docs:
     raise UserError(f'the eval corpus {path!r} holds no text; fix --config.eval.corpora.')
   return docs

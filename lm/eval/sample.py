@@ -228,12 +228,8 @@ def generate(mc: ModelConfig, params, tokenizer, prompts: list[str], max_new_tok
 # ---------------------------------------------------------------------------------------------
 # Scoring.
 
-@functools.partial(jax.jit, static_argnames=('mc',))
-def _token_logprobs(mc: ModelConfig, params, tokens_BT):
-  """log p(token t | tokens < t) for t = 1..T-1: [B, T-1]."""
-  logits = model_lib.apply(mc, params, tokens_BT[:, :-1])
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+# The model's token log-probabilities (lm/model/transformer.py), compiled once per model and shape.
+score_tokens = jax.jit(model_lib.token_logprobs, static_argnums=0)
 
 
 def continuation_logprobs(mc: ModelConfig, params, prompt_ids: list, continuation_ids: list
@@ -257,7 +253,7 @@ def continuation_logprobs(mc: ModelConfig, params, prompt_ids: list, continuatio
     seq = np.concatenate([p, c])
     tokens[i, :len(seq)] = seq
     mask[i, len(p) - 1:len(seq) - 1] = True  # targets are the continuation's tokens
-  picks = np.asarray(_token_logprobs(mc, params, jnp.asarray(tokens)), np.float64)
+  picks = np.asarray(score_tokens(mc, params, jnp.asarray(tokens)), np.float64)
   return np.where(mask, picks, 0.0).sum(axis=1)
 
 

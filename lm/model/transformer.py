@@ -255,3 +255,11 @@ def apply(cfg: ModelConfig, params, tokens_BT, adapters=None, **kw) -> Any:
   if adapters is not None:
     variables[lora.COLLECTION] = adapters
   return Transformer(cfg).apply(variables, tokens_BT, rngs=rngs, **kw)
+
+
+def token_logprobs(cfg: ModelConfig, params, tokens_BT, temperature: float = 1.0):
+  """log p(token t | tokens < t) for t = 1..T-1 at a sampling temperature: [B, T-1]. The one
+  scoring forward every evaluation and preference objective uses."""
+  logits = apply(cfg, params, tokens_BT[:, :-1]) / temperature
+  return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens_BT[:, 1:, None],
+                             axis=-1)[..., 0]

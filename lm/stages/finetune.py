@@ -113,7 +113,7 @@ class FinetuneConfig:
 
 def _train_tokens(fc: FinetuneConfig, tokenizer) -> tuple:
   if fc.lora_train_tokens == 'chat':
-    return tuple(sorted(int(i) for i in sft._chat_ids(tokenizer).values()))
+    return tuple(sorted(int(i) for i in sft.chat_ids(tokenizer).values()))
   return tuple(int(x) for x in fc.lora_train_tokens.split(',') if x.strip())
 
 
@@ -194,7 +194,7 @@ class Job:
 def _model(fc: FinetuneConfig, tc: TrainConfig, mesh):
   """(base model config, base params, tokenizer, base identity, the trained model's config)."""
   base_mc, base_params, tokenizer, base_id = runs.load_model(fc.init_from)
-  sft._chat_ids(tokenizer)   # a base without chat tokens is refused here, before any work
+  sft.chat_ids(tokenizer)   # a base without chat tokens is refused here, before any work
   if tc.seq_len > base_mc.max_len:
     raise UserError(f'train.seq_len={tc.seq_len} is longer than the base model\'s max_len='
                     f'{base_mc.max_len}; lower train.seq_len.')
