@@ -19,8 +19,8 @@ def tiny_config(cache_dir):
   for k, v in dict(steps=30, batch_size=8, seq_len=64, warmup_steps=2, eval_every=30,
                    eval_batches=1, checkpoint_every=30, progress='none').items():
     t[k] = v
-  short = dict(warmup_steps=1, eval_batches=1, progress='none', log_every=1)
-  for k, v in dict(short, steps=10, batch_size=8, seq_len=128, eval_every=10,
+  short = dict(warmup_steps=1, progress='none', log_every=1)   # eval_batches: SFT reads it
+  for k, v in dict(short, steps=10, batch_size=8, seq_len=128, eval_every=10, eval_batches=1,
                    checkpoint_every=5).items():
     c.sft.train[k] = v
   f = c.sft.finetune
