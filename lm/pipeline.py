@@ -26,12 +26,14 @@ stages after it follow, so no result is silently reused.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import time
 
 from lm.training import loop
+from lm.config import read_section
 from lm.errors import UserError
 from lm.metrics import read_jsonl, write_json_atomic, write_text_atomic
 from lm.align import common as al
@@ -48,6 +50,26 @@ UPSTREAM = {'tokenizer': (), 'pretrain': ('tokenizer',), 'sft': ('pretrain',),
             'reward': ('sft',), 'ppo': ('sft', 'reward'), 'dpo': ('sft', 'reward')}
 STATE = 'pipeline.json'
 POLICIES = ('sft', 'ppo', 'dpo')
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """The `pipeline` section (keys and meanings: configs/pipeline.py)."""
+  stages: tuple
+  policy_eval_prompts: int
+  policy_eval_samples: int
+
+  @classmethod
+  def from_config(cls, section) -> 'PipelineConfig':
+    pc = cls(**read_section(cls, section, 'pipeline'))
+    for s in pc.stages:
+      if s not in STAGES:
+        raise UserError(f'pipeline.stages names {s!r}, which is not a stage; use some of '
+                        f'{", ".join(STAGES)}.')
+    if pc.policy_eval_prompts < 1 or pc.policy_eval_samples < 1:
+      raise UserError('pipeline.policy_eval_prompts and pipeline.policy_eval_samples must be '
+                      'positive.')
+    return pc
 
 
 def _digest(obj) -> str:
@@ -71,11 +93,7 @@ def stage_configs(cfg, workdir: str) -> dict:
   out['dpo'].dpo.init_from, out['dpo'].dpo.reward_from = d('sft'), d('reward')
   out['dpo'].dpo.pairs = os.path.join(d('reward'), reward.PAIRS)
   out['dpo'].dpo.eval_pairs = os.path.join(d('reward'), reward.EVAL_PAIRS)
-  wanted = [s.strip() for s in str(cfg.pipeline.stages).split(',') if s.strip()]
-  for s in wanted:
-    if s not in STAGES:
-      raise UserError(f'pipeline.stages names {s!r}, which is not a stage; use some of '
-                      f'{", ".join(STAGES)}.')
+  wanted = PipelineConfig.from_config(cfg.pipeline).stages
   for s in wanted:
     for up in UPSTREAM[s]:
       if up in out and up not in wanted and up != 'tokenizer':
@@ -207,19 +225,19 @@ def evaluate_stages(cfg, workdir: str, state: dict, log=print) -> None:
   if 'reward' in stages and stages['reward'].get('finished') and policies and any(
       'policy' not in stages[p].get('eval', {}) for p in policies):
     t0 = time.time()
-    p = cfg.pipeline
+    p = PipelineConfig.from_config(cfg.pipeline)
     sft = al.load_policy(os.path.join(workdir, 'sft'))
     rm = reward.load(os.path.join(workdir, 'reward'))
-    headers = al.task_prompts('eval', int(p.policy_eval_prompts))
+    headers = al.task_prompts('eval', p.policy_eval_prompts)
     ev = al.Evaluator(headers, sft, rm, int(cfg.ppo.train.seq_len), int(cfg.ppo.ppo.max_new_tokens),
-                      1.0, int(cfg.ppo.ppo.sample_batch), samples=int(p.policy_eval_samples),
+                      1.0, int(cfg.ppo.ppo.sample_batch), samples=p.policy_eval_samples,
                       seed=999)
     for name in policies:
       params = sft.params if name == 'sft' else al.load_policy(
           os.path.join(workdir, name)).params
       stages[name].setdefault('eval', {})['policy'] = dict(ev.evaluate(params, prefix=''),
                                                            prompts=len(headers),
-                                                           samples=int(p.policy_eval_samples))
+                                                           samples=p.policy_eval_samples)
     log(f'[policies] gold and proxy reward, KL: {time.time() - t0:.0f} s')
 
 

@@ -3,16 +3,22 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
-from configs import base, dpo, ppo, reward, sft
+from configs import base, dpo, ppo, reward, sft, sweep_smoke
+from configs import eval as eval_cfg
+from configs import pipeline as pipeline_cfg
 from lm.align.dpo import DpoConfig
 from lm.align.ppo import PpoConfig
 from lm.align.reward import RewardConfig
 from lm.config import ModelConfig
 from lm.data.tokens import DataConfig
+from lm.eval.evaluate import EvalConfig
 from lm.errors import UserError
 from lm.model.sharding import MeshConfig
+from lm.pipeline import PipelineConfig
+from lm.scaling import plan as plan_lib
 from lm.stages.finetune import FinetuneConfig
 from lm.training.optim import UNUSED_KEYS, TrainConfig
 
@@ -56,6 +62,10 @@ def _sections():
       ('dpo', DpoConfig.from_config, dict(c['dpo'].dpo, init_from='runs/x')),
       ('ppo', lambda s: PpoConfig.from_config(s, 64),
        dict(c['ppo'].ppo, init_from='runs/x', reward_from='runs/rm')),
+      ('eval', EvalConfig.from_config, eval_cfg.get_config().eval),
+      ('pipeline', PipelineConfig.from_config, pipeline_cfg.get_config().pipeline),
+      ('sweep', lambda s: plan_lib.validate(ml_collections.ConfigDict(s)),
+       sweep_smoke.get_config().sweep),
   ]
 
 

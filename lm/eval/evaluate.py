@@ -23,6 +23,7 @@ for fine-tuned runs and few-shot text otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -36,6 +37,7 @@ from lm import metrics as metrics_lib
 from lm import runs
 from lm.eval import sample as sample_lib
 from lm.eval import tasks as tasks_lib
+from lm.config import read_section
 from lm.errors import UserError
 
 DEFAULT_MAX_TOKENS = 131072
@@ -171,15 +173,36 @@ def loop_tasks(tc, mc, tokenizer, seed: int = 0):
 # ---------------------------------------------------------------------------------------------
 # `run.py eval`.
 
-def evaluate_run(workdir: str, ec) -> dict:
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """The `eval` section (keys and meanings: configs/eval.py)."""
+  val: bool = True
+  corpora: str = ''
+  text_field: str = 'text'
+  max_tokens: int = 131072
+  seq_len: int = 0
+  tasks: str = 'auto'
+  format: str = 'auto'
+  shots: int = -1
+  examples: int = 200
+  batch_size: int = 64
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, section) -> 'EvalConfig':
+    return cls(**read_section(cls, section, 'eval'))
+
+
+def evaluate_run(workdir: str, section) -> dict:
   """Evaluates the run in workdir as the `eval` config section asks; writes workdir/eval.json."""
   t0 = time.time()
+  ec = section if isinstance(section, EvalConfig) else EvalConfig.from_config(section)
   cfg = _config(workdir)
   names = tasks_lib.resolve(ec.tasks) if ec.tasks != 'auto' else None
   corpora = [c.strip() for c in ec.corpora.split(',') if c.strip()] if ec.corpora else []
   for key in ('max_tokens', 'examples', 'batch_size'):
-    if int(ec[key]) < (0 if key == 'max_tokens' else 1):
-      raise UserError(f'eval.{key}={ec[key]} must be positive; fix --config.eval.{key}.')
+    if getattr(ec, key) < (0 if key == 'max_tokens' else 1):
+      raise UserError(f'eval.{key}={getattr(ec, key)} must be positive; fix --config.eval.{key}.')
   if ec.format not in ('auto',) + tasks_lib.FORMATS:
     raise UserError(f"eval.format={ec.format!r} is not known; use auto, fewshot or chat.")
   docs = {name: corpus_documents(name, ec.text_field) for name in corpora}   # before the model

@@ -46,7 +46,7 @@ import re
 
 import numpy as np
 
-from lm.config import ModelConfig
+from lm.config import ModelConfig, read_section
 from lm.errors import UserError
 from lm.model import flops as flops_lib
 from lm.training import loop
@@ -134,8 +134,46 @@ def _positive_numbers(s, key: str, integer: bool = False) -> None:
     raise UserError(f'sweep.{key}={v!r} must be {what}.')
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepKeys:
+  """The keys a `sweep` section may hold and their types (meanings: configs/sweep_smoke.py). The
+  section is read through lm.config.read_section, so a misspelt or unknown key, or a value of
+  the wrong type, is refused by name before anything runs; keys with a default may be left out."""
+  mode: str
+  budgets: tuple
+  sizes_per_budget: int
+  span: float
+  tokens_per_param: float
+  grid_params: tuple
+  grid_tokens: tuple
+  head_dim: int
+  aspect: float
+  lr: float
+  lr_ref_width: int
+  lr_width_power: float
+  warmup_fraction: float
+  warmup_max: int
+  seeds: int
+  evals_per_run: int
+  checkpoints_per_run: int
+  max_attempts: int
+  bootstrap: int
+  cooldown: float = 0.2
+  seeds_smallest: int = 0
+  seeds_smallest_budgets: int = 1
+  only: str = ''
+  eval_rows: int = 0
+  parallel: int = 1
+  pack: int = 1
+  min_layers: int = 1
+  aspect_band: float = 4.0
+  batch_sizes: tuple = ()
+  min_steps: int = 0
+
+
 def validate(s) -> None:
   """Every sweep key checked before anything is planned or written: one sentence per problem."""
+  read_section(SweepKeys, s, 'sweep')
   if s.mode not in MODES:
     raise UserError(f"sweep.mode={s.mode!r} is not known; use one of {', '.join(MODES)}.")
   keys = ['span', 'tokens_per_param', 'aspect', 'lr', 'lr_ref_width']
