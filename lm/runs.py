@@ -22,10 +22,10 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lm.training import checkpoint as ckpt_lib
+from lm.training import loop
 from lm.model import lora as lora_lib
 from lm import metrics as metrics_lib
 from lm.data import tokenizer as tokenizer_lib
@@ -232,8 +232,7 @@ def write_plain_run(out: str, cfg: dict, params, tokenizer, step: int, manifest:
   came from."""
   os.makedirs(out, exist_ok=True)
   optimizer = make_optimizer(TrainConfig.from_config(cfg['train']), params)
-  state = {'params': params, 'opt_state': optimizer.init(params),
-           'step': jnp.asarray(step, jnp.int32)}
+  state = loop.new_state(params, optimizer, step)
   ckpts = ckpt_lib.Checkpoints(os.path.join(out, 'checkpoints'), 1)
   ckpts.save(step, state)
   ckpts.close()

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import host
+from lm.training import checkpoint as ckpt_lib
+from lm.training import loop
 from lm.model import transformer as model_lib
 from lm import runs
 from lm.eval import sample as sample_lib
@@ -266,16 +268,10 @@ def initial_state(make_params, optimizer, extra=None):
   """(jitted init_state, abstract state on one device) of a train state {'params', 'opt_state',
   'step'} plus `extra` entries ({name: () -> array})."""
   def init_state():
-    params = make_params()
-    state = {'params': params, 'opt_state': optimizer.init(params),
-             'step': jnp.zeros((), jnp.int32)}
+    state = loop.new_state(make_params(), optimizer)
     state.update({k: f() for k, f in (extra or {}).items()})
     return state
-  shapes = jax.eval_shape(init_state)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          shapes)
-  return jax.jit(init_state), abstract
+  return jax.jit(init_state), ckpt_lib.on_one_device(jax.eval_shape(init_state))
 
 
 def read_json(path: str) -> dict:

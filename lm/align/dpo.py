@@ -186,9 +186,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   common.check_single_process()
   policy = common.load_policy(dc.init_from)
   mc, tok = policy.mc, policy.tokenizer
-  if tc.seq_len > mc.max_len:
-    raise UserError(f'train.seq_len={tc.seq_len} is longer than the SFT model\'s max_len='
-                    f'{mc.max_len}; lower train.seq_len.')
+  tc.check_fits(mc.max_len, "the SFT model's max_len")
   rm = None
   if dc.reward_from:
     rm = reward_lib.load(dc.reward_from)

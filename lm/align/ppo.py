@@ -303,9 +303,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   mc, tok = policy.mc, policy.tokenizer
   rm = reward_lib.load(pc.reward_from)
   common.check_compatible(policy, rm.mc, rm.tokenizer, 'reward model')
-  if tc.seq_len > mc.max_len:
-    raise UserError(f'train.seq_len={tc.seq_len} is longer than the SFT model\'s max_len='
-                    f'{mc.max_len}; lower train.seq_len.')
+  tc.check_fits(mc.max_len, "the SFT model's max_len")
   config = json.loads(cfg.to_json())
   config['base'] = common.base_identity(policy)
   config['reward_model'] = rm.identity

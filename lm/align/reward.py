@@ -143,9 +143,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   common.check_single_process()
   policy = common.load_policy(rc.init_from)
   mc = policy.mc
-  if tc.seq_len > mc.max_len:
-    raise UserError(f'train.seq_len={tc.seq_len} is longer than the SFT model\'s max_len='
-                    f'{mc.max_len}; lower train.seq_len.')
+  tc.check_fits(mc.max_len, "the SFT model's max_len")
   config = json.loads(cfg.to_json())
   config['base'] = common.base_identity(policy)
   loop.check_config(workdir, config)

@@ -93,8 +93,7 @@ class Pack:
                                       in_axes=(0, None)))
     keys = jnp.stack([jax.random.PRNGKey(s) for s in self.seeds])
     shapes = jax.eval_shape(self._init, keys, self.lrs)
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    self.abstract_state = ckpt_lib.abstract(shapes, jax.tree.map(lambda _: dev, shapes))
+    self.abstract_state = ckpt_lib.on_one_device(shapes)
 
   def init_state(self):
     return self._init(jnp.stack([jax.random.PRNGKey(s) for s in self.seeds]),

@@ -29,7 +29,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lm.training import checkpoint as ckpt_lib
@@ -195,9 +194,7 @@ def _model(fc: FinetuneConfig, tc: TrainConfig, mesh):
   """(base model config, base params, tokenizer, base identity, the trained model's config)."""
   base_mc, base_params, tokenizer, base_id = runs.load_model(fc.init_from)
   sft.chat_ids(tokenizer)   # a base without chat tokens is refused here, before any work
-  if tc.seq_len > base_mc.max_len:
-    raise UserError(f'train.seq_len={tc.seq_len} is longer than the base model\'s max_len='
-                    f'{base_mc.max_len}; lower train.seq_len.')
+  tc.check_fits(base_mc.max_len, "the base model's max_len")
   use_lora = fc.lora_rank > 0
   mc = dataclasses.replace(base_mc, lora_rank=fc.lora_rank, lora_alpha=fc.lora_alpha,
                            lora_dropout=fc.lora_dropout,
@@ -315,8 +312,7 @@ def _train_state(fc, tc, mc, base_mc, base_params, seed: int, mesh):
       trainable = model_lib.init_variables(mc, jax.random.PRNGKey(seed))[lora_lib.COLLECTION]
     else:
       trainable = base_params
-    return {'params': trainable, 'opt_state': optimizer.init(trainable),
-            'step': jnp.zeros((), jnp.int32)}
+    return loop.new_state(trainable, optimizer)
   shapes = jax.eval_shape(init_state)
   s_shard = shard_lib.state_shardings(mesh, shapes, t_shard)
   s_shard['params'] = t_shard

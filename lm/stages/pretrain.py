@@ -91,9 +91,7 @@ def build(cfg, vocab_size: int = 0) -> Run:
   impl, why = attention_lib.choose_implementation(mc.attention_impl, mc.dtype,
                                                     jax.default_backend(), mc.head_dim, mc.pos)
   mc = dataclasses.replace(mc, attention_impl=impl)
-  if tc.seq_len > mc.max_len:
-    raise UserError(f'train.seq_len={tc.seq_len} is longer than model.max_len={mc.max_len}; '
-                    'lower seq_len or raise max_len.')
+  tc.check_fits(mc.max_len)
   shard_lib.check_divisibility(mesh, mc, tc.batch_size)
   if dataset is not None:
     dataset.check(tc.batch_size, tc.seq_len, jax.process_count())
@@ -103,9 +101,7 @@ def build(cfg, vocab_size: int = 0) -> Run:
   optimizer = make_optimizer(tc, param_shapes)
 
   def init_state(rng):
-    params = model_lib.init_params(mc, rng)
-    return {'params': params, 'opt_state': optimizer.init(params),
-            'step': jnp.zeros((), jnp.int32)}
+    return loop.new_state(model_lib.init_params(mc, rng), optimizer)
   state_shapes = jax.eval_shape(init_state, jax.random.PRNGKey(0))
   s_shard = shard_lib.state_shardings(mesh, state_shapes, p_shard)
   s_shard['params'] = p_shard
@@ -114,8 +110,7 @@ def build(cfg, vocab_size: int = 0) -> Run:
 
   init_fn = jax.jit(init_state, out_shardings=s_shard)
   if tc.init_from:   # continued pretraining: the init run's weights, a fresh optimizer, step 0
-    start = jax.jit(lambda p: {'params': p, 'opt_state': optimizer.init(p),
-                               'step': jnp.zeros((), jnp.int32)}, out_shardings=s_shard)
+    start = jax.jit(lambda p: loop.new_state(p, optimizer), out_shardings=s_shard)
     init_fn = lambda _: start(_init_params(tc.init_from, mc))
   pinned = lambda fn: shard_lib.with_activation_constraints(fn, mesh)
   train_step = jax.jit(pinned(make_train_step(mc, tc, optimizer, seed)),

@@ -139,3 +139,9 @@ def abstract(state_shapes, shardings):
   """ShapeDtypeStructs carrying the target shardings (what restore lays the arrays onto)."""
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       state_shapes, shardings)
+
+
+def on_one_device(state_shapes):
+  """The abstract state of a run held whole on the first device (no mesh)."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return abstract(state_shapes, jax.tree.map(lambda _: device, state_shapes))

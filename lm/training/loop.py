@@ -160,6 +160,12 @@ class Member:
   label: str
 
 
+def new_state(params, optimizer, step: int = 0) -> dict:
+  """The train state every stage checkpoints: {'params', 'opt_state' (fresh), 'step'}."""
+  return {'params': params, 'opt_state': optimizer.init(params),
+          'step': jnp.asarray(step, jnp.int32)}
+
+
 def flatten(d, prefix=''):
   out = {}
   for k, v in d.items():

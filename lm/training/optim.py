@@ -114,6 +114,12 @@ class TrainConfig:
     if self.progress not in ('auto', 'bar', 'log', 'none'):
       raise UserError(f"{p}progress={self.progress!r} must be auto, bar, log or none.")
 
+  def check_fits(self, max_len: int, what: str = 'model.max_len') -> None:
+    """Refuses training windows longer than the model's positions (`what` names its max_len)."""
+    if self.seq_len > max_len:
+      raise UserError(f'train.seq_len={self.seq_len} is longer than {what}={max_len}; lower '
+                      'train.seq_len.')
+
   def profile_range(self) -> tuple[int, int] | None:
     """(A, B) of train.profile_steps, or None when it is empty or malformed."""
     try:
