@@ -5,6 +5,20 @@ import os
 import sys
 import time
 
+from lm.errors import UserError
+
+
+def read_json_object(path: str, fix: str) -> dict:
+  """A JSON object from a file the project wrote; an unreadable or damaged one is refused in one
+  sentence naming the file and `fix` (what the user can do about it)."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f'{path} cannot be read ({type(e).__name__}); {fix}.') from None
+  if not isinstance(obj, dict):
+    raise UserError(f'{path} does not hold a JSON object; {fix}.')
+  return obj
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -35,6 +35,7 @@ from lm.training.optim import TrainConfig, make_optimizer
 
 KINDS = ('pretrain', 'finetune', 'reward', 'dpo', 'ppo')
 CHAT_KINDS = ('finetune', 'reward', 'dpo', 'ppo')   # trained in the chat template
+DAMAGED = 'the run folder is damaged, restore it or train the run again'
 MAX_CHAIN = 16           # base runs followed before a chain is refused as a loop
 # Where each kind keeps its language model's weights inside the checkpointed state.
 PARAMS_KEYS = {'pretrain': ('params',), 'finetune': ('params',), 'dpo': ('params',),
@@ -51,16 +52,7 @@ def read_config(workdir: str, missing: str | None = None) -> dict:
     raise UserError(missing or f'{workdir} has no config.json, so it is not a training run; point '
                     'at a folder that run.py train, finetune, reward, dpo, ppo, merge or import '
                     'wrote.')
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f'{path} cannot be read ({type(e).__name__}); the run folder is damaged, '
-                    'restore it or train the run again.') from None
-  if not isinstance(cfg, dict):
-    raise UserError(f'{path} does not hold a config (a JSON object); the run folder is damaged, '
-                    'restore it or train the run again.')
-  return cfg
+  return metrics_lib.read_json_object(path, DAMAGED)
 
 
 def config_or_empty(workdir: str) -> dict:

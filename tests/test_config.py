@@ -102,3 +102,19 @@ def test_the_command_refuses_an_ignored_key_before_writing(tmp_path):
   assert p.returncode == 2, p.stderr[-2000:]   # run.py: exit 2 for a refused input
   assert 'train.grad_accum=2 has no effect in a ppo run' in p.stderr
   assert 'Traceback' not in p.stderr and not out.exists()
+
+
+def test_a_damaged_config_json_is_refused_in_one_sentence(tmp_path):
+  """The run-folder reader and the loop's resume check read config.json the same way."""
+  from lm import runs
+  from lm.training import loop
+  (tmp_path / 'config.json').write_text('{"model": ')
+  with pytest.raises(UserError, match=r'config.json cannot be read \(JSONDecodeError\); the run '
+                     'folder is damaged'):
+    runs.read_config(str(tmp_path))
+  with pytest.raises(UserError, match='use a new --workdir'):
+    loop.check_config(str(tmp_path), {'train': {}})
+  (tmp_path / 'config.json').write_text('[1, 2]')
+  with pytest.raises(UserError, match='does not hold a JSON object'):
+    runs.read_config(str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == '[1, 2]'   # nothing rewritten

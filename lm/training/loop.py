@@ -210,8 +210,9 @@ def check_config(workdir: str, new_cfg: dict, allowed=RESUMABLE_CHANGES) -> None
   check_stage_start(new_cfg)
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
-    with open(path) as f:
-      check_resumable(json.load(f), new_cfg, allowed)
+    old = metrics_lib.read_json_object(path, 'the workdir holds a damaged run; use a new '
+                                       '--workdir, or delete this one to start over')
+    check_resumable(old, new_cfg, allowed)
 
 
 class _StopFlag:
