@@ -84,7 +84,7 @@ class Chat:
                temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0):
     sample_lib.check_sampling(temperature, top_k, top_p, 1, max_new_tokens)
     self.mc, self.params, self.tokenizer = mc, params, tokenizer
-    self.end = sft._chat_ids(tokenizer)['end']
+    self.end = sft.chat_ids(tokenizer)['end']
     self.system = system
     self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     self.max_new, self.seed, self.turn = max_new_tokens, seed, 0
