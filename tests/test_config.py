@@ -118,3 +118,24 @@ def test_a_damaged_config_json_is_refused_in_one_sentence(tmp_path):
   with pytest.raises(UserError, match='does not hold a JSON object'):
     runs.read_config(str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == '[1, 2]'   # nothing rewritten
+
+
+def test_each_part_of_the_train_section_is_all_its_reader_reads():
+  """make_optimizer and the schedule read the optimizer part, micro_batches the batch part; the
+  pretraining part is read by pretraining alone (the other stages refuse it, above)."""
+  import ast
+  import dataclasses
+  import inspect
+  from lm.training import optim
+  for fn, part in ((optim.make_optimizer, optim.OptimizerConfig),
+                   (optim.learning_rate_schedule, optim.OptimizerConfig),
+                   (optim.micro_batches, optim.BatchConfig)):
+    tree = ast.parse(inspect.getsource(fn))
+    read = {a.attr for a in ast.walk(tree) if isinstance(a, ast.Attribute)
+            and isinstance(a.value, ast.Name) and a.value.id == 'tc'}
+    fields = {f.name for f in dataclasses.fields(part)}
+    assert read and read <= fields, (fn.__name__, read - fields)
+  parts = [{f.name for f in dataclasses.fields(p)} for p in (
+      optim.OptimizerConfig, optim.BatchConfig, optim.LoopConfig, optim.PretrainConfig)]
+  assert sum(map(len, parts)) == len(set().union(*parts))   # each key in one part
+  assert set().union(*parts) == {f.name for f in dataclasses.fields(TrainConfig)}

@@ -15,16 +15,68 @@ from lm.errors import UserError
 from lm.host import host_cores
 
 SCHEDULES = ('cosine', 'wsd', 'constant')
-# Who reads the `train` section. Every stage reads the optimizer and schedule keys (steps, lr,
-# warmup_steps, schedule, final_lr_fraction, decay_fraction, b1, b2, eps, weight_decay,
-# decay_embeddings, grad_clip, opt_dtype: make_optimizer, learning_rate_schedule), the batch
-# (batch_size, seq_len) and the loop's keys (eval_every, log_every, checkpoint_every,
-# keep_checkpoints, peak_flops, progress, profile_steps, async_checkpoint: lm/training/loop.py).
-# The keys below are read by some stages only; a stage refuses one it would ignore when it is set
-# to anything but its default.
+
+
+# The `train` section in the parts that read it. Every stage reads the optimizer, the batch and
+# the loop's parts; the pretraining part is pretraining's alone. TrainConfig is the whole section.
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """What make_optimizer and learning_rate_schedule read: AdamW and its schedule."""
+  steps: int = 200
+  lr: float = 3e-3
+  warmup_steps: int = 20
+  schedule: str = 'cosine'
+  final_lr_fraction: float = 0.1
+  decay_fraction: float = 0.2
+  b1: float = 0.9
+  b2: float = 0.99
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  decay_embeddings: bool = False
+  grad_clip: float = 1.0
+  opt_dtype: str = 'float32'  # AdamW moments stored as float32 or bfloat16 (half the bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+  """What a stage's step reads: the batch and how it is split (loop.make_step, micro_batches)."""
+  batch_size: int = 16
+  seq_len: int = 128
+  grad_accum: int = 1
+  micro_batch_tokens: int = 512   # CPU only: tokens per micro-batch of a step (see micro_batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """What the training loop reads (lm/training/loop.py): evaluation, logging and checkpoint
+  cadence, progress, profiling; eval_batches is the text stages' held-out batches."""
+  eval_every: int = 100
+  eval_batches: int = 8
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  peak_flops: float = 0.0
+  progress: str = 'auto'
+  profile_steps: str = ''   # 'A:B': a jax.profiler trace of steps A+1..B in workdir/profile
+  async_checkpoint: bool = True   # write checkpoints in the background (lm/training/checkpoint.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """What pretraining alone reads: its starting weights and the task suites scored during it."""
+  init_from: str = ''       # start from this run's weights (lm/stages/pretrain.py)
+  eval_tasks: str = ''      # task suites scored at evaluations (lm/eval/tasks.py)
+  eval_tasks_every: int = 0  # ... every this many steps (0: at every evaluation)
+  eval_task_examples: int = 100
+  eval_shots: int = 3
+
+
+# A stage refuses a key it would ignore when it is set to anything but its default. (init_from
+# outside pretraining is refused by loop.check_stage_start: the later stages have their own.)
 _TASKS = 'task suites are scored during pretraining only; score this run with run.py eval'
-_ONLY_PRETRAIN = {'eval_tasks': _TASKS, 'eval_tasks_every': _TASKS,
-                  'eval_task_examples': _TASKS, 'eval_shots': _TASKS}
+_ONLY_PRETRAIN = {f.name: _TASKS for f in dataclasses.fields(PretrainConfig)
+                  if f.name != 'init_from'}
 _NO_HELD_OUT = 'this stage evaluates on its own held-out pairs or prompts, not on text batches'
 _NO_MICRO = 'PPO takes its steps in ppo.minibatch minibatches, not micro-batches'
 UNUSED_KEYS = {
@@ -38,40 +90,9 @@ UNUSED_KEYS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """The `train` section: optimizer and schedule, batch, and the loop's evaluation,
-  checkpointing, progress and profiling (keys: configs/base.py; who reads which: above)."""
-  steps: int = 200
-  batch_size: int = 16
-  seq_len: int = 128
-  lr: float = 3e-3
-  warmup_steps: int = 20
-  schedule: str = 'cosine'
-  final_lr_fraction: float = 0.1
-  decay_fraction: float = 0.2
-  b1: float = 0.9
-  b2: float = 0.99
-  eps: float = 1e-8
-  weight_decay: float = 0.1
-  decay_embeddings: bool = False
-  grad_clip: float = 1.0
-  grad_accum: int = 1
-  micro_batch_tokens: int = 512   # CPU only: tokens per micro-batch of a step (see micro_batches)
-  eval_every: int = 100
-  eval_batches: int = 8
-  log_every: int = 10
-  checkpoint_every: int = 100
-  keep_checkpoints: int = 2
-  peak_flops: float = 0.0
-  progress: str = 'auto'
-  init_from: str = ''       # pretraining: start from this run's weights (lm/stages/pretrain.py)
-  eval_tasks: str = ''      # pretraining: task suites scored at evaluations (lm/eval/tasks.py)
-  eval_tasks_every: int = 0  # ... every this many steps (0: at every evaluation)
-  eval_task_examples: int = 100
-  eval_shots: int = 3
-  profile_steps: str = ''   # 'A:B': a jax.profiler trace of steps A+1..B in workdir/profile
-  opt_dtype: str = 'float32'  # AdamW moments stored as float32 or bfloat16 (half the bytes)
-  async_checkpoint: bool = True   # write checkpoints in the background (lm/training/checkpoint.py)
+class TrainConfig(PretrainConfig, LoopConfig, BatchConfig, OptimizerConfig):
+  """The whole `train` section (keys: configs/base.py), validated together; the parts above say
+  who reads which key."""
 
   def __post_init__(self):
     p = 'train.'
@@ -139,7 +160,7 @@ class TrainConfig:
     return tc
 
 
-def micro_batches(tc: TrainConfig, rows: int, shards: int = 1, platform: str = 'cpu') -> int:
+def micro_batches(tc: BatchConfig, rows: int, shards: int = 1, platform: str = 'cpu') -> int:
   """How many micro-batches a step over `rows` rows is computed in, their gradients summed.
 
   train.grad_accum on accelerators (and with train.micro_batch_tokens=0). On a CPU, more where
@@ -178,7 +199,7 @@ def side_by_side(micro: int, shards: int = 1, platform: str = 'cpu',
   return max(p for p in range(1, min(spare, micro) + 1) if micro % p == 0)
 
 
-def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+def learning_rate_schedule(tc: OptimizerConfig) -> optax.Schedule:
   """Step -> learning rate. Warmup reaches the peak at step warmup_steps - 1 (from peak/W at 0);
   cosine and WSD reach peak * final_lr_fraction exactly at the last step (steps - 1)."""
   peak, final, W = tc.lr, tc.lr * tc.final_lr_fraction, tc.warmup_steps
@@ -243,7 +264,7 @@ def scale_by_adam_stored_as(b1: float, b2: float, eps: float, dtype) -> optax.Gr
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(tc: TrainConfig, params, lora_b_lr_ratio: float = 1.0
+def make_optimizer(tc: OptimizerConfig, params, lora_b_lr_ratio: float = 1.0
                    ) -> optax.GradientTransformation:
   """AdamW with the decay mask, after global-norm clipping (clip 0 disables it).
 
