@@ -24,6 +24,7 @@ import numpy as np
 
 from lm import metrics as metrics_lib
 from lm.align import common
+from lm.data import corpus
 from lm.errors import UserError
 
 FIELDS = ('prompt', 'chosen', 'rejected')
@@ -31,31 +32,30 @@ FIELDS = ('prompt', 'chosen', 'rejected')
 
 def read_pairs(path: str) -> list[dict]:
   """The pairs of a JSONL file, each line checked (file and line named in errors)."""
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise UserError(f'the pairs file {path} does not exist; pass a JSONL file of '
                     '{"prompt", "chosen", "rejected"} records.')
   out = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path} line {n}'
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f'{where} is not JSON ({e.msg}); write one JSON object per line.') from None
-      if not isinstance(rec, dict):
-        raise UserError(f'{where} is not a JSON object; write {{"prompt", "chosen", "rejected"}}.')
-      for k in FIELDS:
-        if not isinstance(rec.get(k), str):
-          raise UserError(f'{where} has no string field {k!r}; every pair needs "prompt", '
-                          '"chosen" and "rejected".')
-      if not rec['chosen'].strip() or not rec['rejected'].strip():
-        raise UserError(f'{where} has an empty response; both responses need some text.')
-      if rec['chosen'] == rec['rejected']:
-        raise UserError(f'{where} has identical chosen and rejected responses, which says '
-                        'nothing about a preference; drop the line.')
-      out.append(rec)
+  for n, line in corpus.read_lines(path, 'pairs file'):
+    if not line.strip():
+      continue
+    where = f'{path} line {n}'
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f'{where} is not JSON ({e.msg}); write one JSON object per line.') from None
+    if not isinstance(rec, dict):
+      raise UserError(f'{where} is not a JSON object; write {{"prompt", "chosen", "rejected"}}.')
+    for k in FIELDS:
+      if not isinstance(rec.get(k), str):
+        raise UserError(f'{where} has no string field {k!r}; every pair needs "prompt", '
+                        '"chosen" and "rejected".')
+    if not rec['chosen'].strip() or not rec['rejected'].strip():
+      raise UserError(f'{where} has an empty response; both responses need some text.')
+    if rec['chosen'] == rec['rejected']:
+      raise UserError(f'{where} has identical chosen and rejected responses, which says '
+                      'nothing about a preference; drop the line.')
+    out.append(rec)
   if not out:
     raise UserError(f'the pairs file {path} holds no pairs; add some or sample them '
                     '(leave the pairs key empty).')

@@ -134,6 +134,21 @@ def split_fraction(doc_id: str) -> float:
   return int.from_bytes(h[:8], 'big') / 2.0**64
 
 
+# ---------------------------------------------------------------------------------------------
+# Text input: the one reader of the bytes a user hands the commands (corpora, JSONL examples and
+# pairs, results tables, the chat's stdin and a prompt from the command line).
+#
+# Bytes that are not UTF-8 are handled one of two ways, chosen by the caller:
+#   * refused (data files: fine-tuning examples, preference pairs, a results table): UserError
+#     naming the file, the line and the byte offset of the first bad byte; a NUL byte is refused
+#     the same way (such a file is binary, not text);
+#   * replaced (corpora, typed or pasted text): each invalid sequence becomes U+FFFD and is
+#     counted, and the caller reports the count.
+# A leading byte-order mark (Windows editors write one) is dropped from files read as data.
+
+BOM = '\ufeff'
+
+
 def decode_text(raw: bytes) -> tuple[str, int]:
   """UTF-8 text and the number of characters that had to be replaced with U+FFFD."""
   try:
@@ -142,6 +157,74 @@ def decode_text(raw: bytes) -> tuple[str, int]:
     text = raw.decode('utf-8', errors='replace')
     # U+FFFD already present in the file is not a replacement.
     return text, text.count('\ufffd') - raw.count('\ufffd'.encode('utf-8'))
+
+
+def read_bytes(path: str, what: str = 'file') -> bytes:
+  """A file's bytes; a folder or an unreadable file is refused in one sentence."""
+  if os.path.isdir(path):
+    raise UserError(f'the {what} {path} is a folder; name a file.')
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except FileNotFoundError:
+    raise UserError(f'the {what} {path} does not exist.') from None
+  except OSError as e:
+    raise UserError(f'cannot read the {what} {path} ({e.strerror}); fix its permissions or name '
+                    'another file.') from None
+
+
+def _where(raw: bytes, offset: int) -> str:
+  line = raw.count(b'\n', 0, offset) + 1
+  return f'line {line}, byte offset {offset}'
+
+
+def decode_strict(raw: bytes, path: str, what: str = 'file') -> str:
+  """UTF-8 text of a data file, a leading BOM dropped; a byte that is not UTF-8, or a NUL byte,
+  is refused naming the file, line and byte offset."""
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise UserError(f'the {what} {path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at '
+                    f'{_where(raw, e.start)} is not valid UTF-8; save the file as UTF-8 (or fix '
+                    'that line).') from None
+  nul = raw.find(b'\x00')
+  if nul >= 0:
+    raise UserError(f'the {what} {path} holds a NUL byte at {_where(raw, nul)}, so it is binary, '
+                    'not text; name the text file you meant.')
+  return text[1:] if text.startswith(BOM) else text
+
+
+def read_text(path: str, what: str = 'file', replace: bool = False) -> tuple[str, int]:
+  """(text, characters replaced) of a file a user gave; invalid UTF-8 is refused (decode_strict)
+  or, with replace=True, replaced with U+FFFD and counted."""
+  raw = read_bytes(path, what)
+  if not replace:
+    return decode_strict(raw, path, what), 0
+  text, bad = decode_text(raw)
+  return (text[1:] if text.startswith(BOM) else text), bad
+
+
+def read_lines(path: str, what: str = 'file') -> list[tuple[int, str]]:
+  """(line number, line) of a line-oriented data file (JSONL), read as read_text refuses bad
+  bytes; CRLF and a lone CR end a line as LF does."""
+  text, _ = read_text(path, what)
+  text = text.replace('\r\n', '\n').replace('\r', '\n')
+  return list(enumerate(text.split('\n'), start=1))
+
+
+def clean_text(text: str) -> tuple[str, int]:
+  """Text that came in through Python's surrogateescape (stdin, command-line arguments) as valid
+  Unicode: escaped bytes that are not UTF-8 become U+FFFD; returns (text, characters replaced)."""
+  try:
+    text.encode('utf-8')
+    return text, 0
+  except UnicodeEncodeError:
+    pass
+  try:
+    raw = text.encode('utf-8', 'surrogateescape')
+  except UnicodeEncodeError:     # a lone surrogate that is not an escaped byte
+    raw = text.encode('utf-8', 'surrogatepass')
+  return decode_text(raw)
 
 
 def file_documents(f: SourceFile, raw: str, text_field: str):
@@ -183,12 +266,7 @@ def read_text_corpus(name: str, files: list[SourceFile], *, text_field: str, val
   for f in files:
     if max_bytes and n_bytes >= max_bytes:
       break
-    try:
-      with open(f.path, 'rb') as fh:
-        raw = fh.read()
-    except OSError as e:
-      raise UserError(f'cannot read {f.path} ({e.strerror}); fix its permissions or '
-                      'data.path') from None
+    raw = read_bytes(f.path, 'corpus file')
     if name == 'pystdlib' and b'\x00' in raw:
       skipped += 1  # Binary data with a .py name (there are a few in test folders).
       continue

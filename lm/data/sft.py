@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from lm.model import transformer as model_lib
+from lm.data import corpus
 from lm.config import ModelConfig
 from lm.errors import UserError
 
@@ -139,19 +140,18 @@ def _check_record(rec, where: str) -> dict:
 
 def load_jsonl(path: str) -> list[dict]:
   """Validated examples of a JSONL file; a bad line is named with its file and line number."""
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise UserError(f'{path} does not exist; give a JSONL file of {{"prompt", "response"}} or '
                     '{"messages"} lines.')
   out = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f'{path}:{n} is not valid JSON ({e.msg}); fix or remove that line.') from None
-      out.append(_check_record(rec, f'{path}:{n}'))
+  for n, line in corpus.read_lines(path, 'examples file'):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f'{path}:{n} is not valid JSON ({e.msg}); fix or remove that line.') from None
+    out.append(_check_record(rec, f'{path}:{n}'))
   if not out:
     raise UserError(f'{path} holds no examples; add JSONL lines of {{"prompt", "response"}}.')
   return out
