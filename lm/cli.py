@@ -9,7 +9,7 @@ from lm.align import ppo as ppo_lib
 from lm.align import reward as reward_lib
 from lm.eval import evaluate as evaluate_lib
 from lm.interop import hf
-from lm.metrics import write_json_atomic
+from lm.metrics import read_json_object, write_json_atomic
 from lm.scaling import fit as fit_lib
 from lm.scaling import plot as plot_lib
 from lm.scaling import report as report_lib
@@ -24,9 +24,17 @@ def _need(value, flag: str, example: str):
   return value
 
 
+def _folder(value, flag: str, example: str) -> str:
+  """A required folder flag (--workdir, --out); an existing file of that name is refused."""
+  _need(value, flag, example)
+  if os.path.isfile(value):
+    raise UserError(f'--{flag}={value} is a file, not a folder; name a folder, e.g. {example}.')
+  return value
+
+
 def train(FLAGS):
   cfg = _need(FLAGS.config, 'config', '--config=configs/tiny.py')
-  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny')
+  workdir = _folder(FLAGS.workdir, 'workdir', '--workdir=runs/tiny')
   summary = train_lib.train(cfg, workdir)
   if summary.get('finished'):
     ev = summary.get('eval_loss')
@@ -36,7 +44,7 @@ def train(FLAGS):
 
 def finetune(FLAGS):
   cfg = _need(FLAGS.config, 'config', '--config=configs/sft.py')
-  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sft')
+  workdir = _folder(FLAGS.workdir, 'workdir', '--workdir=runs/sft')
   if 'finetune' not in cfg:
     raise UserError('--config is not a fine-tuning config (it has no `finetune` section); use '
                     'e.g. --config=configs/sft.py.')
@@ -55,7 +63,7 @@ def finetune(FLAGS):
 
 def _stage(FLAGS, section: str, example: str):
   cfg = _need(FLAGS.config, 'config', f'--config=configs/{example}.py')
-  workdir = _need(FLAGS.workdir, 'workdir', f'--workdir=runs/{example}')
+  workdir = _folder(FLAGS.workdir, 'workdir', f'--workdir=runs/{example}')
   if section not in cfg:
     raise UserError(f'--config has no `{section}` section; use --config=configs/{example}.py.')
   return cfg, workdir
@@ -90,15 +98,15 @@ def ppo(FLAGS):
 
 
 def merge(FLAGS):
-  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sft_lora')
-  out = _need(FLAGS.out, 'out', '--out=runs/sft_lora_merged')
+  workdir = _folder(FLAGS.workdir, 'workdir', '--workdir=runs/sft_lora')
+  out = _folder(FLAGS.out, 'out', '--out=runs/sft_lora_merged')
   finetune_lib.merge(workdir, out)
   print(f'wrote the merged model to {out}')
 
 
 def export(FLAGS):
-  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/base_small')
-  out = _need(FLAGS.out, 'out', '--out=runs/base_small_hf')
+  workdir = _folder(FLAGS.workdir, 'workdir', '--workdir=runs/base_small')
+  out = _folder(FLAGS.out, 'out', '--out=runs/base_small_hf')
   if FLAGS.max_shard_mb < 1:
     raise UserError(f'--max_shard_mb={FLAGS.max_shard_mb} must be at least 1.')
   info = hf.export_run(workdir, out, overwrite=FLAGS.overwrite,
@@ -109,7 +117,7 @@ def export(FLAGS):
 
 def import_(FLAGS):
   src = _need(FLAGS.hf, 'hf', '--hf=path/to/hf_model')
-  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/imported')
+  workdir = _folder(FLAGS.workdir, 'workdir', '--workdir=runs/imported')
   info = hf.import_model(src, workdir, overwrite=FLAGS.overwrite,
                          add_chat_tokens=FLAGS.add_chat_tokens)
   m = info['model']
@@ -120,7 +128,7 @@ def import_(FLAGS):
 
 def eval(FLAGS):   # noqa: A001 (the subcommand's name)
   from configs import eval as eval_config
-  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny')
+  workdir = _folder(FLAGS.workdir, 'workdir', '--workdir=runs/tiny')
   cfg = FLAGS.config or eval_config.get_config()
   if 'eval' not in cfg:
     raise UserError('--config is not an eval config (it has no `eval` section); use '
@@ -131,7 +139,7 @@ def eval(FLAGS):   # noqa: A001 (the subcommand's name)
 
 
 def sample(FLAGS):
-  chat_lib.sample_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/tiny'), FLAGS.prompt,
+  chat_lib.sample_cli(_folder(FLAGS.workdir, 'workdir', '--workdir=runs/tiny'), FLAGS.prompt,
                       FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                       FLAGS.seed, FLAGS.num_samples, raw=FLAGS.raw, system=FLAGS.system)
 
@@ -139,7 +147,7 @@ def sample(FLAGS):
 def pipeline(FLAGS):
   from configs import pipeline as pipeline_config
   cfg = FLAGS.config or pipeline_config.get_config()
-  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/pipeline')
+  workdir = _folder(FLAGS.workdir, 'workdir', '--workdir=runs/pipeline')
   if 'pipeline' not in cfg:
     raise UserError('--config is not a pipeline config (it has no `pipeline` section); use '
                     '--config=configs/pipeline.py.')
@@ -147,14 +155,14 @@ def pipeline(FLAGS):
 
 
 def chat(FLAGS):
-  chat_lib.chat_cli(_need(FLAGS.workdir, 'workdir', '--workdir=runs/sft_full'), FLAGS.prompt,
+  chat_lib.chat_cli(_folder(FLAGS.workdir, 'workdir', '--workdir=runs/sft_full'), FLAGS.prompt,
                     FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                     FLAGS.seed, FLAGS.system)
 
 
 def sweep(FLAGS, cfg=None, workdir=None):
   cfg = cfg or _need(FLAGS.config, 'config', '--config=configs/sweep_smoke.py')
-  workdir = workdir or _need(FLAGS.workdir, 'workdir', '--workdir=runs/sweep')
+  workdir = workdir or _folder(FLAGS.workdir, 'workdir', '--workdir=runs/sweep')
   if 'sweep' not in cfg or 'base' not in cfg:
     raise UserError('--config is not a sweep config (it needs `sweep` and `base` sections); '
                     'use e.g. --config=configs/sweep_smoke.py, or `run.py train` for one run.')
@@ -178,7 +186,8 @@ def sweep(FLAGS, cfg=None, workdir=None):
 def default(FLAGS):
   """`python run.py` alone: the default smoke sweep into runs/sweep_smoke."""
   from configs import sweep_smoke
-  workdir = FLAGS.workdir or os.path.join('runs', 'sweep_smoke')
+  workdir = _folder(FLAGS.workdir or os.path.join('runs', 'sweep_smoke'), 'workdir',
+                    '--workdir=runs/sweep_smoke')
   print(f'running the default scaling sweep (configs/sweep_smoke.py) into {workdir}; '
         'see README.md for other commands')
   sweep(FLAGS, sweep_smoke.get_config(), workdir)
@@ -186,9 +195,11 @@ def default(FLAGS):
 
 def fit(FLAGS):
   results = _need(FLAGS.results, 'results', '--results=runs/sweep_smoke/results.csv')
-  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/fit')
+  workdir = _folder(FLAGS.workdir, 'workdir', '--workdir=runs/fit')
+  # The table is read (and refused if it is not one) before anything beside it.
+  fit_lib.read_results(results, FLAGS.loss_key, FLAGS.params_key, FLAGS.flops_key)
   # A sweep's results.csv (even mid-sweep) comes with its runs' training curves: Approach 1.
-  curves = sweep_lib.curves_beside(results) if os.path.exists(results) else None
+  curves = sweep_lib.curves_beside(results)
   out = report_lib.run_fit(results, workdir, loss_key=FLAGS.loss_key, params_key=FLAGS.params_key,
                         flops_key=FLAGS.flops_key, bootstrap=FLAGS.bootstrap, curves=curves)
   if curves:
@@ -207,17 +218,22 @@ def fit(FLAGS):
 
 def plot(FLAGS):
   """Re-draws the plots of a sweep or fit folder from its results.csv and fit.json."""
-  import json
-  workdir = _need(FLAGS.workdir, 'workdir', '--workdir=runs/sweep_smoke')
+  workdir = _folder(FLAGS.workdir, 'workdir', '--workdir=runs/sweep_smoke')
   fit_path = os.path.join(workdir, 'fit.json')
   results = FLAGS.results or os.path.join(workdir, 'results.csv')
   if not os.path.exists(fit_path):
     raise UserError(f'{fit_path} does not exist; run `run.py fit` or `run.py sweep` first.')
-  with open(fit_path) as f:
-    fitted = json.load(f)
-  cols = fitted.get('columns', {})
+  fitted = read_json_object(fit_path, 'delete it and run `run.py fit` (or the sweep) again to '
+                            'rebuild it, or restore it')
+  if not isinstance(fitted.get('columns'), dict) or not isinstance(fitted.get('approach3'), dict):
+    raise UserError(f'{fit_path} does not hold a fit (no columns or approach3); delete it and run '
+                    '`run.py fit` (or the sweep) again to rebuild it, or restore it.')
+  cols = fitted['columns']
   rows = fit_lib.read_results(results, cols.get('loss'), cols.get('params', 'params'),
                               cols.get('flops'))
+  note = fit_lib.check_same_table(fitted, results, rows)   # refuses another table
+  if note:
+    print(note)
   curves_path = os.path.join(workdir, 'curves.json')
   curves = fit_lib.read_curves(curves_path) if os.path.exists(curves_path) else None
   for p in plot_lib.make_all(fitted, rows, workdir, curves=curves):

@@ -11,6 +11,8 @@ Everything here is numpy/scipy so that fitting never needs an accelerator.
 """
 
 import csv
+import hashlib
+import io
 import json
 import math
 import time
@@ -19,10 +21,13 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from lm.data import corpus
 from lm.errors import UserError
+from lm.metrics import read_json_object
 from lm.scaling import chinchilla, kaplan, numerics
 
 LOSS_KEYS = ('loss', 'eval_loss', 'final_loss')
+MIN_POINTS = 3     # distinct (N, D) points a fit needs, whatever the number of rows
 
 
 def heldout_check(N, D, L, labels, **fit_kwargs):
@@ -61,6 +66,12 @@ def columns_of(rows, loss_key='loss', params_key='params', flops_key='flops', to
     if key not in rows[0]:
       raise UserError(f'The results have no {key!r} column: add it or choose another column by argument.')
   N, D, L = (np.array([float(r[k]) for r in rows]) for k in (params_key, tokens_key, loss_key))
+  points = len(set(zip(N.tolist(), D.tolist())))
+  if points < MIN_POINTS:
+    raise UserError(f'The results hold {len(rows)} runs but only {points} distinct '
+                    f'({params_key}, {tokens_key}) point{"s" * (points != 1)}; a scaling law needs '
+                    f'at least {MIN_POINTS} runs of different sizes or token counts (repeats of one '
+                    'run measure its seed noise, not a trend): add runs or check the table.')
   has_flops = flops_key in rows[0]
   C = np.array([float(r[flops_key]) for r in rows]) if has_flops else 6.0 * N * D
   budget = None
@@ -203,22 +214,26 @@ def resolve_loss_key(columns, loss_key=None):
 
 
 def read_results(path, loss_key=None, params_key='params', flops_key=None, tokens_key='tokens'):
-  """Rows of a results CSV as dicts; used columns must be positive numbers, other cells are kept as text."""
+  """Rows of a results CSV as dicts; used columns must be positive numbers, other cells are kept as text.
+
+  A column named by argument (loss_key, params_key, flops_key) must exist: there is no fallback
+  from a misspelt name. flops_key None uses a `flops` column when there is one (else 6ND)."""
   path = Path(path)
-  if not path.is_file():
+  if not path.exists():
     raise UserError(f'Results file {path} does not exist: pass --results=FILE.csv written by a sweep.')
-  with open(path, newline='') as f:
-    reader = csv.DictReader(f)
-    columns = reader.fieldnames or []
-    rows = list(reader)
+  text, _ = corpus.read_text(str(path), 'results file')
+  reader = csv.DictReader(io.StringIO(text, newline=''))
+  columns = reader.fieldnames or []
+  rows = list(reader)
   if not columns:
     raise UserError(f'Results file {path} is empty: it needs a header with params, tokens and loss columns.')
   loss_key = resolve_loss_key(columns, loss_key)
-  needed = [params_key, tokens_key, loss_key]
-  optional = [k for k in (flops_key or 'flops', 'budget') if k in columns]
+  needed = [params_key, tokens_key, loss_key] + ([flops_key] if flops_key is not None else [])
+  optional = [k for k in ('flops',) * (flops_key is None) + ('budget',) if k in columns]
   for key in needed:
     if key not in columns:
-      raise UserError(f'Results file {path} has no {key!r} column: add it (or name another column by argument).')
+      raise UserError(f'Results file {path} has no {key!r} column (its columns: '
+                      f'{", ".join(columns)}): add it or name one of those by argument.')
   if not rows:
     raise UserError(f'Results file {path} has no runs: it needs one row per finished training run.')
   out = []
@@ -240,17 +255,39 @@ def read_results(path, loss_key=None, params_key='params', flops_key=None, token
   return out
 
 
+def table_identity(path, rows) -> dict:
+  """What identifies the results table a fit was made from (fit.json's `results`; `run.py plot`
+  compares it with the table it is given): the sha256 of its rows as read_results returns them
+  (so a byte-order mark, line endings or quoting do not count, the runs and their numbers do),
+  their number, and the file's path."""
+  text = json.dumps(rows, sort_keys=True, default=str)
+  return {'sha256': hashlib.sha256(text.encode('utf-8')).hexdigest(), 'rows': len(rows),
+          'path': str(path)}
+
+
+def check_same_table(fitted: dict, path, rows) -> str | None:
+  """Refuses a results table other than the one `fitted` (a fit.json) was made from; for a fit.json
+  written before tables were recorded, returns a note saying the match cannot be checked."""
+  recorded = fitted.get('results')
+  if not isinstance(recorded, dict) or 'sha256' not in recorded:
+    return (f'note: this fit.json does not record which results table it was fitted from, so '
+            f'{path} cannot be checked against it; run `run.py fit` again to record it.')
+  found = table_identity(path, rows)
+  if found['sha256'] != recorded['sha256']:
+    was = recorded.get('path')
+    raise UserError(f'{path} ({found["rows"]} runs) is not the results table this folder was '
+                    f'fitted from ({f"{was}, " if was else ""}{recorded.get("rows")} runs, sha256 '
+                    f'{recorded["sha256"][:12]}); plot with that table, or run `run.py fit` on '
+                    'this one into a new folder.')
+  return None
+
+
 def read_curves(curves):
   """Training curves from a dict or a JSON file: run -> {params, curve_flops, curve_tokens, curve_loss}."""
   if curves is None or isinstance(curves, dict):
     return curves
   path = Path(curves)
-  try:
-    data = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise UserError(f'Curves file {path} does not exist: pass a JSON file of per-run training curves.') from None
-  except json.JSONDecodeError:
-    raise UserError(f'Curves file {path} is not valid JSON: write run -> {{params, curve_flops, ...}}.') from None
-  if not isinstance(data, dict):
-    raise UserError(f'Curves file {path} must hold a JSON object mapping run name to its curve.')
-  return data
+  if not path.is_file():
+    raise UserError(f'Curves file {path} does not exist: pass a JSON file of per-run training curves.')
+  return read_json_object(str(path), 'restore it, or delete it to go on without the training curves '
+                          '(Approach 1)')

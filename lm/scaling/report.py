@@ -242,12 +242,13 @@ def _caveats(fit) -> list[str]:
 def run_fit(results_csv, workdir, loss_key=None, params_key='params', flops_key=None, bootstrap=100,
             curves=None, seed=0, top_k=chinchilla.DEFAULT_TOP_K):
   """The analysis of a results table: read it, fit, write workdir/fit.json, the plots and workdir/report.md; return the fit."""
-  flops_key = flops_key or 'flops'
   rows = fitlib.read_results(results_csv, loss_key, params_key, flops_key)
+  flops_key = flops_key or 'flops'
   loss_key = fitlib.resolve_loss_key(rows[0].keys(), loss_key)
   curves = fitlib.read_curves(curves)
   fit = fitlib.fit_results(rows, flops_key=flops_key, params_key=params_key, loss_key=loss_key, bootstrap=bootstrap,
                     seed=seed, curves=curves, top_k=top_k)
+  fit['results'] = fitlib.table_identity(results_csv, rows)     # `run.py plot` checks its table
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   write_json_atomic(workdir / 'fit.json', fit)
