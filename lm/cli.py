@@ -100,6 +100,7 @@ def ppo(FLAGS):
 def merge(FLAGS):
   workdir = _folder(FLAGS.workdir, 'workdir', '--workdir=runs/sft_lora')
   out = _folder(FLAGS.out, 'out', '--out=runs/sft_lora_merged')
+  hf.check_apart(workdir, out, '--workdir', '--out')
   finetune_lib.merge(workdir, out)
   print(f'wrote the merged model to {out}')
 

@@ -41,6 +41,7 @@ FAMILIES = ('gpt2', 'llama')
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
 SAFE_INDEX = 'model.safetensors.index.json'
 DEFAULT_SHARD_BYTES = 2 << 30
+FETCH_AGAIN = 'the folder is damaged, fetch or copy the model again'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,11 +339,11 @@ def write_safetensors(tensors: dict, out: str, max_shard_bytes: int) -> list[str
 def _safetensor_files(hf_dir: str) -> list[str]:
   index = os.path.join(hf_dir, SAFE_INDEX)
   if os.path.isfile(index):
-    try:
-      with open(index) as f:
-        files = sorted(set(json.load(f)['weight_map'].values()))
-    except (OSError, ValueError, KeyError) as e:
-      raise UserError(f'cannot read {index} ({e}); the folder is damaged.') from None
+    weight_map = metrics_lib.read_json_object(index, FETCH_AGAIN).get('weight_map')
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                   for v in weight_map.values()):
+      raise UserError(f'{index} has no weight_map of tensor names to files; {FETCH_AGAIN}.')
+    files = sorted(set(weight_map.values()))
     missing = [f for f in files if not os.path.isfile(os.path.join(hf_dir, f))]
     if missing:
       raise UserError(f'{index} names {missing[0]}, which is not in {hf_dir}; copy the whole '
@@ -363,12 +364,50 @@ def _safetensor_files(hf_dir: str) -> list[str]:
                   'Hugging Face model folder.')
 
 
-def read_safetensors(hf_dir: str, expected: dict, family: str) -> dict:
-  """{name: float32 array} of the expected tensors; a missing or misshapen tensor is refused."""
+@contextlib.contextmanager
+def _safetensors(path: str):
+  """safe_open(path), with a file the library cannot read (truncated, random bytes, a tensor
+  cut short) refused in one sentence naming it."""
   from safetensors import safe_open
+  try:
+    with safe_open(path, framework='flax') as f:
+      yield f
+  except UserError:
+    raise
+  except Exception as e:   # the library raises its own SafetensorError (and others) for bad files
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f'{path} is not a readable safetensors file ({detail}); the copy is '
+                    'incomplete or damaged, fetch it again.') from None
+
+
+# Tensors a checkpoint may hold that are buffers, not weights (the causal mask GPT-2 used to save,
+# the RoPE frequencies older Llama code saved), and a head tied to the embedding.
+def _ignored(name: str, expected: dict) -> bool:
+  return (name.endswith(('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq'))
+          or (name == 'lm_head.weight' and name not in expected))
+
+
+def _unaccounted(hf_dir: str, extra: list[str], expected: dict) -> UserError:
+  """The refusal of tensors that config.json does not describe (naming them)."""
+  layer_of = lambda k: int(k.split('.')[2]) if k.split('.')[2:3] and k.split('.')[2].isdigit() \
+      else None
+  has = sorted({layer_of(k) for k in extra} - {None})
+  n_cfg = len({layer_of(k) for k in expected} - {None})
+  why = (f'; config.json describes {n_cfg} layer{"s" * (n_cfg != 1)} but the weights hold '
+         f'{has[-1] + 1}' if has and has[-1] >= n_cfg else '')
+  shown = ', '.join(extra[:4]) + (f' and {len(extra) - 4} more' if len(extra) > 4 else '')
+  return UserError(f'{hf_dir} holds {len(extra)} tensor{"s" * (len(extra) != 1)} that its '
+                   f'config.json does not account for ({shown}){why}; the config and the weights '
+                   'disagree, so fix config.json or use the matching checkpoint.')
+
+
+def read_safetensors(hf_dir: str, expected: dict, family: str) -> dict:
+  """{name: float32 array} of the expected tensors; a missing, misshapen or unaccounted tensor
+  (one the config does not describe, e.g. layers past its n_layers) is refused, and so is a file
+  that is not safetensors."""
   where = {}
   for path in _safetensor_files(hf_dir):
-    with safe_open(path, framework='flax') as f:
+    with _safetensors(path) as f:
       for k in f.keys():
         where[k] = path
 
@@ -381,12 +420,15 @@ def read_safetensors(hf_dir: str, expected: dict, family: str) -> dict:
   if missing:
     raise UserError(f'{hf_dir} has no tensor {missing[0]} (of {len(missing)} missing), which its '
                     'config.json needs; the checkpoint is incomplete or of another shape.')
+  extra = sorted(names[k] for k in names if k not in expected and not _ignored(k, expected))
+  if extra:
+    raise _unaccounted(hf_dir, extra, expected)
   out = {}
   by_file: dict = {}
   for k in expected:
     by_file.setdefault(where[names[k]], []).append(k)
   for path, keys in by_file.items():
-    with safe_open(path, framework='flax') as f:
+    with _safetensors(path) as f:
       for k in keys:
         shape = tuple(f.get_slice(names[k]).get_shape())
         if shape != tuple(expected[k]):
@@ -399,6 +441,19 @@ def read_safetensors(hf_dir: str, expected: dict, family: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Output folders.
+
+def check_apart(source: str, out: str, source_flag: str, out_flag: str) -> None:
+  """Refuses an output folder that is the source folder, lies inside it or holds it: replacing
+  it (--overwrite) would delete what is being read, and writing into it mixes the two."""
+  s, o = os.path.realpath(source), os.path.realpath(out)
+  inside = lambda a, b: os.path.commonpath([a, b]) == b     # a is b or lies under it
+  if not (inside(o, s) or inside(s, o)):
+    return
+  how = 'is' if s == o else 'lies inside' if inside(o, s) else 'holds'
+  raise UserError(f'{out_flag}={out} {how} {source_flag}={source}, the folder it is made from, '
+                  'so writing there would mix the two and --overwrite could delete the source; '
+                  'choose an output folder outside it.')
+
 
 def _check_out(out: str, overwrite: bool, flag: str) -> None:
   if os.path.exists(out) and not os.path.isdir(out):
@@ -435,6 +490,7 @@ def _written_beside(out: str):
 def export_run(workdir: str, out: str, overwrite: bool = False,
                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
   """Writes the run in workdir (LoRA merged) as a Hugging Face model folder; returns a summary."""
+  check_apart(workdir, out, '--workdir', '--out')
   _check_out(out, overwrite, '--out')
   mc, params, tokenizer, ident = runs.load_model(workdir)
   family, tensors = to_hf(mc, params)
@@ -479,12 +535,13 @@ def import_model(hf_dir: str, workdir: str, overwrite: bool = False,
     raise UserError(f'--hf={hf_dir} is not a folder; point it at a Hugging Face model folder.')
   if not os.path.isfile(cfg_path):
     raise UserError(f'{hf_dir} has no config.json, so it is not a Hugging Face model folder.')
+  check_apart(hf_dir, workdir, '--hf', '--workdir')
+  hf_cfg = metrics_lib.read_json_object(cfg_path, FETCH_AGAIN)
   try:
-    with open(cfg_path) as f:
-      hf_cfg = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f'cannot read {cfg_path} ({e}); the folder is damaged.') from None
-  family, mc = model_config_from_hf(hf_cfg, cfg_path)
+    family, mc = model_config_from_hf(hf_cfg, cfg_path)
+  except (KeyError, TypeError, ValueError) as e:   # a required field missing, or not a number
+    raise UserError(f'{cfg_path} lacks or misstates a field this import needs ({type(e).__name__}: '
+                    f'{e}); {FETCH_AGAIN}.') from None
   _check_out(workdir, overwrite, '--workdir')
   tokenizer = tokenizer_lib.import_hf(hf_dir, hf_cfg)
   if tokenizer.vocab_size > mc.vocab_size:
