@@ -272,7 +272,9 @@ def final_state(workdir):
   mngr = ocp.CheckpointManager(os.path.abspath(f'{workdir}/checkpoints'))
   state = mngr.restore(steps[-1], args=ocp.args.StandardRestore())
   mngr.close()
-  return state
+  # On the host: restored as saved, the arrays would keep the run's device layout, which need not
+  # be that of the arrays a test combines them with.
+  return jax.device_get(state)
 
 
 def recorded_config(workdir):
