@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 
 import jax
@@ -119,12 +118,34 @@ def finished_summary(workdir: str, what: str, command: str) -> dict:
   if not os.path.isfile(path):
     raise UserError(f'{workdir} is not a finished {what} run (no summary.json); run or resume '
                     f'`python run.py {command}` there first.')
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f'{path} cannot be read ({type(e).__name__}); rerun `python run.py '
-                    f'{command}` there to write it again.') from None
+  return metrics_lib.read_json_object(path, f'restore it, or rerun `python run.py {command}` '
+                                      'there to write it again')
+
+
+def manifest(workdir: str) -> dict:
+  """A run's manifest.json ({} when it has none); a damaged one is refused in one sentence."""
+  path = os.path.join(workdir, 'manifest.json')
+  if not os.path.isfile(path):
+    return {}
+  return metrics_lib.read_json_object(path, DAMAGED)
+
+
+def check_finetuned(workdir: str, stage: str) -> None:
+  """Refuses to start a preference stage (`stage`, e.g. 'DPO') from a run that was never
+  fine-tuned: a pretraining run never learned the chat template the stage prompts in, and the
+  stage would report its KL to it as to "the SFT model". Accepted: fine-tuned and preference-tuned
+  runs, a merged fine-tuning run (its manifest names merged_from) and an imported model (what it
+  was trained on cannot be known here)."""
+  cfg = read_config(workdir)
+  if chats(cfg):
+    return
+  found = manifest(workdir)
+  if found.get('merged_from') or found.get('imported_from'):
+    return
+  raise UserError(f'{workdir} is a pretraining run that was never fine-tuned, so it does not know '
+                  f'the chat template {stage} prompts in and is no SFT model to measure KL '
+                  'against; fine-tune it first (python run.py finetune --config=configs/sft.py '
+                  f'--config.finetune.init_from={workdir}) and start {stage} from that run.')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -184,6 +184,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   tc = TrainConfig.from_config(cfg.train, 'dpo')
   dc = DpoConfig.from_config(cfg.dpo)
   common.check_single_process()
+  runs.check_finetuned(dc.init_from, 'DPO')
   policy = common.load_policy(dc.init_from)
   mc, tok = policy.mc, policy.tokenizer
   tc.check_fits(mc.max_len, "the SFT model's max_len")

@@ -37,6 +37,7 @@ import optax
 
 from lm.model import flops as flops_lib
 from lm.training import loop
+from lm import runs
 from lm.align import common
 from lm.model import transformer as model_lib
 from lm.config import read_section
@@ -299,6 +300,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   tc = TrainConfig.from_config(cfg.train, 'ppo')
   pc = PpoConfig.from_config(cfg.ppo, tc.batch_size)
   common.check_single_process()
+  runs.check_finetuned(pc.init_from, 'PPO')
   policy = common.load_policy(pc.init_from)
   mc, tok = policy.mc, policy.tokenizer
   rm = reward_lib.load(pc.reward_from)
