@@ -12,7 +12,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Lowest first. A module may import from its own layer and the layers before it.
 LAYERS = (
-    ('base', ('lm', 'lm.errors', 'lm.config', 'lm.host', 'lm.metrics')),
+    ('base', ('lm', 'lm.errors', 'lm.config', 'lm.host', 'lm.metrics', 'lm.lock')),
     ('model', ('lm.model', 'lm.model.lora', 'lm.model.sharding', 'lm.model.attention',
                'lm.model.transformer', 'lm.model.flops')),
     ('data', ('lm.data', 'lm.data.corpus', 'lm.data.tokenizer', 'lm.data.arith',
