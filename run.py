@@ -16,6 +16,11 @@
   python run.py eval   --workdir=RUN [--config=configs/eval.py --config.eval.KEY=VALUE ...]
   python run.py export --workdir=RUN --out=HF_DIR [--overwrite]        (GPT-2 or Llama folder)
   python run.py import --hf=HF_DIR --workdir=DIR [--overwrite --add_chat_tokens]
+
+Exit status: 0 done; 2 refused (one sentence on stderr: bad input, a damaged file, a folder in use
+by another process, a failed checkpoint save, a diverged run); 3 stopped by SIGTERM before the
+work finished (checkpoints saved: rerunning the same command resumes); 1 anything else (a
+traceback). So `run.py train ... && run.py finetune ...` goes on only from a finished run.
 """
 import os
 import re
@@ -25,7 +30,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lm import cli
-from lm.errors import UserError
+from lm.errors import STOPPED_EXIT, UserError, signal_stops
+from lm.training.checkpoint import quiet_failed_save_tracebacks
 
 SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample', 'finetune', 'merge', 'reward', 'dpo',
                'ppo', 'export', 'import', 'eval', 'chat', 'pipeline')
@@ -63,6 +69,7 @@ flags.DEFINE_integer('max_shard_mb', 2048, 'export: safetensors files above this
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax) hides the progress lines
+  quiet_failed_save_tracebacks()   # a failed save is one sentence, not a traceback per write
   command = argv[1] if len(argv) > 1 else 'default'
   if command not in SUBCOMMANDS + ('default',) or len(argv) > 2:
     raise app.UsageError(f'unknown subcommand {" ".join(argv[1:])!r}; '
@@ -72,6 +79,11 @@ def main(argv):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  stopped = signal_stops()
+  if stopped:   # the command returned its partial work: it did not finish
+    print(f'stopped by SIGTERM before finishing ({stopped[-1]}); the checkpoints are saved and '
+          f'rerunning the same command resumes (exit status {STOPPED_EXIT}).', file=sys.stderr)
+    sys.exit(STOPPED_EXIT)
 
 
 def _config_path(argv):
