@@ -15,11 +15,15 @@ the text, so the same formula serves bytes and SentencePiece tokenizers). eval.m
 tokens per corpus: whole documents are taken in order until the cap (a longer first document is
 cut at the cap, and its bytes counted from the decoded tokens). Windows are eval.seq_len tokens
 (0: the run's pretraining train.seq_len, within model.max_len), each token predicted with the
-context of its window.
+context of its window. Bytes of a named corpus that are not UTF-8 are read as U+FFFD and scored
+as such; their count is kept (replaced_chars) and noted under the table.
 
 Tasks (lm/eval/tasks.py): each scored by greedy decoding (exact match, partial credit, the sub-skills
 prediction) and the log-probability of the correct answer; format 'auto' means the chat template
 for fine-tuned runs and few-shot text otherwise.
+
+An eval with nothing to do (no validation split, no corpora, no task that fits) is refused, and an
+existing eval.json is left as it was.
 """
 from __future__ import annotations
 
@@ -128,21 +132,23 @@ def val_documents(data: dict) -> tuple[str, list[str]]:
   return what, text.val
 
 
-def corpus_documents(path: str, text_field: str = 'text') -> list[str]:
-  """Every document of a file, folder, glob or .jsonl (as data.path reads them)."""
+def corpus_documents(path: str, text_field: str = 'text') -> tuple[list[str], int]:
+  """(every document of a file, folder, glob or .jsonl (as data.path reads them), the number of
+  characters that were not UTF-8 and were replaced with U+FFFD: they are scored as such, and
+  eval.json and the table say how many)."""
   try:
     files = corpus_lib.text_files(path)
   except UserError as e:
     raise UserError(str(e).replace('fix --config.data.path', 'fix --config.eval.corpora')
                     .replace('data.path', 'the eval corpus')) from None
-  docs = []
+  docs, replaced = [], 0
   for f in files:
-    with open(f.path, 'rb') as fh:
-      text, _ = corpus_lib.decode_text(fh.read())
+    text, bad = corpus_lib.read_text(f.path, 'eval corpus file', replace=True)
+    replaced += bad
     docs += [d for _, d in corpus_lib.file_documents(f, text, text_field) if d]
   if not docs:
     raise UserError(f'the eval corpus {path!r} holds no text; fix --config.eval.corpora.')
-  return docs
+  return docs, replaced
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +211,11 @@ def evaluate_run(workdir: str, section) -> dict:
       raise UserError(f'eval.{key}={getattr(ec, key)} must be positive; fix --config.eval.{key}.')
   if ec.format not in ('auto',) + tasks_lib.FORMATS:
     raise UserError(f"eval.format={ec.format!r} is not known; use auto, fewshot or chat.")
+  nothing = (f'so there is nothing to evaluate and {os.path.join(workdir, "eval.json")} is left '
+             'as it was; set --config.eval.val=True, name --config.eval.corpora or list '
+             '--config.eval.tasks')
+  if not ec.val and not corpora and names == ():
+    raise UserError(f'eval.val is False, eval.corpora and eval.tasks are empty, {nothing}.')
   docs = {name: corpus_documents(name, ec.text_field) for name in corpora}   # before the model
   mc, params, tokenizer, ident = runs.load_model(workdir)
   finetuned = runs.chats(cfg)
@@ -222,6 +233,9 @@ def evaluate_run(workdir: str, section) -> dict:
       if ec.tasks != 'auto':
         raise
       skipped[n] = str(e)                            # auto: a task that does not fit is left out
+  if not ec.val and not corpora and not built:
+    raise UserError(f'eval.val is False, eval.corpora is empty and no task fits this model '
+                    f'({"; ".join(f"{n}: {w}" for n, w in skipped.items())}), {nothing}.')
   pre = pretraining_config(workdir)
   seq_len = int(ec.seq_len) or int(pre.get('train', {}).get('seq_len', mc.max_len))
   seq_len = min(seq_len, mc.max_len)
@@ -232,9 +246,11 @@ def evaluate_run(workdir: str, section) -> dict:
     what, val_docs = val_documents(pre.get('data', {}))
     out['text']['val'] = dict(text_metrics(mc, params, tokenizer, val_docs, seq_len,
                                            int(ec.batch_size), int(ec.max_tokens)), source=what)
-  for name, d in docs.items():
+  for name, (d, replaced) in docs.items():
     out['text'][name] = text_metrics(mc, params, tokenizer, d, seq_len, int(ec.batch_size),
                                      int(ec.max_tokens))
+    if replaced:
+      out['text'][name]['replaced_chars'] = replaced
   for t in built:
     out['tasks'][t.name] = tasks_lib.run_task(mc, params, tokenizer, t, fmt, shots,
                                               int(ec.batch_size), int(ec.seed),
@@ -259,5 +275,9 @@ def table(result: dict) -> str:
                    f"{v['exact_indep']:6.1%} {v['logprob']:8.2f}")
   for name, why in result.get('skipped_tasks', {}).items():
     lines.append(f'{name}: left out ({why})')
+  for name, m in result['text'].items():
+    if m.get('replaced_chars'):
+      lines.append(f"note: {name} is not all UTF-8 text: {m['replaced_chars']} invalid byte "
+                   'sequences were read as U+FFFD and scored as such (is it a binary file?)')
   lines.append(f"wall time {result['wall_s']:.1f} s")
   return '\n'.join(lines)
