@@ -46,6 +46,9 @@ def main(argv) -> int:
   from lm.stages import pretrain as train_lib
   from lm.errors import UserError
   from lm.scaling import runner as runner_lib
+  from lm.training.checkpoint import quiet_failed_save_tracebacks
+
+  quiet_failed_save_tracebacks()   # a failed save is one line in train.log, its last
 
   rdir = argv[1]
   with open(os.path.join(rdir, 'run_config.json')) as f:
