@@ -3,9 +3,11 @@
 A `Stage` says what differs between pretraining, fine-tuning and later objectives: the loss (as a
 jitted step over a train state and a frozen tree), the batches, the evaluation, how the state is
 initialised, and what the workdir records. `run(stage, workdir)` does the rest, identically for
-all of them: config.json (a rerun with other settings is refused), manifest.json, the tokenizer,
-orbax checkpoints with exact resume, metrics.jsonl and TensorBoard, progress, SIGTERM (checkpoint
-and stop at the next step), a NaN stop that keeps the last good checkpoint, and summary.json.
+all of them: the workdir's lock (lm/lock.py: one writer per folder), config.json (a rerun with
+other settings is refused), manifest.json, the tokenizer, orbax checkpoints with exact resume (a
+save that fails stops the run: lm/training/checkpoint.py), metrics.jsonl and TensorBoard,
+progress, SIGTERM (checkpoint and stop at the next step; the stop is recorded for run.py's exit
+status), a NaN stop that says which checkpoint exists and what a rerun does, and summary.json.
 
 The state is {'params': the trainable tree, 'opt_state', 'step'}; `frozen` is an input to every
 step that is never differentiated and never checkpointed with the run (a LoRA run's base model,
@@ -13,8 +15,9 @@ or None). `make_step` builds a step from a loss of (trainable, frozen, batch, rn
 (loss sum, weight): the reported loss is sum / weight over the whole batch, so micro-batches of
 unequal weight (a packed fine-tuning batch's response tokens) accumulate exactly.
 """
+import contextlib
 import dataclasses
-import json
+import errno
 import os
 import shutil
 import signal
@@ -29,8 +32,9 @@ from jax.experimental import multihost_utils
 
 from lm.training import checkpoint as ckpt_lib
 from lm.model import flops as flops_lib
+from lm import lock as lock_lib
 from lm import metrics as metrics_lib
-from lm.errors import UserError
+from lm.errors import UserError, record_signal_stop
 from lm.model import sharding as shard_lib
 from lm.training.optim import TrainConfig, learning_rate_schedule, micro_batches, side_by_side
 
@@ -215,6 +219,15 @@ def check_config(workdir: str, new_cfg: dict, allowed=RESUMABLE_CHANGES) -> None
     check_resumable(old, new_cfg, allowed)
 
 
+class _Diverged(Exception):
+  """A non-finite loss or gradient norm at `step` (run() turns it into the user's sentence, which
+  needs the checkpoints)."""
+
+  def __init__(self, step: int, what: str, value: float, label: str):
+    super().__init__(f'{what} became {value} at step {step}')
+    self.step, self.what, self.value, self.label = step, what, value, label
+
+
 class _StopFlag:
   """Turns SIGTERM into a request to checkpoint and stop at the next step boundary."""
 
@@ -292,18 +305,21 @@ class _Books:
     x = np.asarray(x)
     return float(x[k] if self.stacked else x)
 
-  def finish_rows(self, step: int, m) -> list[dict]:
+  def finish_rows(self, step: int, m, saving: bool = False) -> list[dict]:
     """Host-side rows of one step (one per member); averages cover the steps since the last
-    written row. A non-finite loss stops the run, naming the member."""
+    written row. A non-finite loss stops the run, naming the member; so does a non-finite
+    gradient norm at a step whose state is about to be saved (its update ruined the state even
+    where the loss, computed before it, was finite)."""
     m = jax.device_get(m)
     loss = np.asarray(m['loss'], np.float64)
-    bad = np.flatnonzero(~np.isfinite(np.atleast_1d(loss)))
-    if bad.size:
-      k = int(bad[0])
-      label = self.members[k].label
-      raise UserError(f'The loss{" of " + label if label else ""} became '
-                      f'{np.atleast_1d(loss)[k]} at step {step}; the last good checkpoint is kept. '
-                      'Lower train.lr or raise train.warmup_steps, then rerun to resume.')
+    checks = [('loss', loss)]
+    if saving:
+      checks.append(('gradient norm', np.asarray(m['grad_norm'], np.float64)))
+    for what, x in checks:
+      bad = np.flatnonzero(~np.isfinite(np.atleast_1d(x)))
+      if bad.size:
+        k = int(bad[0])
+        raise _Diverged(step, what, float(np.atleast_1d(x)[k]), self.members[k].label)
     self.since['losses'].append(loss)
     avg = np.mean(np.stack(self.since['losses']), axis=0)
     tokens = step * self.stage.tokens_per_step
@@ -380,8 +396,9 @@ class _Books:
 
 
 def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+  """A finished run's summary.json (a damaged one is refused, naming the way to rebuild it)."""
+  return metrics_lib.read_json_object(path, 'delete it and rerun the same command to rebuild it '
+                                      'from the final checkpoint')
 
 
 def _evaluate(stage: Stage, params, step: int) -> list[dict]:
@@ -444,20 +461,22 @@ def _train(stage: Stage, books: _Books, ckpts, state, start: int, stop_at: int |
       while step < tc.steps:
         state, m = profile.step(step, stage.train_step, state, stage.frozen, stage.batch(step))
         step += 1
+        ckpts.poll()   # a background save that failed stops the run here, not at the next save
         if pending is not None:
           rows = books.finish_rows(*pending)
           if pending[0] % tc.log_every == 0:
             books.write(rows)
         pending = (step, m)
         is_eval = step % tc.eval_every == 0 or step == tc.steps
-        stop = _should_stop(flag, step, tc.log_every)
+        # A SIGTERM during the last step lets the run finish: only the summary is left to write.
+        stop = _should_stop(flag, step, tc.log_every) and step < tc.steps
         # Checkpoints keep their own cadence (evaluations do not force one); the last step, a
         # stop and stop_at always save. With async saving the files are written while the next
         # steps train; closing the manager waits for the last one, so summary.json is only
         # written once the final checkpoint is complete on disk.
         save = step % tc.checkpoint_every == 0 or step == tc.steps or stop or step == stop_at
         if save or is_eval or not stage.defer_metrics:
-          rows = books.finish_rows(*pending)   # makes sure the state is finite before saving
+          rows = books.finish_rows(*pending, saving=save)   # the state is finite before saving
           pending = None
           if is_eval:
             t0 = time.time()
@@ -470,6 +489,8 @@ def _train(stage: Stage, books: _Books, ckpts, state, start: int, stop_at: int |
           if stop or step == stop_at:
             ckpts.wait()   # on disk before the message says so (the process may be killed next)
             stopped = True
+            if stop:
+              record_signal_stop(books.workdir)
             books.progress.message(f'stopped at step {step}; checkpoint saved, rerun to resume.')
             break
     finally:
@@ -491,34 +512,110 @@ def _finish_members(stage: Stage, books: _Books, state, step: int) -> None:
 
 def run(stage: Stage, workdir: str, stop_at: int | None = None):
   """Trains (or resumes) the stage in workdir; returns the summary (a packed stage: the list of
-  its members' summaries). `stop_at` simulates a kill."""
+  its members' summaries). `stop_at` simulates a kill.
+
+  The main process holds the lock of workdir (and of each member's folder) throughout: a second
+  writer is refused in one sentence (lm/lock.py)."""
   is_main = jax.process_index() == 0
-  tc = stage.train
   books = _Books(stage, workdir, is_main)
-  books.check()
-  done = books.finished()
-  if done is not None:
-    return done
-  os.makedirs(workdir, exist_ok=True)
+  with contextlib.ExitStack() as held:
+    for m in stage.members:
+      held.enter_context(lock_lib.hold(m.workdir, enabled=is_main))
+    books.check()
+    done = books.finished()
+    if done is not None:
+      return done
+    held.enter_context(lock_lib.hold(workdir, enabled=is_main))
+    return _run(stage, books, workdir, stop_at)
+
+
+def _diverged(d: _Diverged, stage: Stage, ckpts) -> str:
+  """What a divergence leaves and what a rerun does: it resumes from the newest checkpoint with
+  the same settings (the same batches), and a changed learning rate is a config change the
+  folder refuses unless the stage allows it."""
+  ckpts.wait()
+  before = [s for s in ckpts.steps() if s < d.step]
+  where = f'step {before[-1]}' if before else 'step 0'
+  kept = (f'the checkpoint of step {before[-1]} (saved before it) is in {ckpts.directory}'
+          if before else 'no checkpoint was saved before it')
+  if 'train.lr' in stage.resumable_changes:
+    fix = f'lower train.lr and rerun the same command to resume from {where}'
+  else:
+    fix = (f'a rerun with the same settings starts again from {where} on the same batches and '
+           'will likely diverge again, and this folder refuses a changed train.lr or '
+           'train.warmup_steps as a different config, so start a new --workdir with a lower '
+           'train.lr or more train.warmup_steps')
+  return (f'The {d.what}{" of " + d.label if d.label else ""} became {d.value} at step {d.step}; '
+          f'{kept}; {fix}.')
+
+
+# A write of the run's records that fails for one of these reasons stops the run in one sentence.
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                errno.EIO)
+
+
+def _write_failed(e: OSError, ckpts) -> str:
+  try:
+    ckpts.wait()
+    steps = ckpts.steps()
+  except Exception:  # the checkpoints may be on the same full disk
+    steps = []
+  kept = (f'the checkpoint of step {steps[-1]} is intact and a rerun resumes from it'
+          if steps else 'no checkpoint was saved yet, so a rerun starts from step 0')
+  return (f'{e.filename or ckpts.directory} could not be written ({os.strerror(e.errno)}), so '
+          f'the run stopped; {kept} once the disk has space (or the folder is writable again).')
+
+
+def _run(stage: Stage, books: _Books, workdir: str, stop_at: int | None):
+  tc = stage.train
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), tc.keep_checkpoints,
                                async_save=tc.async_checkpoint)
-  state, start = ckpts.restore_latest(stage.abstract_state)
-  if state is None:
-    state, start = stage.init_state(), 0
-  if not books.stacked and start >= tc.steps and os.path.exists(books.summary_paths[0]):
-    ckpts.close()
-    return _read_json(books.summary_paths[0])
-  books.open(start)
-  state, step, stopped = _train(stage, books, ckpts, state, start, stop_at)
-  if not stopped and start >= tc.steps:
-    # Resumed at the last step: the run died after its final checkpoint but before its summary,
-    # which is completed from that checkpoint (a fresh evaluation) and the logged rows.
-    books.last_eval = _evaluate(stage, state['params'], start)
-    books.recover(start)
-  books.close()
-  ckpts.close()
+  try:
+    return _run_steps(stage, books, workdir, stop_at, ckpts)
+  except OSError as e:
+    if e.errno not in _DISK_ERRORS:
+      raise
+    raise UserError(_write_failed(e, ckpts)) from None
+
+
+def _run_steps(stage: Stage, books: _Books, workdir: str, stop_at: int | None, ckpts):
+  tc = stage.train
+  opened = closed = False
+  try:
+    state, start = ckpts.restore_latest(stage.abstract_state)
+    if state is None:
+      state, start = stage.init_state(), 0
+    if not books.stacked and start >= tc.steps and os.path.exists(books.summary_paths[0]):
+      ckpts.close()
+      closed = True
+      return _read_json(books.summary_paths[0])
+    books.open(start)
+    opened = True
+    try:
+      state, step, stopped = _train(stage, books, ckpts, state, start, stop_at)
+    except _Diverged as d:
+      raise UserError(_diverged(d, stage, ckpts)) from None
+    if not stopped and start >= tc.steps:
+      # Resumed at the last step: the run died after its final checkpoint but before its
+      # summary, which is completed from that checkpoint (a fresh evaluation) and the logged
+      # rows.
+      books.last_eval = _evaluate(stage, state['params'], start)
+      books.recover(start)
+    books.close()
+    opened = False
+    ckpts.close()   # waits for the final save: a failed one raises here, before any summary
+    closed = True
+  finally:
+    # On the way out of an exception: the metrics files closed and the save in flight finished
+    # (or abandoned) quietly, so the first error is the one reported.
+    if opened:
+      with contextlib.suppress(Exception):
+        books.close()
+    if not closed:
+      with contextlib.suppress(Exception):
+        ckpts.close()
   summaries = books.summaries(step, stopped)
-  if not stopped and is_main:
+  if not stopped and books.is_main:
     _finish_members(stage, books, state, step)
     for path, summary in zip(books.summary_paths, summaries):
       metrics_lib.write_json_atomic(path, summary)
