@@ -19,7 +19,7 @@ import ml_collections
 
 from lm import host
 from lm.errors import UserError
-from lm.metrics import read_jsonl, write_json_atomic
+from lm.metrics import read_json_object, read_jsonl, write_json_atomic
 from lm.scaling import packed as packed_lib
 from lm.scaling import parallel as parallel_lib
 from lm.scaling import results as results_lib
@@ -93,8 +93,8 @@ def pending_jobs(book: Booking, max_attempts: int) -> list[Job]:
     rdir = os.path.join(book.workdir, 'runs', sp.name)
     summary_path = os.path.join(rdir, 'summary.json')
     if os.path.exists(summary_path):
-      with open(summary_path) as f:
-        book.finished[sp.name] = (sp, cfg, json.load(f))
+      book.finished[sp.name] = (sp, cfg, read_json_object(
+          summary_path, f'delete it (or the folder {rdir}) to train the run again'))
       print(f'[{i + 1}/{n}] {sp.name}: finished earlier, skipped', flush=True)
       continue
     attempts_path = os.path.join(rdir, 'attempts.json')
@@ -265,8 +265,7 @@ def branch_in_worker(rdir: str, train_fn) -> bool:
   path = os.path.join(rdir, BRANCH)
   if not os.path.exists(path):
     return True
-  with open(path) as f:
-    b = json.load(f)
+  b = read_json_object(path, 'rerun the sweep, which rewrites it')
   return branch_from_trunk(RunSpec(**b['spec']), rdir, RunSpec(**b['trunk']),
                            ml_collections.ConfigDict(b['trunk_config']), b['workdir'], train_fn)
 

@@ -8,7 +8,10 @@ resolved config (runs/NAME/run_config.json): a sweep folder whose runs were trai
 plan (lr, batch, schedule, data, ...) is refused before anything trains, naming the changed keys.
 An interrupted run resumes from its checkpoint; a failed run is retried up to sweep.max_attempts
 times, each failure recorded in DIR/failures.jsonl. results.csv is rewritten atomically after
-every run.
+every run. The sweep holds DIR's lock while it runs (lm/lock.py), so a second sweep on the same
+folder (a scheduler restarting a driver that still runs) is refused; each run holds its own run
+folder's lock, in this process or in a worker. A sweep stopped by SIGTERM is recorded as such, so
+run.py exits with status 3.
 """
 import csv
 import dataclasses
@@ -16,9 +19,10 @@ import json
 import os
 import time
 
+from lm import lock as lock_lib
 from lm.data import tokens as data_lib
-from lm.errors import UserError
-from lm.metrics import write_json_atomic
+from lm.errors import UserError, record_signal_stop
+from lm.metrics import read_json_object, write_json_atomic
 from lm.scaling import plan as plan_lib
 from lm.scaling import results as results_lib
 from lm.scaling import runner as runner_lib
@@ -37,6 +41,12 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   if base_cfg.train.get('init_from'):
     raise UserError('base.train.init_from would start every run of the sweep from the same '
                     'weights; a sweep trains each size from scratch, so leave it empty.')
+  with lock_lib.hold(workdir):   # before anything is prepared or written
+    return _run_sweep(sweep_file_cfg, workdir, train_fn, fit, parallel, pack)
+
+
+def _run_sweep(sweep_file_cfg, workdir: str, train_fn, fit: bool, parallel: int, pack: int):
+  s, base_cfg = sweep_file_cfg.sweep, sweep_file_cfg.base
   dataset = data_lib.prepare(data_lib.DataConfig.from_config(base_cfg.data))
   specs, cfgs = _planned_runs(s, base_cfg, dataset.tokenizer.vocab_size, workdir)
   total_flops = _write_plan(sweep_file_cfg, workdir, specs)
@@ -50,6 +60,7 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   else:
     stopped = runner_lib.run_in_process(jobs, pack, book, train_fn)
   if stopped:
+    record_signal_stop(workdir)
     print('sweep stopped (SIGTERM); rerun the same command to resume.', flush=True)
     return {'stopped': True}
   results_lib.write_results(book.results_path, results_lib.result_rows(specs, book.finished))
@@ -133,8 +144,9 @@ def curves_beside(results_csv: str) -> dict | None:
   workdir = os.path.dirname(os.path.abspath(results_csv))
   wsd = False
   if os.path.exists(os.path.join(workdir, 'sweep.json')):
-    with open(os.path.join(workdir, 'sweep.json')) as f:
-      wsd = json.load(f).get('config', {}).get('sweep', {}).get('mode') in plan_lib.WSD_MODES
+    plan = read_json_object(os.path.join(workdir, 'sweep.json'), 'rerun the sweep to rewrite it, '
+                            'or fit a copy of results.csv kept outside the sweep folder')
+    wsd = ((plan.get('config') or {}).get('sweep') or {}).get('mode') in plan_lib.WSD_MODES
   if wsd or not os.path.isdir(os.path.join(workdir, 'runs')):   # WSD: the branches' finals
     saved = os.path.join(workdir, 'curves.json')
     if not os.path.exists(saved):
