@@ -16,6 +16,11 @@ exact match in the chat template) into its folder's eval.json, and the SFT, PPO 
 on the same held-out code headers (gold reward by the task's program, proxy reward by the reward
 model, KL to the SFT model). DIR/report.md is the report card, with its plots beside it.
 
+Every stage's settings are read before the first stage starts (validate_stages: the sections
+each stage's command reads, with the folders it starts from filled in), so a misspelt key or a
+bad value in the last stage is refused in the first second, before any folder is touched. The
+pipeline holds DIR's lock while it runs (lm/lock.py) and each stage its own folder's.
+
 Reruns. DIR/pipeline.json records each stage's settings, its key (a hash of its settings and of
 the keys of the stages it starts from), its state and wall time. A stage whose key is unchanged
 is skipped when finished and resumed when interrupted (the training loop resumes from its
@@ -33,17 +38,21 @@ import os
 import time
 
 from lm.training import loop
-from lm.config import read_section
+from lm import lock as lock_lib
+from lm.config import ModelConfig, read_section
 from lm.errors import UserError
-from lm.metrics import read_jsonl, write_json_atomic, write_text_atomic
+from lm.metrics import read_json_object, read_jsonl, write_json_atomic, write_text_atomic
 from lm.align import common as al
 from lm.align import dpo
 from lm.align import ppo
 from lm.align import reward
 from lm.data import tokens as data_lib
 from lm.eval import evaluate as evaluate_lib
+from lm.eval import tasks as tasks_lib
+from lm.model import sharding as shard_lib
 from lm.stages import finetune as ft
 from lm.stages import pretrain as train_lib
+from lm.training.optim import TrainConfig
 
 STAGES = ('tokenizer', 'pretrain', 'sft', 'reward', 'ppo', 'dpo')
 UPSTREAM = {'tokenizer': (), 'pretrain': ('tokenizer',), 'sft': ('pretrain',),
@@ -103,6 +112,40 @@ def stage_configs(cfg, workdir: str) -> dict:
   return {s: c for s, c in out.items() if s in keep}
 
 
+def validate_stages(cfg, configs: dict) -> None:
+  """Reads every section each stage's command will read (stage_configs: the folders it starts
+  from filled in), so that a bad key or value in any stage is refused before the first one
+  starts. What needs a trained upstream model (the model's max_len, its tokenizer) is checked
+  when the stage starts, as when it runs alone."""
+  for name, c in configs.items():
+    if name == 'tokenizer':
+      data_lib.DataConfig.from_config(c)
+      continue
+    if name == 'pretrain':
+      tc = TrainConfig.from_config(c.train)
+      tasks_lib.resolve(tc.eval_tasks)
+      shard_lib.MeshConfig.from_config(c.mesh)
+      data_lib.DataConfig.from_config(c.data)
+      vocab = int(c.model.get('vocab_size') or 0) or 256   # the tokenizer's count is not known yet
+      tc.check_fits(ModelConfig.from_config(c.model, vocab).max_len)
+      continue
+    loop.check_stage_start(c.to_dict())
+    section = {'sft': 'finetune'}.get(name, name)
+    tc = TrainConfig.from_config(c.train, section)
+    if name == 'sft':
+      ft.FinetuneConfig.from_config(c)
+      shard_lib.MeshConfig.from_config(c.mesh)
+    elif name == 'reward':
+      reward.RewardConfig.from_config(c.reward)
+    elif name == 'ppo':
+      ppo.PpoConfig.from_config(c.ppo, tc.batch_size)
+    elif name == 'dpo':
+      dpo.DpoConfig.from_config(c.dpo)
+  ec = evaluate_lib.EvalConfig.from_config(cfg.eval)
+  if ec.tasks != 'auto':
+    tasks_lib.resolve(ec.tasks)
+
+
 def stage_keys(configs: dict) -> dict:
   """Stage -> key: its settings and its upstream stages' keys, hashed."""
   keys = {}
@@ -147,10 +190,27 @@ def _move_aside(workdir: str, name: str) -> str | None:
 def run_pipeline(cfg, workdir: str, log=print) -> dict:
   """Runs (or skips, resumes, reruns) every stage, evaluates, writes the report card."""
   configs = stage_configs(cfg, workdir)     # a bad stage list is refused before anything is written
+  validate_stages(cfg, configs)             # and so is a bad setting of any stage
   keys = stage_keys(configs)
-  os.makedirs(workdir, exist_ok=True)
+  with lock_lib.hold(workdir):
+    return _run_pipeline(cfg, workdir, configs, keys, log)
+
+
+def _read_state(path: str) -> dict:
+  if not os.path.exists(path):
+    return {'stages': {}}
+  fix = ('delete it to run every stage again (their folders move to stale/), or restore it from '
+         'a copy')
+  state = read_json_object(path, fix)
+  if not isinstance(state.get('stages'), dict) or not all(
+      isinstance(r, dict) and 'key' in r for r in state['stages'].values()):
+    raise UserError(f'{path} is not a pipeline record (its stages are missing or damaged); {fix}.')
+  return state
+
+
+def _run_pipeline(cfg, workdir: str, configs: dict, keys: dict, log) -> dict:
   path = os.path.join(workdir, STATE)
-  state = json.load(open(path)) if os.path.exists(path) else {'stages': {}}
+  state = _read_state(path)
   t_all = time.time()
   for name in STAGES:
     if name not in configs:
