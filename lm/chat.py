@@ -26,6 +26,7 @@ import numpy as np
 
 from lm import runs
 from lm.eval import sample as sample_lib
+from lm.data import corpus
 from lm.data import sft
 from lm.align import common
 from lm.align import reward as reward_lib
@@ -151,6 +152,25 @@ def load_chat_model(workdir: str):
   return runs.load_model(workdir)[:3]
 
 
+def _valid_text(text: str, what: str, write) -> str:
+  """Typed or pasted text (stdin, a command-line flag) with bytes that are not UTF-8 replaced by
+  U+FFFD (corpus.clean_text), and a note through write() saying how many."""
+  text, bad = corpus.clean_text(text)
+  if bad:
+    write(f'(note: {bad} invalid UTF-8 byte sequence{"s" * (bad != 1)} in {what} replaced with '
+          'U+FFFD)\n')
+  return text
+
+
+def _stdin_escapes_bad_bytes() -> None:
+  """Lets input() hand over bytes that are not UTF-8 as escapes (for _valid_text to replace and
+  count) instead of raising UnicodeDecodeError; a stdin that cannot be reconfigured is kept."""
+  try:
+    sys.stdin.reconfigure(errors='surrogateescape')
+  except (AttributeError, ValueError, OSError):   # replaced streams, detached buffers
+    pass
+
+
 def chat_cli(workdir: str, prompt: str = '', max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, system: str = '',
              read=input, write=None) -> list[str]:
@@ -159,11 +179,14 @@ def chat_cli(workdir: str, prompt: str = '', max_new_tokens: int = 200, temperat
   write = write or (lambda s: (out.write(s), out.flush()))
   sample_lib.check_sampling(temperature, top_k, top_p, 1, max_new_tokens)
   mc, params, tokenizer = load_chat_model(workdir)
+  system = _valid_text(system, '--system', write)
   chat = Chat(mc, params, tokenizer, system, max_new_tokens, temperature, top_k, top_p, seed)
   if prompt:
-    text = chat.reply(prompt, write)
+    text = chat.reply(_valid_text(prompt, '--prompt', write), write)
     write('\n')
     return [text]
+  if read is input:
+    _stdin_escapes_bad_bytes()
   write(f'chatting with {workdir} (model.max_len {mc.max_len} tokens); /reset starts over, '
         '/quit leaves\n')
   replies = []
@@ -173,7 +196,7 @@ def chat_cli(workdir: str, prompt: str = '', max_new_tokens: int = 200, temperat
     except EOFError:
       write('\n')
       break
-    line = line.strip()
+    line = _valid_text(line, 'your message', write).strip()
     if line in ('/quit', '/exit'):
       break
     if line == '/reset':
@@ -203,6 +226,9 @@ def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature
   cfg = runs.read_config(workdir, f'{workdir} has no config.json, so it is not a training run; '
                          'train first with python run.py train --config=configs/tiny.py '
                          f'--workdir={workdir}.')
+  write = lambda s: print(s, end='', flush=True)
+  prompt = _valid_text(prompt, '--prompt', write)
+  system = _valid_text(system, '--system', write)
   if runs.kind(cfg) == 'reward':
     return _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                                 num_samples, system)
@@ -211,6 +237,7 @@ def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature
     messages = ([{'role': 'system', 'content': system}] if system else []) + [
         {'role': 'user', 'content': prompt}]
     n = len(sft.encode_chat(tokenizer, messages, generation_prompt=True)[0])
+    max_new_tokens = _capped(mc, n, max_new_tokens, num_samples)
     sample_lib.check_lengths(mc, n, max_new_tokens)
     texts = sample_lib.chat(mc, params, tokenizer, messages, max_new_tokens, temperature, top_k,
                             top_p, seed, num_samples)
@@ -220,6 +247,7 @@ def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature
       print(f'user: {prompt}\nassistant: {text}', flush=True)
     return texts
   n = 1 + len(tokenizer.encode(prompt))
+  max_new_tokens = _capped(mc, n, max_new_tokens, num_samples)
   sample_lib.check_lengths(mc, n, max_new_tokens)
   if n + max_new_tokens - 1 > mc.max_len:
     print(f'note: generating past model.max_len={mc.max_len} positions, which the model never '
@@ -233,6 +261,15 @@ def sample_cli(workdir: str, prompt: str, max_new_tokens: int = 200, temperature
   return texts
 
 
+def _capped(mc, prompt_len: int, max_new_tokens: int, rows: int) -> int:
+  """max_new_tokens within what the model (and the device's memory) allows, with a note when it
+  is lowered (sample.cap_new_tokens), as the chat keeps a reply within the context."""
+  max_new_tokens, note = sample_lib.cap_new_tokens(mc, prompt_len, max_new_tokens, rows)
+  if note:
+    print(note, flush=True)
+  return max_new_tokens
+
+
 def _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                          num_samples, system) -> list[str]:
   """A reward-model run: its SFT policy's replies, each with the reward model's normalised score."""
@@ -241,6 +278,7 @@ def _sample_with_rewards(workdir, prompt, max_new_tokens, temperature, top_k, to
   messages = ([{'role': 'system', 'content': system}] if system else []) + [
       {'role': 'user', 'content': prompt}]
   prompt_ids = sft.encode_chat(policy.tokenizer, messages, generation_prompt=True)[0]
+  max_new_tokens = _capped(policy.mc, len(prompt_ids), max_new_tokens, num_samples)
   sample_lib.check_lengths(policy.mc, len(prompt_ids), max_new_tokens)
   texts = sample_lib.chat(policy.mc, policy.params, policy.tokenizer, messages, max_new_tokens,
                           temperature, top_k, top_p, seed, num_samples)

@@ -173,6 +173,45 @@ def check_lengths(mc: ModelConfig, longest_prompt: int, max_new_tokens: int) -> 
         f'{mc.max_len - longest_prompt + 1} or a shorter prompt.')
 
 
+# Positions past model.max_len that sampling may reach with encodings that extrapolate (all but
+# learned): a multiple of max_len. It also bounds the KV cache a single request allocates.
+EXTRAPOLATE_FACTOR = 4
+CACHE_MEMORY_SHARE = 0.5   # of the device's memory, at most, for one request's KV cache
+
+
+def device_memory_bytes() -> int | None:
+  """The memory of the first device, where JAX reports it (GPUs, TPUs; not the CPU)."""
+  try:
+    return (jax.devices()[0].memory_stats() or {}).get('bytes_limit')
+  except Exception:   # backends without memory statistics raise their own errors
+    return None
+
+
+def cap_new_tokens(mc: ModelConfig, prompt_len: int, max_new_tokens: int,
+                   rows: int = 1) -> tuple[int, str | None]:
+  """(new tokens to generate, a note when max_new_tokens had to be lowered) for `rows` prompts of
+  up to prompt_len tokens: learned positions end at model.max_len; other encodings may run past it
+  up to EXTRAPOLATE_FACTOR x max_len positions; and the KV cache must fit in CACHE_MEMORY_SHARE of
+  the device's memory where that is known. A prompt too long for the model is left to
+  check_lengths to refuse."""
+  if mc.pos == 'learned':
+    allowed, why = mc.max_len - prompt_len + 1, f'learned positions end at model.max_len={mc.max_len}'
+  else:
+    allowed = EXTRAPOLATE_FACTOR * mc.max_len - prompt_len + 1
+    why = f'at most {EXTRAPOLATE_FACTOR} x model.max_len={mc.max_len} positions'
+  memory = device_memory_bytes()
+  if memory:
+    per_slot = rows * mc.n_layers * 2 * mc.n_kv_heads * mc.head_dim * jnp.dtype(mc.dtype).itemsize
+    slots = int(CACHE_MEMORY_SHARE * memory // max(per_slot, 1))
+    if slots - padded_len(mc, prompt_len) + 1 < allowed:
+      allowed = slots - padded_len(mc, prompt_len) + 1
+      why = f'the KV cache of {rows} row(s) must fit in {CACHE_MEMORY_SHARE:.0%} of device memory'
+  if max_new_tokens <= allowed or allowed < 1:
+    return max_new_tokens, None
+  return allowed, (f'note: max_new_tokens={max_new_tokens} is more than this model allows after a '
+                   f'{prompt_len}-token prompt ({why}); generating at most {allowed}.')
+
+
 def generate_tokens(mc: ModelConfig, params, prompts, max_new_tokens: int,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     eos_id: int | None = None, pad_id: int = 0) -> np.ndarray:
