@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import host
+from lm import metrics as metrics_lib
 from lm.training import checkpoint as ckpt_lib
 from lm.training import loop
 from lm.model import transformer as model_lib
@@ -274,9 +275,9 @@ def initial_state(make_params, optimizer, extra=None):
   return jax.jit(init_state), ckpt_lib.on_one_device(jax.eval_shape(init_state))
 
 
-def read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+def read_json(path: str, fix: str = 'restore it, or rerun the command that wrote it') -> dict:
+  """A JSON state file (a run's summary.json ...) through metrics.read_json_object."""
+  return metrics_lib.read_json_object(path, fix)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
 
 BASE_EVAL = 'base_eval.json'
+BASE_EVAL_FIX = 'delete it and rerun run.py finetune there to measure the base model again'
 MIXED = 'builtin+code'   # finetune.data: the instruction set and the code-body task together
 # Keys of a fine-tuning config that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = loop.RESUMABLE_CHANGES + ('finetune.eval_batch_size',)
@@ -400,8 +401,7 @@ def _dir_bytes(path: str) -> int:
 
 def _summary(workdir: str, info: dict, last_eval: dict, tc: TrainConfig) -> dict:
   """Before/after numbers, sizes and speed of a finished fine-tuning run."""
-  with open(os.path.join(workdir, BASE_EVAL)) as f:
-    before = json.load(f)
+  before = metrics_lib.read_json_object(os.path.join(workdir, BASE_EVAL), BASE_EVAL_FIX)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   rows = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
@@ -427,6 +427,8 @@ def finetune(cfg, workdir: str, stop_at: int | None = None) -> dict:
     before['eval_seconds'] = time.time() - t0
     if jax.process_index() == 0:
       metrics_lib.write_json_atomic(before_path, before)
+  else:    # read at the end for the summary: a damaged one is refused now, not after training
+    metrics_lib.read_json_object(before_path, BASE_EVAL_FIX)
   return loop.run(job.stage, workdir, stop_at)
 
 
