@@ -36,6 +36,7 @@ import re
 
 import numpy as np
 
+from lm import metrics as metrics_lib
 from lm.errors import UserError
 
 TOKENIZER_JSON = 'tokenizer.json'
@@ -429,8 +430,8 @@ def import_hf(hf_dir: str, hf_config: dict) -> HFTokenizer:
   conf = {}
   conf_path = os.path.join(hf_dir, 'tokenizer_config.json')
   if os.path.isfile(conf_path):
-    with open(conf_path, encoding='utf-8') as f:
-      conf = json.load(f)
+    conf = metrics_lib.read_json_object(conf_path, 'the folder is damaged, fetch or copy the '
+                                        'model again')
 
   def special(name: str):
     tok = conf.get(name + '_token')
@@ -461,8 +462,11 @@ def load_tokenizer(directory: str) -> Tokenizer:
   except FileNotFoundError:
     raise UserError(f'no {TOKENIZER_JSON} in {directory}; point at a folder a run or data '
                     'preparation wrote') from None
-  except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f'cannot read {path} ({e}); prepare the data again') from None
+  except (OSError, ValueError) as e:    # ValueError: JSONDecodeError, UnicodeDecodeError
+    raise UserError(f'cannot read {path} ({type(e).__name__}: {e}); prepare the data again') \
+        from None
+  if not isinstance(meta, dict):
+    raise UserError(f'cannot read {path} (it holds no JSON object); prepare the data again')
   kind = meta.get('type')
   if kind == 'bytes':
     tok: Tokenizer = ByteTokenizer(chat=int(meta.get('vocab_size', 263)) != 259)
