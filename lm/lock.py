@@ -182,8 +182,9 @@ def _take_over(path: str, raw: bytes) -> bool:
 class Lock:
   """A held lock: the file and the token that proves it is this process's."""
 
-  def __init__(self, folder: str, path: str, me: dict):
+  def __init__(self, folder: str, path: str, me: dict, created: list[str]):
     self.folder, self.path, self.me = folder, path, me
+    self.created = created   # the folders acquire() made, deepest first
 
   def release(self) -> None:
     key = os.path.realpath(self.folder)
@@ -197,6 +198,11 @@ class Lock:
     if holder is not None and holder.get('token') == self.me['token']:
       with contextlib.suppress(OSError):
         os.unlink(self.path)
+    for d in self.created:   # a command refused before it wrote anything leaves no folder
+      try:
+        os.rmdir(d)
+      except OSError:
+        break
 
 
 def acquire(folder: str) -> Lock:
@@ -207,6 +213,10 @@ def acquire(folder: str) -> Lock:
   if entry and entry[0].me['pid'] == os.getpid():
     entry[1] += 1
     return entry[0]
+  created, d = [], folder
+  while not os.path.isdir(d) and d != os.path.dirname(d):
+    created.append(d)
+    d = os.path.dirname(d)
   try:
     os.makedirs(folder, exist_ok=True)
   except FileExistsError:
@@ -220,7 +230,7 @@ def acquire(folder: str) -> Lock:
   for _ in range(20):
     try:
       if _create(path, me):
-        _held[key] = [Lock(folder, path, me), 1]
+        _held[key] = [Lock(folder, path, me, created), 1]
         return _held[key][0]
     except OSError as e:
       raise UserError(f'the lock file {path} cannot be written ({e.strerror}); {folder} must be '
