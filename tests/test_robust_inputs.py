@@ -288,8 +288,8 @@ def test_fit_refuses_what_it_used_to_fill_in(tmp_path):
     fit_lib.fit_results(fit_lib.read_results(write_table(tmp_path / 'same.csv', [rows[3]] * 20)))
   table = write_table(tmp_path / 'results.csv', rows)
   for key in ('flops_key', 'loss_key'):      # no fallback (6ND, another loss column)
-    with pytest.raises(UserError, match=r"has no 'nope' column \(its columns: params, tokens, "
-                       r'flops, loss\)'):
+    with pytest.raises(UserError, match=r"has no 'nope' column \(its columns: 'params', 'tokens', "
+                       r"'flops', 'loss'\)"):
       report_lib.run_fit(table, tmp_path / 'x', bootstrap=0, **{key: 'nope'})
   with pytest.raises(UserError, match="no 'params_nonembed' column"):
     report_lib.run_fit(table, tmp_path / 'x', params_key='params_nonembed', bootstrap=0)

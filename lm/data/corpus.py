@@ -113,6 +113,8 @@ def text_files(path: str) -> list[SourceFile]:
                       '--config.data.path')
   elif os.path.isfile(path):
     files = [_stat(path, os.path.basename(path))]
+  elif os.path.exists(path):
+    raise UserError(f'data.path {path!r} is neither a file nor a folder; fix --config.data.path')
   else:
     raise UserError(f'data.path {path!r} does not exist; fix --config.data.path')
   files.sort(key=lambda s: s.relpath)

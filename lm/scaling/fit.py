@@ -68,7 +68,7 @@ def columns_of(rows, loss_key='loss', params_key='params', flops_key='flops', to
   N, D, L = (np.array([float(r[k]) for r in rows]) for k in (params_key, tokens_key, loss_key))
   points = len(set(zip(N.tolist(), D.tolist())))
   if points < MIN_POINTS:
-    raise UserError(f'The results hold {len(rows)} runs but only {points} distinct '
+    raise UserError(f'The results hold {len(rows)} run{"s" * (len(rows) != 1)} but only {points} distinct '
                     f'({params_key}, {tokens_key}) point{"s" * (points != 1)}; a scaling law needs '
                     f'at least {MIN_POINTS} runs of different sizes or token counts (repeats of one '
                     'run measure its seed noise, not a trend): add runs or check the table.')
@@ -223,17 +223,22 @@ def read_results(path, loss_key=None, params_key='params', flops_key=None, token
     raise UserError(f'Results file {path} does not exist: pass --results=FILE.csv written by a sweep.')
   text, _ = corpus.read_text(str(path), 'results file')
   reader = csv.DictReader(io.StringIO(text, newline=''))
-  columns = reader.fieldnames or []
+  columns = [c.strip() for c in reader.fieldnames or []]   # "params, tokens" names `tokens`
+  reader.fieldnames = columns
   rows = list(reader)
   if not columns:
     raise UserError(f'Results file {path} is empty: it needs a header with params, tokens and loss columns.')
+  twice = sorted({c for c in columns if columns.count(c) > 1})
+  if twice:
+    raise UserError(f'Results file {path} names the column {twice[0]!r} twice in its header, so its '
+                    'values are ambiguous: rename or drop one of them.')
   loss_key = resolve_loss_key(columns, loss_key)
   needed = [params_key, tokens_key, loss_key] + ([flops_key] if flops_key is not None else [])
   optional = [k for k in ('flops',) * (flops_key is None) + ('budget',) if k in columns]
   for key in needed:
     if key not in columns:
       raise UserError(f'Results file {path} has no {key!r} column (its columns: '
-                      f'{", ".join(columns)}): add it or name one of those by argument.')
+                      f'{", ".join(map(repr, columns))}): add it or name one of those by argument.')
   if not rows:
     raise UserError(f'Results file {path} has no runs: it needs one row per finished training run.')
   out = []
