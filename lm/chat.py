@@ -13,6 +13,11 @@ one). A reply ends at <|end|> or after max_new_tokens; the conversation never ru
 model.max_len: when the history and a full reply no longer fit, the oldest turns are dropped
 (the system message stays) and a note says so.
 
+`sample` lowers a max_new_tokens the model cannot serve (learned positions end at model.max_len;
+others stop at 4 x max_len, and the KV cache must fit the device) to what it can, with a note
+(sample.cap_new_tokens). Typed or pasted text (stdin, --prompt, --system) with bytes that are not
+UTF-8 has them replaced with U+FFFD (corpus.clean_text), and a note says how many.
+
 Interactive: type a message and press Enter; `/reset` starts over, `/quit` (or Ctrl-D) leaves.
 `--prompt=TEXT` answers once and exits (for scripts and tests).
 """

@@ -25,7 +25,9 @@ def read_jsonl(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   rows = []
-  with open(path) as f:
+  # A damaged byte is read as U+FFFD instead of raising UnicodeDecodeError (a line it leaves
+  # unparsable ends the rows, as a torn last line does).
+  with open(path, encoding='utf-8', errors='replace') as f:
     for line in f:
       line = line.strip()
       if line:
