@@ -46,6 +46,7 @@ class Checkpoints:
     _quiet_orbax_errors()
     self.in_flight = None   # the step an asynchronous save is writing
     self.sizes = {}         # step -> bytes on disk, of the steps this object saved or measured
+    self.failed_step = None
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -77,6 +78,13 @@ class Checkpoints:
       self.manager.wait_until_finished()
     except Exception as e:  # the background write's own exception, whatever its type
       self._failed(step, e)
+
+  def _remove_partial(self) -> None:
+    """The temporary folder of the failed step (written into until the last pending write)."""
+    if jax.process_index() == 0 and self.failed_step is not None:
+      pattern = f'{self.failed_step}.orbax-*'
+      for partial in glob.glob(os.path.join(glob.escape(self.directory), pattern)):
+        shutil.rmtree(partial, ignore_errors=True)
 
   def _check_space(self, step: int) -> None:
     """A warning when the disk's free space is below the size of the last checkpoint."""
@@ -112,9 +120,8 @@ class Checkpoints:
   def _failed(self, step: int | None, e: Exception):
     """One sentence for a save that failed: the path, the cause, the checkpoint still intact.
     The failed step's partial files are removed (they would only fill the disk further)."""
-    if jax.process_index() == 0 and step is not None:
-      for partial in glob.glob(os.path.join(glob.escape(self.directory), f'{step}.orbax-*')):
-        shutil.rmtree(partial, ignore_errors=True)
+    self.failed_step = step
+    self._remove_partial()
     try:
       self.manager.reload()
       intact = [s for s in self.steps() if s != step]
@@ -182,6 +189,7 @@ class Checkpoints:
         self.manager.close()
       except Exception:  # the failure was reported by wait(); orbax may re-raise it here
         pass
+      self._remove_partial()   # again: writes still pending at the failure may have recreated it
 
 
 _CAUSES = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG,
@@ -226,14 +234,23 @@ class _OrbaxErrors(logging.Filter):
                 and f'{os.sep}orbax{os.sep}checkpoint{os.sep}' in record.pathname)
 
 
-_FILTER = _OrbaxErrors()
+
+class _OrbaxTasks(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's write tasks: after one
+  write of a save fails, the others fail too and are never awaited."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return f'{os.sep}orbax{os.sep}checkpoint{os.sep}' not in record.getMessage()
+
+
+_FILTER, _TASKS = _OrbaxErrors(), _OrbaxTasks()
 
 
 def _quiet_orbax_errors() -> None:
-  for name in ('absl', 'orbax'):
+  for name, f in (('absl', _FILTER), ('orbax', _FILTER), ('asyncio', _TASKS)):
     logger = logging.getLogger(name)
-    if _FILTER not in logger.filters:
-      logger.addFilter(_FILTER)
+    if f not in logger.filters:
+      logger.addFilter(f)
 
 
 def restore_subtree(directory: str, keys: tuple[str, ...] = ('params',)):
