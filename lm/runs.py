@@ -130,7 +130,7 @@ def manifest(workdir: str) -> dict:
   return metrics_lib.read_json_object(path, DAMAGED)
 
 
-def check_finetuned(workdir: str, stage: str) -> None:
+def check_finetuned(workdir: str, stage: str, kl: bool = True) -> None:
   """Refuses to start a preference stage (`stage`, e.g. 'DPO') from a run that was never
   fine-tuned: a pretraining run never learned the chat template the stage prompts in, and the
   stage would report its KL to it as to "the SFT model". Accepted: fine-tuned and preference-tuned
@@ -142,10 +142,11 @@ def check_finetuned(workdir: str, stage: str) -> None:
   found = manifest(workdir)
   if found.get('merged_from') or found.get('imported_from'):
     return
+  also = ' and is no SFT model to measure KL against' if kl else ''
   raise UserError(f'{workdir} is a pretraining run that was never fine-tuned, so it does not know '
-                  f'the chat template {stage} prompts in and is no SFT model to measure KL '
-                  'against; fine-tune it first (python run.py finetune --config=configs/sft.py '
-                  f'--config.finetune.init_from={workdir}) and start {stage} from that run.')
+                  f'the chat template {stage} prompts in{also}; fine-tune it first (python run.py '
+                  f'finetune --config=configs/sft.py --config.finetune.init_from={workdir}) and '
+                  f'start {stage} from that run.')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -339,9 +339,15 @@ def test_an_eval_with_nothing_to_do_keeps_the_old_result(folders):
 
 # ---- preference tuning from a run that was never fine-tuned ---------------------------------
 
-def test_dpo_and_ppo_refuse_a_pretraining_run(folders, tmp_path):
-  from configs import dpo as dpo_cfg, ppo as ppo_cfg
+def test_preference_stages_refuse_a_pretraining_run(folders, tmp_path):
+  from configs import dpo as dpo_cfg, ppo as ppo_cfg, reward as reward_cfg
   from lm.align import ppo as ppo_lib
+  from lm.align import reward as reward_lib
+  r = reward_cfg.get_config()
+  r.reward.init_from = folders['pre']
+  with pytest.raises(UserError, match='never fine-tuned, so it does not know the chat template the '
+                     r'reward model prompts in; fine-tune it first'):
+    reward_lib.build(r, str(tmp_path / 'rm'))
   d = dpo_cfg.get_config()
   d.dpo.init_from, d.dpo.pairs = folders['pre'], 'pairs.jsonl'
   with pytest.raises(UserError, match=rf'{folders["pre"]} is a pretraining run that was never '

@@ -141,6 +141,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   tc = TrainConfig.from_config(cfg.train, 'reward')
   rc = RewardConfig.from_config(cfg.reward)
   common.check_single_process()
+  runs.check_finetuned(rc.init_from, 'the reward model', kl=False)
   policy = common.load_policy(rc.init_from)
   mc = policy.mc
   tc.check_fits(mc.max_len, "the SFT model's max_len")
