@@ -19,8 +19,8 @@
 
 Exit status: 0 done; 2 refused (one sentence on stderr: bad input, a damaged file, a folder in use
 by another process, a failed checkpoint save, a diverged run); 3 stopped by SIGTERM before the
-work finished (checkpoints saved: rerunning the same command resumes); 1 anything else (a
-traceback). So `run.py train ... && run.py finetune ...` goes on only from a finished run.
+work finished (checkpoints saved: rerunning the same command resumes); 130 interrupted by Ctrl-C
+(the checkpoints saved so far are kept); 1 anything else (a traceback). So `run.py train ... && run.py finetune ...` goes on only from a finished run.
 """
 import os
 import re
@@ -79,6 +79,10 @@ def main(argv):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:   # Ctrl-C: what is on disk stays (checkpoints are atomic)
+    print('interrupted (Ctrl-C); the checkpoints saved so far are kept and rerunning the same '
+          'command resumes from the newest (SIGTERM instead saves one first).', file=sys.stderr)
+    sys.exit(130)
   stopped = signal_stops()
   if stopped:   # the command returned its partial work: it did not finish
     print(f'stopped by SIGTERM before finishing ({stopped[-1]}); the checkpoints are saved and '
