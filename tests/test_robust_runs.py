@@ -280,3 +280,22 @@ def test_pipeline_checks_every_stage_before_the_first_starts(tmp_path):
   assert not os.path.exists(workdir)
   good = pipeline_config.get_config()
   pipeline_lib.validate_stages(good, pipeline_lib.stage_configs(good, workdir))   # no refusal
+
+
+def test_a_run_stopped_by_sigterm_is_no_failed_attempt(tmp_path):
+  """A sweep preempted more often than sweep.max_attempts does not give up on its runs: a run
+  started and then stopped at a checkpoint gets its attempt back; a failed one keeps it."""
+  from lm.scaling import plan as plan_lib
+  from lm.scaling import runner as runner_lib
+  c = sweep_smoke.get_config()
+  specs = plan_lib.plan(c.sweep, c.base, 256)[:2]
+  cfgs = [plan_lib.run_config(c.base, sp) for sp in specs]
+  book = runner_lib.Booking(str(tmp_path), specs, cfgs, c.base, 1.0)
+  jobs = runner_lib.pending_jobs(book, max_attempts=1)
+  assert [j.attempt for j in jobs] == [1, 1]
+  for j in jobs:
+    book.start(j)
+  book.done(jobs[1], None, 'UserError: bad')
+  book.stopped()
+  again = runner_lib.pending_jobs(runner_lib.Booking(str(tmp_path), specs, cfgs, c.base, 1.0), 1)
+  assert [j.spec.name for j in again] == [jobs[0].spec.name]   # the failed one is not retried

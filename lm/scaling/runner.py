@@ -50,6 +50,7 @@ class Booking:
     self.results_path = os.path.join(workdir, 'results.csv')
     self.finished = {}   # run name -> (spec, config, summary)
     self.failed = []
+    self.started = []    # the jobs started in this invocation
     self.session_flops = 0.0   # what this invocation trained itself
     self.t0 = time.time()
 
@@ -60,6 +61,7 @@ class Booking:
     os.makedirs(job.rdir, exist_ok=True)
     write_json_atomic(os.path.join(job.rdir, RUN_IDENTITY), json.loads(job.cfg.to_json()))
     write_json_atomic(os.path.join(job.rdir, 'attempts.json'), {'attempts': job.attempt})
+    self.started.append(job)
     if sp.trunk:   # for a worker process; the sweep's own process branches directly
       write_branch(job.rdir, sp, *self.by_name[sp.trunk], self.workdir)
 
@@ -84,6 +86,15 @@ class Booking:
           flush=True)
 
 
+  def stopped(self) -> None:
+    """After a SIGTERM: the runs started here that neither finished nor failed were stopped at a
+    checkpoint, which is no failed attempt (a sweep preempted N times must not give up on its
+    runs): their attempt count goes back."""
+    for job in self.started:
+      if job.spec.name not in self.finished and job.spec.name not in self.failed:
+        write_json_atomic(os.path.join(job.rdir, 'attempts.json'), {'attempts': job.attempt - 1})
+
+
 def pending_jobs(book: Booking, max_attempts: int) -> list[Job]:
   """The runs still to train, in run order (priority). A run finished earlier goes into
   book.finished, one that failed max_attempts times into book.failed, each with a line."""
@@ -100,8 +111,9 @@ def pending_jobs(book: Booking, max_attempts: int) -> list[Job]:
     attempts_path = os.path.join(rdir, 'attempts.json')
     attempts = _attempts(attempts_path)
     if attempts >= max_attempts:
-      print(f'[{i + 1}/{n}] {sp.name}: failed {attempts} times, not retried '
-            f'(see failures.jsonl; delete {attempts_path} to try again)', flush=True)
+      print(f'[{i + 1}/{n}] {sp.name}: did not finish in {attempts} attempts, not retried '
+            f'(see failures.jsonl and {rdir}/train.log if any; delete {attempts_path} to try '
+            'again)', flush=True)
       book.failed.append(sp.name)
       continue
     jobs.append(Job(i, sp, cfg, rdir, attempts + 1))

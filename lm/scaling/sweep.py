@@ -60,6 +60,7 @@ def _run_sweep(sweep_file_cfg, workdir: str, train_fn, fit: bool, parallel: int,
   else:
     stopped = runner_lib.run_in_process(jobs, pack, book, train_fn)
   if stopped:
+    book.stopped()
     record_signal_stop(workdir)
     print('sweep stopped (SIGTERM); rerun the same command to resume.', flush=True)
     return {'stopped': True}
