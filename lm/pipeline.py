@@ -116,34 +116,45 @@ def validate_stages(cfg, configs: dict) -> None:
   """Reads every section each stage's command will read (stage_configs: the folders it starts
   from filled in), so that a bad key or value in any stage is refused before the first one
   starts. What needs a trained upstream model (the model's max_len, its tokenizer) is checked
-  when the stage starts, as when it runs alone."""
+  when the stage starts, as when it runs alone. A refusal names the stage."""
   for name, c in configs.items():
-    if name == 'tokenizer':
-      data_lib.DataConfig.from_config(c)
-      continue
-    if name == 'pretrain':
-      tc = TrainConfig.from_config(c.train)
-      tasks_lib.resolve(tc.eval_tasks)
-      shard_lib.MeshConfig.from_config(c.mesh)
-      data_lib.DataConfig.from_config(c.data)
-      vocab = int(c.model.get('vocab_size') or 0) or 256   # the tokenizer's count is not known yet
-      tc.check_fits(ModelConfig.from_config(c.model, vocab).max_len)
-      continue
-    loop.check_stage_start(c.to_dict())
-    section = {'sft': 'finetune'}.get(name, name)
-    tc = TrainConfig.from_config(c.train, section)
-    if name == 'sft':
-      ft.FinetuneConfig.from_config(c)
-      shard_lib.MeshConfig.from_config(c.mesh)
-    elif name == 'reward':
-      reward.RewardConfig.from_config(c.reward)
-    elif name == 'ppo':
-      ppo.PpoConfig.from_config(c.ppo, tc.batch_size)
-    elif name == 'dpo':
-      dpo.DpoConfig.from_config(c.dpo)
-  ec = evaluate_lib.EvalConfig.from_config(cfg.eval)
-  if ec.tasks != 'auto':
-    tasks_lib.resolve(ec.tasks)
+    try:
+      _validate_stage(name, c)
+    except UserError as e:
+      section = 'pretrain.data' if name == 'tokenizer' else name
+      raise UserError(f'in the {name} stage (--config.{section}.*): {e}') from None
+  try:
+    ec = evaluate_lib.EvalConfig.from_config(cfg.eval)
+    if ec.tasks != 'auto':
+      tasks_lib.resolve(ec.tasks)
+  except UserError as e:
+    raise UserError(f'in the evaluations (--config.eval.*): {e}') from None
+
+
+def _validate_stage(name: str, c) -> None:
+  if name == 'tokenizer':
+    data_lib.DataConfig.from_config(c)
+    return
+  if name == 'pretrain':
+    tc = TrainConfig.from_config(c.train)
+    tasks_lib.resolve(tc.eval_tasks)
+    shard_lib.MeshConfig.from_config(c.mesh)
+    data_lib.DataConfig.from_config(c.data)
+    vocab = int(c.model.get('vocab_size') or 0) or 256   # the tokenizer's count is not known yet
+    tc.check_fits(ModelConfig.from_config(c.model, vocab).max_len)
+    return
+  loop.check_stage_start(c.to_dict())
+  section = {'sft': 'finetune'}.get(name, name)
+  tc = TrainConfig.from_config(c.train, section)
+  if name == 'sft':
+    ft.FinetuneConfig.from_config(c)
+    shard_lib.MeshConfig.from_config(c.mesh)
+  elif name == 'reward':
+    reward.RewardConfig.from_config(c.reward)
+  elif name == 'ppo':
+    ppo.PpoConfig.from_config(c.ppo, tc.batch_size)
+  elif name == 'dpo':
+    dpo.DpoConfig.from_config(c.dpo)
 
 
 def stage_keys(configs: dict) -> dict:

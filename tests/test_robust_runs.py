@@ -271,7 +271,7 @@ def test_pipeline_checks_every_stage_before_the_first_starts(tmp_path):
     pipeline_lib.run_pipeline(cfg, workdir, log=lambda *_: None)
   cfg = pipeline_config.get_config()
   cfg.ppo.ppo.minibatch = 7
-  with pytest.raises(UserError, match='ppo.minibatch=7'):
+  with pytest.raises(UserError, match=r'^in the ppo stage \(--config.ppo.\*\): .*ppo.minibatch=7'):
     pipeline_lib.run_pipeline(cfg, workdir, log=lambda *_: None)
   cfg = pipeline_config.get_config()
   cfg.sft.train.init_from = 'runs/x'
