@@ -4,6 +4,7 @@ every stage is checked before the first starts."""
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -299,3 +300,20 @@ def test_a_run_stopped_by_sigterm_is_no_failed_attempt(tmp_path):
   book.stopped()
   again = runner_lib.pending_jobs(runner_lib.Booking(str(tmp_path), specs, cfgs, c.base, 1.0), 1)
   assert [j.spec.name for j in again] == [jobs[0].spec.name]   # the failed one is not retried
+
+
+def test_a_full_disk_under_the_metrics_stops_the_run_in_one_sentence(tmp_path, monkeypatch):
+  from lm import metrics as metrics_lib
+  real = metrics_lib.MetricsWriter.write
+
+  def write(self, row):
+    if row['step'] >= 6:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real(self, row)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, 'write', write)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(UserError, match=re.escape(
+      f'writing into {workdir} failed (No space left on device), so the run stopped; the '
+      'checkpoint of step 4 is intact and a rerun resumes from it')):
+    train_lib.train(small_config(str(tmp_path / 'cache')), workdir)
+  assert not os.path.exists(f'{workdir}/.lock')

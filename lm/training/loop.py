@@ -554,7 +554,7 @@ _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACC
                 errno.EIO)
 
 
-def _write_failed(e: OSError, ckpts) -> str:
+def _write_failed(e: OSError, ckpts, workdir: str) -> str:
   try:
     ckpts.wait()
     steps = ckpts.steps()
@@ -562,8 +562,8 @@ def _write_failed(e: OSError, ckpts) -> str:
     steps = []
   kept = (f'the checkpoint of step {steps[-1]} is intact and a rerun resumes from it'
           if steps else 'no checkpoint was saved yet, so a rerun starts from step 0')
-  return (f'{e.filename or ckpts.directory} could not be written ({os.strerror(e.errno)}), so '
-          f'the run stopped; {kept} once the disk has space (or the folder is writable again).')
+  return (f'writing into {e.filename or workdir} failed ({os.strerror(e.errno)}), so the run '
+          f'stopped; {kept} once the disk has space (or the folder is writable again).')
 
 
 def _run(stage: Stage, books: _Books, workdir: str, stop_at: int | None):
@@ -575,7 +575,7 @@ def _run(stage: Stage, books: _Books, workdir: str, stop_at: int | None):
   except OSError as e:
     if e.errno not in _DISK_ERRORS:
       raise
-    raise UserError(_write_failed(e, ckpts)) from None
+    raise UserError(_write_failed(e, ckpts, workdir)) from None
 
 
 def _run_steps(stage: Stage, books: _Books, workdir: str, stop_at: int | None, ckpts):
