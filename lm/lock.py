@@ -114,7 +114,8 @@ def _read(path: str) -> tuple[dict | None, bytes | None]:
       return None, b''
     try:
       holder = json.loads(raw.decode('utf-8'))
-      if (isinstance(holder, dict) and isinstance(holder.get('pid'), int)
+      pid = holder.get('pid') if isinstance(holder, dict) else None
+      if (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
           and isinstance(holder.get('host'), str)):
         return holder, raw
     except (UnicodeDecodeError, ValueError):
