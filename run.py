@@ -20,7 +20,8 @@
 Exit status: 0 done; 2 refused (one sentence on stderr: bad input, a damaged file, a folder in use
 by another process, a failed checkpoint save, a diverged run); 3 stopped by SIGTERM before the
 work finished (checkpoints saved: rerunning the same command resumes); 130 interrupted by Ctrl-C
-(the checkpoints saved so far are kept); 1 anything else (a traceback). So `run.py train ... && run.py finetune ...` goes on only from a finished run.
+(the checkpoints saved so far are kept); 1 anything else (a traceback). So
+`run.py train ... && run.py finetune ...` goes on only from a finished run.
 """
 import os
 import re
