@@ -317,3 +317,25 @@ def test_a_full_disk_under_the_metrics_stops_the_run_in_one_sentence(tmp_path, m
       'checkpoint of step 4 is intact and a rerun resumes from it')):
     train_lib.train(small_config(str(tmp_path / 'cache')), workdir)
   assert not os.path.exists(f'{workdir}/.lock')
+
+
+def test_a_stage_holds_its_folder_before_the_loop_starts(tmp_path):
+  """Fine-tuning (base_eval.json), reward and DPO (sampled pairs) write before their loop runs:
+  a folder another live process holds is refused before any of it."""
+  from configs import dpo as dpo_cfg
+  from lm.align import dpo as dpo_lib
+  held = tmp_path / 'dpo'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  other = subprocess.Popen([sys.executable, '-c', 'import time; from lm import lock; '
+                            f'lock.acquire({str(held)!r}); print("held", flush=True); '
+                            'time.sleep(60)'], cwd=root, stdout=subprocess.PIPE, text=True)
+  try:
+    assert other.stdout.readline().strip() == 'held'
+    c = dpo_cfg.get_config()
+    c.dpo.init_from = str(tmp_path / 'never_read')
+    with pytest.raises(UserError, match='is in use by another process'):
+      dpo_lib.train_dpo(c, str(held))
+    assert sorted(os.listdir(held)) == ['.lock']
+  finally:
+    other.kill()
+    other.wait()

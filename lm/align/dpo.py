@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.model import flops as flops_lib
+from lm import lock as lock_lib
 from lm.training import loop
 from lm import runs
 from lm.align import common
@@ -246,4 +247,5 @@ def build(cfg, workdir: str) -> loop.Stage:
 
 def train_dpo(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """Trains (or resumes) DPO in workdir; returns the summary."""
-  return loop.run(build(cfg, workdir), workdir, stop_at)
+  with lock_lib.hold(workdir):   # build may write the sampled pairs before the loop starts
+    return loop.run(build(cfg, workdir), workdir, stop_at)

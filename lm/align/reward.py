@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.model import flops as flops_lib
+from lm import lock as lock_lib
 from lm.training import loop
 from lm import runs
 from lm.align import common
@@ -205,7 +206,8 @@ def build(cfg, workdir: str) -> loop.Stage:
 
 def train_reward(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """Trains (or resumes) the reward model in workdir; returns the summary."""
-  return loop.run(build(cfg, workdir), workdir, stop_at)
+  with lock_lib.hold(workdir):   # build may write the sampled pairs before the loop starts
+    return loop.run(build(cfg, workdir), workdir, stop_at)
 
 
 def load(workdir: str) -> common.RewardModel:

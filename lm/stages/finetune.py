@@ -38,6 +38,7 @@ from lm import host
 from lm.data import instruct
 from lm.data import code_task
 from lm.model import lora as lora_lib
+from lm import lock as lock_lib
 from lm.training import loop
 from lm import metrics as metrics_lib
 from lm.model import transformer as model_lib
@@ -418,18 +419,19 @@ def finetune(cfg, workdir: str, stop_at: int | None = None) -> dict:
   loop.check_stage_start(cfg.to_dict())
   job = build(cfg, workdir)
   loop.check_config(workdir, job.stage.config, RESUMABLE_CHANGES)
-  before_path = os.path.join(workdir, BASE_EVAL)
-  if not os.path.exists(before_path):
-    os.makedirs(workdir, exist_ok=True)
-    t0 = time.time()
-    print('evaluating the base model before fine-tuning ...', file=sys.stderr, flush=True)
-    before = job.evaluate_plain(job.base_params)
-    before['eval_seconds'] = time.time() - t0
-    if jax.process_index() == 0:
-      metrics_lib.write_json_atomic(before_path, before)
-  else:    # read at the end for the summary: a damaged one is refused now, not after training
-    metrics_lib.read_json_object(before_path, BASE_EVAL_FIX)
-  return loop.run(job.stage, workdir, stop_at)
+  # The lock covers base_eval.json too, written before the loop (which holds the same lock).
+  with lock_lib.hold(workdir, enabled=jax.process_index() == 0):
+    before_path = os.path.join(workdir, BASE_EVAL)
+    if not os.path.exists(before_path):
+      t0 = time.time()
+      print('evaluating the base model before fine-tuning ...', file=sys.stderr, flush=True)
+      before = job.evaluate_plain(job.base_params)
+      before['eval_seconds'] = time.time() - t0
+      if jax.process_index() == 0:
+        metrics_lib.write_json_atomic(before_path, before)
+    else:    # read at the end for the summary: a damaged one is refused now, not after training
+      metrics_lib.read_json_object(before_path, BASE_EVAL_FIX)
+    return loop.run(job.stage, workdir, stop_at)
 
 
 # ---------------------------------------------------------------------------------------------
