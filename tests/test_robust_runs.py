@@ -339,3 +339,22 @@ def test_a_stage_holds_its_folder_before_the_loop_starts(tmp_path):
   finally:
     other.kill()
     other.wait()
+
+
+def test_import_and_export_never_replace_a_folder_in_use(tmp_path):
+  """--overwrite replaces a finished folder, never one a live process holds."""
+  from lm.interop import hf
+  out = tmp_path / 'out'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  other = subprocess.Popen([sys.executable, '-c', 'import time; from lm import lock; '
+                            f'lock.acquire({str(out)!r}); print("held", flush=True); '
+                            'time.sleep(60)'], cwd=root, stdout=subprocess.PIPE, text=True)
+  try:
+    assert other.stdout.readline().strip() == 'held'
+    with pytest.raises(UserError, match='is in use by another process'):
+      hf._check_out(str(out), True, '--out')
+  finally:
+    other.kill()
+    other.wait()
+  hf._check_out(str(out), True, '--out')   # its holder is gone: the stale lock is taken over
+  assert not os.path.exists(out / '.lock')

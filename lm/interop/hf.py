@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import host
+from lm import lock as lock_lib
 from lm import metrics as metrics_lib
 from lm import runs
 from lm.data import tokenizer as tokenizer_lib
@@ -461,6 +462,9 @@ def _check_out(out: str, overwrite: bool, flag: str) -> None:
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
     raise UserError(f'{flag}={out} exists and is not empty; choose a new folder or pass '
                     '--overwrite to replace it.')
+  if os.path.exists(os.path.join(out, lock_lib.NAME)):
+    with lock_lib.hold(out):   # a folder another process is writing is never replaced
+      pass
 
 
 @contextlib.contextmanager
