@@ -1,6 +1,7 @@
 """Runs that end honestly: one writer per folder (lm/lock.py), a failed checkpoint save that stops
 the run in one sentence, SIGTERM's own exit status, the divergence message, and a pipeline whose
 every stage is checked before the first starts."""
+import contextlib
 import errno
 import json
 import os
@@ -319,42 +320,41 @@ def test_a_full_disk_under_the_metrics_stops_the_run_in_one_sentence(tmp_path, m
   assert not os.path.exists(f'{workdir}/.lock')
 
 
+@contextlib.contextmanager
+def held_by_another_process(folder):
+  """`folder`'s lock held by a live second process for the block."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  other = subprocess.Popen([sys.executable, '-c', 'import time; from lm import lock; '
+                            f'lock.acquire({str(folder)!r}); print("held", flush=True); '
+                            'time.sleep(60)'], cwd=root, stdout=subprocess.PIPE, text=True)
+  try:
+    assert other.stdout.readline().strip() == 'held'
+    yield
+  finally:
+    other.kill()
+    other.wait()
+
+
 def test_a_stage_holds_its_folder_before_the_loop_starts(tmp_path):
   """Fine-tuning (base_eval.json), reward and DPO (sampled pairs) write before their loop runs:
   a folder another live process holds is refused before any of it."""
   from configs import dpo as dpo_cfg
   from lm.align import dpo as dpo_lib
   held = tmp_path / 'dpo'
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  other = subprocess.Popen([sys.executable, '-c', 'import time; from lm import lock; '
-                            f'lock.acquire({str(held)!r}); print("held", flush=True); '
-                            'time.sleep(60)'], cwd=root, stdout=subprocess.PIPE, text=True)
-  try:
-    assert other.stdout.readline().strip() == 'held'
-    c = dpo_cfg.get_config()
-    c.dpo.init_from = str(tmp_path / 'never_read')
+  c = dpo_cfg.get_config()
+  c.dpo.init_from = str(tmp_path / 'never_read')
+  with held_by_another_process(held):
     with pytest.raises(UserError, match='is in use by another process'):
       dpo_lib.train_dpo(c, str(held))
     assert sorted(os.listdir(held)) == ['.lock']
-  finally:
-    other.kill()
-    other.wait()
 
 
 def test_import_and_export_never_replace_a_folder_in_use(tmp_path):
   """--overwrite replaces a finished folder, never one a live process holds."""
   from lm.interop import hf
   out = tmp_path / 'out'
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  other = subprocess.Popen([sys.executable, '-c', 'import time; from lm import lock; '
-                            f'lock.acquire({str(out)!r}); print("held", flush=True); '
-                            'time.sleep(60)'], cwd=root, stdout=subprocess.PIPE, text=True)
-  try:
-    assert other.stdout.readline().strip() == 'held'
+  with held_by_another_process(out):
     with pytest.raises(UserError, match='is in use by another process'):
       hf._check_out(str(out), True, '--out')
-  finally:
-    other.kill()
-    other.wait()
   hf._check_out(str(out), True, '--out')   # its holder is gone: the stale lock is taken over
   assert not os.path.exists(out / '.lock')
