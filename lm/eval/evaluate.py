@@ -202,7 +202,7 @@ class EvalConfig:
 def evaluate_run(workdir: str, section) -> dict:
   """Evaluates the run in workdir as the `eval` config section asks; writes workdir/eval.json."""
   t0 = time.time()
-  ec = section if isinstance(section, EvalConfig) else EvalConfig.from_config(section)
+  ec = EvalConfig.from_config(section)
   cfg = _config(workdir)
   names = tasks_lib.resolve(ec.tasks) if ec.tasks != 'auto' else None
   corpora = [c.strip() for c in ec.corpora.split(',') if c.strip()] if ec.corpora else []
