@@ -33,12 +33,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Corpus, tokenizer, token files and batches (lm/data/tokens.py).
   d = c.data = ml_collections.ConfigDict()
-  d.corpus = 'pystdlib'     # pystdlib | text | synthetic
-  d.path = ''               # file, folder or glob for corpus=text
-  d.text_field = 'text'     # the field read from .jsonl lines
-  d.tokenizer = 'bytes'     # bytes | sentencepiece | file (the tokenizer saved in tokenizer_path)
+  d.corpus = 'pystdlib'     # pystdlib | text | hf | synthetic
+  d.path = ''               # file, folder or glob (.txt .jsonl .jsonl.gz .jsonl.zst .parquet)
+  d.text_field = 'text'     # the JSON field or parquet/dataset column that holds the text
+  d.tokenizer = 'bytes'     # bytes | sentencepiece | bpe | file (the tokenizer in tokenizer_path)
   d.tokenizer_path = ''     # data.tokenizer=file: a tokenizer folder, such as a run's tokenizer/
-  d.vocab_size = 4096       # sentencepiece vocabulary size (bytes is always 256 + specials)
+  d.vocab_size = 4096       # sentencepiece/bpe vocabulary size (bytes is always 256 + specials)
   d.sp_model_type = 'bpe'   # bpe | unigram
   d.val_fraction = 0.05     # share of files (or documents) held out for validation
   d.max_bytes = 0           # 0 = the whole corpus; else read at most this many bytes
@@ -47,6 +47,13 @@ def get_config() -> ml_collections.ConfigDict:
   d.chat_tokens = True      # reserve <|system|> <|user|> <|assistant|> <|end|> ids (lm/data/tokenizer.py)
   d.arith_fraction = 0.0    # share of generated "a+b=c" lines mixed into a text corpus (lm/eval/tasks.py)
   d.arith_digits = 4        # their largest operand digit count (1-4)
+  d.hf_dataset = ''         # a Hugging Face dataset: save_to_disk folder, local data folder or hub name
+  d.hf_config = ''          # its configuration name ('' = the default)
+  d.hf_split = 'train'      # its split
+  d.hf_streaming = False    # stream it instead of preparing Arrow files first
+  d.workers = 0             # tokenizing processes (0 = one per core)
+  d.max_chunk_bytes = 16 << 20  # the most text one tokenizing process holds at a time
+  d.sources = ()            # a weighted mixture: ({'path': ..., 'weight': 0.7}, {'hf_dataset': ...})
   d.synthetic_vocab = 64
   d.synthetic_order = 1
   d.synthetic_branching = 4  # nonzero next-symbol choices per context (sparsity)

@@ -1,20 +1,14 @@
-"""Corpora: where the text (or the synthetic token stream) comes from, and its train/val split.
+"""Corpora: the standard library's files, the text reader every command uses, the document-id hash
+that splits documents, and the synthetic Markov source.
 
-Text corpora (`pystdlib`, `text`) are read into a `TextCorpus`: a list of documents per split plus
-statistics. Rules:
-  * Files are taken in sorted order of their relative path, so reading is deterministic.
-  * `pystdlib` reads the .py files under sysconfig's stdlib folder, skipping site-packages,
-    __pycache__ and files holding NUL bytes (binary test data); `text` reads data.path.
-  * `max_bytes > 0` keeps the first documents in that order until the budget is spent; the document
-    that crosses it is cut at its last newline inside the budget.
-  * Invalid UTF-8 is replaced with U+FFFD (the stdlib ships a few latin-1 test files); the number of
-    replaced characters is recorded as `replaced_chars`.
-  * The split is by document (a document is a file, or a line of a .jsonl file): documents are
-    ordered by sha256 of their id (the relative path, or "path:line") and taken into validation in
-    that order until they hold `val_fraction` of the bytes; at least one document goes to each side.
-    A corpus of a single document keeps its head for training and its last `val_fraction` of bytes
-    for validation.
-  * `content_hash` is sha256 over (relative path, raw bytes) of every file read, in order.
+  * `pystdlib` is the .py files under sysconfig's stdlib folder, sorted by relative path, skipping
+    site-packages and __pycache__ (files holding NUL bytes, binary test data, are skipped when
+    read). Other text corpora are listed and read by lm/data/sources.py, tokenized by
+    lm/data/build.py (the split and max_bytes rules are there).
+  * `split_fraction(doc id)` is the stable pseudo-random number in [0, 1) that decides a
+    document's split (and the held-out problems of the generated tasks).
+  * Invalid UTF-8 in a corpus is replaced with U+FFFD (the stdlib ships a few latin-1 test files)
+    and counted; data files (fine-tuning examples, pairs, tables) refuse it (`read_text`).
 
 The `synthetic` corpus is a seeded sparse Markov source (`MarkovSource`) whose exact entropy rate is
 known, so a model's loss can be compared with the best achievable loss. With the defaults (64
@@ -25,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import glob
 import hashlib
 import json
 import math
@@ -38,19 +31,8 @@ from lm.errors import UserError
 
 # Folders under the stdlib root that are not the standard library itself.
 _STDLIB_SKIP_DIRS = {'site-packages', 'dist-packages', '__pycache__'}
-_TEXT_SUFFIXES = ('.txt', '.jsonl')
 # Bigger context spaces make the stationary-distribution solve and the tables too large.
 MAX_SYNTHETIC_CONTEXTS = 1 << 22
-
-
-@dataclasses.dataclass
-class TextCorpus:
-  """Documents of both splits and what is known about them."""
-  name: str
-  train: list[str]
-  val: list[str]
-  content_hash: str
-  stats: dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +44,7 @@ class SourceFile:
   mtime_ns: int
 
 
-def _stat(path: str, relpath: str) -> SourceFile:
+def stat_file(path: str, relpath: str) -> SourceFile:
   st = os.stat(path)
   return SourceFile(path, relpath.replace(os.sep, '/'), st.st_size, st.st_mtime_ns)
 
@@ -81,53 +63,12 @@ def stdlib_files() -> list[SourceFile]:
       if f.endswith('.py'):
         p = os.path.join(dirpath, f)
         if os.path.isfile(p):
-          out.append(_stat(p, os.path.relpath(p, root)))
+          out.append(stat_file(p, os.path.relpath(p, root)))
   out.sort(key=lambda s: s.relpath)
   if not out:
     raise UserError(f'no .py files found under the standard library folder {root}; use '
                     '--config.data.corpus=text with --config.data.path=... instead')
   return out
-
-
-def text_files(path: str) -> list[SourceFile]:
-  """The files data.path names: a file, a folder (recursive *.txt, *.jsonl) or a glob; sorted."""
-  if not path:
-    raise UserError('data.corpus=text needs a file, folder or glob; set --config.data.path=...')
-  path = os.path.expanduser(path)
-  if glob.has_magic(path):
-    matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-    if not matches:
-      raise UserError(f'data.path glob {path!r} matches no files; fix --config.data.path')
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in matches])
-    files = [_stat(p, os.path.relpath(os.path.abspath(p), root)) for p in matches]
-  elif os.path.isdir(path):
-    files = []
-    for dirpath, dirnames, filenames in os.walk(path):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-      for f in filenames:
-        if f.endswith(_TEXT_SUFFIXES):
-          p = os.path.join(dirpath, f)
-          files.append(_stat(p, os.path.relpath(p, path)))
-    if not files:
-      raise UserError(f'data.path folder {path!r} holds no *.txt or *.jsonl files; fix '
-                      '--config.data.path')
-  elif os.path.isfile(path):
-    files = [_stat(path, os.path.basename(path))]
-  elif os.path.exists(path):
-    raise UserError(f'data.path {path!r} is neither a file nor a folder; fix --config.data.path')
-  else:
-    raise UserError(f'data.path {path!r} does not exist; fix --config.data.path')
-  files.sort(key=lambda s: s.relpath)
-  return files
-
-
-def list_files(corpus: str, path: str) -> list[SourceFile]:
-  """The source files of a text corpus (cheap: no file contents are read)."""
-  if corpus == 'pystdlib':
-    return stdlib_files()
-  if corpus == 'text':
-    return text_files(path)
-  raise ValueError(f'{corpus} is not a text corpus')
 
 
 def split_fraction(doc_id: str) -> float:
@@ -227,104 +168,6 @@ def clean_text(text: str) -> tuple[str, int]:
   except UnicodeEncodeError:     # a lone surrogate that is not an escaped byte
     raw = text.encode('utf-8', 'surrogatepass')
   return decode_text(raw)
-
-
-def file_documents(f: SourceFile, raw: str, text_field: str):
-  """(doc id, text) pairs of one file: the whole file, or one per non-blank .jsonl line."""
-  if not f.relpath.endswith('.jsonl'):
-    yield f.relpath, raw
-    return
-  for i, line in enumerate(raw.split('\n'), start=1):
-    if not line.strip():
-      continue
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f'{f.path} line {i} is not valid JSON ({e.msg}); fix or remove that '
-                      'line') from None
-    if not isinstance(obj, dict) or text_field not in obj:
-      raise UserError(f'{f.path} line {i} has no {text_field!r} field; set '
-                      '--config.data.text_field to the field that holds the text')
-    text = obj[text_field]
-    if not isinstance(text, str):
-      raise UserError(f'{f.path} line {i}: field {text_field!r} is a {type(text).__name__}, not a '
-                      'string; set --config.data.text_field to the field that holds the text')
-    yield f'{f.relpath}:{i}', text
-
-
-def _cut_utf8(text: str, n_bytes: int) -> str:
-  """The longest prefix of text within n_bytes UTF-8 bytes, ending at a newline if there is one."""
-  head = text.encode('utf-8')[:n_bytes].decode('utf-8', errors='ignore')
-  nl = head.rfind('\n')
-  return head[:nl + 1] if nl >= 0 else head
-
-
-def read_text_corpus(name: str, files: list[SourceFile], *, text_field: str, val_fraction: float,
-                     max_bytes: int) -> TextCorpus:
-  """Reads the files (in the given order) into split documents (rules: module docstring)."""
-  sha = hashlib.sha256()
-  docs: list[tuple[str, str]] = []
-  replaced = skipped = used_files = n_bytes = 0
-  for f in files:
-    if max_bytes and n_bytes >= max_bytes:
-      break
-    raw = read_bytes(f.path, 'corpus file')
-    if name == 'pystdlib' and b'\x00' in raw:
-      skipped += 1  # Binary data with a .py name (there are a few in test folders).
-      continue
-    text, bad = decode_text(raw)
-    used_files += 1
-    replaced += bad
-    # Hash what is read, with the path and length framing it so file boundaries matter.
-    sha.update(f'{f.relpath}\0{len(raw)}\0'.encode('utf-8'))
-    sha.update(raw)
-    for doc_id, doc in file_documents(f, text, text_field):
-      if max_bytes:
-        left = max_bytes - n_bytes
-        if left <= 0:
-          break
-        size = len(doc.encode('utf-8'))
-        if size > left:
-          doc = _cut_utf8(doc, left)
-      if doc:
-        docs.append((doc_id, doc))
-        n_bytes += len(doc.encode('utf-8'))
-  where = 'the standard library' if name == 'pystdlib' else 'data.path'
-  if not docs:
-    raise UserError(f'the {name} corpus is empty: no text was found in {where}; point '
-                    '--config.data.path at non-empty *.txt or *.jsonl files')
-  train, val = split_documents(docs, val_fraction)
-  stats = {'files': used_files, 'skipped_files': skipped, 'documents': len(docs),
-           'replaced_chars': replaced, 'bytes': n_bytes}
-  return TextCorpus(name, train, val, sha.hexdigest(), stats)
-
-
-def split_documents(docs: list[tuple[str, str]],
-                    val_fraction: float) -> tuple[list[str], list[str]]:
-  """Train and validation texts from (doc id, text) pairs; order within each split is kept."""
-  if len(docs) == 1:
-    raw = docs[0][1].encode('utf-8')
-    cut = len(raw) - max(1, int(round(len(raw) * val_fraction)))
-    # Move the cut back to a character boundary (continuation bytes are 0b10xxxxxx).
-    while 0 < cut < len(raw) and (raw[cut] & 0xC0) == 0x80:
-      cut -= 1
-    if cut <= 0:
-      raise UserError('the corpus is a single document too short to split into train and '
-                      'validation; add text or lower --config.data.val_fraction')
-    return [raw[:cut].decode('utf-8')], [raw[cut:].decode('utf-8')]
-  sizes = [len(text.encode('utf-8')) for _, text in docs]
-  target = val_fraction * sum(sizes)
-  is_val = [False] * len(docs)
-  val_bytes = 0
-  # Hash order is a fixed pseudo-random order; the last document taken may overshoot the target.
-  for i in sorted(range(len(docs)), key=lambda i: split_fraction(docs[i][0]))[:len(docs) - 1]:
-    if val_bytes >= target:
-      break
-    is_val[i] = True
-    val_bytes += sizes[i]
-  train = [t for (_, t), v in zip(docs, is_val) if not v]
-  val = [t for (_, t), v in zip(docs, is_val) if v]
-  return train, val
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import numbers
 
 import numpy as np
 
-from lm.data.tokens import SPLITS
+from lm.data.build import SPLITS
 from lm.errors import UserError
 
 # The weights' integer denominator: rows are assigned in exact integer arithmetic with it.

@@ -43,24 +43,23 @@ import time
 
 import numpy as np
 
-from lm.data import arith
+from lm import lock as lock_lib
+from lm.data import build as build_lib
 from lm.data import corpus as corpus_lib
+from lm.data import mixture as mixture_lib
+from lm.data import sources
 from lm.data import tokenizer as tokenizer_lib
 from lm.config import read_section
 from lm.errors import UserError
 
 # Bump when the layout or meaning of the token files changes, so old cache folders are not reused.
-FORMAT_VERSION = 1
-CORPORA = ('pystdlib', 'text', 'synthetic')
-TOKENIZERS = ('bytes', 'sentencepiece', 'file')
+FORMAT_VERSION = 2
+CORPORA = ('pystdlib', 'text', 'hf', 'synthetic')
+TOKENIZERS = ('bytes', 'sentencepiece', 'bpe', 'file')
 SP_MODEL_TYPES = ('bpe', 'unigram')
 SPLITS = ('train', 'val')
 INFO_JSON = 'info.json'
 TOKENIZER_DIR = 'tokenizer'
-# Below this many bytes tokenizing is too quick for a progress bar to help.
-_PROGRESS_MIN_BYTES = 8 << 20
-# A temporary build folder this old belongs to a process that died (builds take minutes at most).
-_STALE_SECONDS = 24 * 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +89,34 @@ class DataConfig:
   # their share of the mixed corpus's bytes, and the largest operand digit count.
   arith_fraction: float = 0.0
   arith_digits: int = 4
+  # A Hugging Face dataset (lm/data/sources.py): a save_to_disk folder, a local data folder or a
+  # hub name; its config, split, and whether to stream it instead of preparing Arrow files.
+  hf_dataset: str = ''
+  hf_config: str = ''
+  hf_split: str = 'train'
+  hf_streaming: bool = False
+  # Tokenizing processes (0 = one per core) and the most text one of them holds at a time.
+  workers: int = 0
+  max_chunk_bytes: int = 16 << 20
+  # A weighted mixture: a list of {path | hf_dataset | corpus, weight, text_field, name, ...}.
+  sources: tuple = ()
+
+  @property
+  def source_kind(self) -> str:
+    """The corpus actually read: 'hf' whenever data.hf_dataset is set."""
+    return 'hf' if self.hf_dataset and self.corpus != 'synthetic' else self.corpus
+
+  def hf_spec(self) -> dict:
+    return {'dataset': self.hf_dataset, 'config': self.hf_config, 'split': self.hf_split,
+            'streaming': self.hf_streaming}
 
   @classmethod
   def from_config(cls, cfg) -> DataConfig:
     """Reads every field from cfg (cfg.data of configs/base.py) and validates it."""
-    c = cls(**read_section(cls, cfg, 'data'))
+    values = read_section(cls, cfg, 'data')
+    values['sources'] = tuple(x.to_dict() if hasattr(x, 'to_dict') else x
+                              for x in values.get('sources', ()))
+    c = cls(**values)
     c._validate()
     return c
 
@@ -107,8 +129,8 @@ class DataConfig:
     if self.tokenizer not in TOKENIZERS:
       bad('tokenizer', f'is not a tokenizer (choose one of {", ".join(TOKENIZERS)})')
     if self.tokenizer == 'file' and not os.path.isdir(self.tokenizer_path):
-      bad('tokenizer_path', 'is not a folder, but data.tokenizer=file reads the tokenizer a run '
-          'saved there', "point it at a run's tokenizer/ folder")
+      bad('tokenizer_path', 'is not a folder, but data.tokenizer=file reads the tokenizer saved '
+          'there', "point it at a run's tokenizer/ folder or a Hugging Face tokenizer folder")
     if self.sp_model_type not in SP_MODEL_TYPES:
       bad('sp_model_type',
           f'is not a sentencepiece model type (choose one of {", ".join(SP_MODEL_TYPES)})')
@@ -125,8 +147,28 @@ class DataConfig:
     for key in ('max_bytes', 'sp_train_bytes'):
       if getattr(self, key) < 0:
         bad(key, 'must be 0 (no limit) or positive')
-    if self.corpus == 'text' and not self.path:
+    if self.corpus == 'text' and not self.path and not self.sources:
       bad('path', 'is empty but data.corpus=text needs a file, folder or glob')
+    if self.corpus == 'hf' and not self.hf_dataset and not self.sources:
+      bad('hf_dataset', 'is empty but data.corpus=hf reads a Hugging Face dataset',
+          'set --config.data.hf_dataset=NAME_OR_FOLDER')
+    if self.hf_dataset and self.corpus in ('text', 'synthetic'):
+      bad('hf_dataset', f'is set, but data.corpus={self.corpus} reads other data',
+          "leave data.corpus at 'pystdlib' or set it to 'hf', or clear data.hf_dataset")
+    if self.hf_dataset and self.path:
+      bad('path', 'is set as well as data.hf_dataset; a source is one or the other',
+          'clear one of --config.data.path and --config.data.hf_dataset')
+    if self.workers < 0:
+      bad('workers', 'must be 0 (one per core) or positive')
+    if self.max_chunk_bytes < 4096:
+      bad('max_chunk_bytes', 'must be at least 4096')
+    if self.sources:
+      if self.corpus == 'synthetic':
+        bad('sources', 'cannot mix with data.corpus=synthetic', 'use text sources')
+      for i, src in enumerate(self.sources):
+        if not isinstance(src, dict):
+          raise UserError(f'data.sources[{i}] is a {type(src).__name__}, not a dict such as '
+                          "{'path': ..., 'weight': 0.7}; fix --config.data.sources")
     if self.corpus == 'synthetic':
       if self.tokenizer != 'bytes':
         bad('tokenizer', 'does not apply to data.corpus=synthetic, whose tokens are its symbols',
@@ -159,9 +201,24 @@ def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode('utf-8')).hexdigest()
 
 
-def _key_material(cfg: DataConfig, files) -> dict:
+def _tokenizer_material(cfg: DataConfig) -> dict:
+  if cfg.tokenizer == 'bytes':
+    m = {'type': 'bytes'}
+  elif cfg.tokenizer == 'file':
+    return {'type': 'file', 'hash': tokenizer_lib.load_tokenizer(cfg.tokenizer_path).hash}
+  elif cfg.tokenizer == 'bpe':
+    m = {'type': 'bpe', 'vocab_size': cfg.vocab_size, 'train_bytes': cfg.sp_train_bytes}
+  else:
+    m = {'type': 'sentencepiece', 'vocab_size': cfg.vocab_size, 'model_type': cfg.sp_model_type,
+         'train_bytes': cfg.sp_train_bytes}
+  if cfg.chat_tokens:   # absent when off, so folders built before chat tokens stay valid
+    m['chat'] = True
+  return m
+
+
+def _key_material(cfg: DataConfig, listing) -> dict:
   """Everything the token files depend on (only settings that matter for this corpus/tokenizer)."""
-  m = {'format': FORMAT_VERSION, 'corpus': cfg.corpus, 'val_fraction': cfg.val_fraction}
+  m = {'format': FORMAT_VERSION, 'corpus': cfg.source_kind, 'val_fraction': cfg.val_fraction}
   if cfg.corpus == 'synthetic':
     m['synthetic'] = {'vocab': cfg.synthetic_vocab, 'order': cfg.synthetic_order,
                       'branching': cfg.synthetic_branching,
@@ -170,43 +227,44 @@ def _key_material(cfg: DataConfig, files) -> dict:
     m['tokenizer'] = {'type': 'symbols'}
     return m
   m['max_bytes'] = cfg.max_bytes
-  if cfg.arith_fraction:   # absent when off, so folders built before the mix stay valid
+  if cfg.arith_fraction:   # absent when off
     m['arith'] = {'fraction': cfg.arith_fraction, 'digits': cfg.arith_digits}
-  if any(f.relpath.endswith('.jsonl') for f in files):
-    m['text_field'] = cfg.text_field
-  m['files'] = [[f.relpath, f.size, f.mtime_ns] for f in files]
-  if cfg.tokenizer == 'bytes':
-    m['tokenizer'] = {'type': 'bytes'}
-  elif cfg.tokenizer == 'file':
-    m['tokenizer'] = {'type': 'file', 'hash': tokenizer_lib.load_tokenizer(cfg.tokenizer_path).hash}
-    return m
-  else:
-    m['tokenizer'] = {'type': 'sentencepiece', 'vocab_size': cfg.vocab_size,
-                      'model_type': cfg.sp_model_type, 'train_bytes': cfg.sp_train_bytes}
-  if cfg.chat_tokens:   # absent when off, so folders built before chat tokens stay valid
-    m['tokenizer']['chat'] = True
+  m.update(listing.key)
+  m['tokenizer'] = _tokenizer_material(cfg)
   return m
 
 
-def prepare(cfg, progress: bool | None = None) -> Dataset:
-  """The Dataset of cfg (cfg.data or a DataConfig), building its token files on first use.
+def prepare(cfg, progress: bool | None = None):
+  """The Dataset of cfg (cfg.data or a DataConfig), building its token files on first use; a
+  MixtureDataset when data.sources lists several sources.
 
   progress: show a tqdm bar while tokenizing; None means when stderr is a terminal and the corpus
   is large enough to take a while.
   """
   if not isinstance(cfg, DataConfig):
     cfg = DataConfig.from_config(cfg)
-  files = [] if cfg.corpus == 'synthetic' else corpus_lib.list_files(cfg.corpus, cfg.path)
-  material = _key_material(cfg, files)
+  if cfg.sources:
+    return _prepare_mixture(cfg, progress)
+  listing = None
+  if cfg.corpus != 'synthetic':
+    listing = sources.list_source(cfg.source_kind, cfg.path, cfg.text_field, cfg.max_chunk_bytes,
+                                  cfg.val_fraction, cfg.hf_spec())
+  material = _key_material(cfg, listing)
   key = _digest(material)
   tok_name = 'symbols' if cfg.corpus == 'synthetic' else cfg.tokenizer
   root = cache_root(cfg)
-  final = os.path.join(root, f'{cfg.corpus}-{tok_name}-{key[:16]}')
+  final = os.path.join(root, f'{cfg.source_kind}-{tok_name}-{key[:16]}')
   if os.path.isdir(final):
     ds = _open(final, key)
     if ds is not None:
       return ds
-  _build(cfg, files, material, key, root, final, progress)
+
+  def write(out: str) -> dict:
+    if cfg.corpus == 'synthetic':
+      return _write_synthetic(cfg, material, key, out)
+    return _write_text(cfg, listing, material, key, out, progress)
+
+  _build(final, key, root, write)
   ds = _open(final, key)
   if ds is None:
     raise RuntimeError(f'the token files just built in {final} do not load')
@@ -218,144 +276,212 @@ def _not_writable(root: str, e: OSError) -> UserError:
                    '--config.data.cache_dir=... (or $LM_CACHE_DIR) to a writable folder')
 
 
-def _build(cfg: DataConfig, files, material: dict, key: str, root: str, final: str,
-           progress: bool | None) -> None:
-  """Builds the cache folder under a temporary name and renames it into place."""
-  prefix = f'.tmp-{os.path.basename(final)}-'
+def _build(final: str, key: str, root: str, write) -> None:
+  """Builds the cache folder `final` in `<root>/.partial-<name>/out` under that folder's lock,
+  then renames it into place. Another process building the same folder is waited for; a build
+  that was interrupted resumes from its finished parts (lm/data/build.py)."""
   try:
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=root)
+    probe = tempfile.NamedTemporaryFile(dir=root, prefix='.probe-')
+    probe.close()
   except OSError as e:
     raise _not_writable(root, e) from None
-  _remove_stale(root, prefix)
+  partial = os.path.join(root, f'.partial-{os.path.basename(final)}')
+  told = False
+  while True:
+    try:
+      held = lock_lib.acquire(partial)
+      break
+    except UserError as e:
+      if os.path.isdir(final) and _open(final, key) is not None:
+        return
+      if not told:
+        print(f'waiting for another process to prepare the same token files ({e})',
+              file=sys.stderr)
+        told = True
+      time.sleep(2)
   try:
-    info = _write_contents(cfg, files, material, key, tmp, progress)
-    _write_json(os.path.join(tmp, INFO_JSON), info)  # Last: its presence marks the files complete.
-    _fsync_dir(tmp)
     if os.path.isdir(final) and _open(final, key) is not None:
-      # Another process finished the same folder meanwhile and may be reading it: keep it.
-      shutil.rmtree(tmp, ignore_errors=True)
-      return
+      return   # another process finished it while this one waited
+    out = os.path.join(partial, 'out')
+    os.makedirs(out, exist_ok=True)
+    info = write(out)
+    _write_json(os.path.join(out, INFO_JSON), info)  # Last: its presence marks the files complete.
+    _fsync_dir(out)
     if os.path.isdir(final):
       # A folder that failed to load (damaged by hand or by the disk) is replaced.
       broken = final + f'.broken-{os.getpid()}'
       os.rename(final, broken)
       shutil.rmtree(broken, ignore_errors=True)
-    try:
-      os.rename(tmp, final)
-    except OSError:
-      if not os.path.isdir(final):
-        raise
-      # Another process finished the same folder first; its copy is equally good.
-      shutil.rmtree(tmp, ignore_errors=True)
+    os.rename(out, final)
     _fsync_dir(root)
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno == 30):  # EROFS
+  except UserError:
+    # Bad input: the fix changes the key, so these parts would never be resumed.
+    shutil.rmtree(os.path.join(partial, 'out'), ignore_errors=True)
+    raise
+  except OSError as e:
+    if isinstance(e, PermissionError) or e.errno == 30:  # EROFS
       raise _not_writable(root, e) from None
     raise
+  finally:
+    held.release()
+  shutil.rmtree(partial, ignore_errors=True)
 
 
-def _remove_stale(root: str, prefix: str) -> None:
-  """Deletes temporary folders of this key that a killed process left more than a day ago."""
-  now = time.time()
-  for name in os.listdir(root):
-    path = os.path.join(root, name)
-    try:
-      if name.startswith(prefix) and now - os.stat(path).st_mtime > _STALE_SECONDS:
-        shutil.rmtree(path, ignore_errors=True)
-    except OSError:
-      pass  # Another process removed it first.
-
-
-def _write_contents(cfg: DataConfig, files, material: dict, key: str, out: str,
-                    progress: bool | None) -> dict:
-  """Writes tokenizer/, train.bin and val.bin into out; returns the info dict."""
-  info = {'format': FORMAT_VERSION, 'key': key, 'corpus': cfg.corpus,
+def _base_info(cfg: DataConfig, material: dict, key: str) -> dict:
+  return {'format': FORMAT_VERSION, 'key': key, 'corpus': cfg.source_kind,
           'settings': {k: v for k, v in material.items() if k != 'files'},
           'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
           'entropy_rate': None, 'synthetic': None, 'corpus_stats': None}
-  if cfg.corpus == 'synthetic':
-    syn = corpus_lib.make_synthetic(cfg.synthetic_vocab, cfg.synthetic_order,
-                                    cfg.synthetic_branching, cfg.synthetic_concentration,
-                                    cfg.synthetic_seed, cfg.synthetic_tokens, cfg.val_fraction)
-    tok = tokenizer_lib.SymbolTokenizer(cfg.synthetic_vocab)
-    dtype = _dtype(tok.vocab_size)
-    splits = {}
-    for split, arr in (('train', syn.train), ('val', syn.val)):
-      with open(os.path.join(out, f'{split}.bin'), 'wb') as f:
-        _write_tokens(f, arr.astype(dtype))
-        _sync(f)
-      splits[split] = {'tokens': int(len(arr)), 'bytes': None, 'documents': 1}
-    info.update(corpus_hash=syn.content_hash, entropy_rate=syn.entropy_rate,
-                synthetic=dict(syn.source.settings(), tokens=cfg.synthetic_tokens))
-  else:
-    text = corpus_lib.read_text_corpus(cfg.corpus, files, text_field=cfg.text_field,
-                                       val_fraction=cfg.val_fraction, max_bytes=cfg.max_bytes)
-    if cfg.arith_fraction:
-      mix_arith(text, cfg)
-    if cfg.tokenizer == 'bytes':
-      tok = tokenizer_lib.ByteTokenizer(chat=cfg.chat_tokens)
-    elif cfg.tokenizer == 'file':
-      tok = tokenizer_lib.load_tokenizer(cfg.tokenizer_path)
-    else:
-      tok = tokenizer_lib.train_sentencepiece(text.train, vocab_size=cfg.vocab_size,
-                                              model_type=cfg.sp_model_type,
-                                              max_train_bytes=cfg.sp_train_bytes,
-                                              chat=cfg.chat_tokens)
-    dtype = _dtype(tok.vocab_size)
-    show = progress if progress is not None else (sys.stderr.isatty()
-                                                  and text.stats['bytes'] >= _PROGRESS_MIN_BYTES)
-    splits = {}
-    for split, docs in (('train', text.train), ('val', text.val)):
-      with open(os.path.join(out, f'{split}.bin'), 'wb') as f:
-        n_tokens, n_bytes = _tokenize_docs(f, tok, docs, dtype, show, split)
-        _sync(f)
-      splits[split] = {'tokens': n_tokens, 'bytes': n_bytes, 'documents': len(docs)}
-    info.update(corpus_hash=text.content_hash, corpus_stats=text.stats)
+
+
+def _write_synthetic(cfg: DataConfig, material: dict, key: str, out: str) -> dict:
+  info = _base_info(cfg, material, key)
+  syn = corpus_lib.make_synthetic(cfg.synthetic_vocab, cfg.synthetic_order,
+                                  cfg.synthetic_branching, cfg.synthetic_concentration,
+                                  cfg.synthetic_seed, cfg.synthetic_tokens, cfg.val_fraction)
+  tok = tokenizer_lib.SymbolTokenizer(cfg.synthetic_vocab)
+  dtype = _dtype(tok.vocab_size)
+  splits = {}
+  for split, arr in (('train', syn.train), ('val', syn.val)):
+    with open(os.path.join(out, f'{split}.bin'), 'wb') as f:
+      _write_tokens(f, arr.astype(dtype))
+      _sync(f)
+    splits[split] = {'tokens': int(len(arr)), 'bytes': None, 'documents': 1}
+  info.update(corpus_hash=syn.content_hash, entropy_rate=syn.entropy_rate,
+              synthetic=dict(syn.source.settings(), tokens=cfg.synthetic_tokens))
   tok.save(os.path.join(out, TOKENIZER_DIR))
   info.update(tokenizer=tok.settings(), tokenizer_hash=tok.hash, dtype=np.dtype(dtype).name,
               splits=splits)
   return info
 
 
-def mix_arith(text, cfg: DataConfig) -> None:
-  """Adds generated arithmetic documents to both splits of a text corpus, so that they hold
-  data.arith_fraction of the mixed bytes; they split by document id like the corpus does."""
-  f = cfg.arith_fraction
-  docs = arith.arith_documents(int(text.stats['bytes'] * f / (1 - f)), cfg.arith_digits)
-  train, val = corpus_lib.split_documents(docs, cfg.val_fraction)
-  text.train += train
-  text.val += val
-  n = sum(len(t) for _, t in docs)      # ASCII: characters are bytes
-  text.stats.update(arith_bytes=n, arith_documents=len(docs), bytes=text.stats['bytes'] + n,
-                    documents=text.stats['documents'] + len(docs))
-  text.content_hash = hashlib.sha256(
-      f"{text.content_hash}+arith:{f}:{cfg.arith_digits}".encode()).hexdigest()
+def _settings(cfg: DataConfig) -> build_lib.Settings:
+  return build_lib.Settings(cfg.text_field, cfg.val_fraction, cfg.max_bytes, cfg.max_chunk_bytes,
+                            cfg.arith_fraction, cfg.arith_digits)
+
+
+def _train_tokenizer(cfg: DataConfig, texts: list[str]):
+  if cfg.tokenizer == 'bpe':
+    return tokenizer_lib.train_bpe(texts, vocab_size=cfg.vocab_size, chat=cfg.chat_tokens)
+  return tokenizer_lib.train_sentencepiece(texts, vocab_size=cfg.vocab_size,
+                                           model_type=cfg.sp_model_type,
+                                           max_train_bytes=cfg.sp_train_bytes,
+                                           chat=cfg.chat_tokens)
+
+
+def _make_tokenizer(cfg: DataConfig, listing):
+  if cfg.tokenizer == 'bytes':
+    return tokenizer_lib.ByteTokenizer(chat=cfg.chat_tokens)
+  if cfg.tokenizer == 'file':
+    return tokenizer_lib.load_tokenizer(cfg.tokenizer_path)
+  texts = build_lib.training_sample(listing, _settings(cfg), cfg.sp_train_bytes)
+  if not texts:
+    raise UserError(f'the training split of {listing.describe} has no text to train the '
+                    'tokenizer on; add text to the corpus')
+  return _train_tokenizer(cfg, texts)
+
+
+def _write_text(cfg: DataConfig, listing, material: dict, key: str, out: str,
+                progress: bool | None) -> dict:
+  """tokenizer/ (kept from an interrupted build: its parts were made with it), train.bin and
+  val.bin into out; returns the info dict."""
+  info = _base_info(cfg, material, key)
+  tok_dir = os.path.join(out, TOKENIZER_DIR)
+  try:
+    tok = tokenizer_lib.load_tokenizer(tok_dir)
+  except UserError:
+    shutil.rmtree(os.path.join(out, build_lib.PARTS), ignore_errors=True)
+    tok = _make_tokenizer(cfg, listing)
+    tmp = tok_dir + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save(tmp)
+    os.replace(tmp, tok_dir)
+  dtype = np.dtype(_dtype(tok.vocab_size)).name
+  result = build_lib.build(listing, _settings(cfg), tok_dir, dtype, out, workers=cfg.workers,
+                           progress=progress, name=cfg.source_kind)
+  info.update(result)
+  info.update(tokenizer=tok.settings(), tokenizer_hash=tok.hash, dtype=dtype)
+  return info
+
+
+def _prepare_mixture(cfg: DataConfig, progress: bool | None):
+  """The MixtureDataset of data.sources: each source's token files are prepared (and cached) on
+  their own with one shared tokenizer; a trained tokenizer learns from every source, each giving
+  its weight's share of data.sp_train_bytes."""
+  parts = [source_config(cfg, i) for i in range(len(cfg.sources))]
+  weights = [float(s.get('weight', 1.0)) for s in cfg.sources]
+  names = [source_name(s, i) for i, s in enumerate(cfg.sources)]
+  if cfg.tokenizer in ('sentencepiece', 'bpe'):
+    tok_dir = _shared_tokenizer(cfg, parts, weights)
+    parts = [dataclasses.replace(p, tokenizer='file', tokenizer_path=tok_dir) for p in parts]
+  datasets = [prepare(p, progress) for p in parts]
+  return mixture_lib.MixtureDataset(datasets, weights, names)
+
+
+def source_name(source: dict, i: int) -> str:
+  return str(source.get('name') or source.get('hf_dataset') or source.get('path')
+             or source.get('corpus') or f'source{i}')
+
+
+_SOURCE_KEYS = ('corpus', 'path', 'text_field', 'hf_dataset', 'hf_config', 'hf_split',
+                'hf_streaming', 'weight', 'name')
+
+
+def source_config(cfg: DataConfig, i: int) -> DataConfig:
+  """The DataConfig of source i of data.sources: the data section with the source's keys."""
+  s = dict(cfg.sources[i])
+  unknown = sorted(set(s) - set(_SOURCE_KEYS))
+  if unknown:
+    raise UserError(f'data.sources[{i}] has the key {unknown[0]!r}, which a source does not take '
+                    f'(it takes {", ".join(_SOURCE_KEYS)}); fix --config.data.sources')
+  if not (s.get('path') or s.get('hf_dataset') or s.get('corpus') == 'pystdlib'):
+    raise UserError(f'data.sources[{i}] names no data: give it a path, an hf_dataset or '
+                    "corpus='pystdlib'; fix --config.data.sources")
+  corpus = s.get('corpus') or ('hf' if s.get('hf_dataset') else 'text')
+  c = dataclasses.replace(
+      cfg, sources=(), corpus=corpus, path=str(s.get('path', '')),
+      text_field=str(s.get('text_field', cfg.text_field)),
+      hf_dataset=str(s.get('hf_dataset', '')), hf_config=str(s.get('hf_config', '')),
+      hf_split=str(s.get('hf_split', cfg.hf_split)),
+      hf_streaming=bool(s.get('hf_streaming', cfg.hf_streaming)))
+  c._validate()
+  return c
+
+
+def _shared_tokenizer(cfg: DataConfig, parts: list[DataConfig], weights: list[float]) -> str:
+  """The folder of the tokenizer trained on all sources (cached under <cache>/tokenizers/)."""
+  listings = [sources.list_source(p.source_kind, p.path, p.text_field, p.max_chunk_bytes,
+                                  p.val_fraction, p.hf_spec()) for p in parts]
+  total = sum(weights)
+  material = {'format': FORMAT_VERSION, 'tokenizer': _tokenizer_material(cfg),
+              'sources': [[_key_material(p, li), w / total]
+                          for p, li, w in zip(parts, listings, weights)]}
+  root = cache_root(cfg)
+  folder = os.path.join(root, 'tokenizers', f'{cfg.tokenizer}-{_digest(material)[:16]}')
+  try:
+    tokenizer_lib.load_tokenizer(folder)
+    return folder
+  except UserError:
+    pass
+  texts = []
+  for p, li, w in zip(parts, listings, weights):
+    budget = int(cfg.sp_train_bytes * w / total) if cfg.sp_train_bytes else 0
+    texts += build_lib.training_sample(li, _settings(p), budget)
+  tok = _train_tokenizer(cfg, texts)
+  tmp = f'{folder}.tmp-{os.getpid()}'
+  try:
+    tok.save(tmp)
+    os.replace(tmp, folder)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isdir(folder):
+      raise _not_writable(root, e) from None
+  return folder
 
 
 def _dtype(vocab_size: int):
   return np.uint16 if vocab_size <= 65535 else np.uint32
-
-
-def _tokenize_docs(f, tok, docs: list[str], dtype, show: bool, split: str) -> tuple[int, int]:
-  """Writes each document's tokens followed by EOS; returns (tokens, UTF-8 bytes of the text)."""
-  from tqdm import tqdm
-  n_tokens = n_bytes = 0
-  eos = np.array([tok.eos_id], dtype)
-  sizes = [len(d.encode('utf-8')) for d in docs]
-  with tqdm(total=sum(sizes), unit='B', unit_scale=True, desc=f'tokenizing {split}',
-            disable=not show) as bar:
-    chunk = 256  # Documents per encode call: batching lets sentencepiece use its threads.
-    for i in range(0, len(docs), chunk):
-      encoded = tok.encode_many(docs[i:i + chunk])
-      for ids in encoded:
-        _write_tokens(f, np.concatenate([ids.astype(dtype), eos]))
-        n_tokens += len(ids) + 1
-      done = sum(sizes[i:i + chunk])
-      n_bytes += done
-      bar.update(done)
-  return n_tokens, n_bytes
 
 
 def _write_tokens(f, ids: np.ndarray) -> None:

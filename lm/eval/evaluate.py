@@ -35,7 +35,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from lm.data import corpus as corpus_lib
+from lm.data import sources
 from lm.data import tokens as data_lib
 from lm import metrics as metrics_lib
 from lm import runs
@@ -117,19 +117,28 @@ def pretraining_config(workdir: str) -> dict:
 
 
 def val_documents(data: dict) -> tuple[str, list[str]]:
-  """(description, documents) of the validation split a data section describes; the default corpus
-  for a synthetic one."""
-  if data.get('corpus') not in ('pystdlib', 'text'):
+  """(description, documents) of the validation split a data section describes (the default corpus
+  for a synthetic one): the byte-level token files of that corpus, cut at its end-of-text tokens,
+  so the documents are exactly the ones the split rules put there."""
+  if data.get('corpus') == 'synthetic':
     from configs import base as base_cfg
     data = base_cfg.get_config().data.to_dict()
   dc = data_lib.DataConfig.from_config(dict(data, tokenizer='bytes', tokenizer_path=''))
-  files = corpus_lib.list_files(dc.corpus, dc.path)
-  text = corpus_lib.read_text_corpus(dc.corpus, files, text_field=dc.text_field,
-                                     val_fraction=dc.val_fraction, max_bytes=dc.max_bytes)
-  if dc.arith_fraction:
-    data_lib.mix_arith(text, dc)
-  what = f'{dc.corpus} validation split' + (f' of {dc.path}' if dc.corpus == 'text' else '')
-  return what, text.val
+  if dc.sources:
+    raise UserError('the pretraining data is a mixture (data.sources); name the corpus to score '
+                    'with --config.eval.corpora instead')
+  ds = data_lib.prepare(dc)
+  tok = ds.tokenizer
+  val = np.asarray(ds.val)
+  ends = np.flatnonzero(val == tok.eos_id)
+  docs, start = [], 0
+  for end in ends.tolist():
+    if end > start:
+      docs.append(tok.decode(val[start:end]))
+    start = end + 1
+  what = f'{dc.source_kind} validation split' + (f' of {dc.path}' if dc.path else '') + (
+      f' of {dc.hf_dataset}' if dc.hf_dataset else '')
+  return what, docs
 
 
 def corpus_documents(path: str, text_field: str = 'text') -> tuple[list[str], int]:
@@ -137,18 +146,22 @@ def corpus_documents(path: str, text_field: str = 'text') -> tuple[list[str], in
   characters that were not UTF-8 and were replaced with U+FFFD: they are scored as such, and
   eval.json and the table say how many)."""
   try:
-    files = corpus_lib.text_files(path)
+    files = sources.corpus_files(path)
+    units = sources.file_units(files, text_field, 16 << 20, None)
   except UserError as e:
     raise UserError(str(e).replace('fix --config.data.path', 'fix --config.eval.corpora')
+                    .replace('--config.data.text_field', '--config.eval.text_field')
                     .replace('data.path', 'the eval corpus')) from None
-  docs, replaced = [], 0
-  for f in files:
-    text, bad = corpus_lib.read_text(f.path, 'eval corpus file', replace=True)
-    replaced += bad
-    docs += [d for _, d in corpus_lib.file_documents(f, text, text_field) if d]
+  docs, bad, stats = [], sources.Bad(), {}
+  for unit in units:
+    for chunk in sources.read_unit(unit, text_field, 16 << 20, bad, stats):
+      docs += [d.text for d in chunk if d.text]
+  if bad.count:
+    raise UserError(f'the eval corpus {path!r} has {bad.count} records that cannot be read; the '
+                    f'first: {bad.examples[0]}; fix them or --config.eval.text_field.')
   if not docs:
     raise UserError(f'the eval corpus {path!r} holds no text; fix --config.eval.corpora.')
-  return docs, replaced
+  return docs, stats.get('replaced_chars', 0)
 
 
 # ---------------------------------------------------------------------------------------------
