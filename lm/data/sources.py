@@ -19,8 +19,10 @@ A .txt file larger than max_chunk_bytes is read as pieces that end at a newline 
 long, at a character boundary); the pieces of one file form one document, the end-of-text token
 follows the last.
 
-Document ids: the relative path for a whole-file document, `path:line` for a JSON line,
-`path:row` for a parquet or Arrow row, `shard<k>:<n>` for the n-th record of stream shard k.
+Document ids: the relative path for a whole-file document; `stem:n` for the n-th record (from 1;
+a JSON file's line number) of a record file, the stem being its path without the format suffix
+(so data/a.jsonl.zst and data/a.parquet holding the same records give the same ids, hence the same
+split); `shard<k>:<n>` for the n-th record of stream shard k.
 
 A bad shard (unreadable file, corrupt compression, no such column) is refused with its path and the
 reason. A record that cannot be read (a line that is not JSON, a missing or null text field) is
@@ -46,6 +48,13 @@ UNIT_BYTES = 32 << 20
 MAX_BAD_FRACTION = 0.01
 # Examples of bad records kept for the message and info.json.
 MAX_BAD_EXAMPLES = 5
+
+
+def record_stem(relpath: str) -> str:
+  """A record file's path without its format's suffix: the ids of its records, so the same
+  documents get the same ids (and split) whether stored as JSON lines, compressed or parquet."""
+  kind = kind_of(relpath)
+  return relpath[:-len(kind) - 1] if kind else relpath
 
 
 def kind_of(name: str) -> str | None:
@@ -452,10 +461,10 @@ def _jsonl_docs(piece, text_field, bad, stats):
           bad.add(f'{f.path} line {i}', why)
           continue
         if text:
-          yield Doc(f'{f.relpath}:{i}', text, file=f.relpath)
+          yield Doc(f'{record_stem(f.relpath)}:{i}', text, file=f.relpath)
   except UserError:
     raise
-  except (OSError, EOFError, ValueError) as e:   # corrupt gzip/zstd streams, unreadable files
+  except Exception as e:   # corrupt gzip/zstd streams (zlib.error, ZstdError, EOFError), OSError
     raise UserError(f'the corpus shard {f.path} cannot be read ({_reason(e)}); replace or remove '
                     'that file') from None
 
@@ -482,9 +491,9 @@ def _parquet_docs(piece, text_field, chunk, bad):
     for batch in pf.iter_batches(batch_size=rows, row_groups=list(range(piece.start, piece.stop)),
                                  columns=[text_field]):
       values = batch.column(0).to_pylist()
-      for i, text in _column_docs(values, range(row, row + len(values)), f.relpath, text_field,
-                                  bad):
-        yield Doc(f'{f.relpath}:{i}', text, file=f.relpath)
+      for i, text in _column_docs(values, range(row + 1, row + 1 + len(values)), f.relpath,
+                                  text_field, bad):
+        yield Doc(f'{record_stem(f.relpath)}:{i}', text, file=f.relpath)
       row += len(values)
   except UserError:
     raise
@@ -506,8 +515,8 @@ def _arrow_docs(piece, text_field, bad):
       row = 0
       for batch in reader:
         values = batch.column(col).to_pylist()
-        for i, text in _column_docs(values, range(row, row + len(values)), f.relpath, text_field,
-                                    bad):
+        for i, text in _column_docs(values, range(row + 1, row + 1 + len(values)), f.relpath,
+                                    text_field, bad):
           yield Doc(f'{f.relpath}:{i}', text, file=f.relpath)
         row += len(values)
   except UserError:
@@ -523,7 +532,7 @@ def _stream_docs(spec, text_field, bad):
     ds = ds.shard(num_shards=spec['shards'], index=spec['shard'])
   where = f'{spec["dataset"]} shard {spec["shard"]}'
   try:
-    for n, example in enumerate(ds):
+    for n, example in enumerate(ds, start=1):
       text = example.get(text_field)
       if not isinstance(text, str):
         bad.add(f'{where} record {n}', f'has no string in column {text_field!r}')

@@ -164,6 +164,9 @@ def manifest(run: Run) -> dict:
       'attention': {'requested': run.cfg['model']['attention_impl'], 'used': mc.attention_impl,
                     'why': run.attention_why},
       'epochs': run.dataset.epochs(run.train.steps, run.train.batch_size, run.train.seq_len),
+      # A mixture: per source its tokens, the tokens the run draws and the epochs they make.
+      **({'sources': run.dataset.draws(run.train.steps, run.train.batch_size, run.train.seq_len)}
+         if hasattr(run.dataset, 'draws') else {}),
   }
 
 

@@ -45,14 +45,17 @@ RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_ev
                      'mesh.distributed', 'model.remat', 'model.attention_impl',
                      'train.eval_tasks', 'train.eval_tasks_every', 'train.eval_task_examples',
                      'train.eval_shots', 'train.profile_steps', 'train.async_checkpoint',
-                     'train.micro_batch_tokens', 'mesh.cpu_devices')
+                     'train.micro_batch_tokens', 'mesh.cpu_devices', 'data.workers')
 
 # Keys added after runs existed, with the value that means what their absence meant: a config
 # written before a key existed equals one that sets it to this default.
 ADDED_KEYS = {'train.async_checkpoint': True, 'train.profile_steps': '', 'train.opt_dtype': 'float32', 'model.param_dtype': 'float32', 'train.init_from': '', 'data.tokenizer_path': '',
               'data.arith_fraction': 0.0,
               'data.arith_digits': 4, 'train.eval_tasks': '', 'train.eval_tasks_every': 0,
-              'train.eval_task_examples': 100, 'train.eval_shots': 3, 'mesh.cpu_devices': 1}
+              'train.eval_task_examples': 100, 'train.eval_shots': 3, 'mesh.cpu_devices': 1,
+              'data.hf_dataset': '', 'data.hf_config': '', 'data.hf_split': 'train',
+              'data.hf_streaming': False, 'data.workers': 0, 'data.max_chunk_bytes': 16 << 20,
+              'data.sources': []}
 
 LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, jax.Array]]
 
@@ -176,7 +179,7 @@ def flatten(d, prefix=''):
     if isinstance(v, dict):
       out.update(flatten(v, f'{prefix}{k}.'))
     else:
-      out[f'{prefix}{k}'] = v
+      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v   # JSON reads tuples as lists
   return out
 
 
