@@ -41,7 +41,9 @@ import os
 from lm.data import corpus as corpus_lib
 from lm.errors import UserError
 
-SUFFIXES = ('.txt', '.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')
+SUFFIXES = ('.txt', '.jsonl', '.jsonl.gz', '.jsonl.zst', '.json.gz', '.json.zst', '.parquet')
+# Compressed shards named .json.* (Dolma, FineWeb's raw dumps) hold JSON lines too.
+_ALIASES = {'json.gz': 'jsonl.gz', 'json.zst': 'jsonl.zst'}
 # Work units are about this big (file bytes): big enough to amortise a worker's start, small enough
 # that resuming loses little and that several workers share a medium corpus.
 UNIT_BYTES = 32 << 20
@@ -53,15 +55,17 @@ MAX_BAD_EXAMPLES = 5
 def record_stem(relpath: str) -> str:
   """A record file's path without its format's suffix: the ids of its records, so the same
   documents get the same ids (and split) whether stored as JSON lines, compressed or parquet."""
-  kind = kind_of(relpath)
-  return relpath[:-len(kind) - 1] if kind else relpath
+  for suffix in SUFFIXES:
+    if relpath.endswith(suffix):
+      return relpath[:-len(suffix)]
+  return relpath
 
 
 def kind_of(name: str) -> str | None:
   """The reader a file name calls for, or None when it is not a corpus file."""
-  for suffix in ('.jsonl.gz', '.jsonl.zst', '.jsonl', '.parquet', '.txt'):
+  for suffix in SUFFIXES:
     if name.endswith(suffix):
-      return suffix[1:]
+      return _ALIASES.get(suffix[1:], suffix[1:])
   return None
 
 

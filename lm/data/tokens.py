@@ -36,6 +36,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -415,7 +416,14 @@ def _prepare_mixture(cfg: DataConfig, progress: bool | None):
   if cfg.tokenizer in ('sentencepiece', 'bpe'):
     tok_dir = _shared_tokenizer(cfg, parts, weights)
     parts = [dataclasses.replace(p, tokenizer='file', tokenizer_path=tok_dir) for p in parts]
-  datasets = [prepare(p, progress) for p in parts]
+  datasets = []
+  for i, p in enumerate(parts):
+    try:
+      datasets.append(prepare(p, progress))
+    except UserError as e:
+      text = re.sub(r'--config\.data\.(path|text_field|hf_\w+)', 'its key in --config.data.sources',
+                    str(e))
+      raise UserError(f'data.sources[{i}] ({names[i]}): {text}') from None
   return mixture_lib.MixtureDataset(datasets, weights, names)
 
 
