@@ -13,7 +13,7 @@ def rnn_result(cache_dir):
   # second and are enough for the transformer to start using context beyond the previous byte.
   return rnn_vs_attention.run(steps=200, batch_size=16, seq_len=32, d_model=32, n_layers=1,
                               lr_transformer=1e-2, lr_rnn=1e-2, eval_batches=16,
-                              max_bytes=300_000, cache_dir=cache_dir)
+                              max_bytes=600_000, cache_dir=cache_dir)
 
 
 def test_rnn_and_transformer_train(rnn_result):
@@ -32,7 +32,8 @@ def test_rnn_and_transformer_train(rnn_result):
 
 def test_attention_uses_context(rnn_result):
   by_pos = rnn_result['models']['transformer']['loss_by_position']
-  # Measured about 3.0 at position 0 and 2.6 over the second half.
+  # Measured 2.66 at position 0 and 2.39 over the second half (600 KB of the stdlib, whose
+  # validation split is 3 documents, 95 KB).
   assert by_pos[len(by_pos) // 2:].mean() < by_pos[0] - 0.1
 
 

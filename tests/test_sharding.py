@@ -275,29 +275,45 @@ def test_two_processes_match_one_process(meshes, cache_dir, tmp_path):
   assert results[1]['summary'] == main['summary']
 
 
-def test_data_cache_survives_losing_the_build_race(tmp_path, monkeypatch):
-  """Two processes building one cache folder: the later one must keep the earlier one's copy.
-
-  Deterministic stand-in for the race: while this build writes its files, another build of the
-  same folder completes; the loser must not replace a complete folder someone may be reading.
-  """
+def test_two_processes_preparing_one_cache_folder_build_it_once(tmp_path):
+  """A second process asking for token files that another is building waits for them (the
+  builder holds the lock of the partial folder) and reads the builder's folder; nothing is left
+  behind. The builder here is a subprocess slowed down after it takes the lock."""
+  cache = str(tmp_path / 'cache')
+  ready = tmp_path / 'ready'
+  script = f"""
+import os, sys, time
+sys.path.insert(0, {REPO!r})
+from configs import base
+from lm.data import tokens as data_lib
+real = data_lib.lock_lib.acquire
+def slow(folder):
+  held = real(folder)
+  open({str(ready)!r}, 'w').close()
+  time.sleep(3)
+  return held
+data_lib.lock_lib.acquire = slow
+c = base.get_config()
+c.data.update(max_bytes=50_000, cache_dir={cache!r})
+ds = data_lib.prepare(c.data)
+print(os.stat(os.path.join(ds.path, data_lib.INFO_JSON)).st_ino)
+"""
+  builder = subprocess.Popen([sys.executable, '-c', script], cwd=REPO, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not ready.exists() and time.time() < deadline and builder.poll() is None:
+    time.sleep(0.05)
+  assert ready.exists(), builder.communicate()[1][-2000:]
   c = base.get_config()
-  c.data.update(max_bytes=50_000, cache_dir=str(tmp_path))
-  write, winner = data_lib._write_contents, {}
-
-  def write_while_another_finishes(*args, **kw):
-    info = write(*args, **kw)
-    if not winner:
-      winner['started'] = True
-      ds = data_lib.prepare(c.data)
-      winner['ino'] = os.stat(os.path.join(ds.path, data_lib.INFO_JSON)).st_ino
-      winner['tokens'] = np.array(ds.train[:1000])
-    return info
-  monkeypatch.setattr(data_lib, '_write_contents', write_while_another_finishes)
-  loser = data_lib.prepare(c.data)
-  assert os.stat(os.path.join(loser.path, data_lib.INFO_JSON)).st_ino == winner['ino']
-  np.testing.assert_array_equal(loser.train[:1000], winner['tokens'])
-  assert [n for n in os.listdir(tmp_path) if n.startswith('.tmp')] == []
+  c.data.update(max_bytes=50_000, cache_dir=cache)
+  waited = time.time()
+  ds = data_lib.prepare(c.data)
+  waited = time.time() - waited
+  out, err = builder.communicate(timeout=120)
+  assert builder.returncode == 0, err[-2000:]
+  assert os.stat(os.path.join(ds.path, data_lib.INFO_JSON)).st_ino == int(out.split()[-1])
+  assert waited > 1.0                      # it waited for the builder instead of building
+  assert sorted(os.listdir(cache)) == [os.path.basename(ds.path)]   # no partial folder left
 
 
 def test_a_split_host_evaluates_many_batches(tmp_path):
