@@ -13,18 +13,25 @@ come from ids a model produced, and `decode` replaces it with U+FFFD.
     is representable. Ids 0..3 are <unk> (never produced), BOS, EOS, PAD; then the 256 byte pieces,
     then newline and tab (own pieces so code's line structure is cheap), then learned pieces.
     Normalisation is off and whitespace is kept verbatim, so round trips are exact.
-  * `hf`: a Hugging Face `tokenizer.json` (from an imported checkpoint, lm/interop/hf.py), run by the
-    `tokenizers` library, so text encodes to the ids `transformers` gives it
-    (`encode(text, add_special_tokens=False)`). Its special ids come from the checkpoint.
+  * `hf`: a Hugging Face `tokenizer.json` (from an imported checkpoint, lm/interop/hf.py, or any
+    Hugging Face tokenizer folder given to `load_tokenizer`), run by the `tokenizers` library, so
+    text encodes to the ids `transformers` gives it (`encode(text, add_special_tokens=False)`). Its
+    special ids come from the checkpoint.
+  * `hf` trained here (`train_bpe`, settings 'trained': 'bpe'): a byte-level BPE in the GPT-2
+    scheme. Ids 0..2 are <|bos|>, <|eos|>, <|pad|>, then (with chat) the four chat tokens, then the
+    256 byte symbols, then the merges in the order they were learned. Every string is
+    representable, and text never encodes to a special id (below), so round trips are exact.
   * `symbols`: the identity tokenizer of the synthetic corpus: symbols 0..n-1 are their own ids,
     then BOS=n, EOS=n+1, PAD=n+2. Its text form is the ids in decimal separated by spaces.
 
 Chat tokens. `CHAT_TOKENS` (<|system|>, <|user|>, <|assistant|>, <|end|>) are special ids that the
-byte and SentencePiece vocabularies reserve, so a model pretrained with either already has
-embedding rows for them and fine-tuning needs no vocabulary change. Text never encodes to them
-(writing "<|user|>" in a prompt gives its characters); only the chat template (lm/data/sft.py) inserts
-them, by id, from `tokenizer.chat_ids` ({'system', 'user', 'assistant', 'end'} -> id, or None for a
-vocabulary without them). `decode` drops them like the other special ids.
+byte, SentencePiece and trained BPE vocabularies reserve, so a model pretrained with any of them
+already has embedding rows for them and fine-tuning needs no vocabulary change. Text never encodes
+to them (writing "<|user|>" in a prompt gives its characters); only the chat template
+(lm/data/sft.py) inserts them, by id, from `tokenizer.chat_ids` ({'system', 'user', 'assistant',
+'end'} -> id, or None for a vocabulary without them). `decode` drops them like the other special
+ids. An imported `hf` tokenizer is the exception: like `transformers`, it matches the text of its
+special tokens.
 """
 from __future__ import annotations
 
@@ -277,13 +284,22 @@ def _vocab_error(vocab_size: int, message: str) -> str:
 
 
 class HFTokenizer(Tokenizer):
-  """A Hugging Face `tokenizers` tokenizer (its tokenizer.json text) with the model's special ids."""
+  """A Hugging Face `tokenizers` tokenizer (its tokenizer.json text) with the model's special ids.
+
+  `trained` names how the project trained it ('bpe': `train_bpe`), None for an imported one. A
+  trained one encodes the text of its special tokens as ordinary text (so `decode(encode(s)) == s`
+  for every s); an imported one matches it to the special ids, as `transformers` does.
+  """
   name = 'hf'
 
-  def __init__(self, json_text: str, bos_id: int, eos_id: int, pad_id: int):
+  def __init__(self, json_text: str, bos_id: int, eos_id: int, pad_id: int,
+               trained: str | None = None):
     from tokenizers import Tokenizer as _Tok
     self.json_text = json_text
+    self.trained = trained
     self._tok = _Tok.from_str(json_text)
+    # A runtime switch of the library, not part of tokenizer.json: json_text stays as trained.
+    self._tok.encode_special_tokens = trained is not None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.bos_id, self.eos_id, self.pad_id = int(bos_id), int(eos_id), int(pad_id)
     ids = [self._tok.token_to_id(t) for t in CHAT_TOKENS]
@@ -293,8 +309,9 @@ class HFTokenizer(Tokenizer):
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_many(self, texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(e.ids, np.int64)
-            for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast (tokenizers >= 0.21) skips the offsets: 2.6x the throughput on one core.
+    encode = getattr(self._tok, 'encode_batch_fast', self._tok.encode_batch)
+    return [np.asarray(e.ids, np.int64) for e in encode(texts, add_special_tokens=False)]
 
   def decode(self, ids) -> str:
     return self._tok.decode(self._check_ids(ids), skip_special_tokens=True)
@@ -304,11 +321,14 @@ class HFTokenizer(Tokenizer):
     from tokenizers import AddedToken, Tokenizer as _Tok
     t = _Tok.from_str(self.json_text)
     t.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in CHAT_TOKENS])
-    return HFTokenizer(t.to_str(), self.bos_id, self.eos_id, self.pad_id)
+    return HFTokenizer(t.to_str(), self.bos_id, self.eos_id, self.pad_id, self.trained)
 
   def settings(self) -> dict:
-    return {'type': 'hf', 'vocab_size': self.vocab_size, 'bos_id': self.bos_id,
-            'eos_id': self.eos_id, 'pad_id': self.pad_id}
+    out = {'type': 'hf', 'vocab_size': self.vocab_size, 'bos_id': self.bos_id,
+           'eos_id': self.eos_id, 'pad_id': self.pad_id}
+    if self.trained is not None:    # an imported tokenizer keeps the settings (and hash) it had
+      out['trained'] = self.trained
+    return out
 
   def _hash_extra(self) -> bytes:
     return self.json_text.encode('utf-8')
@@ -346,6 +366,52 @@ def _byte_tokenizer_json(tok: 'ByteTokenizer') -> str:
   t.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
   assert t.get_vocab_size(with_added_tokens=True) == tok.vocab_size
   return t.to_str()
+
+
+def train_bpe(texts, *, vocab_size: int, chat: bool) -> HFTokenizer:
+  """A byte-level BPE (GPT-2's scheme) trained by the `tokenizers` library on texts, an iterable
+  of str (documents: each is split into words by GPT-2's pattern, so merges never cross a word).
+
+  vocab_size counts every id: BYTE_SPECIALS (ids 0..2), the chat tokens when chat (3..6), the 256
+  bytes, then the merges. The result's json_text is the trained tokenizer.json, which `export_hf`
+  writes as it is. Training is deterministic: the trainer counts every pair before it merges and
+  breaks ties between equally frequent pairs by their ids, so neither its thread count nor the
+  order of the texts changes the result (tests/test_bpe.py trains twice and compares). Exported,
+  it encodes to the same ids in `tokenizers` and `transformers`, except text that holds a special
+  token's text, which they match to its id.
+  """
+  from tokenizers import AddedToken, Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
+  specials = list(BYTE_SPECIALS) + (list(CHAT_TOKENS) if chat else [])
+  minimum = 256 + len(specials)
+  if vocab_size < minimum:
+    raise UserError(f'data.vocab_size={vocab_size} is too small for a byte-level BPE (it needs at '
+                    f'least {minimum}: 256 bytes and {len(specials)} special tokens); raise '
+                    '--config.data.vocab_size')
+  t = _Tok(models.BPE())
+  t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  t.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, show_progress=False,
+      special_tokens=[AddedToken(n, special=True, normalized=False) for n in specials],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  chars = 0
+
+  def counted():
+    nonlocal chars
+    for text in texts:
+      chars += len(text)
+      yield text
+
+  t.train_from_iterator(counted(), trainer)
+  if not chars:
+    raise UserError('there is no text to train the BPE tokenizer on; add text to the corpus')
+  learned = t.get_vocab_size(with_added_tokens=True)
+  if learned != vocab_size:
+    raise UserError(f'data.vocab_size={vocab_size} is more than BPE can learn from this text (at '
+                    f'most {learned}); lower --config.data.vocab_size or use more text')
+  ids = [t.token_to_id(n) for n in specials]
+  assert ids == list(range(len(specials))), ids
+  return HFTokenizer(t.to_str(), ids[0], ids[1], ids[2], trained='bpe')
 
 
 def _sp_tokenizer_json(tok: 'SentencePieceTokenizer') -> str:
@@ -454,7 +520,9 @@ def import_hf(hf_dir: str, hf_config: dict) -> HFTokenizer:
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
-  """The tokenizer that `Tokenizer.save(directory)` wrote."""
+  """The tokenizer that `Tokenizer.save(directory)` wrote, or that of a Hugging Face tokenizer
+  folder (a tokenizer.json of the `tokenizers` library, which has a "model" and no "type"; special
+  ids as `import_hf` finds them, with the folder's config.json if it has one)."""
   path = os.path.join(directory, TOKENIZER_JSON)
   try:
     with open(path, encoding='utf-8') as f:
@@ -467,6 +535,11 @@ def load_tokenizer(directory: str) -> Tokenizer:
         from None
   if not isinstance(meta, dict):
     raise UserError(f'cannot read {path} (it holds no JSON object); prepare the data again')
+  if 'type' not in meta and 'model' in meta:
+    conf_path = os.path.join(directory, 'config.json')
+    config = (metrics_lib.read_json_object(conf_path, 'the folder is damaged, fetch or copy the '
+                                           'model again') if os.path.isfile(conf_path) else {})
+    return import_hf(directory, config)
   kind = meta.get('type')
   if kind == 'bytes':
     tok: Tokenizer = ByteTokenizer(chat=int(meta.get('vocab_size', 263)) != 259)
@@ -479,7 +552,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
     except OSError as e:
       raise UserError(f'cannot read {HF_TOKENIZER_FILE} in {directory} ({e.strerror}); import the '
                       'model again') from None
-    tok = HFTokenizer(text, meta['bos_id'], meta['eos_id'], meta['pad_id'])
+    tok = HFTokenizer(text, meta['bos_id'], meta['eos_id'], meta['pad_id'], meta.get('trained'))
   elif kind == 'sentencepiece':
     try:
       with open(os.path.join(directory, SP_MODEL_FILE), 'rb') as f:
