@@ -203,7 +203,10 @@ class SentencePieceTokenizer(Tokenizer):
     plain = [i for i, t in enumerate(texts) if _SPACE_MARK not in t]
     out: list = [None] * len(texts)
     if plain:
-      encoded = self._sp.encode([texts[i] for i in plain], num_threads=os.cpu_count() or 1)
+      # A tokenizing worker process (lm/data/build.py) sets LM_TOKENIZER_THREADS=1: its siblings
+      # already use the other cores.
+      threads = int(os.environ.get('LM_TOKENIZER_THREADS') or os.cpu_count() or 1)
+      encoded = self._sp.encode([texts[i] for i in plain], num_threads=threads)
       for i, ids in zip(plain, encoded):
         out[i] = np.asarray(ids, np.int64)
     for i, t in enumerate(texts):
