@@ -162,6 +162,16 @@ def test_bad_shards_are_named_and_bad_records_counted(tmp_path, docs):
   assert stats['bad_records'] == 1 and 'w.jsonl line 18 is not valid JSON' in \
       stats['bad_examples'][0]
   assert stats['documents'] == 299
+  # Mostly unreadable records mean a wrong text_field: refused, naming the first and the key.
+  os.remove(folder / 'w.jsonl')
+  pq.write_table(pa.table({'text': [None] * 50 + ['x', 'y']}), folder / 'n.parquet')
+  with pytest.raises(UserError, match=r"50 of 52 records .*n\.parquet:1 has a null in column "
+                     r"'text'.*data\.text_field"):
+    data.prepare(cfg_for(tmp_path, path=str(folder)))
+  pq.write_table(pa.table({'text': pa.array([], pa.string())}), folder / 'n.parquet')
+  with pytest.raises(UserError, match='holds no text'):
+    data.prepare(cfg_for(tmp_path, path=str(folder)))
+  assert [n for n in os.listdir(tmp_path / 'cache') if n.startswith('.partial')] == []
 
 
 def test_reading_is_bounded_by_the_chunk_size(tmp_path):
@@ -241,6 +251,8 @@ def test_mixture_sources_share_one_tokenizer_and_draw_by_weight(tmp_path):
   # Cached: a second call reads the same folders.
   again = data.prepare(c)
   assert [p.path for p in again.parts] == [p.path for p in ds.parts]
+  with pytest.raises(UserError, match=r'data.sources\[1\] has weight 0'):
+    data.prepare(cfg_for(tmp_path, sources=({'path': str(a)}, {'path': str(b), 'weight': 0})))
   bad = cfg_for(tmp_path, sources=({'path': str(a), 'wieght': 1},))
   with pytest.raises(UserError, match="data.sources\\[0\\] has the key 'wieght'"):
     data.prepare(bad)

@@ -664,6 +664,8 @@ def test_isoflop_wsd_plan_shares_trunks_across_budgets():
   assert np.allclose(ladder, [10 * 3 ** (k / 2) for k in range(3, 7)])
 
 
+@pytest.mark.slow   # about a minute: WSD branches stay in the default suite (booked once, equal to
+# standalone runs), and so do worker processes (stopped and resumed by a killed sweep)
 def test_isoflop_wsd_sweep_in_worker_processes(tmp_path):
   """The branches of sweep.mode=isoflop_wsd run in worker processes (sweep.parallel=2), one
   family at a time per slot: each branch starts from its trunk's checkpoint (its early rows are

@@ -372,6 +372,8 @@ def _rebalance(kept: list, val_fraction: float, describe: str) -> None:
   for i, forced in moves.items():
     t = dataclasses.replace(kept[i][0], forced=kept[i][0].forced + tuple(forced))
     kept[i] = [t, run_task(t)]
+  if not all_bytes:
+    raise UserError(f'the corpus in {describe} holds no text; point it at non-empty files')
   for split in SPLITS:
     if not total(split, 'tokens'):
       raise UserError(f'the corpus in {describe} is too small to split into training and '
@@ -421,7 +423,7 @@ def _assemble(kept: list, folder: str, dtype: str) -> dict:
 def _check_bad(kept: list, text_field: str) -> None:
   records = [r for t, r in kept if t.unit is not None]
   n_bad = sum(r['bad'] for r in records)
-  n_all = sum(r['records'] for r in records)
+  n_all = n_bad + sum(r['records'] for r in records)
   if n_bad and n_bad > sources.MAX_BAD_FRACTION * n_all:
     first = next(e for r in records for e in r['bad_examples'])
     raise UserError(f'{n_bad} of {n_all} records cannot be read; the first: {first}; set '

@@ -461,7 +461,8 @@ def _jsonl_docs(piece, text_field, bad, stats):
         text = obj.get(text_field) if isinstance(obj, dict) else None
         if not isinstance(text, str):
           why = (f'has no {text_field!r} field' if not isinstance(obj, dict) or text_field not in obj
-                 else f'has a {type(text).__name__} in field {text_field!r}, not a string')
+                 else f'has a value of type {type(text).__name__} in field {text_field!r}, not a '
+                 'string')
           bad.add(f'{f.path} line {i}', why)
           continue
         if text:
@@ -476,8 +477,8 @@ def _jsonl_docs(piece, text_field, bad, stats):
 def _column_docs(values, ids, where, text_field, bad):
   for i, text in zip(ids, values):
     if not isinstance(text, str):
-      bad.add(f'{where}:{i}', f'has a {"null" if text is None else type(text).__name__} in '
-              f'column {text_field!r}, not a string')
+      what = 'null' if text is None else f'value of type {type(text).__name__}'
+      bad.add(f'{where}:{i}', f'has a {what} in column {text_field!r}, not a string')
     elif text:
       yield i, text
 
@@ -495,7 +496,7 @@ def _parquet_docs(piece, text_field, chunk, bad):
     for batch in pf.iter_batches(batch_size=rows, row_groups=list(range(piece.start, piece.stop)),
                                  columns=[text_field]):
       values = batch.column(0).to_pylist()
-      for i, text in _column_docs(values, range(row + 1, row + 1 + len(values)), f.relpath,
+      for i, text in _column_docs(values, range(row + 1, row + 1 + len(values)), f.path,
                                   text_field, bad):
         yield Doc(f'{record_stem(f.relpath)}:{i}', text, file=f.relpath)
       row += len(values)
@@ -519,7 +520,7 @@ def _arrow_docs(piece, text_field, bad):
       row = 0
       for batch in reader:
         values = batch.column(col).to_pylist()
-        for i, text in _column_docs(values, range(row + 1, row + 1 + len(values)), f.relpath,
+        for i, text in _column_docs(values, range(row + 1, row + 1 + len(values)), f.path,
                                     text_field, bad):
           yield Doc(f'{f.relpath}:{i}', text, file=f.relpath)
         row += len(values)

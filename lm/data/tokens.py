@@ -446,6 +446,10 @@ def source_config(cfg: DataConfig, i: int) -> DataConfig:
   if not (s.get('path') or s.get('hf_dataset') or s.get('corpus') == 'pystdlib'):
     raise UserError(f'data.sources[{i}] names no data: give it a path, an hf_dataset or '
                     "corpus='pystdlib'; fix --config.data.sources")
+  w = s.get('weight', 1.0)
+  if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float('inf'):
+    raise UserError(f'data.sources[{i}] has weight {w!r}; a weight is a positive number; fix '
+                    '--config.data.sources')
   corpus = s.get('corpus') or ('hf' if s.get('hf_dataset') else 'text')
   c = dataclasses.replace(
       cfg, sources=(), corpus=corpus, path=str(s.get('path', '')),
