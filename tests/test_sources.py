@@ -263,6 +263,7 @@ def test_a_mixture_run_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path):
   run; stopped at step 6 and resumed, the run ends bitwise equal to one never stopped."""
   import jax
   from configs import base
+  from lm import runs
   from lm.stages import pretrain
   a, b = tmp_path / 'a', tmp_path / 'b'
   a.mkdir()
@@ -285,3 +286,37 @@ def test_a_mixture_run_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path):
   with open(tmp_path / 'whole' / 'manifest.json') as f:
     draws = json.load(f)['sources']
   assert draws[1]['epochs'] > 1 and abs(draws[0]['rows_drawn'] / 128 - 0.6) <= 2 / 128
+  (p_whole, s_whole), (p_part, s_part) = (runs.restore_params(str(tmp_path / w))
+                                          for w in ('whole', 'part'))
+  assert s_whole == s_part == 16
+  for x, y in zip(jax.tree.leaves(p_whole), jax.tree.leaves(p_part)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_tokenizing_workers_end_with_the_process_that_started_them(tmp_path):
+  """A preparation killed outright (SIGTERM or SIGKILL to the main process alone) leaves no
+  worker tokenizing on as an orphan."""
+  import subprocess
+  import sys
+  import time
+  script = """
+import os, sys, time
+from lm.data import build
+runner = build._Runner(2)
+futures = [runner.pool.submit(time.sleep, 60) for _ in range(2)]
+time.sleep(3)
+print(' '.join(str(p) for p in runner.pool._processes), flush=True)
+os.kill(os.getpid(), 9)
+"""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', script], cwd=root, capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, PYTHONPATH=root))
+  pids = [int(p) for p in out.stdout.split()]
+  assert len(pids) == 2, out.stderr[-2000:]
+  deadline = time.time() + 10
+  alive = pids
+  while alive and time.time() < deadline:
+    time.sleep(0.2)
+    alive = [p for p in pids if os.path.exists(f'/proc/{p}') and
+             open(f'/proc/{p}/stat').read().split()[2] != 'Z']
+  assert not alive

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import heapq
@@ -34,6 +35,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 
 import numpy as np
@@ -49,6 +51,7 @@ PARTS = 'parts'
 # Below this many bytes a corpus is tokenized in this process: starting workers would take longer.
 _PARALLEL_MIN_BYTES = 4 << 20
 _PROGRESS_MIN_BYTES = 8 << 20
+_PR_SET_PDEATHSIG = 1
 # Train documents per unit kept as candidates for a validation split that came out short.
 _CANDIDATES = 64
 
@@ -219,6 +222,16 @@ def _worker_init() -> None:
   # One process per core: the tokenizers' own thread pools would only compete.
   os.environ['RAYON_NUM_THREADS'] = '1'
   os.environ['LM_TOKENIZER_THREADS'] = '1'
+  # A worker ends with the process that started it (killed by SIGTERM or SIGKILL, it cannot
+  # shut the pool down), instead of tokenizing on as an orphan: Linux's parent-death signal.
+  if sys.platform.startswith('linux'):
+    try:
+      libc = ctypes.CDLL(None, use_errno=True)
+      libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+      pass
+    if os.getppid() == 1:   # the parent was already gone before prctl took effect
+      os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------
