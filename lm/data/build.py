@@ -204,7 +204,7 @@ def run_task(task: Task) -> dict:
       os.fsync(f.fileno())
   record = {'budget': task.budget, 'forced': [list(x) for x in task.forced],
             'arith_bytes': task.arith_bytes, 'bytes': used, 'records': records,
-            'exhausted': exhausted, 'hash': sha.hexdigest(),
+            'hash': sha.hexdigest(),
             'splits': splits, 'bad': bad.count, 'bad_examples': bad.examples,
             'replaced_chars': stats.get('replaced_chars', 0), 'files': sorted(seen_files),
             'skipped_files': stats.get('skipped_files', 0),

@@ -98,7 +98,6 @@ class Listing:
   """A source's units and what its token files depend on (the key material)."""
   units: tuple
   key: dict
-  files: int
   describe: str
 
 
@@ -242,7 +241,7 @@ def list_source(corpus: str, path: str, text_field: str, max_chunk_bytes: int,
   if any(f.size > max_chunk_bytes and kind_of(f.relpath) in ('txt', None) for f in files):
     key['max_chunk_bytes'] = max_chunk_bytes   # where text pieces are cut
   where = 'the standard library' if corpus == 'pystdlib' else repr(path)
-  return Listing(tuple(units), key, len(files), where)
+  return Listing(tuple(units), key, where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +301,7 @@ def _hf_listing(hf: dict, text_field: str) -> Listing:
     units = tuple(Unit(i, (), UNIT_BYTES, dict(spec, shard=i, shards=shards))
                   for i in range(shards))
     key = {'hf': spec, 'text_field': text_field, 'shards': shards}
-    return Listing(units, key, shards, f'the streamed dataset {name!r}')
+    return Listing(units, key, f'the streamed dataset {name!r}')
   if getattr(ds, '_indices', None) is not None:
     raise UserError(f'the Hugging Face dataset {name!r} is a selection or shuffle of another '
                     '(it has an indices mapping); save it with ds.flatten_indices().save_to_disk(...) '
@@ -316,7 +315,7 @@ def _hf_listing(hf: dict, text_field: str) -> Listing:
   units = _group([(Piece(f, 'arrow'), f.size) for f in files])
   key = {'hf': spec, 'text_field': text_field,
          'files': [[f.relpath, f.size, f.mtime_ns] for f in files]}
-  return Listing(tuple(units), key, len(files), f'the dataset {name!r}')
+  return Listing(tuple(units), key, f'the dataset {name!r}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,13 +473,18 @@ def _jsonl_docs(piece, text_field, bad, stats):
                     'that file') from None
 
 
-def _column_docs(values, ids, where, text_field, bad):
-  for i, text in zip(ids, values):
-    if not isinstance(text, str):
-      what = 'null' if text is None else f'value of type {type(text).__name__}'
-      bad.add(f'{where}:{i}', f'has a {what} in column {text_field!r}, not a string')
-    elif text:
-      yield i, text
+def _column_docs(columns, first_row: int, f, id_stem: str, text_field: str, bad):
+  """Docs of the text column's values, batch by batch (rows numbered from first_row + 1); a null
+  or a value that is not a string is a bad record."""
+  row = first_row
+  for values in columns:
+    for text in values:
+      row += 1
+      if not isinstance(text, str):
+        what = 'null' if text is None else f'value of type {type(text).__name__}'
+        bad.add(f'{f.path}:{row}', f'has a {what} in column {text_field!r}, not a string')
+      elif text:
+        yield Doc(f'{id_stem}:{row}', text, file=f.relpath)
 
 
 def _parquet_docs(piece, text_field, chunk, bad):
@@ -492,14 +496,10 @@ def _parquet_docs(piece, text_field, chunk, bad):
   per_row = max(1, rg.total_byte_size // max(1, rg.num_rows))
   rows = int(max(16, min(65536, chunk // per_row)))
   try:
-    row = first
-    for batch in pf.iter_batches(batch_size=rows, row_groups=list(range(piece.start, piece.stop)),
-                                 columns=[text_field]):
-      values = batch.column(0).to_pylist()
-      for i, text in _column_docs(values, range(row + 1, row + 1 + len(values)), f.path,
-                                  text_field, bad):
-        yield Doc(f'{record_stem(f.relpath)}:{i}', text, file=f.relpath)
-      row += len(values)
+    batches = pf.iter_batches(batch_size=rows, row_groups=list(range(piece.start, piece.stop)),
+                              columns=[text_field])
+    yield from _column_docs((b.column(0).to_pylist() for b in batches), first, f,
+                            record_stem(f.relpath), text_field, bad)
   except UserError:
     raise
   except Exception as e:   # pyarrow's errors for damaged pages
@@ -517,13 +517,8 @@ def _arrow_docs(piece, text_field, bad):
       if col < 0:
         raise UserError(f'the Arrow shard {f.path} has no column {text_field!r}; set '
                         '--config.data.text_field')
-      row = 0
-      for batch in reader:
-        values = batch.column(col).to_pylist()
-        for i, text in _column_docs(values, range(row + 1, row + 1 + len(values)), f.path,
-                                    text_field, bad):
-          yield Doc(f'{f.relpath}:{i}', text, file=f.relpath)
-        row += len(values)
+      yield from _column_docs((b.column(col).to_pylist() for b in reader), 0, f, f.relpath,
+                              text_field, bad)
   except UserError:
     raise
   except Exception as e:
