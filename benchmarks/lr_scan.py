@@ -66,7 +66,8 @@ def main(argv):
     print(f'    {job.spec.name}: ' + (f"eval loss {summary['eval_loss']:.4f}" if summary
                                        else f'failed ({error})'), flush=True)
   if jobs:
-    parallel_lib.run_jobs(jobs, parallel, start, done)
+    parallel_lib.run_jobs(jobs, parallel_lib.LocalSlots(parallel_lib.device_slots(parallel)),
+                          start, done)
   rows = []
   for sp in specs:
     path = os.path.join(FLAGS.out, 'runs', sp.name, 'summary.json')

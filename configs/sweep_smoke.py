@@ -58,5 +58,19 @@ def get_config():
   # K > 1: runs differing only in seed trained K at a time in one vmapped program
   # (lm/scaling/packed.py): for accelerators; on a CPU it measured no faster than runs alone.
   s.pack = 1
+  # Where the runs train (docs/cluster.md): 'local' (this machine, as above), 'ray' (each run a
+  # Ray task on a cluster) or 'slurm' (each run a SLURM job through submitit). The sweep folder
+  # must then be on storage every node mounts. Needs `pip install -r requirements-cluster.txt`.
+  s.backend = 'local'
+  s.max_in_flight = 0             # ray/slurm: runs at once at most; 0: as many as the cluster takes
+  s.ray_address = ''              # '' this machine's Ray (or a new one), 'auto', or 'HOST:PORT'
+  s.ray_num_cpus = 1.0            # each run's Ray task asks for these ...
+  s.ray_num_gpus = 0.0
+  s.ray_resources = ''            # ... and these custom resources, e.g. 'TPU-v4-8-head:1'
+  s.slurm_executor = 'auto'       # 'slurm', 'local' (processes here, to try a set-up) or 'auto'
+  s.slurm_partition = ''
+  s.slurm_time_min = 240          # each job's limit; a run past it resumes in its next job
+  s.slurm_cpus = 4
+  s.slurm_gpus = 0
   s.bootstrap = 100
   return c

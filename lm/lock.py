@@ -257,6 +257,27 @@ def acquire(folder: str) -> Lock:
                   'again.')
 
 
+def wait_until_free(folder: str, timeout_s: float = 300.0, poll_s: float = 1.0) -> bool:
+  """Waits while `folder` is locked by a live process on this host (a run's earlier attempt still
+  saving its checkpoint, say). True when free (no lock, or its holder gone, or on another host:
+  nothing here can tell), False after timeout_s."""
+  path = os.path.join(os.path.abspath(folder), NAME)
+  deadline = time.time() + timeout_s
+  while True:
+    holder, _ = _read(path)
+    if (holder is None or holder['host'] != socket.gethostname() or holder['pid'] == os.getpid()
+        or not _alive(holder)):
+      return True
+    if time.time() >= deadline:
+      return False
+    time.sleep(poll_s)
+
+
+def lock_holder(folder: str) -> dict | None:
+  """The holder of `folder`'s lock as its file names it (host, pid, command ...), or None."""
+  return _read(os.path.join(os.path.abspath(folder), NAME))[0]
+
+
 @contextlib.contextmanager
 def hold(folder: str, enabled: bool = True):
   """`with hold(folder):` the lock of `folder` for the block (nothing when not enabled: the

@@ -353,9 +353,9 @@ def test_parallel_worker_failure_is_booked_with_its_message(tmp_path):
   job = runner_lib.Job(0, sp, run_cfg, str(tmp_path / 'run'), attempt=1)
   os.makedirs(job.rdir)
   booked = []
-  stopped = par.run_jobs([job], 1, start=lambda j, where: None,
-                         done=lambda j, summary, error=None: booked.append((summary, error)),
-                         slots=[par.Slot('cpu', {})])
+  stopped = par.run_jobs([job], par.LocalSlots([par.Slot('cpu', {})]),
+                         start=lambda j, where: None,
+                         done=lambda j, summary, error=None: booked.append((summary, error)))
   assert not stopped and len(booked) == 1
   summary, error = booked[0]
   assert summary is None and 'status 2' in error and 'warmup' in error
@@ -392,7 +392,8 @@ import json, ml_collections
 from lm.scaling import parallel, plan, runner
 cfg = ml_collections.ConfigDict(json.load(open({str(tmp_path / 'job.json')!r})))
 job = runner.Job(0, plan.RunSpec(**{json.dumps(dataclasses.asdict(sp))}), cfg, {rdir!r}, 1)
-parallel.run_jobs([job], 1, lambda j, w: None, lambda *a: None, [parallel.Slot('cpu', {{}})])
+parallel.run_jobs([job], parallel.LocalSlots([parallel.Slot('cpu', {{}})]), lambda j, w: None,
+                  lambda *a: None)
 '''
   sweep_proc = subprocess.Popen([sys.executable, '-c', script], cwd=os.path.dirname(
       os.path.dirname(os.path.abspath(__file__))))

@@ -115,66 +115,90 @@ def _where(job) -> str:
   return f"{job.spec.name} step {r['step']}/{job.spec.steps} loss {r.get('loss_avg', 0):.3f}"
 
 
-class _Workers:
-  """run_jobs' worker processes, one per busy slot, each booked through `done` as it ends."""
+@dataclasses.dataclass
+class Outcome:
+  """How one attempt at a run ended: 'finished' (summary: its summary.json), 'stopped' (at a
+  checkpoint, by SIGTERM), 'failed' (error: why), or 'lost' (the machine running it went away:
+  a cluster node died; it resumes from its last checkpoint on another)."""
+  kind: str
+  summary: dict | None = None
+  error: str = ''
 
-  def __init__(self, slots: list[Slot], start, done):
-    self.slots, self.start, self.done = slots, start, done
+
+def outcome_of(job, code: int, stop_requested: bool) -> Outcome:
+  """The outcome of a worker process (python -m lm.worker) that exited with status `code`."""
+  summary_path = os.path.join(job.rdir, 'summary.json')
+  if code == 0 and os.path.exists(summary_path):
+    with open(summary_path) as f:
+      return Outcome('finished', json.load(f))
+  if code == 3 or (code < 0 and stop_requested):
+    return Outcome('stopped')
+  last = _last_line(os.path.join(job.rdir, 'train.log'))
+  return Outcome('failed', error=f'worker exited with status {code}: {last[:500]} '
+                                 f'(log: {job.rdir}/train.log)')
+
+
+def worker_command(rdir: str) -> list[str]:
+  return [sys.executable, '-m', 'lm.worker', os.path.abspath(rdir)]
+
+
+def worker_env(parent_pid: int, extra: dict | None = None) -> dict:
+  """The environment of a worker process: the project importable, the parent it dies with."""
+  return dict(os.environ, PYTHONPATH=_pythonpath(), LM_WORKER_PARENT=str(parent_pid),
+              **(extra or {}))
+
+
+class LocalSlots:
+  """Runs in worker processes on this machine, one per slot (device_slots). The interface every
+  way of running a sweep's jobs shares (lm.scaling.cluster has the cluster ones): capacity(),
+  launch(job, start), ended(), stop_all(wait_s), running_jobs(), where(job), close()."""
+
+  retries_now = False   # a failed run is retried on the sweep's next invocation
+  name = 'local'
+
+  def __init__(self, slots: list[Slot]):
+    self.slots = slots
     self.free = list(range(len(slots)))
     self.running = {}   # slot index -> (job, Popen, log file)
     self.stop_requested = False
 
-  def jobs(self) -> list:
+  def capacity(self) -> int:
+    return len(self.slots)
+
+  def running_jobs(self) -> list:
     return [j for j, _, _ in self.running.values()]
 
-  def fill(self, queue: list, ready) -> None:
-    """Starts queued jobs on the free slots, each time the first in the queue that
-    `ready(job, running_jobs)` allows (None: any)."""
-    while queue and self.free:
-      now = self.jobs()
-      k = next((i for i, j in enumerate(queue) if ready is None or ready(j, now)), None)
-      if k is None:
-        break
-      self.launch(queue.pop(k), self.free.pop(0))
+  def where(self, job) -> str:
+    return ''
 
-  def launch(self, job, k: int) -> None:
-    self.start(job, self.slots[k].label)
+  def launch(self, job, start) -> None:
+    k = self.free.pop(0)
+    start(job, self.slots[k].label)
     write_json_atomic(os.path.join(job.rdir, 'run_config.json'), json.loads(job.cfg.to_json()))
     log = open(os.path.join(job.rdir, 'train.log'), 'a')
-    env = dict(os.environ, PYTHONPATH=_pythonpath(), LM_WORKER_PARENT=str(os.getpid()),
-               **self.slots[k].env)
-    proc = subprocess.Popen([sys.executable, '-m', 'lm.worker', os.path.abspath(job.rdir)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_ROOT)
+    proc = subprocess.Popen(worker_command(job.rdir), stdout=log, stderr=subprocess.STDOUT,
+                            env=worker_env(os.getpid(), self.slots[k].env), cwd=_ROOT)
     self.running[k] = (job, proc, log)
 
-  def reap_ended(self) -> None:
-    for k in [k for k, (_, proc, _) in self.running.items() if proc.poll() is not None]:
-      self.reap(k)
+  def ended(self) -> list:
+    return [self._reap(k) for k in [k for k, (_, proc, _) in self.running.items()
+                                    if proc.poll() is not None]]
 
-  def reap(self, k: int) -> None:
-    """Books slot k's ended worker: finished, stopped at a checkpoint, or failed."""
+  def _reap(self, k: int):
     job, proc, log = self.running.pop(k)
     log.close()
     self.free.append(k)
-    code = proc.returncode
-    summary_path = os.path.join(job.rdir, 'summary.json')
-    if code == 0 and os.path.exists(summary_path):
-      with open(summary_path) as f:
-        self.done(job, json.load(f))
-    elif code == 3 or (code < 0 and self.stop_requested):
-      print(f'    {job.spec.name} stopped at a checkpoint', flush=True)
-    else:
-      last = _last_line(os.path.join(job.rdir, 'train.log'))
-      self.done(job, None, f'worker exited with status {code}: {last[:500]} '
-                           f'(log: {job.rdir}/train.log)')
+    return job, outcome_of(job, proc.returncode, self.stop_requested)
 
-  def stop_all(self, wait_s: float = 300.0) -> None:
+  def stop_all(self, wait_s: float = 300.0) -> list:
     """SIGTERM to every running worker (each saves a checkpoint and stops), then waits up to
-    wait_s in all (a worker still running then is killed) and books them."""
+    wait_s in all (a worker still running then is killed); their outcomes."""
+    self.stop_requested = True
     for _, proc, _ in self.running.values():
       if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     deadline = time.time() + wait_s
+    out = []
     for k in list(self.running):
       proc = self.running[k][1]
       try:
@@ -182,41 +206,76 @@ class _Workers:
       except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-      self.reap(k)
+      out.append(self._reap(k))
+    return out
+
+  def close(self) -> None:
+    pass
 
 
-def run_jobs(jobs, parallel: int, start, done, slots: list[Slot] | None = None,
-             ready=None) -> bool:
-  """Trains `jobs` (runner.Job) at most `parallel` at a time, in order, each as soon as
-  `ready(job, running_jobs)` allows (default: always); `start(job, where)` and
-  `done(job, summary | None, error)` are the sweep's booking callbacks. True if stopped."""
+def run_jobs(jobs, backend, start, done, ready=None, retry=None) -> bool:
+  """Trains `jobs` (runner.Job) in order on `backend` (LocalSlots, or a cluster's), as many at
+  once as backend.capacity() allows, each as soon as `ready(job, running_jobs)` allows (default:
+  always). `start(job, where)` and `done(job, summary | None, error)` are the sweep's booking
+  callbacks; `retry(job, error, lost)` (backends that retry at once) returns the job's next
+  attempt, or None when it is booked failed. True if stopped (SIGTERM or Ctrl-C)."""
   if not jobs:
     return False
-  workers = _Workers(slots or device_slots(parallel), start, done)
   queue = list(jobs)
+  stop = {'requested': False}
+
+  def settle(job, o: Outcome) -> None:
+    if o.kind == 'finished':
+      done(job, o.summary)
+    elif o.kind == 'stopped':
+      print(f'    {job.spec.name} stopped at a checkpoint', flush=True)
+    elif retry is not None and not stop['requested']:
+      again = retry(job, o.error, o.kind == 'lost')
+      if again is not None:
+        queue.insert(0, again)
+    else:
+      done(job, None, o.error)
 
   def on_term(*_):
-    workers.stop_requested = True
+    stop['requested'] = True
   try:
     previous = signal.signal(signal.SIGTERM, on_term)
   except ValueError:   # not the main thread
     previous = None
   last_status = time.time()
   try:
-    while queue or workers.running:
-      if workers.stop_requested:
-        workers.stop_all()
+    while queue or backend.running_jobs():
+      if stop['requested']:
+        for job, o in backend.stop_all():
+          settle(job, o)
         return True
-      workers.fill(queue, ready)
-      workers.reap_ended()
-      if workers.running and time.time() - last_status >= STATUS_EVERY_S:
-        print('    running: ' + '; '.join(_where(j) for j in workers.jobs()), flush=True)
+      _fill(backend, queue, ready, start)
+      for job, o in backend.ended():
+        settle(job, o)
+      running = backend.running_jobs()
+      if running and time.time() - last_status >= STATUS_EVERY_S:
+        print('    running: ' + '; '.join(_where(j) + backend.where(j) for j in running),
+              flush=True)
         last_status = time.time()
       time.sleep(0.2)
-    return workers.stop_requested
+    return False
   except KeyboardInterrupt:
-    workers.stop_all(wait_s=60.0)
+    stop['requested'] = True
+    for job, o in backend.stop_all(wait_s=60.0):
+      settle(job, o)
     raise
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
+    backend.close()
+
+
+def _fill(backend, queue: list, ready, start) -> None:
+  """Starts queued jobs while the backend has room, each time the first in the queue that
+  `ready(job, running_jobs)` allows (None: any)."""
+  while queue and len(backend.running_jobs()) < backend.capacity():
+    now = backend.running_jobs()
+    k = next((i for i, j in enumerate(queue) if ready is None or ready(j, now)), None)
+    if k is None:
+      break
+    backend.launch(queue.pop(k), start)

@@ -169,6 +169,17 @@ class SweepKeys:
   aspect_band: float = 4.0
   batch_sizes: tuple = ()
   min_steps: int = 0
+  backend: str = 'local'      # where runs train: local | ray | slurm (lm/scaling/cluster.py)
+  max_in_flight: int = 0      # ray/slurm: runs at once at most (0: as many as the cluster takes)
+  ray_address: str = ''       # '' this machine's cluster or a new local one; 'auto'; 'HOST:PORT'
+  ray_num_cpus: float = 1.0   # what each run's Ray task asks for
+  ray_num_gpus: float = 0.0
+  ray_resources: str = ''     # custom Ray resources per run, 'name:amount,...' (a TPU slice)
+  slurm_executor: str = 'auto'   # slurm | local (submitit's, on this machine) | auto
+  slurm_partition: str = ''
+  slurm_time_min: int = 240   # each job's time limit; a run past it resumes in its next job
+  slurm_cpus: int = 4
+  slurm_gpus: int = 0
 
 
 def validate(s) -> None:
@@ -208,6 +219,7 @@ def validate(s) -> None:
   if int(s.get('pack', 1)) > 1 and int(s.get('parallel', 1)) > 1:
     raise UserError(f'sweep.pack={s.pack} trains its packs in the sweep\'s own process; set '
                     'sweep.parallel=1 (or 0), or sweep.pack=1 for runs in parallel processes.')
+  _check_backend(s)
   if s.span < 1:
     raise UserError(f'sweep.span={s.span} must be at least 1 (sizes run from N*/span to N*·span).')
   if not 0 <= s.warmup_fraction < 1:
@@ -224,6 +236,27 @@ def validate(s) -> None:
   except re.error as e:
     raise UserError(f'sweep.only={only!r} is not a valid regular expression ({e}); '
                     "write one that matches run names such as 'C1e12_L4_d32_s0', or ''.") from None
+
+
+BACKENDS = ('local', 'ray', 'slurm')
+
+
+def _check_backend(s) -> None:
+  backend = s.get('backend', 'local')
+  if backend not in BACKENDS:
+    raise UserError(f"sweep.backend={backend!r} is not known; use one of {', '.join(BACKENDS)}.")
+  if backend != 'local' and int(s.get('pack', 1)) > 1:
+    raise UserError(f'sweep.pack={s.pack} trains packs in the sweep\'s own process, and '
+                    f'sweep.backend={backend} trains every run on a cluster node; set '
+                    'sweep.pack=1.')
+  for key in ('max_in_flight', 'slurm_time_min', 'slurm_cpus', 'slurm_gpus'):
+    v = s.get(key, 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      raise UserError(f'sweep.{key}={v!r} must be a non-negative integer.')
+  for key in ('ray_num_cpus', 'ray_num_gpus'):
+    v = s.get(key, 0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+      raise UserError(f'sweep.{key}={v!r} must be a non-negative number.')
 
 
 class _Planner:

@@ -52,6 +52,8 @@ class Booking:
     self.failed = []
     self.started = []    # the jobs started in this invocation
     self.session_flops = 0.0   # what this invocation trained itself
+    self.max_attempts = 1      # set by pending_jobs
+    self.lost = {}             # run name -> attempts lost with their node (retry)
     self.t0 = time.time()
 
   def start(self, job: Job, where: str = '') -> None:
@@ -86,6 +88,27 @@ class Booking:
           flush=True)
 
 
+  def retry(self, job: Job, error: str, lost: bool = False) -> Job | None:
+    """A failed or lost attempt on a backend that retries at once (a cluster's): recorded in
+    failures.jsonl, then the run's next attempt, or None when the run is booked failed. A lost
+    attempt (its node died) is no failure of the run and does not count against
+    sweep.max_attempts (it resumes from its last checkpoint), but a run lost more than
+    2 x max_attempts times in one invocation is booked failed."""
+    name = job.spec.name
+    record_failure(self.workdir, name, job.attempt, error, lost=lost)
+    if lost:
+      self.lost[name] = self.lost.get(name, 0) + 1
+      if self.lost[name] <= 2 * self.max_attempts:
+        print(f'    {name} lost ({error}); retried from its last checkpoint', flush=True)
+        return dataclasses.replace(job)
+    elif job.attempt < self.max_attempts:
+      print(f'    {name} failed ({error}); attempt {job.attempt + 1} of {self.max_attempts} '
+            'follows', flush=True)
+      return dataclasses.replace(job, attempt=job.attempt + 1)
+    print(f'    {name} failed ({error}); recorded in failures.jsonl, not retried', flush=True)
+    self.failed.append(name)
+    return None
+
   def stopped(self) -> None:
     """After a SIGTERM: the runs started here that neither finished nor failed were stopped at a
     checkpoint, which is no failed attempt (a sweep preempted N times must not give up on its
@@ -99,6 +122,7 @@ def pending_jobs(book: Booking, max_attempts: int) -> list[Job]:
   """The runs still to train, in run order (priority). A run finished earlier goes into
   book.finished, one that failed max_attempts times into book.failed, each with a line."""
   jobs = []
+  book.max_attempts = max_attempts
   n = len(book.specs)
   for i, (sp, cfg) in enumerate(zip(book.specs, book.cfgs)):
     rdir = os.path.join(book.workdir, 'runs', sp.name)
@@ -121,9 +145,10 @@ def pending_jobs(book: Booking, max_attempts: int) -> list[Job]:
   return jobs
 
 
-def run_parallel(jobs: list[Job], parallel: int, book: Booking) -> bool:
-  """Trains the jobs `parallel` at a time, each in its own worker process (lm.scaling.parallel).
-  True if stopped (SIGTERM).
+def run_parallel(jobs: list[Job], parallel: int, book: Booking, backend=None) -> bool:
+  """Trains the jobs `parallel` at a time, each in its own worker process (lm.scaling.parallel),
+  or on `backend` (a cluster's: lm.scaling.cluster), as many at once as it takes. True if
+  stopped (SIGTERM).
 
   Longest first (Graham's LPT rule): the last runs to start are the short ones, so no long run
   is left training alone on one slot while the others sit idle at the end. A WSD family counts
@@ -133,8 +158,10 @@ def run_parallel(jobs: list[Job], parallel: int, book: Booking) -> bool:
     cost[family(j.spec)] = cost.get(family(j.spec), 0.0) + trained_flops(j.spec, book.base_cfg)
   jobs = sorted(jobs, key=lambda j: (-cost[family(j.spec)], family(j.spec), j.spec.steps))
   return parallel_lib.run_jobs(
-      jobs, parallel, book.start, book.done,
-      ready=lambda job, running: all(family(r.spec) != family(job.spec) for r in running))
+      jobs, backend or parallel_lib.LocalSlots(parallel_lib.device_slots(parallel)), book.start,
+      book.done, ready=lambda job, running: all(family(r.spec) != family(job.spec)
+                                                for r in running),
+      retry=book.retry if getattr(backend, 'retries_now', False) else None)
 
 
 def run_in_process(jobs: list[Job], pack: int, book: Booking, train_fn) -> bool:
@@ -190,10 +217,14 @@ def train_and_record(train_fn, cfg, rdir: str) -> dict:
   return summary
 
 
-def record_failure(workdir: str, name: str, attempt: int, error: str, tb: str = '') -> None:
+def record_failure(workdir: str, name: str, attempt: int, error: str, tb: str = '',
+                   lost: bool = False) -> None:
+  """One line of DIR/failures.jsonl (lost: the attempt's node died; it did not fail itself)."""
+  row = {'run': name, 'attempt': attempt, 'time': time.time(), 'error': error, 'traceback': tb}
+  if lost:
+    row['lost'] = True
   with open(os.path.join(workdir, 'failures.jsonl'), 'a') as f:
-    f.write(json.dumps({'run': name, 'attempt': attempt, 'time': time.time(), 'error': error,
-                        'traceback': tb}) + '\n')
+    f.write(json.dumps(row) + '\n')
 
 
 def _attempts(path: str) -> int:

@@ -52,13 +52,7 @@ def _run_sweep(sweep_file_cfg, workdir: str, train_fn, fit: bool, parallel: int,
   total_flops = _write_plan(sweep_file_cfg, workdir, specs)
   book = runner_lib.Booking(workdir, specs, cfgs, base_cfg, total_flops)
   jobs = runner_lib.pending_jobs(book, s.max_attempts)
-  if parallel == 0 and jobs:
-    parallel = runner_lib.auto_parallel(len(jobs))
-    print(f'sweep.parallel=0: {parallel} run(s) at once', flush=True)
-  if parallel > 1:
-    stopped = runner_lib.run_parallel(jobs, parallel, book)
-  else:
-    stopped = runner_lib.run_in_process(jobs, pack, book, train_fn)
+  stopped = _train(s, workdir, jobs, book, train_fn, parallel, pack)
   if stopped:
     book.stopped()
     record_signal_stop(workdir)
@@ -75,11 +69,30 @@ def _run_sweep(sweep_file_cfg, workdir: str, train_fn, fit: bool, parallel: int,
   return out
 
 
+def _train(s, workdir: str, jobs: list, book, train_fn, parallel: int, pack: int) -> bool:
+  """Trains the pending jobs where sweep.backend says: on a cluster (lm.scaling.cluster), in
+  worker processes here (sweep.parallel), or in this process. True if stopped (SIGTERM)."""
+  if s.get('backend', 'local') != 'local':
+    if not jobs:
+      return False
+    # Local: only a cluster sweep imports the cluster module (and through it ray or submitit).
+    from lm.scaling import cluster as cluster_lib
+    return runner_lib.run_parallel(jobs, 0, book, cluster_lib.make_backend(s, workdir))
+  if parallel == 0 and jobs:
+    parallel = runner_lib.auto_parallel(len(jobs))
+    print(f'sweep.parallel=0: {parallel} run(s) at once', flush=True)
+  if parallel > 1:
+    return runner_lib.run_parallel(jobs, parallel, book)
+  return runner_lib.run_in_process(jobs, pack, book, train_fn)
+
+
 def _parallel_and_pack(s, train_fn) -> tuple[int, int]:
   """(runs at once, 0 for as many as the machine has cores or GPUs; runs per pack), with the
   combinations that cannot work refused: a train_fn runs in this process, unpacked."""
   parallel = s.get('parallel', 1)
   pack = int(s.get('pack', 1))
+  if train_fn is not None and s.get('backend', 'local') != 'local':
+    raise ValueError('train_fn applies to runs in this process (sweep.backend=local).')
   if parallel == 0 and (train_fn is not None or pack > 1):
     parallel = 1
   if pack > 1 and train_fn is not None:
