@@ -239,6 +239,7 @@ def test_ray_sweep_equals_local_and_a_crashed_task_resumes_on_retry(local_refere
   cfg, want, _ = local_reference
   cfg = cfg.copy_and_resolve_references()
   cfg.sweep.backend, cfg.sweep.ray_address = 'ray', 'local'
+  cfg.base.train.progress = 'log'   # train.log then shows where each attempt started
   workdir = str(tmp_path / 'ray')
   killed = {}
   thread = threading.Thread(target=_kill_one_task_once, args=(workdir, killed), daemon=True)
@@ -276,3 +277,46 @@ def test_slurm_backend_through_submitit_local_executor(local_reference, tmp_path
   assert os.listdir(os.path.join(workdir, 'slurm'))   # submitit's job folders and logs
   for n in names:   # the job record goes when the job is booked
     assert not os.path.exists(os.path.join(workdir, 'runs', n, cluster_lib.SLURM_JOB))
+
+
+def test_a_run_stopped_on_its_node_is_lost_not_stopped(tmp_path):
+  """Exit status 3 (stopped at a checkpoint) that the driver did not ask for: a time limit's
+  warning or preemption on the node, so the run goes again at once."""
+  job = runner_lib.Job(0, None, None, str(tmp_path), 1)
+  assert cluster_lib._outcome(job, {'code': 3, 'host': 'n1'}, False).kind == 'lost'
+  assert cluster_lib._outcome(job, {'code': 3, 'host': 'n1'}, True).kind == 'stopped'
+  assert cluster_lib._outcome(job, {'code': None, 'error': 'not visible'}, False).kind == 'lost'
+
+
+@pytest.mark.cluster
+def test_slurm_job_script_carries_the_sweep_keys(tmp_path, monkeypatch):
+  """sweep.slurm_* through submitit into the sbatch script, against stand-in `srun` and
+  `sbatch` commands (no SLURM here) that record the submission; the job id is kept in the run
+  folder so that a restarted driver can cancel it."""
+  pytest.importorskip('submitit')
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'srun').write_text('#!/bin/sh\nexit 0\n')
+  (bin_dir / 'sbatch').write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\n'
+                                  'echo "Submitted batch job 4242"\n')
+  for f in ('srun', 'sbatch'):
+    os.chmod(bin_dir / f, 0o755)
+  monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+  cfg = tiny_sweep(str(tmp_path / 'cache'))
+  s = cfg.sweep
+  s.backend, s.slurm_executor, s.slurm_partition = 'slurm', 'slurm', 'gpu'
+  s.slurm_gpus, s.slurm_cpus, s.slurm_time_min = 1, 8, 120
+  backend = cluster_lib.make_backend(s, str(tmp_path / 'sweep'))
+  sp = plan_lib.plan(s, cfg.base, 259)[0]
+  rdir = tmp_path / 'sweep' / 'runs' / sp.name
+  rdir.mkdir(parents=True)
+  job = runner_lib.Job(0, sp, plan_lib.run_config(cfg.base, sp), str(rdir), 1)
+  started = []
+  backend.launch(job, lambda j, where: started.append(where))
+  script = (tmp_path / 'submitted.sh').read_text()
+  for want in ('#SBATCH --partition=gpu', '#SBATCH --gpus-per-node=1', '#SBATCH --time=120',
+               '#SBATCH --cpus-per-task=8', '#SBATCH --signal=USR2@120'):
+    assert want in script, want
+  assert started == ['slurm job']
+  assert json.load(open(rdir / cluster_lib.SLURM_JOB))['job_id'] == '4242'
+  assert json.load(open(rdir / 'run_config.json'))['train']['steps'] == sp.steps

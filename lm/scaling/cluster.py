@@ -163,9 +163,16 @@ def _node_of(rdir: str) -> dict:
 
 
 def _outcome(job, answer: dict, stop_requested: bool):
+  """A node's answer as an outcome. A run stopped at a checkpoint that the driver did not stop
+  was stopped where it ran (a SLURM time limit's warning, preemption, a SIGTERM on the node): it
+  is lost, and goes again at once from that checkpoint."""
   if answer.get('code') is None:
     return parallel_lib.Outcome('lost', error=answer.get('error') or 'the run never started')
-  return parallel_lib.outcome_of(job, answer['code'], stop_requested)
+  outcome = parallel_lib.outcome_of(job, answer['code'], stop_requested)
+  if outcome.kind == 'stopped' and not stop_requested:
+    return parallel_lib.Outcome('lost', error=f"stopped on host {answer.get('host', '?')} "
+                                              '(a time limit, preemption or a SIGTERM there)')
+  return outcome
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,8 +345,13 @@ class SlurmBackend:
       raise UserError(f"sweep.slurm_executor={kind!r} must be 'auto', 'slurm' or 'local'.")
     self.folder = os.path.join(os.path.abspath(workdir), 'slurm')
     os.environ['PYTHONPATH'] = parallel_lib._pythonpath()   # jobs unpickle run_on_node
-    self.executor = self.submitit.AutoExecutor(folder=self.folder,
-                                               cluster=None if kind == 'auto' else kind)
+    try:
+      self.executor = self.submitit.AutoExecutor(folder=self.folder,
+                                                 cluster=None if kind == 'auto' else kind)
+    except RuntimeError as e:   # no srun/sbatch on this machine
+      raise UserError(f'sweep.slurm_executor={kind} needs SLURM on this machine ({e}); run the '
+                      'sweep on the cluster\'s login node, or set sweep.slurm_executor=local to '
+                      'try the set-up with local processes.') from None
     params = dict(timeout_min=int(s.get('slurm_time_min', 240)), name='lm-sweep',
                   cpus_per_task=int(s.get('slurm_cpus', 4)), stderr_to_stdout=True)
     if int(s.get('slurm_gpus', 0)):
