@@ -24,4 +24,10 @@ def get_config():
   e.examples = 200          # held-out examples per task (instruct: spread over its 8 families)
   e.batch_size = 64
   e.seed = 0
+  # EleutherAI lm-evaluation-harness (pip install -r requirements-eval.txt; docs/evaluation.md):
+  e.harness = ''            # its tasks, comma-separated, e.g. 'hellaswag,arc_easy,lambada_openai'
+  e.harness_shots = -1      # demonstrations per prompt; -1 = each task's own default
+  e.harness_limit = 0       # examples per task; 0 = all
+  e.harness_include = ''    # folders of task YAML files (local data; works offline)
+  e.harness_chat = False    # a fine-tuned run answers in its chat template
   return c

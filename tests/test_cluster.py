@@ -1,8 +1,8 @@
 """Sweeps on a cluster (lm/scaling/cluster.py): sweep.backend=ray and sweep.backend=slurm.
 
-The tests marked `cluster` need ray and submitit (pip install -r requirements-cluster.txt) and
+The tests marked `extras` need ray and submitit (pip install -r requirements-cluster.txt) and
 run a tiny sweep on a Ray instance on this machine and through submitit's local executor; run
-them with `python -m pytest -q -m cluster -n 0`. The rest (retry booking, refusals, imports) need
+them with `python -m pytest -q -m extras -n 0`. The rest (retry booking, refusals, imports) need
 neither and run in the default suite.
 """
 import csv
@@ -185,7 +185,7 @@ print(sorted(k for k in sys.modules if k.split('.')[0] in ('ray', 'submitit')))
 
 
 # ---------------------------------------------------------------------------------------------
-# With ray and submitit (marked cluster)
+# With ray and submitit (marked extras)
 
 
 @pytest.fixture(scope='module')
@@ -230,7 +230,7 @@ def _kill_one_task_once(workdir: str, done: dict):
     time.sleep(0.02)
 
 
-@pytest.mark.cluster
+@pytest.mark.extras
 def test_ray_sweep_equals_local_and_a_crashed_task_resumes_on_retry(local_reference, tmp_path):
   """sweep.backend=ray on a Ray instance on this machine: the same results.csv as the sweep in one
   process; a task whose Ray worker is killed mid-run is booked lost, retried, and resumes from its
@@ -259,7 +259,7 @@ def test_ray_sweep_equals_local_and_a_crashed_task_resumes_on_retry(local_refere
   assert node['node'] and node['host']
 
 
-@pytest.mark.cluster
+@pytest.mark.extras
 def test_slurm_backend_through_submitit_local_executor(local_reference, tmp_path):
   """sweep.backend=slurm with submitit's local executor (no SLURM here): the runs train as jobs
   and equal the sweep in one process."""
@@ -288,7 +288,7 @@ def test_a_run_stopped_on_its_node_is_lost_not_stopped(tmp_path):
   assert cluster_lib._outcome(job, {'code': None, 'error': 'not visible'}, False).kind == 'lost'
 
 
-@pytest.mark.cluster
+@pytest.mark.extras
 def test_slurm_job_script_carries_the_sweep_keys(tmp_path, monkeypatch):
   """sweep.slurm_* through submitit into the sbatch script, against stand-in `srun` and
   `sbatch` commands (no SLURM here) that record the submission; the job id is kept in the run

@@ -206,6 +206,11 @@ class EvalConfig:
   examples: int = 200
   batch_size: int = 64
   seed: int = 0
+  harness: str = ''          # lm-evaluation-harness tasks, comma-separated (lm/eval/harness.py)
+  harness_shots: int = -1    # demonstrations per prompt; -1: each task's own default
+  harness_limit: int = 0     # examples per task; 0: all
+  harness_include: str = ''  # folders of task YAML files (local data), comma-separated
+  harness_chat: bool = False  # ask a fine-tuned run in its chat template
 
   @classmethod
   def from_config(cls, section) -> 'EvalConfig':
@@ -227,7 +232,11 @@ def evaluate_run(workdir: str, section) -> dict:
   nothing = (f'so there is nothing to evaluate and {os.path.join(workdir, "eval.json")} is left '
              'as it was; set --config.eval.val=True, name --config.eval.corpora or list '
              '--config.eval.tasks')
-  if not ec.val and not corpora and names == ():
+  harness_tasks = [t.strip() for t in ec.harness.split(',') if t.strip()]
+  if harness_tasks:
+    from lm.eval import harness as harness_lib   # local: lm-eval is optional
+    harness_lib.require()   # refused before any work when it is not installed
+  if not ec.val and not corpora and names == () and not harness_tasks:
     raise UserError(f'eval.val is False, eval.corpora and eval.tasks are empty, {nothing}.')
   docs = {name: corpus_documents(name, ec.text_field) for name in corpora}   # before the model
   mc, params, tokenizer, ident = runs.load_model(workdir)
@@ -246,7 +255,7 @@ def evaluate_run(workdir: str, section) -> dict:
       if ec.tasks != 'auto':
         raise
       skipped[n] = str(e)                            # auto: a task that does not fit is left out
-  if not ec.val and not corpora and not built:
+  if not ec.val and not corpora and not built and not harness_tasks:
     raise UserError(f'eval.val is False, eval.corpora is empty and no task fits this model '
                     f'({"; ".join(f"{n}: {w}" for n, w in skipped.items())}), {nothing}.')
   pre = pretraining_config(workdir)
@@ -268,6 +277,13 @@ def evaluate_run(workdir: str, section) -> dict:
     out['tasks'][t.name] = tasks_lib.run_task(mc, params, tokenizer, t, fmt, shots,
                                               int(ec.batch_size), int(ec.seed),
                                               keep_answers=True)
+  if harness_tasks:
+    adapter = harness_lib.make_adapter(mc, params, tokenizer, int(ec.batch_size),
+                                       bool(ec.harness_chat), os.path.basename(workdir),
+                                       int(ec.seed))
+    out['harness'] = harness_lib.run_harness(adapter, harness_tasks, int(ec.harness_shots),
+                                             int(ec.harness_limit), ec.harness_include,
+                                             int(ec.seed))
   out['wall_s'] = time.time() - t0
   metrics_lib.write_json_atomic(os.path.join(workdir, 'eval.json'), out)
   return out
@@ -286,6 +302,12 @@ def table(result: dict) -> str:
     for label, v in rows:
       lines.append(f"{label:28s} {v['n']:5d} {v['exact']:7.1%} {v['partial']:8.1%} "
                    f"{v['exact_indep']:6.1%} {v['logprob']:8.2f}")
+  harness = result.get('harness')
+  if harness:
+    lines.append(f"lm-eval tasks (shots {harness['shots'] if harness['shots'] >= 0 else 'default'})")
+    for task, metrics in harness['tasks'].items():
+      shown = ', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if v is not None)
+      lines.append(f"{task:28s} {harness['n'].get(task, 0):5d}  {shown}")
   for name, why in result.get('skipped_tasks', {}).items():
     lines.append(f'{name}: left out ({why})')
   for name, m in result['text'].items():
