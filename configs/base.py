@@ -90,6 +90,12 @@ def get_config() -> ml_collections.ConfigDict:
   t.async_checkpoint = True  # checkpoints written in the background while training goes on
   t.peak_flops = 0.0        # FLOP/s for MFU; 0 means look the device up in lm/model/flops.py
   t.progress = 'auto'       # auto | bar | log | none
+  # Weights & Biases (pip install -r requirements-eval.txt; lm/tracking.py): the metrics rows,
+  # the resolved config and the manifest; WANDB_MODE=offline logs into RUN/wandb/ for a later sync.
+  t.wandb = False
+  t.wandb_project = 'lm'
+  t.wandb_group = ''        # a sweep sets it to the sweep's folder name
+  t.wandb_tags = ''         # comma-separated; a sweep adds N=, D=, C=
   t.init_from = ''          # continued pretraining: a run (or an imported model) whose weights,
                             # shape and tokenizer this run starts from, with a fresh optimizer
   t.eval_tasks = ''         # task suites scored few-shot at evaluations, e.g. 'arith' (lm/eval/tasks.py)

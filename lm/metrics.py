@@ -67,8 +67,9 @@ def _finite(v):
 class MetricsWriter:
   """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
+  def __init__(self, workdir: str, resume_step: int, enabled: bool = True, tracker=None):
     self.enabled = enabled
+    self.tracker = tracker   # lm.tracking.Tracker (W&B) or None
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.tb = None
     if not enabled:
@@ -93,11 +94,16 @@ class MetricsWriter:
     for k, v in row.items():
       if k != 'step' and isinstance(v, (int, float)) and math.isfinite(v):
         self.tb.add_scalar(k, v, row['step'])
+    if self.tracker is not None:
+      self.tracker.log(row)
 
   def close(self):
     if self.enabled:
       self.file.close()
       self.tb.close()
+    if self.tracker is not None:
+      self.tracker.finish()
+      self.tracker = None
 
 
 class Progress:

@@ -221,6 +221,10 @@ def evaluate_run(workdir: str, section) -> dict:
   """Evaluates the run in workdir as the `eval` config section asks; writes workdir/eval.json."""
   t0 = time.time()
   ec = EvalConfig.from_config(section)
+  harness_tasks = [t.strip() for t in ec.harness.split(',') if t.strip()]
+  if harness_tasks:
+    from lm.eval import harness as harness_lib   # local: lm-eval is optional
+    harness_lib.require()   # refused before any work when it is not installed
   cfg = _config(workdir)
   names = tasks_lib.resolve(ec.tasks) if ec.tasks != 'auto' else None
   corpora = [c.strip() for c in ec.corpora.split(',') if c.strip()] if ec.corpora else []
@@ -232,10 +236,6 @@ def evaluate_run(workdir: str, section) -> dict:
   nothing = (f'so there is nothing to evaluate and {os.path.join(workdir, "eval.json")} is left '
              'as it was; set --config.eval.val=True, name --config.eval.corpora or list '
              '--config.eval.tasks')
-  harness_tasks = [t.strip() for t in ec.harness.split(',') if t.strip()]
-  if harness_tasks:
-    from lm.eval import harness as harness_lib   # local: lm-eval is optional
-    harness_lib.require()   # refused before any work when it is not installed
   if not ec.val and not corpora and names == () and not harness_tasks:
     raise UserError(f'eval.val is False, eval.corpora and eval.tasks are empty, {nothing}.')
   docs = {name: corpus_documents(name, ec.text_field) for name in corpora}   # before the model

@@ -66,6 +66,9 @@ def _run_sweep(sweep_file_cfg, workdir: str, train_fn, fit: bool, parallel: int,
     print(f'fit skipped: Approach 3 needs at least 5 finished runs, {len(finished)} are done.')
   elif fit:
     out['fit'] = fit_sweep(s, workdir, finished, dataset.entropy_rate)
+    if base_cfg.train.get('wandb'):
+      from lm import tracking   # local: wandb is optional
+      tracking.log_sweep_fit(base_cfg.train, workdir, base_cfg.train.get('wandb_group', ''))
   return out
 
 
@@ -111,6 +114,14 @@ def _planned_runs(s, base_cfg, vocab: int, workdir: str) -> tuple[list, list]:
   rows = plan_lib.eval_rows(s, base_cfg)
   cfgs = [plan_lib.run_config(base_cfg, sp, s.evals_per_run, s.checkpoints_per_run, rows)
           for sp in specs]
+  if base_cfg.train.get('wandb'):   # one W&B group per sweep, each run tagged with N, D, C
+    group = base_cfg.train.get('wandb_group', '') or os.path.basename(os.path.abspath(workdir))
+    for sp, cfg in zip(specs, cfgs):
+      tokens = sp.steps * cfg.train.batch_size * cfg.train.seq_len
+      cfg.train.wandb_group = group
+      cfg.train.wandb_tags = ','.join(
+          [t for t in str(base_cfg.train.get('wandb_tags', '')).split(',') if t.strip()]
+          + [f'N={sp.params}', f'D={tokens}'] + ([f'C={sp.budget:g}'] if sp.budget else []))
   for sp, cfg in zip(specs, cfgs):
     plan_lib.check_run_identity(workdir, sp.name, cfg)
   return specs, cfgs

@@ -34,6 +34,7 @@ from lm.training import checkpoint as ckpt_lib
 from lm.model import flops as flops_lib
 from lm import lock as lock_lib
 from lm import metrics as metrics_lib
+from lm import tracking
 from lm.errors import UserError, record_signal_stop
 from lm.model import sharding as shard_lib
 from lm.training.optim import TrainConfig, learning_rate_schedule, micro_batches, side_by_side
@@ -45,7 +46,8 @@ RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_ev
                      'mesh.distributed', 'model.remat', 'model.attention_impl',
                      'train.eval_tasks', 'train.eval_tasks_every', 'train.eval_task_examples',
                      'train.eval_shots', 'train.profile_steps', 'train.async_checkpoint',
-                     'train.micro_batch_tokens', 'mesh.cpu_devices', 'data.workers')
+                     'train.micro_batch_tokens', 'mesh.cpu_devices', 'data.workers',
+                     'train.wandb', 'train.wandb_project', 'train.wandb_group', 'train.wandb_tags')
 
 # Keys added after runs existed, with the value that means what their absence meant: a config
 # written before a key existed equals one that sets it to this default.
@@ -290,8 +292,11 @@ class _Books:
                                             'pack_dir': os.path.abspath(self.workdir)})
         metrics_lib.write_json_atomic(os.path.join(m.workdir, 'manifest.json'), manifest)
         stage.tokenizer.save(os.path.join(m.workdir, 'tokenizer'))
-    self.writers = [metrics_lib.MetricsWriter(m.workdir, start, enabled=self.is_main)
-                    for m in self.members]
+    manifest = stage.manifest() if self.is_main and stage.train.wandb else {}
+    self.writers = [metrics_lib.MetricsWriter(
+        m.workdir, start, enabled=self.is_main,
+        tracker=tracking.maybe_tracker(stage.train, m.workdir, m.config, manifest, self.is_main))
+        for m in self.members]
     tc = stage.train
     self.progress = metrics_lib.Progress(tc.steps, start, tc.progress, enabled=self.is_main)
     if start:

@@ -60,6 +60,10 @@ class LoopConfig:
   progress: str = 'auto'
   profile_steps: str = ''   # 'A:B': a jax.profiler trace of steps A+1..B in workdir/profile
   async_checkpoint: bool = True   # write checkpoints in the background (lm/training/checkpoint.py)
+  wandb: bool = False       # log metrics rows, config and manifest to Weights & Biases (lm/tracking.py)
+  wandb_project: str = 'lm'
+  wandb_group: str = ''
+  wandb_tags: str = ''      # comma-separated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +100,9 @@ class TrainConfig(PretrainConfig, LoopConfig, BatchConfig, OptimizerConfig):
 
   def __post_init__(self):
     p = 'train.'
+    if self.wandb:
+      from lm import tracking   # local: the check imports wandb, which only tracking needs
+      tracking.require()   # refused before any work when it is not installed
     for key in ('steps', 'batch_size', 'seq_len', 'grad_accum', 'eval_every', 'eval_batches',
                 'log_every', 'checkpoint_every', 'keep_checkpoints'):
       v = getattr(self, key)
