@@ -3,9 +3,9 @@
 `Adapter` is an `lm_eval.api.model.TemplateLM` over the project's model: its three request types
 are answered by the project's own scoring and sampling,
   loglikelihood(context, continuation)  -> (log p(continuation | context), whether greedy decoding
-                                           would produce it), batched forward passes, requests
-                                           sorted by length and padded to a few bucket lengths so
-                                           that the compiled programs are reused;
+                                           would produce it), several requests packed into each
+                                           row (each attending only to itself), rows padded to a
+                                           few bucket lengths so compiled programs are reused;
   loglikelihood_rolling(text)           -> log p(text), over the same disjoint windows of
                                            model.max_len tokens that lm-eval's own models use;
   generate_until(context, until, ...)   -> greedy (or sampled) continuations from the KV-cached
@@ -27,6 +27,7 @@ harness task is asked for.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
 import re
@@ -47,51 +48,82 @@ BUCKET = 64   # rows are padded to a multiple of this many tokens (few compiled 
 def require():
   """lm_eval, or a one-sentence refusal naming the install command."""
   try:
-    import lm_eval   # noqa: F401
-    from lm_eval.api import model   # noqa: F401 (the base class lives here)
+    lm_eval = importlib.import_module('lm_eval')
+    importlib.import_module('lm_eval.api.model')   # where the base class lives
   except ImportError:
     raise UserError(f'harness tasks need lm-eval (EleutherAI lm-evaluation-harness), which is '
                     f'not installed; install it with `{INSTALL}`.') from None
   return lm_eval
 
 
-def _scores(mc, params, tokens_BT):
-  """(log p of each next token [B, T-1], whether it is the argmax [B, T-1]) in float32."""
-  logits = model_lib.apply(mc, params, tokens_BT[:, :-1]).astype(jnp.float32)
+def _packed_scores(mc, params, inputs_BT, targets_BT, positions_BT, segments_BT):
+  """(log p of each target [B, T], whether it is the argmax [B, T]) in float32 for rows that hold
+  several requests each (segment ids: each attends only to itself; positions restart)."""
+  logits = model_lib.apply(mc, params, inputs_BT, positions_BT=positions_BT,
+                           segment_ids_BT=segments_BT).astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  target = tokens_BT[:, 1:]
-  picks = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-  return picks, jnp.argmax(logits, axis=-1) == target
+  picks = jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
+  return picks, jnp.argmax(logits, axis=-1) == targets_BT
 
 
-_scores_jit = jax.jit(_scores, static_argnums=0)
+_packed_scores_jit = jax.jit(_packed_scores, static_argnums=0)
 
 
 def _bucket(n: int) -> int:
   return max(BUCKET, -(-n // BUCKET) * BUCKET)
 
 
+def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
+  """Request indices packed into rows of `capacity` tokens, first fit in order of decreasing
+  length (a request longer than a row has one to itself)."""
+  rows, free = [], []
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    k = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+    if k is None:
+      rows.append([i])
+      free.append(capacity - lengths[i])
+    else:
+      rows[k].append(i)
+      free[k] -= lengths[i]
+  return rows
+
+
 def score_pairs(mc, params, pairs: list[tuple[list[int], list[int]]], batch_size: int,
                 max_len: int) -> list[tuple[float, bool]]:
   """(sum log p(cont | ctx), all continuation tokens greedy) per (ctx, cont) pair of token ids.
-  The sequence is cut to its last max_len + 1 tokens, as lm-eval's models do; the longest go
-  first, in batches of batch_size rows padded to a multiple of BUCKET tokens."""
+  Each sequence is cut to its last max_len + 1 tokens, as lm-eval's models do. Requests are
+  packed several to a row (each attending only to itself, its positions from 0) in rows as long as
+  the longest request rounded up to BUCKET tokens, batch_size rows per forward pass, so short
+  requests waste no padding and few program shapes are compiled."""
   out = [None] * len(pairs)
-  order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-  for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
-    seqs = [(list(pairs[i][0]) + list(pairs[i][1]))[-(max_len + 1):] for i in idx]
-    T = min(_bucket(max(len(s) for s in seqs) - 1), max_len) + 1
-    tokens = np.zeros((batch_size, T), np.int32)   # a full batch: one shape per bucket
-    for r, s in enumerate(seqs):
-      tokens[r, :len(s)] = s
-    picks, greedy = (np.asarray(x) for x in _scores_jit(mc, params, jnp.asarray(tokens)))
-    for r, (i, s) in enumerate(zip(idx, seqs)):
-      n = len(pairs[i][1])
-      if n == 0:
-        out[i] = (0.0, True)
-        continue
-      lo, hi = len(s) - 1 - n, len(s) - 1    # targets s[len-n:] sit at positions len-n-1 ...
+  seqs = [(list(c) + list(x))[-(max_len + 1):] for c, x in pairs]
+  n_in = [max(len(s) - 1, 0) for s in seqs]
+  live = [i for i, s in enumerate(seqs) if pairs[i][1] and len(s) > 1]
+  for i in set(range(len(pairs))) - set(live):   # nothing to score: log 1
+    out[i] = (0.0, True)
+  if not live:
+    return out
+  R = min(_bucket(max(n_in[i] for i in live)), max_len)
+  rows = [[live[j] for j in row] for row in _pack([n_in[i] for i in live], R)]
+  for start in range(0, len(rows), batch_size):
+    group = rows[start:start + batch_size]
+    B = batch_size if len(group) == batch_size else 1 << (len(group) - 1).bit_length()
+    inputs, targets = np.zeros((B, R), np.int32), np.zeros((B, R), np.int32)
+    positions, segments = np.zeros((B, R), np.int32), np.zeros((B, R), np.int32)
+    spans = []
+    for r, row in enumerate(group):
+      at = 0
+      for k, i in enumerate(row):
+        s, n = seqs[i], n_in[i]
+        inputs[r, at:at + n], targets[r, at:at + n] = s[:-1], s[1:]
+        positions[r, at:at + n], segments[r, at:at + n] = np.arange(n), k + 1
+        m = min(len(pairs[i][1]), n)   # targets of the continuation: the row's last m of it
+        spans.append((i, r, at + n - m, at + n))
+        at += n
+    picks, greedy = (np.asarray(x) for x in _packed_scores_jit(
+        mc, params, jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(positions),
+        jnp.asarray(segments)))
+    for i, r, lo, hi in spans:
       out[i] = (float(picks[r, lo:hi].astype(np.float64).sum()), bool(greedy[r, lo:hi].all()))
   return out
 
