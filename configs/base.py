@@ -102,6 +102,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_tasks_every = 0    # every this many steps (a multiple of eval_every); 0: every evaluation
   t.eval_task_examples = 100  # held-out problems per task
   t.eval_shots = 3          # demonstrations in each prompt
+  t.eval_harness = ''       # lm-evaluation-harness tasks scored at those evaluations too, e.g.
+                            # 'lambada_openai' (pip install -r requirements-eval.txt; docs/evaluation.md)
+  t.eval_harness_limit = 100  # examples per harness task (0: all)
+  t.eval_harness_include = ''  # folders of harness task YAML files (local data)
   t.opt_dtype = 'float32'   # AdamW moments: float32 | bfloat16 (half the optimizer state)
   t.profile_steps = ''      # 'A:B' writes a jax.profiler trace of steps A+1..B to workdir/profile
 

@@ -179,3 +179,35 @@ def test_unknown_task_is_one_sentence(imported_llama):
   from lm.errors import UserError
   with pytest.raises(UserError, match="lm-eval knows no task 'no_such_task'"):
     harness.run_harness(imported_llama[2], ['no_such_task'])
+
+
+def test_train_eval_harness_scores_tasks_at_evaluations(cache_dir, tmp_path):
+  """train.eval_harness: the harness tasks scored at each evaluation land in metrics.jsonl, and
+  the last equals scoring the finished run's weights afterwards."""
+  from lm.stages import pretrain as train_lib
+  from tests.test_hf import small_run_config
+  tasks = write_local_tasks(str(tmp_path / 'tasks'))
+  c = small_run_config(cache_dir, steps=4)
+  c.train.eval_every = 2
+  c.train.eval_harness, c.train.eval_harness_limit = 'local_mc', 6
+  c.train.eval_harness_include = tasks
+  run = str(tmp_path / 'run')
+  train_lib.train(c, run)
+  rows = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
+  scored = [r for r in rows if 'harness/local_mc/acc' in r]
+  assert [r['step'] for r in scored] == [2, 4]
+  mc, params, tokenizer, _ = runs.load_model(run)
+  again = harness.run_harness(harness.make_adapter(mc, params, tokenizer), ['local_mc'], limit=6,
+                              include=tasks)
+  assert scored[-1]['harness/local_mc/acc'] == again['tasks']['local_mc']['acc']
+
+
+def test_unknown_harness_task_in_training_is_refused_before_training(cache_dir, tmp_path):
+  from lm.errors import UserError
+  from lm.stages import pretrain as train_lib
+  from tests.test_hf import small_run_config
+  c = small_run_config(cache_dir, steps=2)
+  c.train.eval_harness = 'no_such_task'
+  with pytest.raises(UserError, match="lm-eval knows no task 'no_such_task'"):
+    train_lib.train(c, str(tmp_path / 'run'))
+  assert not os.path.exists(os.path.join(tmp_path, 'run', 'metrics.jsonl'))

@@ -168,14 +168,21 @@ def corpus_documents(path: str, text_field: str = 'text') -> tuple[list[str], in
 # Tasks inside the training loop.
 
 def loop_tasks(tc, mc, tokenizer, seed: int = 0):
-  """evaluate(params, step) -> {'task/<name>/<metric>': value} for train.eval_tasks (few-shot),
-  or None when none are configured. Prompts that do not fit are refused before training."""
+  """evaluate(params, step) -> {'task/<name>/<metric>': value, 'harness/<task>/<metric>': value}
+  for train.eval_tasks (few-shot) and train.eval_harness (lm-evaluation-harness tasks), or None
+  when neither is configured. Prompts that do not fit, and harness tasks without lm-eval or
+  unknown to it, are refused before training."""
   names = tasks_lib.resolve(tc.eval_tasks)
-  if not names:
+  harness_tasks = [t.strip() for t in tc.eval_harness.split(',') if t.strip()]
+  if not names and not harness_tasks:
     return None
   built = [tasks_lib.build(n, tc.eval_task_examples, seed) for n in names]
   for t in built:
     tasks_lib.check_fits(t, tokenizer, mc, 'fewshot', tc.eval_shots, seed)
+  if harness_tasks:
+    from lm.eval import harness as harness_lib   # local: lm-eval is optional
+    harness_lib.require()
+    harness_lib.check_tasks(harness_tasks, tc.eval_harness_include)
 
   def evaluate(params, step: int) -> dict:
     if tc.eval_tasks_every and step % tc.eval_tasks_every and step != tc.steps:
@@ -185,6 +192,12 @@ def loop_tasks(tc, mc, tokenizer, seed: int = 0):
       r = tasks_lib.run_task(mc, params, tokenizer, t, 'fewshot', tc.eval_shots, seed=seed)
       for k in ('exact', 'partial', 'exact_indep', 'logprob'):
         row[f'task/{t.name}/{k}'] = r[k]
+    if harness_tasks:
+      adapter = harness_lib.make_adapter(mc, params, tokenizer, seed=seed)
+      got = harness_lib.run_harness(adapter, harness_tasks, limit=tc.eval_harness_limit,
+                                    include=tc.eval_harness_include, seed=seed)
+      for task, metrics in got['tasks'].items():
+        row.update({f'harness/{task}/{k}': v for k, v in metrics.items() if v is not None})
     return row
   return evaluate
 

@@ -240,12 +240,10 @@ def task_names(text: str) -> list[str]:
   return [t.strip() for t in (text or '').split(',') if t.strip()]
 
 
-def run_harness(adapter, tasks: list[str], shots: int = -1, limit: int = 0, include: str = '',
-                seed: int = 0) -> dict:
-  """{'tasks': {task: {metric: value}}, 'n': {task: examples}, 'versions', 'shots', 'limit'}
-  from lm_eval.simple_evaluate on `adapter`. shots -1: each task's own default; limit 0: every
-  example; include: a folder (or comma-separated folders) of task YAML files."""
-  lm_eval = require()
+def check_tasks(tasks: list[str], include: str = ''):
+  """The TaskManager that knows `tasks` (lm-eval's registry plus the YAML folders in `include`),
+  or a one-sentence refusal naming the first unknown task."""
+  require()
   from lm_eval.tasks import TaskManager
   paths = [p for p in (include or '').split(',') if p]
   for p in paths:
@@ -259,6 +257,16 @@ def run_harness(adapter, tasks: list[str], shots: int = -1, limit: int = 0, incl
     raise UserError(f'lm-eval knows no task {unknown[0]!r}' + (f' (similar: {", ".join(close)})'
                     if close else '') + '; name tasks from `lm_eval ls tasks`, or put a task YAML '
                     'in a folder given as eval.harness_include.')
+  return manager
+
+
+def run_harness(adapter, tasks: list[str], shots: int = -1, limit: int = 0, include: str = '',
+                seed: int = 0) -> dict:
+  """{'tasks': {task: {metric: value}}, 'n': {task: examples}, 'versions', 'shots', 'limit'}
+  from lm_eval.simple_evaluate on `adapter`. shots -1: each task's own default; limit 0: every
+  example; include: a folder (or comma-separated folders) of task YAML files."""
+  lm_eval = require()
+  manager = check_tasks(tasks, include)
   try:
     res = lm_eval.simple_evaluate(
         model=adapter, tasks=list(tasks), num_fewshot=None if shots < 0 else int(shots),

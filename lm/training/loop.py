@@ -47,7 +47,9 @@ RESUMABLE_CHANGES = ('train.eval_every', 'train.log_every', 'train.checkpoint_ev
                      'train.eval_tasks', 'train.eval_tasks_every', 'train.eval_task_examples',
                      'train.eval_shots', 'train.profile_steps', 'train.async_checkpoint',
                      'train.micro_batch_tokens', 'mesh.cpu_devices', 'data.workers',
-                     'train.wandb', 'train.wandb_project', 'train.wandb_group', 'train.wandb_tags')
+                     'train.wandb', 'train.wandb_project', 'train.wandb_group', 'train.wandb_tags',
+                     'train.eval_harness', 'train.eval_harness_limit',
+                     'train.eval_harness_include')
 
 # Keys added after runs existed, with the value that means what their absence meant: a config
 # written before a key existed equals one that sets it to this default.

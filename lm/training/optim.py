@@ -72,6 +72,9 @@ class PretrainConfig:
   init_from: str = ''       # start from this run's weights (lm/stages/pretrain.py)
   eval_tasks: str = ''      # task suites scored at evaluations (lm/eval/tasks.py)
   eval_tasks_every: int = 0  # ... every this many steps (0: at every evaluation)
+  eval_harness: str = ''    # lm-evaluation-harness tasks scored at those evaluations too
+  eval_harness_limit: int = 100   # ... on this many examples each (0: all)
+  eval_harness_include: str = ''  # folders of task YAML files (local data)
   eval_task_examples: int = 100
   eval_shots: int = 3
 
