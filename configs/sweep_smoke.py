@@ -72,5 +72,10 @@ def get_config():
   s.slurm_time_min = 240          # each job's limit; a run past it resumes in its next job
   s.slurm_cpus = 4
   s.slurm_gpus = 0
+  # lm-evaluation-harness tasks every finished run is scored on (pip install -r
+  # requirements-eval.txt): harness.csv and task_vs_compute.png beside the fit.
+  s.harness = ''
+  s.harness_limit = 0             # examples per task; 0: all
+  s.harness_include = ''          # folders of task YAML files (local data)
   s.bootstrap = 100
   return c

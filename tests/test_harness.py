@@ -23,7 +23,10 @@ from lm import runs
 from lm.eval import harness
 from lm.eval import sample as sample_lib
 from lm.interop import hf
-from tests.test_hf import hf_tokenizer_dir, make_hf_model   # noqa: F401 (a fixture)
+from tests import test_hf
+from tests.test_hf import make_hf_model
+
+hf_tokenizer_dir = test_hf.hf_tokenizer_dir   # the fixture, shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +68,7 @@ def write_local_tasks(folder):
 
 
 @pytest.fixture(scope='module')
-def imported_llama(hf_tokenizer_dir, tmp_path_factory):   # noqa: F811 (the fixture)
+def imported_llama(hf_tokenizer_dir, tmp_path_factory):
   src = str(tmp_path_factory.mktemp('llama_hf'))
   make_hf_model(src, hf_tokenizer_dir, 'llama')
   run = str(tmp_path_factory.mktemp('llama_run'))
@@ -211,3 +214,28 @@ def test_unknown_harness_task_in_training_is_refused_before_training(cache_dir, 
   with pytest.raises(UserError, match="lm-eval knows no task 'no_such_task'"):
     train_lib.train(c, str(tmp_path / 'run'))
   assert not os.path.exists(os.path.join(tmp_path, 'run', 'metrics.jsonl'))
+
+
+def test_sweep_scores_every_run_and_plots_tasks_against_compute(tmp_path):
+  """sweep.harness: every finished run scored on the task list (harness.json per run, kept on a
+  rerun), harness.csv with N, D, C, loss and the task metrics, and task_vs_compute.png."""
+  import csv
+  from lm.scaling import sweep as sweep_lib
+  from tests.test_sweep import tiny_sweep
+  tasks = write_local_tasks(str(tmp_path / 'tasks'))
+  cfg = tiny_sweep(str(tmp_path / 'cache'), budgets=(4e9,))
+  cfg.sweep.harness, cfg.sweep.harness_limit, cfg.sweep.harness_include = 'local_mc', 4, tasks
+  workdir = str(tmp_path / 'sweep')
+  out = sweep_lib.run_sweep(cfg, workdir, fit=False)
+  assert out['finished'] == 3 and set(out['harness']) == {r for r in os.listdir(
+      os.path.join(workdir, 'runs'))}
+  rows = list(csv.DictReader(open(os.path.join(workdir, 'harness.csv'))))
+  assert len(rows) == 3 and all(0 <= float(r['local_mc/acc']) <= 1 for r in rows)
+  assert all(float(r['flops']) > 0 and float(r['eval_loss']) > 0 for r in rows)
+  assert os.path.getsize(os.path.join(workdir, 'task_vs_compute.png')) > 10_000
+  first = {r: os.path.getmtime(os.path.join(workdir, 'runs', r, 'harness.json'))
+           for r in out['harness']}
+  again = sweep_lib.run_sweep(cfg, workdir, fit=False)
+  assert again['harness'] == out['harness']
+  assert first == {r: os.path.getmtime(os.path.join(workdir, 'runs', r, 'harness.json'))
+                   for r in out['harness']}   # not scored twice

@@ -180,6 +180,9 @@ class SweepKeys:
   slurm_time_min: int = 240   # each job's time limit; a run past it resumes in its next job
   slurm_cpus: int = 4
   slurm_gpus: int = 0
+  harness: str = ''           # lm-evaluation-harness tasks every finished run is scored on
+  harness_limit: int = 0      # examples per task (0: all)
+  harness_include: str = ''   # folders of task YAML files (local data)
 
 
 def validate(s) -> None:

@@ -218,3 +218,33 @@ def make_all(fit, rows, workdir, curves=None):
   paths.append(plot_optimal_allocation(fit, workdir / FILES['optimal_allocation']))
   paths.append(plot_approach3_fit(fit, rows, workdir / FILES['approach3_fit']))
   return paths
+
+
+def plot_task_vs_compute(rows: list[dict], tasks: list[str], path):
+  """A sweep's benchmarks against training compute, beside its loss: one panel of eval loss and
+  one per harness task (its first metric), every run a point coloured by model size. Where a task
+  jumps from chance while the loss falls smoothly is where emergence shows."""
+  metric = {t: next((k for k in rows[0] if k.startswith(f'{t}/')), None) for t in tasks}
+  panels = [('eval_loss', 'eval loss (nats/token)')] + [
+      (metric[t], metric[t]) for t in tasks if metric[t]]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+  N = np.array([float(r['params']) for r in rows])
+  C = np.array([float(r['flops']) for r in rows])
+  norm = _lognorm(N)
+  for ax, (key, label) in zip(axes[0], panels):
+    y = np.array([float(r[key]) if r.get(key) not in (None, '') else np.nan for r in rows])
+    sc = ax.scatter(C, y, c=N, cmap='viridis', norm=norm, s=28, edgecolors='k', linewidths=0.4)
+    ax.set_xscale('log')
+    if C.max() < 10 * C.min():   # less than a decade of compute: show one, centred
+      mid = float(np.sqrt(C.max() * C.min()))
+      ax.set_xlim(mid / 10 ** 0.5, mid * 10 ** 0.5)
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_locator(ticker.LogLocator(base=10, subs=np.arange(1, 10)))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel('training FLOPs (Chinchilla App. F count)')
+    ax.set_title(label, fontsize=10)
+    ax.grid(alpha=0.3, which='both')
+  fig.colorbar(sc, ax=axes[0].tolist(), label='parameters N')
+  fig.savefig(path, dpi=DPI, bbox_inches='tight')
+  plt.close(fig)
+  return str(path)

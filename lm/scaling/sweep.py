@@ -36,6 +36,9 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   the devices (lm.scaling.parallel); otherwise runs go one after another in this process."""
   s, base_cfg = sweep_file_cfg.sweep, sweep_file_cfg.base
   plan_lib.validate(s)   # before the corpus is prepared or anything is written
+  if s.get('harness', ''):   # lm-eval installed and the tasks known, before anything trains
+    from lm.eval import harness as harness_lib
+    harness_lib.check_tasks(harness_lib.task_names(s.harness), s.get('harness_include', ''))
   parallel, pack = _parallel_and_pack(s, train_fn)
   train_fn = train_fn or train_lib.train
   if base_cfg.train.get('init_from'):
@@ -62,6 +65,10 @@ def _run_sweep(sweep_file_cfg, workdir: str, train_fn, fit: bool, parallel: int,
   finished = [book.finished[sp.name] for sp in specs if sp.name in book.finished]
   out = {'finished': len(finished), 'failed': book.failed, 'results': book.results_path,
          'wall_s': time.time() - book.t0}
+  if s.get('harness', '') and finished:
+    # Local: only a sweep with harness tasks imports lm-eval (through lm.eval.harness).
+    from lm.scaling import tasks as tasks_lib
+    out['harness'] = tasks_lib.score_runs(s, workdir, finished)
   if fit and len(finished) < 5:
     print(f'fit skipped: Approach 3 needs at least 5 finished runs, {len(finished)} are done.')
   elif fit:
