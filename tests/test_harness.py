@@ -239,3 +239,22 @@ def test_sweep_scores_every_run_and_plots_tasks_against_compute(tmp_path):
   assert again['harness'] == out['harness']
   assert first == {r: os.path.getmtime(os.path.join(workdir, 'runs', r, 'harness.json'))
                    for r in out['harness']}   # not scored twice
+
+
+def test_chat_template_gives_the_runs_own_chat_ids(imported_llama, tmp_path):
+  """eval.harness_chat: lm-eval's rendered conversation tokenizes to exactly the ids the chat
+  template (lm/data/sft.py) gives the same messages, chat tokens included."""
+  from lm.data import sft
+  src = imported_llama[0]
+  run = str(tmp_path / 'chat_run')
+  hf.import_model(src, run, overwrite=True, add_chat_tokens=True)
+  mc, params, tokenizer, _ = runs.load_model(run)
+  lm = harness.make_adapter(mc, params, tokenizer, chat=True)
+  messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': '2+2?'}]
+  text = lm.apply_chat_template(messages)
+  want, _ = sft.encode_chat(tokenizer, messages, generation_prompt=True)
+  assert lm.tok_encode(text) == [int(i) for i in want]
+  plain = harness.make_adapter(*runs.load_model(imported_llama[1])[:3])
+  from lm.errors import UserError
+  with pytest.raises(UserError, match='no chat tokens'):
+    harness.make_adapter(plain.mc, plain.params, plain.tok, chat=True)

@@ -163,7 +163,8 @@ def _adapter_class():
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
       if not self.chat:
         return list(self.tok.encode(string))
-      ids = []
+      # A conversation starts with EOS, as the chat template (lm/data/sft.py) writes it.
+      ids = [self.tok.eos_id] if string.startswith(CHAT_TOKENS[:2]) else []
       for piece in self._markers.split(string):
         if piece in CHAT_TOKENS:
           ids.append(self.tok.chat_ids[CHAT_ROLES[CHAT_TOKENS.index(piece)]])
