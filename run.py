@@ -1,8 +1,9 @@
 """lm: one program, several subcommands.
 
-  python run.py                      the default scaling sweep (configs/sweep_smoke.py)
+  python run.py [--minutes=10]       the default scaling sweep (configs/sweep_smoke.py), sized
+                                     to take about that many minutes on this machine
   python run.py train  --config=configs/tiny.py --workdir=DIR [--config.KEY=VALUE ...]
-  python run.py sweep  --config=configs/sweep_smoke.py --workdir=DIR
+  python run.py sweep  --config=configs/sweep_smoke.py --workdir=DIR [--minutes=M]
   python run.py fit    --results=FILE.csv --workdir=OUT
   python run.py plot   --workdir=SWEEP_OR_FIT_DIR
   python run.py sample --workdir=DIR --prompt="..." [--max_new_tokens=N --temperature=T ...]
@@ -45,6 +46,10 @@ flags.DEFINE_string('loss_key', None, 'fit: the loss column (default: loss, else
 flags.DEFINE_enum('params_key', 'params', ['params', 'params_nonembed'],
                   'fit: the parameter count convention (all parameters or non-embedding).')
 flags.DEFINE_string('flops_key', None, 'fit: the FLOP column (default: flops, else 6*N*D).')
+flags.DEFINE_float('minutes', None, 'sweep (and the default job, where it is 10): choose the '
+                  'FLOP budgets so that the sweep takes about this many minutes on this machine, '
+                  'from a few seconds of measured training throughput (IsoFLOP modes only); '
+                  'without it a sweep trains its config\'s budgets.')
 flags.DEFINE_integer('bootstrap', 100, 'fit: bootstrap resamples for confidence intervals.')
 flags.DEFINE_string('prompt', '', 'sample: the text to continue; chat: one message to answer '
                     '(without it, chat is interactive).')

@@ -1,10 +1,13 @@
-"""The default sweep (`python run.py`): two IsoFLOP budgets on the Python stdlib, byte tokenizer.
+"""The default sweep: two IsoFLOP budgets on the Python stdlib, byte tokenizer.
 
-2e13 FLOPs in all; 8 min 4 s on 2 CPU cores (measured). It shows the machinery end to end (runs,
-IsoFLOP curves, the three Chinchilla approaches, plots, report) but two budgets a factor 3 apart
-cannot pin the exponent, and report.md says so in its first paragraph. What a redesign within
-this cost achieved, and what it did not: docs/results/default_sweep. The exponent itself:
-configs/sweep_exponent.py (docs/results/exponent_cpu).
+`python run.py` trains this config with its budgets (and the smallest budget's seeds) chosen for
+10 minutes on the machine it finds (`--minutes`, lm/scaling/budget.py); `python run.py sweep
+--config=configs/sweep_smoke.py` trains the budgets below: 2e13 FLOPs in all; 8 min 4 s on 2 CPU
+cores (measured). It shows the machinery end to end (runs, IsoFLOP curves, the three Chinchilla
+approaches, plots, report) but two budgets a factor 3 apart cannot pin the exponent, and report.md
+says so in its first paragraph. What a redesign within this cost achieved, and what it did not:
+docs/results/default_sweep. The exponent itself: configs/sweep_exponent.py
+(docs/results/exponent_cpu).
 """
 import ml_collections
 

@@ -18,6 +18,9 @@ from lm.stages import finetune as finetune_lib
 from lm.stages import pretrain as train_lib
 
 
+DEFAULT_MINUTES = 10.0   # `python run.py` alone: the default sweep planned for this long
+
+
 def _need(value, flag: str, example: str):
   if not value:
     raise UserError(f'--{flag} is required, e.g. {example}.')
@@ -161,12 +164,16 @@ def chat(FLAGS):
                     FLAGS.seed, FLAGS.system)
 
 
-def sweep(FLAGS, cfg=None, workdir=None):
+def sweep(FLAGS, cfg=None, workdir=None, minutes=None):
   cfg = cfg or _need(FLAGS.config, 'config', '--config=configs/sweep_smoke.py')
   workdir = workdir or _folder(FLAGS.workdir, 'workdir', '--workdir=runs/sweep')
   if 'sweep' not in cfg or 'base' not in cfg:
     raise UserError('--config is not a sweep config (it needs `sweep` and `base` sections); '
                     'use e.g. --config=configs/sweep_smoke.py, or `run.py train` for one run.')
+  minutes = getattr(FLAGS, 'minutes', None) if minutes is None else minutes
+  if minutes is not None:   # the budgets sized to this machine (lm/scaling/budget.py)
+    from lm.scaling import budget as budget_lib
+    cfg = budget_lib.sized_config(cfg, workdir, minutes)
   out = sweep_lib.run_sweep(cfg, workdir)
   if out.get('stopped'):
     return
@@ -185,13 +192,17 @@ def sweep(FLAGS, cfg=None, workdir=None):
 
 
 def default(FLAGS):
-  """`python run.py` alone: the default smoke sweep into runs/sweep_smoke."""
+  """`python run.py` alone: the default smoke sweep into runs/sweep_smoke, its budgets planned
+  for --minutes (10 by default) on this machine."""
   from configs import sweep_smoke
   workdir = _folder(FLAGS.workdir or os.path.join('runs', 'sweep_smoke'), 'workdir',
                     '--workdir=runs/sweep_smoke')
-  print(f'running the default scaling sweep (configs/sweep_smoke.py) into {workdir}; '
-        'see README.md for other commands')
-  sweep(FLAGS, sweep_smoke.get_config(), workdir)
+  minutes = getattr(FLAGS, 'minutes', None)
+  minutes = DEFAULT_MINUTES if minutes is None else minutes
+  print(f'running the default scaling sweep (configs/sweep_smoke.py) into {workdir}, planned for '
+        f"{minutes:g} minute{'' if minutes == 1 else 's'} on this machine; see README.md for "
+        'other commands')
+  sweep(FLAGS, sweep_smoke.get_config(), workdir, minutes)
 
 
 def fit(FLAGS):
