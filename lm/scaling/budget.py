@@ -46,7 +46,6 @@ DIR/minutes_plan.json records the plan, the measurements and the prediction; rer
 command on the same folder reuses it without measuring again (the sweep's runs are then the same
 runs: plan.check_run_identity), and another M, or another sweep config, on that folder is refused.
 """
-import contextlib
 import copy
 import dataclasses
 import json
@@ -166,36 +165,6 @@ def makespan(durations: list, slots: int) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Planning
-
-
-@contextlib.contextmanager
-def _shape_memo():
-  """plan.shape_for and plan._model_cfg memoised while a search plans many candidate budget
-  sets: each plan() call builds a new planner, and the shape search, which builds thousands of
-  model configs, dominates its cost at large budgets. Both are pure functions of their
-  arguments (the base model config is the same object throughout a search)."""
-  shape_for, model_cfg = plan_lib.shape_for, plan_lib._model_cfg
-  shapes, cfgs = {}, {}
-
-  def cached_shape(target_n, base_model, vocab, head_dim, aspect, max_layers=48, min_layers=1,
-                   band=4.0):
-    key = (round(target_n), id(base_model), vocab, head_dim, aspect, max_layers, min_layers,
-           band)
-    if key not in shapes:
-      shapes[key] = shape_for(target_n, base_model, vocab, head_dim, aspect, max_layers,
-                              min_layers, band)
-    return shapes[key]
-
-  def cached_cfg(base_model, vocab, n_layers, d_model, head_dim):
-    key = (id(base_model), vocab, n_layers, d_model, head_dim)
-    if key not in cfgs:
-      cfgs[key] = model_cfg(base_model, vocab, n_layers, d_model, head_dim)
-    return cfgs[key]
-  plan_lib.shape_for, plan_lib._model_cfg = cached_shape, cached_cfg
-  try:
-    yield
-  finally:
-    plan_lib.shape_for, plan_lib._model_cfg = shape_for, model_cfg
 
 
 def check_sweep(s) -> None:
@@ -344,29 +313,28 @@ def choose(sweep_file_cfg, vocab: int, minutes: float, measure, slots: int = 1,
   check_sweep(s)
   minutes = check_minutes(minutes)
   limit_s = 60.0 * minutes
-  with _shape_memo():
-    cands = _Candidates(sweep_file_cfg, vocab)
-    floor = cands.floor()
-    probe = cands.specs((grid_value(floor),), 0)
-    first = _spread(probe, 3)
-    points = [measure(first[len(first) // 2])]   # the cheapest budget's middle size
-    while True:
-      model = TimeModel(points, FIXED_S, max(p.get('process_s', 0.0) for p in points), slots,
-                        workers)
-      search = _Search(cands, model, limit_s, spent_s + clock() - t_start)
-      best = search.best(floor)
-      want = _wanted(best['specs'] if best else probe, points)
-      if not want or clock() - t_start > measure_limit_s:
-        break
-      points.append(measure(want))
-    if best is None:
-      cheapest = search.cost((floor, floor + 1), cands.base_seeds)
-      raise UserError(
-          f'--minutes={minutes:g} is too short for this sweep here: its cheapest plan (budgets '
-          f'{_fmt_budgets([grid_value(floor), grid_value(floor + 1)])}, {len(cheapest["specs"])} '
-          f'runs) is predicted to take {cheapest["total_s"] / 60:.1f} minutes at the measured '
-          f'{_rates(points)} FLOP/s; give --minutes={math.ceil(cheapest["total_s"] / 60)} or '
-          'more.')
+  cands = _Candidates(sweep_file_cfg, vocab)
+  floor = cands.floor()
+  probe = cands.specs((grid_value(floor),), 0)
+  first = _spread(probe, 3)
+  points = [measure(first[len(first) // 2])]   # the cheapest budget's middle size
+  while True:
+    model = TimeModel(points, FIXED_S, max(p.get('process_s', 0.0) for p in points), slots,
+                      workers)
+    search = _Search(cands, model, limit_s, spent_s + clock() - t_start)
+    best = search.best(floor)
+    want = _wanted(best['specs'] if best else probe, points)
+    if not want or clock() - t_start > measure_limit_s:
+      break
+    points.append(measure(want))
+  if best is None:
+    cheapest = search.cost((floor, floor + 1), cands.base_seeds)
+    raise UserError(
+        f'--minutes={minutes:g} is too short for this sweep here: its cheapest plan (budgets '
+        f'{_fmt_budgets([grid_value(floor), grid_value(floor + 1)])}, {len(cheapest["specs"])} '
+        f'runs) is predicted to take {cheapest["total_s"] / 60:.1f} minutes at the measured '
+        f'{_rates(points)} FLOP/s; give --minutes={math.ceil(cheapest["total_s"] / 60)} or '
+        'more.')
   budgets = _exact_grid_values(best['indices'])
   specs = best['specs']
   return {

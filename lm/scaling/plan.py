@@ -39,6 +39,7 @@ Rules (documented in docs/scaling.md, set in the sweep config):
 """
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -85,7 +86,18 @@ def shape_for(target_n: float, base_model, vocab: int, head_dim: int, aspect: fl
               max_layers: int = 48, min_layers: int = 1, band: float = 4.0):
   """(n_layers, d_model, N) with total N nearest target_n in log, at least `min_layers` layers
   and d_model / n_layers within a factor `band` of `aspect` (the depth-to-width ratio matters
-  little within such a band: Kaplan et al. 2020, Fig. 5); ties go to the shape nearest `aspect`."""
+  little within such a band: Kaplan et al. 2020, Fig. 5); ties go to the shape nearest `aspect`.
+  Memoised (a pure function of its arguments; planning many candidate sweeps asks again and
+  again, lm/scaling/budget.py)."""
+  model = base_model.to_dict() if hasattr(base_model, 'to_dict') else dict(base_model)
+  return _shape_for(round(target_n), json.dumps(model, sort_keys=True, default=str), vocab,
+                    head_dim, aspect, max_layers, min_layers, band)
+
+
+@functools.lru_cache(maxsize=8192)
+def _shape_for(target_n: int, model_json: str, vocab: int, head_dim: int, aspect: float,
+               max_layers: int, min_layers: int, band: float):
+  base_model = json.loads(model_json)
   best = None
   for L in range(min_layers, max_layers + 1):
     for d in range(head_dim, 256 * head_dim + 1, head_dim):
