@@ -40,9 +40,11 @@ from lm.data.tokenizer import CHAT_ROLES, CHAT_TOKENS
 from lm.errors import UserError
 from lm.eval import sample as sample_lib
 from lm.model import transformer as model_lib
+from lm.model.attention import BRANCHES
 
 INSTALL = 'pip install -r requirements-eval.txt'
 BUCKET = 64   # rows are padded to a multiple of this many tokens (few compiled shapes)
+BRANCHES_PER_CONTEXT = BRANCHES - 1   # continuations sharing one copy of a context
 
 
 def require():
@@ -56,26 +58,29 @@ def require():
   return lm_eval
 
 
-def _packed_scores(mc, params, inputs_BT, targets_BT, positions_BT, segments_BT):
-  """(log p of each target [B, T], whether it is the argmax [B, T]) in float32 for rows that hold
-  several requests each (segment ids: each attends only to itself; positions restart)."""
+def _packed_scores(mc, params, inputs_BT, positions_BT, segments_BT, at_BK, targets_BK):
+  """(log p of targets_BK at positions at_BK [B, K], whether each is the argmax [B, K]) in
+  float32, for rows that hold several requests (segment ids: lm/model/attention.py
+  segment_mask; positions restart per request). Only the K scored positions go through the
+  softmax."""
   logits = model_lib.apply(mc, params, inputs_BT, positions_BT=positions_BT,
-                           segment_ids_BT=segments_BT).astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  picks = jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
-  return picks, jnp.argmax(logits, axis=-1) == targets_BT
+                           segment_ids_BT=segments_BT)
+  picked = jnp.take_along_axis(logits, at_BK[..., None], axis=1).astype(jnp.float32)  # [B, K, V]
+  logp = jax.nn.log_softmax(picked, axis=-1)
+  return (jnp.take_along_axis(logp, targets_BK[..., None], axis=-1)[..., 0],
+          jnp.argmax(picked, axis=-1) == targets_BK)
 
 
 _packed_scores_jit = jax.jit(_packed_scores, static_argnums=0)
 
 
-def _bucket(n: int) -> int:
-  return max(BUCKET, -(-n // BUCKET) * BUCKET)
+def _bucket(n: int, size: int = BUCKET) -> int:
+  return max(size, -(-n // size) * size)
 
 
 def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
-  """Request indices packed into rows of `capacity` tokens, first fit in order of decreasing
-  length (a request longer than a row has one to itself)."""
+  """Item indices packed into rows of `capacity` tokens, first fit in order of decreasing
+  length (an item longer than a row has one to itself)."""
   rows, free = [], []
   for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
     k = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
@@ -88,41 +93,80 @@ def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
   return rows
 
 
+def _groups(pairs, max_len: int, share: bool, limit: int):
+  """The requests as groups (context ids, [(request, continuation ids), ...]): requests with the
+  same context share it (up to BRANCHES - 1 continuations and `limit` tokens a group), each cut to
+  its last max_len + 1 tokens as lm-eval's models do (a cut request keeps a group of its own)."""
+  groups, by_ctx = [], {}
+  for i, (ctx, cont) in enumerate(pairs):
+    ctx, cont = list(ctx), list(cont)
+    if not cont or len(ctx) + len(cont) < 2:
+      continue
+    if len(ctx) + len(cont) > max_len + 1:   # cut from the left; the context keeps >= 1 token
+      seq = (ctx + cont)[-(max_len + 1):]
+      cut = len(seq) - len(cont)
+      if cut < 1:
+        ctx, cont = seq[:1], seq[1:]
+      else:
+        ctx, cont = seq[:cut], seq[cut:]
+      groups.append((ctx, [(i, cont)]))
+      continue
+    key = tuple(ctx) if share else i
+    g = by_ctx.get(key)
+    size = None if g is None else len(g[0]) + sum(len(c) - 1 for _, c in g[1]) + len(cont) - 1
+    if g is None or len(g[1]) >= BRANCHES_PER_CONTEXT or size > limit:
+      g = (ctx, [])
+      by_ctx[key] = g
+      groups.append(g)
+    g[1].append((i, cont))
+  return groups
+
+
 def score_pairs(mc, params, pairs: list[tuple[list[int], list[int]]], batch_size: int,
                 max_len: int) -> list[tuple[float, bool]]:
   """(sum log p(cont | ctx), all continuation tokens greedy) per (ctx, cont) pair of token ids.
-  Each sequence is cut to its last max_len + 1 tokens, as lm-eval's models do. Requests are
-  packed several to a row (each attending only to itself, its positions from 0) in rows as long as
-  the longest request rounded up to BUCKET tokens, batch_size rows per forward pass, so short
-  requests waste no padding and few program shapes are compiled."""
-  out = [None] * len(pairs)
-  seqs = [(list(c) + list(x))[-(max_len + 1):] for c, x in pairs]
-  n_in = [max(len(s) - 1, 0) for s in seqs]
-  live = [i for i, s in enumerate(seqs) if pairs[i][1] and len(s) > 1]
-  for i in set(range(len(pairs))) - set(live):   # nothing to score: log 1
-    out[i] = (0.0, True)
-  if not live:
+
+  Requests with the same context (a multiple-choice question's choices) share one copy of it:
+  each continuation sees the context and itself (lm/model/attention.py segment_mask), so the
+  context is computed once. Groups are packed several to a row, rows of four times the mean group
+  (at least the longest, at most max_len; multiples of BUCKET tokens), with as many tokens per
+  forward pass as batch_size rows of the longest group. Each sequence is cut to its last
+  max_len + 1 tokens, as lm-eval's models do."""
+  out = [(0.0, True)] * len(pairs)   # an empty continuation: log 1
+  share = mc.pos != 'alibi'   # ALiBi's bias reads distances off the row, not the positions
+  groups = _groups(pairs, max_len, share, max_len)
+  if not groups:
     return out
-  R = min(_bucket(max(n_in[i] for i in live)), max_len)
-  rows = [[live[j] for j in row] for row in _pack([n_in[i] for i in live], R)]
-  for start in range(0, len(rows), batch_size):
-    group = rows[start:start + batch_size]
-    B = batch_size if len(group) == batch_size else 1 << (len(group) - 1).bit_length()
-    inputs, targets = np.zeros((B, R), np.int32), np.zeros((B, R), np.int32)
-    positions, segments = np.zeros((B, R), np.int32), np.zeros((B, R), np.int32)
+  sizes = [len(ctx) + sum(len(c) - 1 for _, c in conts) for ctx, conts in groups]
+  longest, mean = _bucket(max(sizes)), _bucket(int(np.mean(sizes)))
+  R = min(max(longest, 4 * mean), _bucket(max_len))
+  per_call = max(1, 1 << ((batch_size * longest // R).bit_length() - 1))
+  rows = _pack(sizes, R)
+  K = _bucket(max(sum(len(c) for g in row for _, c in groups[g][1]) for row in rows), 16)
+  for start in range(0, len(rows), per_call):
+    chunk = rows[start:start + per_call]
+    B = per_call if len(chunk) == per_call else 1 << (len(chunk) - 1).bit_length()
+    inputs, positions, segments = (np.zeros((B, R), np.int32) for _ in range(3))
+    at, targets = np.zeros((B, K), np.int32), np.zeros((B, K), np.int32)
     spans = []
-    for r, row in enumerate(group):
-      at = 0
-      for k, i in enumerate(row):
-        s, n = seqs[i], n_in[i]
-        inputs[r, at:at + n], targets[r, at:at + n] = s[:-1], s[1:]
-        positions[r, at:at + n], segments[r, at:at + n] = np.arange(n), k + 1
-        m = min(len(pairs[i][1]), n)   # targets of the continuation: the row's last m of it
-        spans.append((i, r, at + n - m, at + n))
-        at += n
-    picks, greedy = (np.asarray(x) for x in _packed_scores_jit(
-        mc, params, jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(positions),
-        jnp.asarray(segments)))
+    for r, row in enumerate(chunk):
+      x, k = 0, 0
+      for j, g in enumerate(row):
+        ctx, conts = groups[g]
+        n = len(ctx)
+        inputs[r, x:x + n], positions[r, x:x + n], segments[r, x:x + n] = ctx, np.arange(n), -(j + 1)
+        last = x + n - 1   # predicts every continuation's first token
+        x += n
+        for b, (i, cont) in enumerate(conts):
+          m = len(cont) - 1
+          inputs[r, x:x + m], positions[r, x:x + m] = cont[:-1], np.arange(n, n + m)
+          segments[r, x:x + m] = (j + 1) * BRANCHES + b + 1
+          at[r, k:k + m + 1] = [last] + list(range(x, x + m))
+          targets[r, k:k + m + 1] = cont
+          spans.append((i, r, k, k + m + 1))
+          x, k = x + m, k + m + 1
+    picks, greedy = (np.asarray(v) for v in _packed_scores_jit(
+        mc, params, *(jnp.asarray(v) for v in (inputs, positions, segments, at, targets))))
     for i, r, lo, hi in spans:
       out[i] = (float(picks[r, lo:hi].astype(np.float64).sum()), bool(greedy[r, lo:hi].all()))
   return out

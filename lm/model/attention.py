@@ -66,11 +66,20 @@ def causal_mask(q_slot_T, k_slot_S, k_valid_BS=None):
   return mask
 
 
+BRANCHES = 64   # segment ids >= this are branches of a shared prefix (see segment_mask)
+
+
 def segment_mask(segment_ids_BT):
-  """[B, 1, T, T] causal and within one segment: packed examples never see each other."""
+  """[B, 1, T, T] causal and within one segment: packed examples never see each other.
+
+  Shared prefixes (scoring several continuations of one context, lm/eval/harness.py): a segment
+  id -g (negative) marks the tokens of a context g, and an id g * BRANCHES + k (k >= 1) the tokens
+  of its k-th continuation, which see the context and themselves but not the other
+  continuations. Ids 0..BRANCHES-1 (packed examples, padding) are untouched by this rule."""
   T = segment_ids_BT.shape[1]
-  same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-  return same[:, None] & causal_mask(jnp.arange(T), jnp.arange(T))
+  q, k = segment_ids_BT[:, :, None], segment_ids_BT[:, None, :]
+  visible = (q == k) | ((q >= BRANCHES) & (k == -(q // BRANCHES)))
+  return visible[:, None] & causal_mask(jnp.arange(T), jnp.arange(T))
 
 
 CUDNN_DTYPES = ('bfloat16', 'float16')
