@@ -169,14 +169,14 @@ def test_missing_ray_or_submitit_is_one_sentence_naming_the_install(monkeypatch,
 
 
 def test_no_other_code_path_imports_ray_or_submitit():
-  """Every module of the library but the cluster backend, and run.py, import without ray or
-  submitit; the cluster module itself imports them only when a backend is made."""
+  """Importing run.py and every module of the library imports none of the optional packages
+  (ray, submitit, lm-eval, wandb): each is imported only when its feature is asked for."""
   code = '''
 import importlib, pkgutil, sys
 import lm, run
 for m in pkgutil.walk_packages(lm.__path__, 'lm.'):
   importlib.import_module(m.name)
-print(sorted(k for k in sys.modules if k.split('.')[0] in ('ray', 'submitit')))
+print(sorted(k for k in sys.modules if k.split('.')[0] in ('ray', 'submitit', 'lm_eval', 'wandb')))
 '''
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)

@@ -45,7 +45,8 @@ def test_each_stage_refuses_the_train_keys_it_ignores(stage):
 def test_what_each_stage_ignores():
   assert UNUSED_KEYS['pretrain'] == {}
   assert set(UNUSED_KEYS['finetune']) == {'eval_tasks', 'eval_tasks_every', 'eval_task_examples',
-                                          'eval_shots'}
+                                          'eval_shots', 'eval_harness', 'eval_harness_limit',
+                                          'eval_harness_include'}
   assert set(UNUSED_KEYS['dpo']) == set(UNUSED_KEYS['reward']) == (
       set(UNUSED_KEYS['finetune']) | {'eval_batches'})
   assert set(UNUSED_KEYS['ppo']) == set(UNUSED_KEYS['dpo']) | {'grad_accum', 'micro_batch_tokens'}

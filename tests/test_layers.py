@@ -12,7 +12,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Lowest first. A module may import from its own layer and the layers before it.
 LAYERS = (
-    ('base', ('lm', 'lm.errors', 'lm.config', 'lm.host', 'lm.metrics', 'lm.lock')),
+    ('base', ('lm', 'lm.errors', 'lm.config', 'lm.host', 'lm.metrics', 'lm.lock', 'lm.tracking')),
     ('model', ('lm.model', 'lm.model.lora', 'lm.model.sharding', 'lm.model.attention',
                'lm.model.transformer', 'lm.model.flops')),
     ('data', ('lm.data', 'lm.data.corpus', 'lm.data.tokenizer', 'lm.data.arith',
@@ -21,14 +21,15 @@ LAYERS = (
     ('training', ('lm.training', 'lm.training.optim', 'lm.training.checkpoint',
                   'lm.training.loop')),
     ('runs', ('lm.runs',)),
-    ('eval', ('lm.eval', 'lm.eval.sample', 'lm.eval.tasks', 'lm.eval.evaluate')),
+    ('eval', ('lm.eval', 'lm.eval.sample', 'lm.eval.tasks', 'lm.eval.harness', 'lm.eval.evaluate')),
     ('stages', ('lm.stages', 'lm.stages.pretrain', 'lm.stages.finetune', 'lm.align',
                 'lm.align.common', 'lm.align.pairs', 'lm.align.reward', 'lm.align.dpo',
                 'lm.align.ppo')),
     ('scaling', ('lm.scaling', 'lm.scaling.numerics', 'lm.scaling.chinchilla', 'lm.scaling.kaplan',
                  'lm.scaling.fit', 'lm.scaling.plot', 'lm.scaling.report', 'lm.scaling.packed',
                  'lm.scaling.parallel', 'lm.scaling.plan', 'lm.scaling.results',
-                 'lm.scaling.runner', 'lm.scaling.sweep')),
+                 'lm.scaling.runner', 'lm.scaling.sweep', 'lm.scaling.cluster',
+                 'lm.scaling.budget', 'lm.scaling.tasks')),
     ('interop', ('lm.interop', 'lm.interop.hf')),
     ('app', ('lm.cli', 'lm.pipeline', 'lm.chat', 'lm.worker')),
 )
