@@ -200,10 +200,13 @@ def local_reference(tmp_path_factory):
 
 
 def _same_losses(got: dict, want: dict, names=None):
+  """Row for row the same runs and steps, and losses within float noise: the reference trains in
+  this process, whose programs the test set-up compiles differently (tests/conftest.py), and the
+  backends' runs in worker processes (measured: up to 6e-5 on losses near 3)."""
   names = names or list(want)
   assert list(got) == [n for n in want if n in names]
   for n in names:
-    assert abs(float(got[n]['eval_loss']) - float(want[n]['eval_loss'])) < 1e-5, n
+    assert abs(float(got[n]['eval_loss']) - float(want[n]['eval_loss'])) < 2e-4, n
     assert got[n]['steps'] == want[n]['steps']
 
 
