@@ -212,7 +212,7 @@ def _same_losses(got: dict, want: dict, names=None):
 
 def _kill_one_task_once(workdir: str, done: dict):
   """In a thread: once some run has a checkpoint saved, SIGKILL the Ray worker process that runs
-  it (the pid its node.json names); records which."""
+  it (the pid its node.json names) and its children; records which."""
   deadline = time.time() + 600
   runs = os.path.join(workdir, 'runs')
   while time.time() < deadline and 'victim' not in done:
@@ -225,6 +225,12 @@ def _kill_one_task_once(workdir: str, done: dict):
       try:
         with open(os.path.join(rdir, 'node.json')) as f:
           pid = json.load(f)['pid']
+        # A lost node takes every process on it: the Ray worker and the training process it
+        # started, which then cannot save a checkpoint on the way out.
+        children = subprocess.run(['pgrep', '-P', str(pid)], capture_output=True,
+                                  text=True).stdout.split()
+        for child in children:
+          os.kill(int(child), signal.SIGKILL)
         os.kill(pid, signal.SIGKILL)
       except (OSError, ValueError, KeyError):
         continue
