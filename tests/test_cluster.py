@@ -204,7 +204,7 @@ def _same_losses(got: dict, want: dict, names=None):
   this process, whose programs the test set-up compiles differently (tests/conftest.py), and the
   backends' runs in worker processes (measured: up to 6e-5 on losses near 3)."""
   names = names or list(want)
-  assert list(got) == [n for n in want if n in names]
+  assert [n for n in got if n in names] == [n for n in want if n in names]
   for n in names:
     assert abs(float(got[n]['eval_loss']) - float(want[n]['eval_loss'])) < 2e-4, n
     assert got[n]['steps'] == want[n]['steps']
@@ -261,6 +261,7 @@ def test_ray_sweep_equals_local_and_a_crashed_task_resumes_on_retry(local_refere
   assert out['finished'] == 6 and not out['failed']
   victim = killed['victim']
   got = rows(workdir)
+  assert list(got) == list(want)   # every run, once, in plan order
   _same_losses(got, want, [n for n in want if n != victim])
   # The resumed run: bitwise equal in benchmarks/cluster_sweep and on the development machine,
   # but 0.3% off in a fresh CI virtual environment (an open lead: resuming in another process);
