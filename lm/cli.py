@@ -10,6 +10,7 @@ from lm.align import reward as reward_lib
 from lm.eval import evaluate as evaluate_lib
 from lm.interop import hf
 from lm.metrics import read_json_object, write_json_atomic
+from lm.scaling import budget as budget_lib
 from lm.scaling import fit as fit_lib
 from lm.scaling import plot as plot_lib
 from lm.scaling import report as report_lib
@@ -172,7 +173,6 @@ def sweep(FLAGS, cfg=None, workdir=None, minutes=None):
                     'use e.g. --config=configs/sweep_smoke.py, or `run.py train` for one run.')
   minutes = getattr(FLAGS, 'minutes', None) if minutes is None else minutes
   if minutes is not None:   # the budgets sized to this machine (lm/scaling/budget.py)
-    from lm.scaling import budget as budget_lib
     cfg = budget_lib.sized_config(cfg, workdir, minutes)
   out = sweep_lib.run_sweep(cfg, workdir)
   if out.get('stopped'):

@@ -39,6 +39,7 @@ from lm.data import sources
 from lm.data import tokens as data_lib
 from lm import metrics as metrics_lib
 from lm import runs
+from lm.eval import harness as harness_lib   # imports lm-eval only when a task is asked for
 from lm.eval import sample as sample_lib
 from lm.eval import tasks as tasks_lib
 from lm.config import read_section
@@ -180,7 +181,6 @@ def loop_tasks(tc, mc, tokenizer, seed: int = 0):
   for t in built:
     tasks_lib.check_fits(t, tokenizer, mc, 'fewshot', tc.eval_shots, seed)
   if harness_tasks:
-    from lm.eval import harness as harness_lib   # local: lm-eval is optional
     harness_lib.require()
     harness_lib.check_tasks(harness_tasks, tc.eval_harness_include)
 
@@ -236,7 +236,6 @@ def evaluate_run(workdir: str, section) -> dict:
   ec = EvalConfig.from_config(section)
   harness_tasks = [t.strip() for t in ec.harness.split(',') if t.strip()]
   if harness_tasks:
-    from lm.eval import harness as harness_lib   # local: lm-eval is optional
     harness_lib.require()   # refused before any work when it is not installed
   cfg = _config(workdir)
   names = tasks_lib.resolve(ec.tasks) if ec.tasks != 'auto' else None

@@ -59,8 +59,12 @@ import time
 
 import ml_collections
 
+from lm import host
+from lm import lock as lock_lib
+from lm.data import tokens as data_lib
 from lm.errors import UserError
 from lm.metrics import read_json_object, write_json_atomic
+from lm.scaling import parallel as parallel_lib
 from lm.scaling import plan as plan_lib
 
 PLAN_FILE = 'minutes_plan.json'
@@ -492,7 +496,6 @@ def _child(request_path: str, out_path: str) -> int:
   dev = jax.devices()[0]
   plan['device'] = f'{len(jax.local_devices())} x {dev.device_kind}'
   if dev.platform == 'cpu':
-    from lm import host
     plan['device'] += f' ({host.host_cores()} cores)'
   plan['measure_s'] = _process_age()
   write_json_atomic(out_path, plan)
@@ -552,7 +555,6 @@ def slots_for(s) -> tuple[int, bool, dict]:
   parallel = int(s.get('parallel', 1))
   if parallel == 1:
     return 1, False, {}
-  from lm.scaling import parallel as parallel_lib
   platform, count = parallel_lib.probe_devices()
   if parallel == 0:
     parallel = auto_slots(platform, count)
@@ -566,7 +568,6 @@ def auto_slots(platform: str, count: int) -> int:
   """sweep.parallel = 0 as lm.scaling.runner.auto_parallel decides it for a long sweep: one run
   per CPU core on a CPU, one per GPU on GPUs, one at a time otherwise (tests check the two
   agree)."""
-  from lm import host
   if platform == 'cpu':
     return max(1, host.host_cores())
   return max(1, count) if platform in ('gpu', 'cuda', 'rocm') else 1
@@ -585,7 +586,6 @@ def sized_config(sweep_file_cfg, workdir: str, minutes: float, vocab: int | None
   seconds this command has run (None: this process's age, measured before the measurement)."""
   minutes = check_minutes(minutes)
   check_sweep(sweep_file_cfg.sweep)
-  from lm import lock as lock_lib
   with lock_lib.hold(workdir):   # one planner per folder, as one sweep per folder
     return _sized(sweep_file_cfg, workdir, minutes, vocab, measure, log, spent_s)
 
@@ -601,7 +601,6 @@ def _sized(sweep_file_cfg, workdir: str, minutes: float, vocab, measure, log, sp
         f"{plan['runs']} runs")
     return apply(sweep_file_cfg, plan)
   if vocab is None:   # the corpus is prepared (or found in its cache) as the sweep will need it
-    from lm.data import tokens as data_lib
     vocab = data_lib.prepare(data_lib.DataConfig.from_config(
         sweep_file_cfg.base.data)).tokenizer.vocab_size
   slots, workers, env = slots_for(sweep_file_cfg.sweep)

@@ -20,12 +20,16 @@ import os
 import time
 
 from lm import lock as lock_lib
+from lm import tracking   # imports wandb only when tracking is on
 from lm.data import tokens as data_lib
 from lm.errors import UserError, record_signal_stop
+from lm.eval import harness as harness_lib   # imports lm-eval only when tasks are asked for
 from lm.metrics import read_json_object, write_json_atomic
+from lm.scaling import cluster as cluster_lib   # imports ray/submitit only for their backend
 from lm.scaling import plan as plan_lib
 from lm.scaling import results as results_lib
 from lm.scaling import runner as runner_lib
+from lm.scaling import tasks as tasks_lib
 from lm.stages import pretrain as train_lib
 
 
@@ -37,7 +41,6 @@ def run_sweep(sweep_file_cfg, workdir: str, train_fn=None, fit: bool = True) -> 
   s, base_cfg = sweep_file_cfg.sweep, sweep_file_cfg.base
   plan_lib.validate(s)   # before the corpus is prepared or anything is written
   if s.get('harness', ''):   # lm-eval installed and the tasks known, before anything trains
-    from lm.eval import harness as harness_lib
     harness_lib.check_tasks(harness_lib.task_names(s.harness), s.get('harness_include', ''))
   parallel, pack = _parallel_and_pack(s, train_fn)
   train_fn = train_fn or train_lib.train
@@ -66,15 +69,12 @@ def _run_sweep(sweep_file_cfg, workdir: str, train_fn, fit: bool, parallel: int,
   out = {'finished': len(finished), 'failed': book.failed, 'results': book.results_path,
          'wall_s': time.time() - book.t0}
   if s.get('harness', '') and finished:
-    # Local: only a sweep with harness tasks imports lm-eval (through lm.eval.harness).
-    from lm.scaling import tasks as tasks_lib
     out['harness'] = tasks_lib.score_runs(s, workdir, finished)
   if fit and len(finished) < 5:
     print(f'fit skipped: Approach 3 needs at least 5 finished runs, {len(finished)} are done.')
   elif fit:
     out['fit'] = fit_sweep(s, workdir, finished, dataset.entropy_rate)
     if base_cfg.train.get('wandb'):
-      from lm import tracking   # local: wandb is optional
       tracking.log_sweep_fit(base_cfg.train, workdir, base_cfg.train.get('wandb_group', ''))
   return out
 
@@ -85,8 +85,6 @@ def _train(s, workdir: str, jobs: list, book, train_fn, parallel: int, pack: int
   if s.get('backend', 'local') != 'local':
     if not jobs:
       return False
-    # Local: only a cluster sweep imports the cluster module (and through it ray or submitit).
-    from lm.scaling import cluster as cluster_lib
     return runner_lib.run_parallel(jobs, 0, book, cluster_lib.make_backend(s, workdir))
   if parallel == 0 and jobs:
     parallel = runner_lib.auto_parallel(len(jobs))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm import tracking
 from lm.config import read_section
 from lm.errors import UserError
 from lm.host import host_cores
@@ -104,7 +105,6 @@ class TrainConfig(PretrainConfig, LoopConfig, BatchConfig, OptimizerConfig):
   def __post_init__(self):
     p = 'train.'
     if self.wandb:
-      from lm import tracking   # local: the check imports wandb, which only tracking needs
       tracking.require()   # refused before any work when it is not installed
     for key in ('steps', 'batch_size', 'seq_len', 'grad_accum', 'eval_every', 'eval_batches',
                 'log_every', 'checkpoint_every', 'keep_checkpoints'):
