@@ -174,7 +174,7 @@ def loop_tasks(tc, mc, tokenizer, seed: int = 0):
   when neither is configured. Prompts that do not fit, and harness tasks without lm-eval or
   unknown to it, are refused before training."""
   names = tasks_lib.resolve(tc.eval_tasks)
-  harness_tasks = [t.strip() for t in tc.eval_harness.split(',') if t.strip()]
+  harness_tasks = harness_lib.task_names(tc.eval_harness)
   if not names and not harness_tasks:
     return None
   built = [tasks_lib.build(n, tc.eval_task_examples, seed) for n in names]
@@ -234,7 +234,7 @@ def evaluate_run(workdir: str, section) -> dict:
   """Evaluates the run in workdir as the `eval` config section asks; writes workdir/eval.json."""
   t0 = time.time()
   ec = EvalConfig.from_config(section)
-  harness_tasks = [t.strip() for t in ec.harness.split(',') if t.strip()]
+  harness_tasks = harness_lib.task_names(ec.harness)
   if harness_tasks:
     harness_lib.require()   # refused before any work when it is not installed
   cfg = _config(workdir)

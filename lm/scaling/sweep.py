@@ -125,7 +125,7 @@ def _planned_runs(s, base_cfg, vocab: int, workdir: str) -> tuple[list, list]:
       tokens = sp.steps * cfg.train.batch_size * cfg.train.seq_len
       cfg.train.wandb_group = group
       cfg.train.wandb_tags = ','.join(
-          [t for t in str(base_cfg.train.get('wandb_tags', '')).split(',') if t.strip()]
+          tracking.tags(base_cfg.train.get('wandb_tags', ''))
           + [f'N={sp.params}', f'D={tokens}'] + ([f'C={sp.budget:g}'] if sp.budget else []))
   for sp, cfg in zip(specs, cfgs):
     plan_lib.check_run_identity(workdir, sp.name, cfg)
