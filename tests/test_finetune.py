@@ -636,3 +636,58 @@ def test_chat_refuses_runs_that_do_not_chat(base_run, tmp_path):
     chat_lib.load_chat_model(base_run)
   with pytest.raises(UserError, match='is not a run folder'):
     chat_lib.load_chat_model(str(tmp_path))
+
+
+# ---- replay of the pretraining corpus --------------------------------------------------------
+
+
+def test_replay_share_rows_and_resume(base_run, user_data, tmp_path):
+  """finetune.replay_fraction: that share of every batch's rows are windows of the base's
+  pretraining corpus (loss on all their tokens), a pure function of the step, and an
+  interrupted run resumes bitwise."""
+  from lm.data import replay as replay_lib
+  cfg = sft_config(base_run, user_data)
+  cfg.finetune.replay_fraction = 0.25
+  job = ft.build(cfg, str(tmp_path / 'probe'))
+  b = jax.device_get(job.stage.batch(3))
+  assert b['tokens'].shape == (8, 96)
+  r = b['replay']
+  assert r[:6].sum() == 0 and r[6:].min() == 1          # 6 own rows, then 2 replay rows
+  np.testing.assert_array_equal(b['weights'][6:], 1.0)  # every replay token counts
+  np.testing.assert_array_equal(b['positions'][6], np.arange(96))
+  np.testing.assert_array_equal(b['tokens'][6:, 1:], b['targets'][6:, :-1])
+  # The replay rows are windows of the base run's training split.
+  corpus = ft._pretrain_corpus(ft.FinetuneConfig.from_config(cfg), runs.load_tokenizer(base_run))
+  train = np.asarray(corpus.tokens('train'))
+  for row in b['tokens'][6:]:
+    start = np.flatnonzero(train[:len(train) - 96] == row[0])
+    assert any((train[s:s + 96] == row).all() for s in start)
+  np.testing.assert_array_equal(jax.device_get(job.stage.batch(3))['tokens'], b['tokens'])
+  assert not (jax.device_get(job.stage.batch(4))['tokens'][6:] == b['tokens'][6:]).all()
+  # The own rows are the stream's rows 6*step.., as without replay at a batch of 6.
+  stream = sft.PackedStream(sft.Examples(ft.load_records(ft.FinetuneConfig.from_config(cfg))[
+      'train'], runs.load_tokenizer(base_run), 96), int(cfg.seed))
+  np.testing.assert_array_equal(b['tokens'][:6], stream.batch(3, 6)['tokens'])
+  assert replay_lib.split(16, 0.25) == 4 and replay_lib.split(16, 0.0) == 0
+
+  full = ft.finetune(cfg, str(tmp_path / 'full'))
+  rows = [json.loads(line) for line in open(tmp_path / 'full' / 'metrics.jsonl')]
+  assert all('replay_loss' in x and 'sft_loss' in x for x in rows if 'loss' in x)
+  assert full['finetune']['replay']['rows_per_step'] == 2
+  part = str(tmp_path / 'part')
+  assert ft.finetune(cfg, part, stop_at=4)['finished'] is False
+  assert ft.finetune(cfg, part)['final_loss'] == full['final_loss']
+  for x, y in zip(jax.tree.leaves(final_state(part)['params']),
+                  jax.tree.leaves(final_state(str(tmp_path / 'full'))['params'])):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize('share, match', [(1.0, r'must be in \[0, 1\)'),
+                                          (-0.1, r'must be in \[0, 1\)'),
+                                          (0.01, 'gives 0 replay rows')])
+def test_bad_replay_shares_are_refused(base_run, user_data, tmp_path, share, match):
+  cfg = sft_config(base_run, user_data)
+  cfg.finetune.replay_fraction = share
+  with pytest.raises(UserError, match=match):
+    ft.build(cfg, str(tmp_path / 'x'))
+  assert not os.path.exists(tmp_path / 'x')

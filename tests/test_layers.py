@@ -17,7 +17,7 @@ LAYERS = (
                'lm.model.transformer', 'lm.model.flops')),
     ('data', ('lm.data', 'lm.data.corpus', 'lm.data.tokenizer', 'lm.data.arith',
               'lm.data.instruct', 'lm.data.sft', 'lm.data.tokens', 'lm.data.code_task',
-              'lm.data.sources', 'lm.data.build', 'lm.data.mixture')),
+              'lm.data.sources', 'lm.data.build', 'lm.data.mixture', 'lm.data.replay')),
     ('training', ('lm.training', 'lm.training.optim', 'lm.training.checkpoint',
                   'lm.training.loop')),
     ('runs', ('lm.runs',)),

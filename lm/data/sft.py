@@ -278,6 +278,20 @@ def masked_loss(mc: ModelConfig, params, batch, adapters=None, rng=None):
   return jnp.sum(token_losses(mc, params, batch, adapters, rng) * w), jnp.sum(w)
 
 
+def mixed_loss(mc: ModelConfig, params, batch, adapters=None, rng=None):
+  """masked_loss of a batch whose 'replay' marks replay rows' tokens (lm/data/replay.py), with
+  the mean loss of each part as metrics: (sum, (weight, {'sft_loss', 'replay_loss'})). Each part's
+  metric is its mean times the batch's weight, which the loop divides back out."""
+  w = batch['weights']
+  losses = token_losses(mc, params, batch, adapters, rng) * w
+  weight = jnp.sum(w)
+  r = batch['replay']
+  parts = {}
+  for name, sel in (('sft_loss', 1 - r), ('replay_loss', r)):
+    parts[name] = jnp.sum(losses * sel) / jnp.maximum(jnp.sum(w * sel), 1e-9) * weight
+  return jnp.sum(losses), (weight, parts)
+
+
 def example_losses(mc: ModelConfig, params, packed: dict, adapters=None) -> np.ndarray:
   """Mean counted-token loss of each example of a packed set, in row-then-segment order."""
   losses = np.asarray(jax.jit(lambda p, a, b: token_losses(mc, p, b, a))(

@@ -44,6 +44,7 @@ from lm import metrics as metrics_lib
 from lm.model import transformer as model_lib
 from lm import runs
 from lm.eval import sample as sample_lib
+from lm.data import replay as replay_lib
 from lm.data import sft
 from lm.model import sharding as shard_lib
 from lm.stages import pretrain as train_lib
@@ -76,6 +77,7 @@ class FinetuneConfig:
   lora_targets: tuple
   lora_train_tokens: str
   lora_b_lr_ratio: float
+  replay_fraction: float = 0.0
 
   @classmethod
   def from_config(cls, cfg) -> 'FinetuneConfig':
@@ -98,6 +100,8 @@ class FinetuneConfig:
                           f"use some of {', '.join(instruct.FAMILIES)}.")
       if not c.families:
         raise UserError('finetune.families is empty; name at least one built-in task family.')
+    if not 0 <= c.replay_fraction < 1:
+      replay_lib.split(1, c.replay_fraction)   # refuses the value in one sentence
     if not c.lora_b_lr_ratio > 0:
       raise UserError(f'lora.b_lr_ratio={c.lora_b_lr_ratio} must be positive (1 trains A and B at '
                       'the same learning rate).')
@@ -235,8 +239,9 @@ def _examples(fc: FinetuneConfig, tc: TrainConfig, tokenizer, seed: int) -> _Dat
   return _Data(train_ex, sft.PackedStream(train_ex, seed), eval_ex, acc_splits, code_eval)
 
 
-def _pretrain_batches(fc: FinetuneConfig, tc: TrainConfig, tokenizer, mesh) -> list:
-  """The pretraining corpus's validation windows, to measure forgetting."""
+def _pretrain_corpus(fc: FinetuneConfig, tokenizer):
+  """The base run's pretraining corpus (lm/data/tokens.py Dataset): its validation windows
+  measure forgetting, its training windows are the replay rows."""
   base_cfg = runs.root_config(fc.init_from)   # a fine-tuned base: its pretraining is further back
   if base_cfg is None:
     raise UserError(f'{fc.init_from} does not lead back to a pretrained run (no model and data '
@@ -245,6 +250,10 @@ def _pretrain_batches(fc: FinetuneConfig, tc: TrainConfig, tokenizer, mesh) -> l
   if dataset.tokenizer.hash != tokenizer.hash:
     raise UserError(f'the tokenizer of {fc.init_from} differs from its pretraining data\'s; '
                     'the base run is inconsistent, pretrain it again.')
+  return dataset
+
+
+def _pretrain_batches(dataset, tc: TrainConfig, mesh) -> list:
   rows = dataset.eval_batches(tc.eval_batches, tc.batch_size, tc.seq_len, jax.process_index(),
                               jax.process_count())
   return [shard_lib.global_batch(r, mesh) for r in rows]
@@ -348,15 +357,20 @@ def build(cfg, workdir: str) -> Job:
   mesh = shard_lib.make_mesh(mesh_cfg, batch_size=tc.batch_size)
   base_mc, base_params, tokenizer, base_id, mc = _model(fc, tc, mesh)
   data = _examples(fc, tc, tokenizer, seed)
-  pre_batches = _pretrain_batches(fc, tc, tokenizer, mesh)
+  corpus = _pretrain_corpus(fc, tokenizer)
+  pre_batches = _pretrain_batches(corpus, tc, mesh)
+  n_replay = replay_lib.split(tc.batch_size, fc.replay_fraction,
+                              process_count=jax.process_count())
+  replay = replay_lib.Replay(corpus, n_replay, tc.seq_len, seed) if n_replay else None
   (init_state, state_shapes, s_shard, frozen, frozen_sh, t_shapes, optimizer,
    base_params) = _train_state(fc, tc, mc, base_mc, base_params, seed, mesh)
   use_lora = fc.lora_rank > 0
 
   def loss_fn(trainable, base, batch, rng):
-    if use_lora:
-      return sft.masked_loss(mc, base, batch, trainable, rng)
-    return sft.masked_loss(mc, trainable, batch, None, rng)
+    params, adapters = (base, trainable) if use_lora else (trainable, None)
+    if replay is None:
+      return sft.masked_loss(mc, params, batch, adapters, rng)
+    return sft.mixed_loss(mc, params, batch, adapters, rng)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train_step = jax.jit(shard_lib.with_activation_constraints(
       loop.make_step(loss_fn, tc, optimizer, seed, row_wise=True), mesh),
@@ -367,6 +381,8 @@ def build(cfg, workdir: str) -> Job:
   merged = jax.jit(lambda t, base: lora_lib.merge(mc, base, t) if use_lora else t)
 
   info = _info(fc, tc, mc, base_mc, base_id, data, t_shapes, state_shapes)
+  if replay is not None:
+    info['replay'] = dict(replay.info(), fraction=fc.replay_fraction)
   n_base = flops_lib.param_counts(model_lib.param_shapes(base_mc))
   fpt = flops_lib.flops_per_token(base_mc, tc.seq_len, n_base['total'], n_base['nonembed'])
   config = json.loads(cfg.to_json())
@@ -382,7 +398,10 @@ def build(cfg, workdir: str) -> Job:
                 model=dataclasses.asdict(mc), **info)
 
   def batch(step):
-    rows = data.stream.batch(step, tc.batch_size, jax.process_index(), jax.process_count())
+    pi, pc = jax.process_index(), jax.process_count()
+    rows = data.stream.batch(step, tc.batch_size - n_replay, pi, pc)
+    if replay is not None:
+      rows = replay_lib.mix(rows, replay.rows(step, pi, pc))
     return {k: shard_lib.global_batch(v, mesh) for k, v in rows.items()}
   stage = loop.Stage(
       config=config, train=tc, dtype=mc.dtype, manifest=manifest, tokenizer=tokenizer,
