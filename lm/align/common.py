@@ -35,7 +35,8 @@ from lm import runs
 from lm.eval import sample as sample_lib
 from lm.data import sft
 from lm.data import code_task
-from lm.config import ModelConfig
+from lm.model import lora as lora_lib
+from lm.config import ModelConfig, read_section
 from lm.errors import UserError
 
 
@@ -55,6 +56,59 @@ def load_policy(workdir: str) -> Policy:
   mc, params, tokenizer, identity = runs.load_model(workdir)
   sft.chat_ids(tokenizer)    # a policy must speak the chat template
   return Policy(mc, params, tokenizer, identity)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA policies: the adapters train, the starting policy's weights (held once, frozen) are both
+# the base the adapters sit on and the reference, which is the adapted model with adapters off.
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLora:
+  """The `lora` section of a preference stage (keys: configs/ppo.py): rank 0 trains every weight
+  of the policy; rank r > 0 trains rank-r adapters on `targets` with the policy's weights frozen."""
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple = ('q', 'k', 'v', 'o', 'up', 'down')
+
+  @classmethod
+  def from_config(cls, cfg) -> 'PolicyLora':
+    c = cls(**read_section(cls, cfg.get('lora'), 'lora'))
+    if c.rank < 0:
+      raise UserError(f'lora.rank={c.rank} must be >= 1 for a LoRA policy, or 0 to train every '
+                      'weight.')
+    return c
+
+  def model(self, mc: ModelConfig) -> ModelConfig:
+    """The policy's model with adapters (mc itself at rank 0); refuses bad targets or ranks."""
+    if not self.rank:
+      return mc
+    return dataclasses.replace(mc, lora_rank=self.rank, lora_alpha=self.alpha,
+                               lora_targets=tuple(self.targets), lora_dropout=0.0, lora_tokens=())
+
+
+def init_adapters(mc_lora: ModelConfig, seed: int):
+  """Fresh adapters of a LoRA model (B = 0: the adapted policy starts equal to its base)."""
+  return model_lib.init_variables(mc_lora, jax.random.PRNGKey(seed))[lora_lib.COLLECTION]
+
+
+def policy_logits(mc: ModelConfig, params, tokens, base=None):
+  """Logits of a policy: the full model `params`, or (mc with adapters) the adapters `params`
+  on the frozen `base`."""
+  if mc.lora_rank:
+    return model_lib.apply(mc, base, tokens, adapters=params)
+  return model_lib.apply(mc, params, tokens)
+
+
+def merged_policy(mc: ModelConfig, params, base):
+  """The policy as plain weights (sampling, evaluation): params, or base with adapters folded."""
+  if mc.lora_rank:
+    return _merge(params, base, mc=mc)
+  return params
+
+
+@functools.partial(jax.jit, static_argnames=('mc',))
+def _merge(adapters, base, *, mc):
+  return lora_lib.merge(mc, base, adapters)
 
 
 def preference_loss(margin, label_smoothing: float = 0.0):
@@ -141,18 +195,28 @@ def pad_rows(rows: dict, size: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Log-probabilities and scalar heads (pure; jit them with mc static).
 
-def logprobs_and_entropy(mc: ModelConfig, params, tokens, temperature: float = 1.0):
-  """(log p_T(target t), entropy of p_T at t), both [B, seq_len - 1], for every position."""
-  logits = model_lib.apply(mc, params, tokens[:, :-1]) / temperature
+def logprobs_and_entropy(mc: ModelConfig, params, tokens, temperature: float = 1.0, base=None):
+  """(log p_T(target t), entropy of p_T at t), both [B, seq_len - 1], for every position (a LoRA
+  policy: params are its adapters on `base`, policy_logits)."""
+  logits = policy_logits(mc, params, tokens[:, :-1], base) / temperature
   logp_all = jax.nn.log_softmax(logits, axis=-1)
   logp = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
   entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
   return logp, entropy
 
 
-def sequence_logprob(mc: ModelConfig, params, rows, temperature: float = 1.0):
-  """Summed log-probability of each row's response: [B]."""
-  logp = model_lib.token_logprobs(mc, params, rows['tokens'], temperature)
+def token_logprobs(mc: ModelConfig, params, tokens, temperature: float = 1.0, base=None):
+  """log p_T(target t) [B, seq_len - 1] of a policy (a LoRA policy: policy_logits)."""
+  if not mc.lora_rank:
+    return model_lib.token_logprobs(mc, params, tokens, temperature)
+  logits = policy_logits(mc, params, tokens[:, :-1], base) / temperature
+  return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, 1:, None],
+                             axis=-1)[..., 0]
+
+
+def sequence_logprob(mc: ModelConfig, params, rows, temperature: float = 1.0, base=None):
+  """Summed log-probability of each row's response: [B] (a LoRA policy: policy_logits)."""
+  logp = token_logprobs(mc, params, rows['tokens'], temperature, base)
   return jnp.sum(logp * rows['mask'], axis=-1)
 
 
