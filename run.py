@@ -14,6 +14,7 @@
   python run.py reward --config=configs/reward.py --workdir=DIR --config.reward.init_from=SFT_RUN
   python run.py dpo    --config=configs/dpo.py --workdir=DIR --config.dpo.init_from=SFT_RUN
   python run.py ppo    --config=configs/ppo.py --workdir=DIR --config.ppo.init_from=SFT_RUN
+  python run.py grpo   --config=configs/grpo.py --workdir=DIR --config.grpo.init_from=SFT_RUN
   python run.py eval   --workdir=RUN [--config=configs/eval.py --config.eval.KEY=VALUE ...]
   python run.py export --workdir=RUN --out=HF_DIR [--overwrite]        (GPT-2 or Llama folder)
   python run.py import --hf=HF_DIR --workdir=DIR [--overwrite --add_chat_tokens]
@@ -36,7 +37,7 @@ from lm.errors import STOPPED_EXIT, UserError, signal_stops
 from lm.training.checkpoint import quiet_failed_save_tracebacks
 
 SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample', 'finetune', 'merge', 'reward', 'dpo',
-               'ppo', 'export', 'import', 'eval', 'chat', 'pipeline')
+               'ppo', 'grpo', 'export', 'import', 'eval', 'chat', 'pipeline')
 
 config_flags.DEFINE_config_file('config', None, 'An ml-collections config file (configs/*.py).',
                                 lock_config=True)

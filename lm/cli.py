@@ -5,6 +5,7 @@ from lm.errors import UserError
 from lm import chat as chat_lib
 from lm import pipeline as pipeline_lib
 from lm.align import dpo as dpo_lib
+from lm.align import grpo as grpo_lib
 from lm.align import ppo as ppo_lib
 from lm.align import reward as reward_lib
 from lm.eval import evaluate as evaluate_lib
@@ -99,6 +100,17 @@ def ppo(FLAGS):
     print(f"done: {summary['steps']} iterations; held-out gold reward {a['eval_gold']:.3f}, "
           f"proxy {a['eval_proxy']:.3f}, at KL {a['eval_kl']:.2f} nats to the SFT model; "
           f'outputs in {workdir}')
+
+
+def grpo(FLAGS):
+  cfg, workdir = _stage(FLAGS, 'grpo', 'grpo')
+  summary = grpo_lib.train_grpo(cfg, workdir)
+  if summary.get('finished'):
+    a = summary['grpo']['after']
+    score = (f"held-out exact match {a['eval_exact']:.1%}" if 'eval_exact' in a
+             else f"held-out gold reward {a['eval_gold']:.3f}")
+    print(f"done: {summary['steps']} iterations; {score} at KL {a['eval_kl']:.2f} nats to the "
+          f'SFT model; outputs in {workdir}')
 
 
 def merge(FLAGS):

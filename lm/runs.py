@@ -32,13 +32,14 @@ from lm.config import ModelConfig
 from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
 
-KINDS = ('pretrain', 'finetune', 'reward', 'dpo', 'ppo')
-CHAT_KINDS = ('finetune', 'reward', 'dpo', 'ppo')   # trained in the chat template
+KINDS = ('pretrain', 'finetune', 'reward', 'dpo', 'ppo', 'grpo')
+CHAT_KINDS = ('finetune', 'reward', 'dpo', 'ppo', 'grpo')   # trained in the chat template
 DAMAGED = 'the run folder is damaged, restore it or train the run again'
 MAX_CHAIN = 16           # base runs followed before a chain is refused as a loop
 # Where each kind keeps its language model's weights inside the checkpointed state.
 PARAMS_KEYS = {'pretrain': ('params',), 'finetune': ('params',), 'dpo': ('params',),
-               'ppo': ('params', 'policy'), 'reward': ('params',)}
+               'ppo': ('params', 'policy'), 'grpo': ('params', 'policy'), 'reward': ('params',)}
+PREFERENCE_KINDS = ('dpo', 'ppo', 'grpo')   # tuned from an SFT run, which is their KL reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def config_or_empty(workdir: str) -> dict:
 
 def kind(cfg: dict) -> str:
   """The kind of run a config describes (module docstring): one of KINDS."""
-  for k in ('dpo', 'ppo', 'reward', 'finetune'):
+  for k in ('dpo', 'ppo', 'grpo', 'reward', 'finetune'):
     if k in cfg:
       return k
   return 'pretrain'
@@ -107,7 +108,7 @@ def sft_root(workdir: str) -> str:
   SFT run the chain started from: the reference every preference stage measures KL against).
   Absolute path."""
   for path, cfg in base_chain(workdir):
-    if kind(cfg) not in ('dpo', 'ppo'):
+    if kind(cfg) not in PREFERENCE_KINDS:
       return os.path.abspath(path)
   raise UserError(f'{workdir} has no run in its chain that is not preference-tuned.')
 

@@ -24,7 +24,7 @@ LAYERS = (
     ('eval', ('lm.eval', 'lm.eval.sample', 'lm.eval.tasks', 'lm.eval.harness', 'lm.eval.evaluate')),
     ('stages', ('lm.stages', 'lm.stages.pretrain', 'lm.stages.finetune', 'lm.align',
                 'lm.align.common', 'lm.align.pairs', 'lm.align.reward', 'lm.align.dpo',
-                'lm.align.ppo')),
+                'lm.align.ppo', 'lm.align.grpo')),
     ('scaling', ('lm.scaling', 'lm.scaling.numerics', 'lm.scaling.chinchilla', 'lm.scaling.kaplan',
                  'lm.scaling.fit', 'lm.scaling.plot', 'lm.scaling.report', 'lm.scaling.packed',
                  'lm.scaling.parallel', 'lm.scaling.plan', 'lm.scaling.results',

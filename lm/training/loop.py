@@ -210,7 +210,7 @@ def check_resumable(old: dict, new: dict, allowed=RESUMABLE_CHANGES) -> None:
 
 def check_stage_start(cfg: dict) -> None:
   """train.init_from is pretraining's; the later stages start from their own init_from."""
-  stage = next((k for k in ('finetune', 'reward', 'dpo', 'ppo') if k in cfg), None)
+  stage = next((k for k in ('finetune', 'reward', 'dpo', 'ppo', 'grpo') if k in cfg), None)
   if stage and (cfg.get('train') or {}).get('init_from'):
     raise UserError(f'train.init_from is for continued pretraining; a {stage} run starts from '
                     f'{stage}.init_from, so leave train.init_from empty.')

@@ -94,6 +94,8 @@ UNUSED_KEYS = {
     'dpo': dict(_ONLY_PRETRAIN, eval_batches=_NO_HELD_OUT),
     'ppo': dict(_ONLY_PRETRAIN, eval_batches=_NO_HELD_OUT, grad_accum=_NO_MICRO,
                 micro_batch_tokens=_NO_MICRO),
+    'grpo': dict(_ONLY_PRETRAIN, eval_batches=_NO_HELD_OUT, grad_accum=_NO_MICRO,
+                 micro_batch_tokens=_NO_MICRO),
 }
 
 
