@@ -3,19 +3,19 @@
   python run.py pipeline --config=configs/pipeline.py --workdir=runs/pipeline
 
 Each section is the config of one stage's subcommand (configs/pretrain_small.py, sft.py, reward.py,
-ppo.py, dpo.py, eval.py), shortened so that the whole story fits in under an hour; override any
+ppo.py, grpo.py, dpo.py, eval.py), shortened so that the whole story fits in under an hour; override any
 key as usual, e.g. --config.sft.train.steps=3000. The folders each stage starts from are filled in
 by the pipeline. With --config.pretrain.data.tokenizer=sentencepiece a tokenizer stage comes first.
 """
 import ml_collections
 
-from configs import dpo, eval as eval_config, ppo, pretrain_small, reward, sft
+from configs import dpo, eval as eval_config, grpo, ppo, pretrain_small, reward, sft
 
 
 def get_config():
   c = ml_collections.ConfigDict()
   p = c.pipeline = ml_collections.ConfigDict()
-  p.stages = 'pretrain,sft,reward,ppo,dpo'
+  p.stages = 'pretrain,sft,reward,ppo,grpo,dpo'
   p.policy_eval_prompts = 300   # held-out code headers every policy is sampled on ...
   p.policy_eval_samples = 2     # ... this many times each
 
@@ -34,6 +34,11 @@ def get_config():
   t = c.ppo.train
   t.steps, t.eval_every, t.checkpoint_every = 80, 20, 20
   c.ppo.ppo.eval_prompts = 100
+
+  c.grpo = grpo.get_config()                      # the code task, rewarded by its gold program
+  t = c.grpo.train
+  t.steps, t.eval_every, t.checkpoint_every = 80, 20, 20
+  c.grpo.grpo.eval_prompts = 100
 
   c.dpo = dpo.get_config()
   t = c.dpo.train

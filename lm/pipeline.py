@@ -9,12 +9,15 @@ same code path as running them by hand):
   sft        run.py finetune  on the instruction set and the code task   -> DIR/sft
   reward     run.py reward    preference pairs sampled from the SFT model -> DIR/reward
   ppo        run.py ppo       against the reward model                  -> DIR/ppo
+  grpo       run.py grpo      against the code task's gold program       -> DIR/grpo
   dpo        run.py dpo       on the reward model's pairs               -> DIR/dpo
 
 then every model is evaluated: `run.py eval` (validation loss and bits per byte, instruction-task
-exact match in the chat template) into its folder's eval.json, and the SFT, PPO and DPO policies
-on the same held-out code headers (gold reward by the task's program, proxy reward by the reward
-model, KL to the SFT model). DIR/report.md is the report card, with its plots beside it.
+exact match in the chat template) into its folder's eval.json, and the SFT, PPO, GRPO and DPO
+policies on the same held-out code headers (gold reward by the task's program, proxy reward by the
+reward model, KL to the SFT model). DIR/report.md is the report card, with its plots beside it;
+its "val loss kept" column is the pretrained model's validation loss over each model's (100%: the
+stage forgot nothing of the pretraining corpus).
 
 Every stage's settings are read before the first stage starts (validate_stages: the sections
 each stage's command reads, with the folders it starts from filled in), so a misspelt key or a
@@ -44,6 +47,7 @@ from lm.errors import UserError
 from lm.metrics import read_json_object, read_jsonl, write_json_atomic, write_text_atomic
 from lm.align import common as al
 from lm.align import dpo
+from lm.align import grpo
 from lm.align import ppo
 from lm.align import reward
 from lm.data import tokens as data_lib
@@ -54,11 +58,12 @@ from lm.stages import finetune as ft
 from lm.stages import pretrain as train_lib
 from lm.training.optim import TrainConfig
 
-STAGES = ('tokenizer', 'pretrain', 'sft', 'reward', 'ppo', 'dpo')
+STAGES = ('tokenizer', 'pretrain', 'sft', 'reward', 'ppo', 'grpo', 'dpo')
 UPSTREAM = {'tokenizer': (), 'pretrain': ('tokenizer',), 'sft': ('pretrain',),
-            'reward': ('sft',), 'ppo': ('sft', 'reward'), 'dpo': ('sft', 'reward')}
+            'reward': ('sft',), 'ppo': ('sft', 'reward'), 'grpo': ('sft',),
+            'dpo': ('sft', 'reward')}
 STATE = 'pipeline.json'
-POLICIES = ('sft', 'ppo', 'dpo')
+POLICIES = ('sft', 'ppo', 'grpo', 'dpo')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +103,9 @@ def stage_configs(cfg, workdir: str) -> dict:
   out['reward'].reward.init_from = d('sft')
   out['ppo'] = copy.deepcopy(cfg.ppo)
   out['ppo'].ppo.init_from, out['ppo'].ppo.reward_from = d('sft'), d('reward')
+  if 'grpo' in cfg:
+    out['grpo'] = copy.deepcopy(cfg.grpo)
+    out['grpo'].grpo.init_from = d('sft')
   out['dpo'] = copy.deepcopy(cfg.dpo)
   out['dpo'].dpo.init_from, out['dpo'].dpo.reward_from = d('sft'), d('reward')
   out['dpo'].dpo.pairs = os.path.join(d('reward'), reward.PAIRS)
@@ -153,6 +161,9 @@ def _validate_stage(name: str, c) -> None:
     reward.RewardConfig.from_config(c.reward)
   elif name == 'ppo':
     ppo.PpoConfig.from_config(c.ppo, tc.batch_size)
+  elif name == 'grpo':
+    grpo.GrpoConfig.from_config(c.grpo, tc.batch_size)
+    al.PolicyLora.from_config(c)
   elif name == 'dpo':
     dpo.DpoConfig.from_config(c.dpo)
 
@@ -181,6 +192,8 @@ def _run_stage(name: str, cfg, folder: str) -> dict:
     return reward.train_reward(cfg, folder)
   if name == 'ppo':
     return ppo.train_ppo(cfg, folder)
+  if name == 'grpo':
+    return grpo.train_grpo(cfg, folder)
   return dpo.train_dpo(cfg, folder)
 
 
@@ -399,6 +412,10 @@ def _config_summary(name: str, c: dict) -> str:
     return f"pairs from the SFT model, label noise {c['reward']['noise']}; {steps}"
   if name == 'ppo':
     return f"kl_coef {c['ppo']['kl_coef']}; {t.get('steps')} iterations of {t.get('batch_size')} rollouts"
+  if name == 'grpo':
+    g = c['grpo']
+    return (f"verifier {g['reward']}, kl_coef {g['kl_coef']}; {t.get('steps')} iterations of "
+            f"{t.get('batch_size')} prompts x {g['group_size']} samples")
   return f"beta {c['dpo'].get('beta')}; {steps}"
 
 
@@ -421,7 +438,7 @@ def write_report(cfg, workdir: str, state: dict) -> str:
     held = ''
     if name == 'reward' and 'reward' in s:
       held = f"pair accuracy {s['reward']['eval_accuracy']:.1%} (gold labels)"
-    elif name in ('ppo', 'dpo') and name in s:
+    elif name in ('ppo', 'grpo', 'dpo') and name in s:
       a = s[name].get('after', {})
       if 'eval_gold' in a:
         held = f"gold {a['eval_gold']:.3f} at KL {a['eval_kl']:.2f}"
@@ -437,15 +454,18 @@ def write_report(cfg, workdir: str, state: dict) -> str:
     e0 = stages[evald[0]]['eval']
     tasks = list(e0.get('tasks', {}))
     lines += ['## What each stage bought', '',
-              '| model | val loss | val bits/byte | ' + ' | '.join(
+              '| model | val loss | val bits/byte | val loss kept (base = 100%) | ' + ' | '.join(
                   f'{t} exact match | {t} partial credit' for t in tasks)
               + ' | gold reward | proxy reward | KL to SFT (nats) |',
-              '|---' * (3 + 2 * len(tasks) + 3) + '|']
+              '|---' * (4 + 2 * len(tasks) + 3) + '|']
+    base_loss = stages.get('pretrain', {}).get('eval', {}).get('text', {}).get('val', {}).get(
+        'loss')
     for s in evald:
       e = stages[s]['eval']
       val = e.get('text', {}).get('val', {})
       pol = e.get('policy', {})
-      cells = [fmt(val.get('loss')), fmt(val.get('bpb'))]
+      kept = base_loss / val['loss'] if base_loss and val.get('loss') else None
+      cells = [fmt(val.get('loss')), fmt(val.get('bpb')), fmt(kept, '.1%')]
       for t in tasks:
         r = e.get('tasks', {}).get(t, {})
         cells += [fmt(r.get('exact'), '.1%'), fmt(r.get('partial'), '.1%')]
@@ -456,7 +476,8 @@ def write_report(cfg, workdir: str, state: dict) -> str:
     lines += ['', 'Task accuracy: held-out instances of the built-in instruction set, greedy answers '
               'in the chat template (the pretrained model has never seen the template, so it '
               'scores near zero there by construction). Validation loss: the pretraining corpus '
-              '(forgetting shows as a rise).']
+              '(forgetting shows as a rise); kept: the pretrained model\'s validation loss over '
+              'this model\'s (100%: nothing forgotten).']
     if pe:
       lines += ['Rewards: the same '
                 f"{pe['prompts']} held-out code headers x {pe['samples']} samples for every policy, "

@@ -36,6 +36,12 @@ def tiny_config(cache_dir):
   for k, v in dict(short, steps=2, batch_size=8, eval_every=2, checkpoint_every=2,
                    warmup_steps=0).items():
     c.ppo.train[k] = v
+  g = c.grpo.grpo
+  g.eval_prompts, g.eval_samples, g.max_new_tokens, g.group_size, g.minibatch = 4, 1, 12, 2, 4
+  g.epochs, g.sample_batch = 1, 32
+  for k, v in dict(short, steps=2, batch_size=4, eval_every=2, checkpoint_every=2,
+                   warmup_steps=0).items():
+    c.grpo.train[k] = v
   dd = c.dpo.dpo
   dd.eval_prompts, dd.eval_samples, dd.max_new_tokens, dd.sample_batch = 4, 1, 12, 32
   for k, v in dict(short, steps=3, batch_size=4, eval_every=3, checkpoint_every=3).items():
@@ -70,7 +76,8 @@ def done(cache_dir, tmp_path_factory):
 
 def test_an_interrupted_stage_is_resumed_by_a_rerun(done):
   workdir, _, first, second, logs, calls = done
-  assert first['stopped'] == 'sft' and calls == ['pretrain', 'sft', 'sft', 'reward', 'ppo', 'dpo']
+  assert first['stopped'] == 'sft' and calls == ['pretrain', 'sft', 'sft', 'reward', 'ppo', 'grpo',
+                                          'dpo']
   assert '[pretrain] finished earlier' in ' '.join(logs)
   assert any(l.startswith('[sft] resuming') for l in logs)
   summary = json.load(open(os.path.join(workdir, 'sft', 'summary.json')))
@@ -82,18 +89,27 @@ def test_an_interrupted_stage_is_resumed_by_a_rerun(done):
 def test_the_report_card_shows_every_stage(done):
   workdir, _, _, second, _, _ = done
   state = second['state']['stages']
-  assert all(state[s]['finished'] for s in ('pretrain', 'sft', 'reward', 'ppo', 'dpo'))
-  for s in ('pretrain', 'sft', 'ppo', 'dpo'):
+  assert all(state[s]['finished'] for s in ('pretrain', 'sft', 'reward', 'ppo', 'grpo', 'dpo'))
+  for s in ('pretrain', 'sft', 'ppo', 'grpo', 'dpo'):
     e = state[s]['eval']
     assert 0 <= e['tasks']['instruct']['exact'] <= 1 and e['text']['val']['bpb'] > 0
-  for s in ('sft', 'ppo', 'dpo'):
+  for s in ('sft', 'ppo', 'grpo', 'dpo'):
     pol = state[s]['eval']['policy']
     assert 0 <= pol['gold'] <= 1 and pol['prompts'] == 6
   assert state['sft']['eval']['policy']['kl'] == pytest.approx(0.0, abs=1e-6)
   report = open(os.path.join(workdir, 'report.md')).read()
-  for s in ('pretrain', 'sft', 'reward', 'ppo', 'dpo'):
+  for s in ('pretrain', 'sft', 'reward', 'ppo', 'grpo', 'dpo'):
     assert f'| {s} |' in report
   assert 'pair accuracy' in report and 'What each stage bought' in report
+  # The kept column: the pretrained model's validation loss over each model's.
+  assert 'val loss kept (base = 100%)' in report
+  base = state['pretrain']['eval']['text']['val']['loss']
+  assert '| pretrain | ' in report and f"| {base:.3f} |" in report
+  row = next(l for l in report.splitlines() if l.startswith('| sft |') and '%' in l)
+  sft_loss = state['sft']['eval']['text']['val']['loss']
+  assert f'{base / sft_loss:.1%}' in row
+  assert next(l for l in report.splitlines() if l.startswith('| pretrain |') and '%' in l
+              ).split(' | ')[3] == '100.0%'
   for png in ('loss_curves.png', 'accuracy.png', 'reward_vs_kl.png'):
     assert f'![{png}]({png})' in report and os.path.getsize(os.path.join(workdir, png)) > 0
 
@@ -101,10 +117,10 @@ def test_the_report_card_shows_every_stage(done):
 def test_a_rerun_skips_finished_stages(done, tmp_path):
   workdir, cfg, _, _, _, _ = done
   before = {s: os.path.getmtime(os.path.join(workdir, s, 'summary.json'))
-            for s in ('pretrain', 'sft', 'reward', 'ppo', 'dpo')}
+            for s in ('pretrain', 'sft', 'reward', 'ppo', 'grpo', 'dpo')}
   logs = []
   pipeline.run_pipeline(cfg, workdir, log=logs.append)
-  assert sum('skipped' in l for l in logs) == 5
+  assert sum('skipped' in l for l in logs) == 6
   for s, t in before.items():
     assert os.path.getmtime(os.path.join(workdir, s, 'summary.json')) == t
 
@@ -121,6 +137,7 @@ def test_a_changed_stage_reruns_with_its_successors_only(done):
   assert '[reward] runs again (changed: train.lr (0.0001 -> 0.0002))' in text
   for s in ('ppo', 'dpo'):
     assert f'[{s}] runs again (a stage it starts from ran again)' in text
+  assert '[grpo] finished earlier' in text      # GRPO starts from the SFT run alone
   stale = sorted(os.listdir(os.path.join(workdir, 'stale')))
   assert [n.split('-')[0] for n in stale] == ['dpo', 'ppo', 'reward']
   st = out['state']['stages']
@@ -130,8 +147,8 @@ def test_a_changed_stage_reruns_with_its_successors_only(done):
 
 def test_pipeline_refuses_unknown_or_orphaned_stages(cache_dir, tmp_path):
   cfg = tiny_config(cache_dir)
-  cfg.pipeline.stages = 'pretrain,sft,grpo'
-  with pytest.raises(UserError, match="'grpo', which is not a stage"):
+  cfg.pipeline.stages = 'pretrain,sft,rlhf'
+  with pytest.raises(UserError, match="'rlhf', which is not a stage"):
     pipeline.run_pipeline(cfg, str(tmp_path))
   cfg.pipeline.stages = 'ppo'
   with pytest.raises(UserError, match='runs ppo without sft'):
