@@ -691,3 +691,27 @@ def test_bad_replay_shares_are_refused(base_run, user_data, tmp_path, share, mat
   with pytest.raises(UserError, match=match):
     ft.build(cfg, str(tmp_path / 'x'))
   assert not os.path.exists(tmp_path / 'x')
+
+
+def test_mixed_loss_is_the_mean_of_each_part_added():
+  mc = tiny_mc()
+  params = model_lib.init_params(mc, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  T = 16
+  batch = {'tokens': rng.integers(0, 256, (4, T)).astype(np.int32),
+           'targets': rng.integers(0, 256, (4, T)).astype(np.int32),
+           'weights': np.zeros((4, T), np.float32), 'segments': np.ones((4, T), np.int32),
+           'positions': np.tile(np.arange(T, dtype=np.int32), (4, 1)),
+           'replay': np.zeros((4, T), np.float32)}
+  batch['weights'][:3, 10:14] = 1.0         # three rows of chat examples, 4 counted tokens each
+  batch['weights'][3] = 1.0                 # one replay row, every token counted
+  batch['replay'][3] = 1.0
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  losses = np.asarray(sft.token_losses(mc, params, b))
+  chat = (losses * batch['weights'])[:3].sum() / 12
+  replay = losses[3].mean()
+  total, (weight, parts) = sft.mixed_loss(mc, params, b)
+  assert float(weight) == 12 + T
+  assert float(total / weight) == pytest.approx(chat + replay, rel=1e-5)
+  assert float(parts['sft_loss'] / weight) == pytest.approx(chat, rel=1e-5)
+  assert float(parts['replay_loss'] / weight) == pytest.approx(replay, rel=1e-5)

@@ -279,17 +279,20 @@ def masked_loss(mc: ModelConfig, params, batch, adapters=None, rng=None):
 
 
 def mixed_loss(mc: ModelConfig, params, batch, adapters=None, rng=None):
-  """masked_loss of a batch whose 'replay' marks replay rows' tokens (lm/data/replay.py), with
-  the mean loss of each part as metrics: (sum, (weight, {'sft_loss', 'replay_loss'})). Each part's
-  metric is its mean times the batch's weight, which the loop divides back out."""
+  """The loss of a batch whose 'replay' marks the replay rows' tokens (lm/data/replay.py): the
+  chat examples' mean loss over their counted tokens plus the replay rows' mean loss over every
+  one of their tokens, so the chat examples teach as much as they would alone and replay adds a
+  pull towards the pretraining text. As (sum, (weight, {'sft_loss', 'replay_loss'})): each part's
+  mean times the batch's weight, which the loop divides back out."""
   w = batch['weights']
   losses = token_losses(mc, params, batch, adapters, rng) * w
   weight = jnp.sum(w)
   r = batch['replay']
   parts = {}
   for name, sel in (('sft_loss', 1 - r), ('replay_loss', r)):
-    parts[name] = jnp.sum(losses * sel) / jnp.maximum(jnp.sum(w * sel), 1e-9) * weight
-  return jnp.sum(losses), (weight, parts)
+    parts[name] = jnp.sum(losses * sel) / jnp.maximum(jnp.sum(w * sel), 1e-9)
+  total = (parts['sft_loss'] + parts['replay_loss']) * weight
+  return total, (weight, {k: v * weight for k, v in parts.items()})
 
 
 def example_losses(mc: ModelConfig, params, packed: dict, adapters=None) -> np.ndarray:
