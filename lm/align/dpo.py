@@ -24,6 +24,40 @@ than others"; Guo et al. 2024): the new pairs are the current policy's own sampl
 the mistakes it still makes, and the starting policy is the new round's reference. The
 evaluation's KL is always to the SFT model the chain of runs began from.
 
+Losses (dpo.loss). With h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), the
+summed response log-probabilities as above:
+
+  dpo    -log sigmoid(beta h) (with dpo.label_smoothing, the conservative form).
+  ipo    (h - 1 / (2 beta))^2: IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand
+         Learning from Human Preferences"). A squared loss towards a finite target: a pair
+         past it is pulled back (DPO's logistic loss keeps rewarding a wider margin, and on
+         deterministic preferences drives it to infinity). Here h is of summed response
+         log-probabilities, exactly DPO's h (not a per-token average).
+  simpo  -log sigmoid(simpo_beta (avg log pi(y_w) - avg log pi(y_l)) - simpo_gamma): SimPO (Meng
+         et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"), where
+         avg log pi(y) is the summed log-probability over the number of response tokens (the
+         end-of-turn marker included). No reference: its log-probabilities are not computed (the
+         batches carry zeros in their place). simpo_beta has its own key because the values the
+         paper uses (2 to 10) are far from DPO's beta (0.1).
+
+Every loss logs the same metrics of its implicit rewards: beta (log pi - log ref) for dpo and
+ipo (IPO's optimum is a margin of 1/2 on that scale), simpo_beta * avg log pi for simpo.
+'accuracy' is the share of pairs whose chosen response has the larger one, 'margin' the mean of
+chosen minus rejected (SimPO's gamma not subtracted).
+
+Replay (dpo.replay_fraction = f > 0): every step adds n_r = round(f 2B / (1 - f)) windows of
+train.seq_len + 1 tokens from the pretraining corpus of the SFT run's chain (lm/data/replay.py),
+so that f is the replay share of the step's sequences (2B of them are the B pairs' rows), and
+the loss is the mean pair loss plus the mean next-token NLL over every replay token (weight 1);
+'pair_loss' and 'replay_loss' are logged apart. The windows of a step are a pure function of the
+step, so a resumed run continues exactly.
+
+LoRA (lora.rank > 0, common.PolicyLora): the train state holds the adapters alone; the starting
+policy's weights are the stage's frozen input, with the adapters the policy and without them the
+reference (whose log-probabilities are computed once, as above). config.json's base.model is the
+adapted model, so runs.load_model reads the run as its adapters merged into the starting policy;
+the evaluation samples the merged weights.
+
 The reference log-probabilities never change, so they are computed once for every pair before
 training and travel with the batches: the reference is never held in the train state and costs
 no forward pass per step. `train_dpo(cfg, workdir)` runs through the one training loop
@@ -46,12 +80,22 @@ from lm.training import loop
 from lm import runs
 from lm.align import common
 from lm.align import pairs as pairs_lib
+from lm.data import replay as replay_lib
+from lm.data import tokens as data_lib
 from lm.config import read_section
+from lm.model import lora as lora_lib
 from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
 from lm.align import reward as reward_lib
 
 PAIRS = 'pairs.jsonl'      # on-policy pairs sampled by the run itself (dpo.pairs empty)
+LOSSES = ('dpo', 'ipo', 'simpo')
+
+# Keys added to the dpo and lora sections after DPO runs existed, with the value their absence
+# means (an old run's config.json lacks them; as_recorded lets it resume).
+ADDED_KEYS = {'dpo.loss': 'dpo', 'dpo.simpo_beta': 2.0, 'dpo.simpo_gamma': 1.0,
+              'dpo.replay_fraction': 0.0, 'lora.rank': 0, 'lora.alpha': 16.0,
+              'lora.targets': 'q,k,v,o,up,down'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +116,22 @@ class DpoConfig:
   max_new_tokens: int
   temperature: float
   sample_batch: int
+  loss: str
+  simpo_beta: float
+  simpo_gamma: float
+  replay_fraction: float
 
   @classmethod
   def from_config(cls, s) -> 'DpoConfig':
     c = cls(**read_section(cls, s, 'dpo', defaults={
-        'sft_weight': 0.0, 'samples_per_prompt': 8, 'pairs_per_prompt': 4, 'noise': 0.1}))
+        'sft_weight': 0.0, 'samples_per_prompt': 8, 'pairs_per_prompt': 4, 'noise': 0.1,
+        'loss': 'dpo', 'simpo_beta': 2.0, 'simpo_gamma': 1.0, 'replay_fraction': 0.0}))
     if not c.init_from:
       raise UserError('dpo.init_from is empty; name the SFT run to start from, e.g. '
                       '--config.dpo.init_from=runs/sft_code.')
+    if c.loss not in LOSSES:
+      raise UserError(f"dpo.loss={c.loss!r} is not a preference loss; use one of "
+                      f"{', '.join(LOSSES)}.")
     if not 0 <= c.noise < 0.5:
       raise UserError(f'dpo.noise={c.noise} must be in [0, 0.5) (the share of flipped labels).')
     if c.samples_per_prompt < 2 or c.pairs_per_prompt < 1:
@@ -90,6 +142,17 @@ class DpoConfig:
     if not 0 <= c.label_smoothing < 0.5:
       raise UserError(f'dpo.label_smoothing={c.label_smoothing} must be in [0, 0.5) (the share '
                       'of labels assumed flipped).')
+    if c.label_smoothing and c.loss == 'ipo':
+      raise UserError(f'dpo.label_smoothing={c.label_smoothing} has no meaning for IPO\'s squared '
+                      'loss; set it to 0 with dpo.loss=ipo.')
+    if not c.simpo_beta > 0:
+      raise UserError(f'dpo.simpo_beta={c.simpo_beta} must be positive (it scales SimPO\'s '
+                      'length-normalised reward).')
+    if not c.simpo_gamma >= 0:
+      raise UserError(f'dpo.simpo_gamma={c.simpo_gamma} must be >= 0 (SimPO\'s target margin).')
+    if not 0 <= c.replay_fraction < 1:
+      raise UserError(f'dpo.replay_fraction={c.replay_fraction} must be in [0, 1): the share of '
+                      'each step\'s sequences taken from the pretraining corpus (0: no replay).')
     if c.sft_weight < 0:
       raise UserError(f'dpo.sft_weight={c.sft_weight} must be >= 0 (0: plain DPO).')
     for key in ('eval_prompts', 'eval_samples', 'max_new_tokens', 'sample_batch'):
@@ -98,6 +161,42 @@ class DpoConfig:
     if not c.temperature > 0:
       raise UserError(f'dpo.temperature={c.temperature} must be positive.')
     return c
+
+  def objective(self) -> dict:
+    """pair_loss's keyword arguments for this section's loss."""
+    return {'beta': self.beta, 'label_smoothing': self.label_smoothing,
+            'sft_weight': self.sft_weight, 'loss': self.loss, 'simpo_beta': self.simpo_beta,
+            'simpo_gamma': self.simpo_gamma}
+
+
+def replay_rows(batch_size: int, fraction: float) -> int:
+  """Replay windows per step: round(f 2B / (1 - f)), so that they are the share f of the step's
+  sequences (the B pairs give 2B); refused when a positive share rounds to none."""
+  n = int(round(fraction * 2 * batch_size / (1 - fraction)))
+  if fraction > 0 and n < 1:
+    raise UserError(f'dpo.replay_fraction={fraction} of a step of train.batch_size={batch_size} '
+                    'pairs gives no replay row; raise the share or the batch.')
+  return n
+
+
+def as_recorded(workdir: str, config: dict, added: dict) -> dict:
+  """config as the run already in workdir recorded it: a key added since that run (`added`:
+  'section.key' -> the value its absence meant) which its config.json lacks and config sets to
+  that value is left out, so the run resumes and keeps its config.json (a section left empty
+  goes too). Without a run in workdir, config itself."""
+  old = runs.config_or_empty(workdir)
+  if not old:
+    return config
+  out = json.loads(json.dumps(config))
+  for dotted, absent in added.items():
+    section, key = dotted.split('.')
+    new = out.get(section)
+    if (isinstance(new, dict) and key not in (old.get(section) or {}) and key in new
+        and new[key] == absent):
+      del new[key]
+      if not new:
+        del out[section]
+  return out
 
 
 def dpo_loss_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
@@ -112,32 +211,96 @@ def dpo_loss_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, bet
   return common.preference_loss(r_w - r_l, label_smoothing), r_w, r_l
 
 
+def ipo_loss_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+  """IPO's (per-pair loss, implicit reward of chosen, of rejected) from summed log-probabilities:
+  (h - 1 / (2 beta))^2 with h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)); the
+  rewards are DPO's, beta (log pi - log ref), whose margin beta h the loss pulls to 1/2."""
+  h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+  return (h - 1 / (2 * beta)) ** 2, beta * (policy_chosen - ref_chosen), beta * (
+      policy_rejected - ref_rejected)
+
+
+def simpo_loss_terms(policy_chosen, policy_rejected, len_chosen, len_rejected, beta: float,
+                     gamma: float, label_smoothing: float = 0.0):
+  """SimPO's (per-pair loss, reward of chosen, of rejected): reward r = beta * (summed
+  log-probability / response tokens), loss -log sigmoid(r_w - r_l - gamma) (label-smoothed as
+  DPO's). No reference."""
+  r_w = beta * policy_chosen / len_chosen
+  r_l = beta * policy_rejected / len_rejected
+  return common.preference_loss(r_w - r_l - gamma, label_smoothing), r_w, r_l
+
+
+def loss_terms(loss: str, logp_w, logp_l, ref_w, ref_l, len_w, len_l, beta: float,
+               label_smoothing: float = 0.0, simpo_beta: float = 2.0, simpo_gamma: float = 1.0):
+  """(per-pair loss, reward of chosen, of rejected) of one of LOSSES (module docstring)."""
+  if loss == 'dpo':
+    return dpo_loss_terms(logp_w, logp_l, ref_w, ref_l, beta, label_smoothing)
+  if loss == 'ipo':
+    return ipo_loss_terms(logp_w, logp_l, ref_w, ref_l, beta)
+  if loss == 'simpo':
+    return simpo_loss_terms(logp_w, logp_l, len_w, len_l, simpo_beta, simpo_gamma,
+                            label_smoothing)
+  raise UserError(f"dpo.loss={loss!r} is not a preference loss; use one of {', '.join(LOSSES)}.")
+
+
 def pair_loss(mc, params, batch, beta: float, label_smoothing: float = 0.0,
-              sft_weight: float = 0.0):
-  """(loss sum, (pairs, metric sums)) of a batch of chosen then rejected rows."""
-  logp = common.sequence_logprob(mc, params, batch)
+              sft_weight: float = 0.0, loss: str = 'dpo', simpo_beta: float = 2.0,
+              simpo_gamma: float = 1.0, base=None):
+  """(loss sum, (pairs, metric sums)) of a batch of chosen then rejected rows (a LoRA policy:
+  params are its adapters on `base`)."""
+  logp = common.sequence_logprob(mc, params, batch, base=base)
   B = logp.shape[0] // 2
-  loss, r_w, r_l = dpo_loss_terms(logp[:B], logp[B:], batch['ref'][:B], batch['ref'][B:], beta,
-                                  label_smoothing)
+  lengths = jnp.maximum(jnp.sum(batch['mask'], axis=-1), 1.0)
+  per_pair, r_w, r_l = loss_terms(loss, logp[:B], logp[B:], batch['ref'][:B], batch['ref'][B:],
+                                  lengths[:B], lengths[B:], beta, label_smoothing, simpo_beta,
+                                  simpo_gamma)
   w = batch['weight'][:B]
-  nll = -logp[:B] / jnp.maximum(jnp.sum(batch['mask'][:B], axis=-1), 1.0)
+  nll = -logp[:B] / lengths[:B]
   if sft_weight:
-    loss = loss + sft_weight * nll
-  return jnp.sum(loss * w), (jnp.sum(w), {
+    per_pair = per_pair + sft_weight * nll
+  return jnp.sum(per_pair * w), (jnp.sum(w), {
       'accuracy': jnp.sum((r_w > r_l) * w), 'margin': jnp.sum((r_w - r_l) * w),
       'reward_chosen': jnp.sum(r_w * w), 'reward_rejected': jnp.sum(r_l * w),
       'chosen_nll': jnp.sum(nll * w)})
+
+
+def replay_nll(mc, params, windows, base=None):
+  """Mean next-token NLL over every token of replay windows [n, seq_len + 1]."""
+  return -jnp.mean(common.token_logprobs(mc, params, windows, 1.0, base))
+
+
+def step_loss(mc, params, batch, base=None, **objective):
+  """The training loss: pair_loss, plus (a batch with 'replay' windows) the replay tokens' mean
+  NLL times the pairs' weight, so that the loop's division gives mean pair loss + replay NLL;
+  'pair_loss' and 'replay_loss' are reported apart."""
+  total, (w, metrics) = pair_loss(mc, params, batch, base=base, **objective)
+  if 'replay' not in batch:
+    return total, (w, metrics)
+  r = replay_nll(mc, params, batch['replay'], base)
+  metrics = dict(metrics, pair_loss=total, replay_loss=r * w)
+  return total + r * w, (w, metrics)
 
 
 def _reference_logprobs(mc, params, rows: dict, batch: int) -> np.ndarray:
   return common.batched(lambda r: common.jit_sequence_logprob(params, r, mc=mc), rows, batch)
 
 
+def _with_reference(dc: DpoConfig, policy, rows: dict, batch: int) -> dict:
+  """Rows with 'ref', the starting policy's summed log-probabilities (zeros for SimPO, which
+  has no reference: the batches keep one layout)."""
+  for side in ('chosen', 'rejected'):
+    if dc.loss == 'simpo':
+      rows[side]['ref'] = np.zeros(len(rows[side]['tokens']), np.float32)
+    else:
+      rows[side]['ref'] = _reference_logprobs(policy.mc, policy.params, rows[side], batch)
+  return rows
+
+
 def _pairs(dc: DpoConfig, tc: TrainConfig, policy, workdir: str, seed: int):
   """The training pairs (a file, or sampled on-policy into the workdir once) and the held-out
   ones, as rows with the reference policy's log-probabilities: (pairs path, sampling info,
   training pairs, pairs dropped as too long, rows, held-out rows or None)."""
-  mc, tok, B = policy.mc, policy.tokenizer, tc.batch_size
+  tok, B = policy.tokenizer, tc.batch_size
   pairs_path, sampled = dc.pairs, None
   if not pairs_path:            # on-policy pairs from the starting policy (module docstring)
     pairs_path = os.path.join(workdir, PAIRS)
@@ -150,20 +313,32 @@ def _pairs(dc: DpoConfig, tc: TrainConfig, policy, workdir: str, seed: int):
   if not train_pairs:
     raise UserError(f'every pair of {pairs_path} is longer than train.seq_len={tc.seq_len} '
                     'tokens.')
-  rows = pairs_lib.pair_rows(tok, train_pairs, tc.seq_len)
-  for side in ('chosen', 'rejected'):
-    rows[side]['ref'] = _reference_logprobs(mc, policy.params, rows[side], 2 * B)
+  rows = _with_reference(dc, policy, pairs_lib.pair_rows(tok, train_pairs, tc.seq_len), 2 * B)
   eval_rows = None
   if dc.eval_pairs:
     ev, _ = pairs_lib.fitting(tok, pairs_lib.read_pairs(dc.eval_pairs), tc.seq_len)
-    eval_rows = pairs_lib.pair_rows(tok, ev, tc.seq_len)
-    for side in ('chosen', 'rejected'):
-      eval_rows[side]['ref'] = _reference_logprobs(mc, policy.params, eval_rows[side], 2 * B)
+    eval_rows = _with_reference(dc, policy, pairs_lib.pair_rows(tok, ev, tc.seq_len), 2 * B)
   return pairs_path, sampled, train_pairs, dropped, rows, eval_rows
 
 
-def _held_out_pairs(eval_loss, params, eval_rows: dict, stack, B: int) -> dict:
-  """The DPO loss, accuracy and margin over the held-out pairs, in batches of B."""
+def pretrain_corpus(init_from: str, tokenizer):
+  """The pretraining corpus (lm/data/tokens.py Dataset) at the root of init_from's chain of base
+  runs, checked to be tokenized as the policy is."""
+  root = runs.root_config(init_from)
+  if root is None:
+    raise UserError(f'{init_from} does not lead back to a pretrained run (no model and data in '
+                    'its chain of base runs), so there is no corpus to replay; set '
+                    'dpo.replay_fraction=0 or start from a run whose chain has one.')
+  dataset = data_lib.prepare(data_lib.DataConfig.from_config(root['data']))
+  if dataset.tokenizer.hash != tokenizer.hash:
+    raise UserError(f'the tokenizer of {init_from} differs from its pretraining data\'s, so its '
+                    'corpus cannot be replayed; set dpo.replay_fraction=0 or fine-tune again '
+                    'from the pretrained run.')
+  return dataset
+
+
+def _held_out_pairs(eval_loss, params, base, eval_rows: dict, stack, B: int) -> dict:
+  """The pair loss, accuracy and margin over the held-out pairs, in batches of B."""
   n = len(eval_rows['chosen']['tokens'])
   sums = np.zeros(3)
   for i in range(0, n, B):
@@ -174,7 +349,7 @@ def _held_out_pairs(eval_loss, params, eval_rows: dict, stack, B: int) -> dict:
       b = stack(eval_rows, np.concatenate([idx, pad]))
       b['weight'][len(idx):B] = 0.0
       b['weight'][B + len(idx):] = 0.0
-    total, (w, m) = eval_loss(params, b)
+    total, (w, m) = eval_loss(params, base, b)
     sums += [float(total), float(m['accuracy']), float(m['margin'])]
   return {'eval_pair_loss': sums[0] / n, 'eval_pair_accuracy': sums[1] / n,
           'eval_pair_margin': sums[2] / n}
@@ -184,17 +359,29 @@ def build(cfg, workdir: str) -> loop.Stage:
   seed = int(cfg.seed)
   tc = TrainConfig.from_config(cfg.train, 'dpo')
   dc = DpoConfig.from_config(cfg.dpo)
+  lc = common.PolicyLora.from_config(cfg)
+  n_replay = replay_rows(tc.batch_size, dc.replay_fraction)
+  if n_replay % tc.grad_accum:
+    raise UserError(f'the {n_replay} replay rows of a step (dpo.replay_fraction='
+                    f'{dc.replay_fraction}) do not divide into train.grad_accum={tc.grad_accum} '
+                    'micro-batches; choose a share or grad_accum whose counts divide.')
   common.check_single_process()
   runs.check_finetuned(dc.init_from, 'DPO')
   policy = common.load_policy(dc.init_from)
-  mc, tok = policy.mc, policy.tokenizer
-  tc.check_fits(mc.max_len, "the SFT model's max_len")
+  tok = policy.tokenizer
+  mc = lc.model(policy.mc)       # the trained model: the policy itself, or it with adapters
+  tc.check_fits(policy.mc.max_len, "the SFT model's max_len")
   rm = None
   if dc.reward_from:
     rm = reward_lib.load(dc.reward_from)
     common.check_compatible(policy, rm.mc, rm.tokenizer, 'reward model')
+  replay = None
+  if n_replay:
+    replay = replay_lib.Replay(pretrain_corpus(dc.init_from, tok), n_replay, tc.seq_len, seed)
   config = json.loads(cfg.to_json())
   config['base'] = common.base_identity(policy)
+  config['base']['model'] = json.loads(json.dumps(dataclasses.asdict(mc)))
+  config = as_recorded(workdir, config, ADDED_KEYS)
   loop.check_config(workdir, config)
 
   pairs_path, sampled, train_pairs, dropped, rows, eval_rows = _pairs(dc, tc, policy, workdir,
@@ -207,30 +394,44 @@ def build(cfg, workdir: str) -> loop.Stage:
 
   def batch(step: int) -> dict:
     idx = common.epoch_indices(step, B, n_pairs, seed, 0xD70)
-    return jax.device_put(stack(rows, np.asarray(idx)))
+    b = stack(rows, np.asarray(idx))
+    if replay is not None:
+      b['replay'] = replay.windows(step)
+    return jax.device_put(b)
 
-  optimizer = make_optimizer(tc, jax.eval_shape(lambda: policy.params))
-  init_state, abstract_state = common.initial_state(lambda: policy.params, optimizer)
-  beta, eps, alpha = dc.beta, dc.label_smoothing, dc.sft_weight
-  train_step = jax.jit(loop.make_step(lambda p, _, b, r: pair_loss(mc, p, b, beta, eps, alpha),
+  def init_params():
+    return common.init_adapters(mc, seed) if lc.rank else policy.params
+  shapes = jax.eval_shape(init_params)
+  optimizer = make_optimizer(tc, shapes)
+  init_state, abstract_state = common.initial_state(init_params, optimizer)
+  frozen = policy.params if lc.rank else None   # the adapters' base (and the reference)
+  objective = dc.objective()
+  train_step = jax.jit(loop.make_step(lambda p, base, b, r: step_loss(mc, p, b, base, **objective),
                                       tc, optimizer, seed), donate_argnums=0)
-  eval_loss = jax.jit(lambda p, b: pair_loss(mc, p, b, beta, eps))   # the DPO loss alone
+  held_out = dict(objective, sft_weight=0.0)     # the preference loss alone
+  eval_loss = jax.jit(lambda p, base, b: pair_loss(mc, p, b, base=base, **held_out))
   root = runs.sft_root(dc.init_from)
   kl_ref = policy if root == policy.identity['workdir'] else common.load_policy(root)
   evaluator = common.Evaluator(common.task_prompts('eval', dc.eval_prompts), kl_ref, rm,
                                tc.seq_len, dc.max_new_tokens, dc.temperature, dc.sample_batch,
                                samples=dc.eval_samples, seed=seed + 77)
 
-  def evaluate(params, _frozen) -> dict:
-    out = evaluator.evaluate(params)
+  def evaluate(params, base) -> dict:
+    out = evaluator.evaluate(common.merged_policy(mc, params, base))
     if eval_rows is not None:
-      out.update(_held_out_pairs(eval_loss, params, eval_rows, stack, B))
+      out.update(_held_out_pairs(eval_loss, params, base, eval_rows, stack, B))
     return out
 
   n = flops_lib.param_counts(policy.params)
-  fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'], n['nonembed'])
+  fpt = flops_lib.flops_per_token(policy.mc, tc.seq_len, n['total'], n['nonembed'])
   info = {'pairs': pairs_path, 'train_pairs': n_pairs, 'dropped_too_long': dropped,
-          'beta': beta, 'label_smoothing': eps, 'sft_weight': alpha, 'kl_reference': root}
+          'loss': dc.loss, 'beta': dc.beta, 'label_smoothing': dc.label_smoothing,
+          'sft_weight': dc.sft_weight, 'kl_reference': root, 'mode': 'lora' if lc.rank else 'full',
+          'trainable_params': lora_lib.tree_size(shapes)}
+  if dc.loss == 'simpo':
+    info.update(simpo_beta=dc.simpo_beta, simpo_gamma=dc.simpo_gamma)
+  if replay is not None:
+    info['replay'] = dict(replay.info(), fraction=dc.replay_fraction)
   if sampled is not None:
     info['sampling'] = sampled
 
@@ -238,11 +439,11 @@ def build(cfg, workdir: str) -> loop.Stage:
     return {'dpo': {**info, 'after': last}}
 
   return loop.Stage(
-      config=config, train=tc, dtype=mc.dtype,
+      config=config, train=tc, dtype=policy.mc.dtype,
       manifest=lambda: common.manifest(policy, n, {'dpo': info}), tokenizer=tok,
-      abstract_state=abstract_state, init_state=init_state, frozen=None, train_step=train_step,
-      batch=batch, evaluate=evaluate, tokens_per_step=2 * B * tc.seq_len, flops_per_token=fpt,
-      n_params=n, summary=summary)
+      abstract_state=abstract_state, init_state=init_state, frozen=frozen, train_step=train_step,
+      batch=batch, evaluate=evaluate, tokens_per_step=(2 * B + n_replay) * tc.seq_len,
+      flops_per_token=fpt, n_params=n, summary=summary)
 
 
 def train_dpo(cfg, workdir: str, stop_at: int | None = None) -> dict:
