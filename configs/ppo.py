@@ -4,7 +4,9 @@
       --config.ppo.init_from=runs/sft_code --config.ppo.reward_from=runs/rm
 
 One train step is one PPO iteration: train.batch_size rollouts, then ppo.epochs passes of
-minibatches over them. train.lr is the policy's learning rate.
+minibatches over them. train.lr is the policy's learning rate. A `lora` section with rank > 0
+trains adapters on the frozen SFT weights, which (adapters off) are also the reference; the value
+network stays a full copy of the reward model's trunk.
 """
 import ml_collections
 
@@ -46,4 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   p.eval_prompts = 200       # held-out prompts sampled at each evaluation
   p.eval_samples = 2
   p.sample_batch = 128
+
+  lo = c.lora = ml_collections.ConfigDict()
+  lo.rank = 0                # 0 trains every weight of the policy; r > 0 trains rank-r adapters
+  lo.alpha = 16.0            # the adapter update is scaled by alpha / rank
+  lo.targets = 'q,k,v,o,up,down'   # any of q, k, v, o (attention), up, gate, down (MLP)
   return c

@@ -23,6 +23,14 @@ zero-initialised scalar head (as in InstructGPT), trained with its own optimizer
 train.lr * ppo.value_lr_ratio. kl_coef is fixed, or adaptive (ppo.kl_target > 0): after each
 iteration it is multiplied by 1 + clip(KL / target - 1, -0.2, 0.2) * batch / horizon, and it is
 part of the checkpointed state, so a resumed run continues bitwise.
+
+LoRA (lora.rank > 0, common.PolicyLora): the policy's part of the train state is its adapters
+alone; the SFT weights are held once, as frozen['ref']: with the adapters they are the policy,
+without them the reference, so no second copy of the policy's weights exists. Rollouts and
+evaluation sample the merged weights, and config.json's base.model is the adapted model, so
+runs.load_model reads the run as its adapters merged into the SFT run. The value network stays a
+full copy of the reward model's trunk (with its own full optimizer state): only the policy is
+adapted.
 """
 from __future__ import annotations
 
@@ -39,11 +47,17 @@ from lm.model import flops as flops_lib
 from lm.training import loop
 from lm import runs
 from lm.align import common
+from lm.model import lora as lora_lib
 from lm.model import transformer as model_lib
 from lm.config import read_section
 from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
+from lm.align import dpo as dpo_lib
 from lm.align import reward as reward_lib
+
+# The lora section, added after PPO runs existed, with the values its absence means (an old run's
+# config.json lacks it; dpo.as_recorded lets it resume).
+ADDED_KEYS = {k: v for k, v in dpo_lib.ADDED_KEYS.items() if k.startswith('lora.')}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,11 +179,14 @@ def value_loss(values, old_values, returns, mask, clip: float):
 
 @functools.partial(jax.jit, static_argnames=('mc', 'temperature'))
 def _score(params, frozen, rows, rm_mean, rm_std, *, mc, temperature):
-  """Old log-probabilities and entropy, reference log-probabilities, values, normalised scores."""
-  logp, entropy = common.logprobs_and_entropy(mc, params['policy'], rows['tokens'], temperature)
-  ref = model_lib.token_logprobs(mc, frozen['ref'], rows['tokens'], temperature)
-  values = common.position_scores(mc, params['value'], rows['tokens'])[:, :-1]
-  raw = common.last_scores(mc, frozen['rm'], rows)
+  """Old log-probabilities and entropy, reference log-probabilities, values, normalised scores.
+  mc is the policy's model (adapters included for a LoRA policy, on frozen['ref'])."""
+  plain = lora_lib.base_config(mc)
+  logp, entropy = common.logprobs_and_entropy(mc, params['policy'], rows['tokens'], temperature,
+                                              frozen['ref'])
+  ref = model_lib.token_logprobs(plain, frozen['ref'], rows['tokens'], temperature)
+  values = common.position_scores(plain, params['value'], rows['tokens'])[:, :-1]
+  raw = common.last_scores(plain, frozen['rm'], rows)
   return {'logp': logp, 'entropy': entropy, 'ref': ref, 'values': values,
           'score': (raw - rm_mean) / rm_std}
 
@@ -184,10 +201,12 @@ def _advantages(scored, rows, kl_coef, *, gamma, lam):
   return whiten(adv, mask), returns, jnp.sum(kl, axis=1)
 
 
-def _minibatch_loss(params, mb, mc, pc):
-  logp, entropy = common.logprobs_and_entropy(mc, params['policy'], mb['tokens'], pc.temperature)
+def _minibatch_loss(params, base, mb, mc, pc):
+  logp, entropy = common.logprobs_and_entropy(mc, params['policy'], mb['tokens'], pc.temperature,
+                                              base)
   pg, ratio, clipfrac, approx_kl = policy_loss(logp, mb['logp'], mb['adv'], mb['mask'], pc.clip)
-  values = common.position_scores(mc, params['value'], mb['tokens'])[:, :-1]
+  values = common.position_scores(lora_lib.base_config(mc), params['value'],
+                                  mb['tokens'])[:, :-1]
   vf = value_loss(values, mb['values'], mb['returns'], mb['mask'], pc.value_clip)
   dev = jnp.max(jnp.abs(ratio - 1) * mb['mask'])
   return pg + pc.vf_coef * vf, {'pg_loss': pg, 'value_loss': vf, 'clipfrac': clipfrac,
@@ -196,8 +215,9 @@ def _minibatch_loss(params, mb, mc, pc):
 
 
 @functools.partial(jax.jit, static_argnames=('mc', 'tc', 'pc'))
-def _update(params, opt_state, data, key, *, mc, tc, pc):
-  """pc.epochs passes of shuffled minibatches, one optimizer step each (a lax.scan)."""
+def _update(params, opt_state, base, data, key, *, mc, tc, pc):
+  """pc.epochs passes of shuffled minibatches, one optimizer step each (a lax.scan); base: a
+  LoRA policy's frozen weights (None for a full policy)."""
   B = data['tokens'].shape[0]
   n_mb = B // pc.minibatch
   opts = _optimizers(tc, pc, params)
@@ -208,7 +228,7 @@ def _update(params, opt_state, data, key, *, mc, tc, pc):
   def body(carry, idx):
     params, opt_state = carry
     mb = jax.tree.map(lambda x: x[idx], data)
-    (loss, aux), grads = grad_fn(params, mb, mc, pc)
+    (loss, aux), grads = grad_fn(params, base, mb, mc, pc)
     new_opt, new_params = {}, {}
     for k, o in opts.items():
       upd, new_opt[k] = o.update(grads[k], opt_state[k], params[k])
@@ -253,18 +273,20 @@ class _Optimizer:
     return {k: o.init(params[k]) for k, o in self.opts.items()}
 
 
-def _train_step(policy, rm, pc: PpoConfig, tc: TrainConfig, headers: list, prompts: list,
+def _train_step(policy, mc, rm, pc: PpoConfig, tc: TrainConfig, headers: list, prompts: list,
                 seed: int):
   """One PPO step as the training loop calls it: sample responses to a batch of prompts, score
   them, compute advantages, update policy and value, adapt the KL coefficient. Host-side (its
-  sampling and metrics are not jitted), so the loop finishes its metrics at once."""
-  mc, tok, B, T = policy.mc, policy.tokenizer, tc.batch_size, pc.temperature
+  sampling and metrics are not jitted), so the loop finishes its metrics at once. mc is the
+  trained policy's model (policy.mc with adapters for a LoRA policy)."""
+  tok, B, T = policy.tokenizer, tc.batch_size, pc.temperature
 
   def train_step(state, frozen, prompt_idx):
     step = int(state['step'])
     params = state['params']
     batch_prompts = [prompts[i] for i in prompt_idx]
-    pol = dataclasses.replace(policy, params=params['policy'])
+    pol = dataclasses.replace(policy, params=common.merged_policy(mc, params['policy'],
+                                                                  frozen['ref']))
     resp = common.sample_responses(pol, batch_prompts, pc.max_new_tokens, T,
                                    seed * 1_000_003 + step, B)
     texts = [common.response_text(tok, r) for r in resp]
@@ -275,8 +297,9 @@ def _train_step(policy, rm, pc: PpoConfig, tc: TrainConfig, headers: list, promp
     data = {'tokens': rows['tokens'], 'mask': rows['mask'], 'logp': scored['logp'],
             'values': scored['values'], 'adv': adv, 'returns': returns}
     key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-    new_params, new_opt, stats = _update(params, state['opt_state'], data, key, mc=mc, tc=tc,
-                                         pc=pc)
+    base = frozen['ref'] if mc.lora_rank else None
+    new_params, new_opt, stats = _update(params, state['opt_state'], base, data, key, mc=mc,
+                                         tc=tc, pc=pc)
     kl_mean = float(jnp.mean(kl))
     kl_coef = state['kl_coef']
     if pc.kl_target > 0:
@@ -299,16 +322,20 @@ def build(cfg, workdir: str) -> loop.Stage:
   seed = int(cfg.seed)
   tc = TrainConfig.from_config(cfg.train, 'ppo')
   pc = PpoConfig.from_config(cfg.ppo, tc.batch_size)
+  lc = common.PolicyLora.from_config(cfg)
   common.check_single_process()
   runs.check_finetuned(pc.init_from, 'PPO')
   policy = common.load_policy(pc.init_from)
-  mc, tok = policy.mc, policy.tokenizer
+  tok = policy.tokenizer
+  mc = lc.model(policy.mc)       # the trained model: the policy itself, or it with adapters
   rm = reward_lib.load(pc.reward_from)
   common.check_compatible(policy, rm.mc, rm.tokenizer, 'reward model')
-  tc.check_fits(mc.max_len, "the SFT model's max_len")
+  tc.check_fits(policy.mc.max_len, "the SFT model's max_len")
   config = json.loads(cfg.to_json())
   config['base'] = common.base_identity(policy)
+  config['base']['model'] = json.loads(json.dumps(dataclasses.asdict(mc)))
   config['reward_model'] = rm.identity
+  config = dpo_lib.as_recorded(workdir, config, ADDED_KEYS)
   loop.check_config(workdir, config)
 
   headers = common.task_prompts('train')
@@ -321,14 +348,15 @@ def build(cfg, workdir: str) -> loop.Stage:
   B, T = tc.batch_size, pc.temperature
 
   def init_params():
-    return {'policy': policy.params, 'value': common.init_head(mc, rm.params['trunk'])}
+    return {'policy': common.init_adapters(mc, seed) if lc.rank else policy.params,
+            'value': common.init_head(policy.mc, rm.params['trunk'])}
   shapes = jax.eval_shape(init_params)
   opts = _optimizers(tc, pc, shapes)
   init_state, abstract_state = common.initial_state(
       init_params, _Optimizer(opts), {'kl_coef': lambda: jnp.asarray(pc.kl_coef, jnp.float32)})
-  frozen = {'ref': policy.params, 'rm': rm.params}
+  frozen = {'ref': policy.params, 'rm': rm.params}   # ref: a LoRA policy's base, too
 
-  train_step = _train_step(policy, rm, pc, tc, headers, prompts, seed)
+  train_step = _train_step(policy, mc, rm, pc, tc, headers, prompts, seed)
 
   def batch(step: int):
     return common.epoch_indices(step, B, len(prompts), seed, 0x990)
@@ -337,19 +365,20 @@ def build(cfg, workdir: str) -> loop.Stage:
                                tc.seq_len, pc.max_new_tokens, T, pc.sample_batch,
                                samples=pc.eval_samples, seed=seed + 77)
 
-  def evaluate(params, _frozen) -> dict:
-    return evaluator.evaluate(params['policy'])
+  def evaluate(params, frozen_) -> dict:
+    return evaluator.evaluate(common.merged_policy(mc, params['policy'], frozen_['ref']))
 
   n = flops_lib.param_counts(policy.params)
-  fpt = flops_lib.flops_per_token(mc, tc.seq_len, n['total'], n['nonembed'])
+  fpt = flops_lib.flops_per_token(policy.mc, tc.seq_len, n['total'], n['nonembed'])
   info = {'reward_model': rm.identity, 'kl_coef': pc.kl_coef, 'kl_target': pc.kl_target,
-          'train_prompts': len(prompts)}
+          'train_prompts': len(prompts), 'mode': 'lora' if lc.rank else 'full',
+          'trainable_params': lora_lib.tree_size(shapes['policy'])}
 
   def summary(last: dict) -> dict:
     return {'ppo': {**info, 'after': last}}
 
   return loop.Stage(
-      config=config, train=tc, dtype=mc.dtype,
+      config=config, train=tc, dtype=policy.mc.dtype,
       manifest=lambda: common.manifest(policy, n, {'ppo': info}), tokenizer=tok,
       abstract_state=abstract_state, init_state=init_state, frozen=frozen,
       train_step=train_step, batch=batch, evaluate=evaluate,
