@@ -693,7 +693,7 @@ def test_bad_replay_shares_are_refused(base_run, user_data, tmp_path, share, mat
   assert not os.path.exists(tmp_path / 'x')
 
 
-def test_mixed_loss_is_the_mean_of_each_part_added():
+def test_mixed_loss_weighs_each_parts_mean_by_its_share():
   mc = tiny_mc()
   params = model_lib.init_params(mc, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
@@ -710,8 +710,8 @@ def test_mixed_loss_is_the_mean_of_each_part_added():
   losses = np.asarray(sft.token_losses(mc, params, b))
   chat = (losses * batch['weights'])[:3].sum() / 12
   replay = losses[3].mean()
-  total, (weight, parts) = sft.mixed_loss(mc, params, b)
+  total, (weight, parts) = sft.mixed_loss(mc, params, b, 0.25)
   assert float(weight) == 12 + T
-  assert float(total / weight) == pytest.approx(chat + replay, rel=1e-5)
+  assert float(total / weight) == pytest.approx(0.75 * chat + 0.25 * replay, rel=1e-5)
   assert float(parts['sft_loss'] / weight) == pytest.approx(chat, rel=1e-5)
   assert float(parts['replay_loss'] / weight) == pytest.approx(replay, rel=1e-5)

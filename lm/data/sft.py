@@ -278,12 +278,13 @@ def masked_loss(mc: ModelConfig, params, batch, adapters=None, rng=None):
   return jnp.sum(token_losses(mc, params, batch, adapters, rng) * w), jnp.sum(w)
 
 
-def mixed_loss(mc: ModelConfig, params, batch, adapters=None, rng=None):
-  """The loss of a batch whose 'replay' marks the replay rows' tokens (lm/data/replay.py): the
-  chat examples' mean loss over their counted tokens plus the replay rows' mean loss over every
-  one of their tokens, so the chat examples teach as much as they would alone and replay adds a
-  pull towards the pretraining text. As (sum, (weight, {'sft_loss', 'replay_loss'})): each part's
-  mean times the batch's weight, which the loop divides back out."""
+def mixed_loss(mc: ModelConfig, params, batch, fraction: float, adapters=None, rng=None):
+  """The loss of a batch whose 'replay' marks the replay rows' tokens (lm/data/replay.py), with
+  replay share `fraction` f: (1 - f) times the chat examples' mean loss over their counted tokens
+  plus f times the replay rows' mean loss over every one of their tokens, so the share f of the
+  rows is also the share of the loss (pooled into one mean, a replay row's many counted tokens
+  would take most of the gradient). As (sum, (weight, {'sft_loss', 'replay_loss'})): the loss
+  and each part's mean times the batch's weight, which the loop divides back out."""
   w = batch['weights']
   losses = token_losses(mc, params, batch, adapters, rng) * w
   weight = jnp.sum(w)
@@ -291,7 +292,7 @@ def mixed_loss(mc: ModelConfig, params, batch, adapters=None, rng=None):
   parts = {}
   for name, sel in (('sft_loss', 1 - r), ('replay_loss', r)):
     parts[name] = jnp.sum(losses * sel) / jnp.maximum(jnp.sum(w * sel), 1e-9)
-  total = (parts['sft_loss'] + parts['replay_loss']) * weight
+  total = ((1 - fraction) * parts['sft_loss'] + fraction * parts['replay_loss']) * weight
   return total, (weight, {k: v * weight for k, v in parts.items()})
 
 

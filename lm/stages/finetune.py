@@ -370,7 +370,7 @@ def build(cfg, workdir: str) -> Job:
     params, adapters = (base, trainable) if use_lora else (trainable, None)
     if replay is None:
       return sft.masked_loss(mc, params, batch, adapters, rng)
-    return sft.mixed_loss(mc, params, batch, adapters, rng)
+    return sft.mixed_loss(mc, params, batch, fc.replay_fraction, adapters, rng)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train_step = jax.jit(shard_lib.with_activation_constraints(
       loop.make_step(loss_fn, tc, optimizer, seed, row_wise=True), mesh),
