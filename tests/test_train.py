@@ -401,7 +401,7 @@ def test_every_config_file_builds(path):
   if 'pipeline' in cfg:    # every stage's section is a config of its own
     from lm import pipeline
     configs = pipeline.stage_configs(cfg, '/tmp/any')
-    assert list(configs) == ['pretrain', 'sft', 'reward', 'ppo', 'dpo']
+    assert list(configs) == ['pretrain', 'sft', 'reward', 'ppo', 'grpo', 'dpo']
     for section in configs.values():
       _check_config(section)
     _check_config(ml_collections.ConfigDict({'eval': cfg.eval}))
@@ -422,9 +422,9 @@ def _check_config(cfg):
     finetune_lib.FinetuneConfig.from_config(cfg)
     train_lib.TrainConfig.from_config(cfg.train)
     return
-  if any(k in cfg for k in ('reward', 'dpo', 'ppo')):   # preference stages: model from the SFT run
-    from lm.align import dpo, ppo, reward
-    for section in ('reward', 'dpo', 'ppo'):
+  if any(k in cfg for k in ('reward', 'dpo', 'ppo', 'grpo')):   # model from the SFT run
+    from lm.align import common, dpo, grpo, ppo, reward
+    for section in ('reward', 'dpo', 'ppo', 'grpo'):
       if section in cfg:
         for key in ('init_from', 'reward_from', 'pairs'):
           if key in cfg[section]:
@@ -435,6 +435,11 @@ def _check_config(cfg):
       dpo.DpoConfig.from_config(cfg.dpo)
     if 'ppo' in cfg:
       ppo.PpoConfig.from_config(cfg.ppo, cfg.train.batch_size)
+    if 'grpo' in cfg:
+      if cfg.grpo.reward != 'model':
+        cfg.grpo.reward_from = ''
+      grpo.GrpoConfig.from_config(cfg.grpo, cfg.train.batch_size)
+    common.PolicyLora.from_config(cfg)
     train_lib.TrainConfig.from_config(cfg.train)
     return
   if 'model' not in cfg:   # sweep configs carry their base under `base`

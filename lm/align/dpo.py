@@ -91,11 +91,6 @@ from lm.align import reward as reward_lib
 PAIRS = 'pairs.jsonl'      # on-policy pairs sampled by the run itself (dpo.pairs empty)
 LOSSES = ('dpo', 'ipo', 'simpo')
 
-# Keys added to the dpo and lora sections after DPO runs existed, with the value their absence
-# means (an old run's config.json lacks them; as_recorded lets it resume).
-ADDED_KEYS = {'dpo.loss': 'dpo', 'dpo.simpo_beta': 2.0, 'dpo.simpo_gamma': 1.0,
-              'dpo.replay_fraction': 0.0, 'lora.rank': 0, 'lora.alpha': 16.0,
-              'lora.targets': 'q,k,v,o,up,down'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,26 +172,6 @@ def replay_rows(batch_size: int, fraction: float) -> int:
     raise UserError(f'dpo.replay_fraction={fraction} of a step of train.batch_size={batch_size} '
                     'pairs gives no replay row; raise the share or the batch.')
   return n
-
-
-def as_recorded(workdir: str, config: dict, added: dict) -> dict:
-  """config as the run already in workdir recorded it: a key added since that run (`added`:
-  'section.key' -> the value its absence meant) which its config.json lacks and config sets to
-  that value is left out, so the run resumes and keeps its config.json (a section left empty
-  goes too). Without a run in workdir, config itself."""
-  old = runs.config_or_empty(workdir)
-  if not old:
-    return config
-  out = json.loads(json.dumps(config))
-  for dotted, absent in added.items():
-    section, key = dotted.split('.')
-    new = out.get(section)
-    if (isinstance(new, dict) and key not in (old.get(section) or {}) and key in new
-        and new[key] == absent):
-      del new[key]
-      if not new:
-        del out[section]
-  return out
 
 
 def dpo_loss_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
@@ -381,7 +356,6 @@ def build(cfg, workdir: str) -> loop.Stage:
   config = json.loads(cfg.to_json())
   config['base'] = common.base_identity(policy)
   config['base']['model'] = json.loads(json.dumps(dataclasses.asdict(mc)))
-  config = as_recorded(workdir, config, ADDED_KEYS)
   loop.check_config(workdir, config)
 
   pairs_path, sampled, train_pairs, dropped, rows, eval_rows = _pairs(dc, tc, policy, workdir,

@@ -52,12 +52,8 @@ from lm.model import transformer as model_lib
 from lm.config import read_section
 from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
-from lm.align import dpo as dpo_lib
 from lm.align import reward as reward_lib
 
-# The lora section, added after PPO runs existed, with the values its absence means (an old run's
-# config.json lacks it; dpo.as_recorded lets it resume).
-ADDED_KEYS = {k: v for k, v in dpo_lib.ADDED_KEYS.items() if k.startswith('lora.')}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +331,6 @@ def build(cfg, workdir: str) -> loop.Stage:
   config['base'] = common.base_identity(policy)
   config['base']['model'] = json.loads(json.dumps(dataclasses.asdict(mc)))
   config['reward_model'] = rm.identity
-  config = dpo_lib.as_recorded(workdir, config, ADDED_KEYS)
   loop.check_config(workdir, config)
 
   headers = common.task_prompts('train')

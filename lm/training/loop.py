@@ -59,7 +59,10 @@ ADDED_KEYS = {'train.async_checkpoint': True, 'train.profile_steps': '', 'train.
               'train.eval_task_examples': 100, 'train.eval_shots': 3, 'mesh.cpu_devices': 1,
               'data.hf_dataset': '', 'data.hf_config': '', 'data.hf_split': 'train',
               'data.hf_streaming': False, 'data.workers': 0, 'data.max_chunk_bytes': 16 << 20,
-              'data.sources': [], 'finetune.replay_fraction': 0.0}
+              'data.sources': [], 'finetune.replay_fraction': 0.0,
+              'dpo.loss': 'dpo', 'dpo.simpo_beta': 2.0, 'dpo.simpo_gamma': 1.0,
+              'dpo.replay_fraction': 0.0, 'lora.rank': 0, 'lora.alpha': 16.0,
+              'lora.targets': 'q,k,v,o,up,down'}
 
 LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, jax.Array]]
 
