@@ -28,6 +28,7 @@ from lm.training import loop
 from lm.model import lora as lora_lib
 from lm import metrics as metrics_lib
 from lm.data import tokenizer as tokenizer_lib
+from lm.data import tokens as data_lib
 from lm.config import ModelConfig
 from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
@@ -101,6 +102,21 @@ def root_config(workdir: str) -> dict | None:
     if 'data' in cfg and 'model' in cfg:
       return cfg
   return None
+
+
+def pretrain_corpus(workdir: str, tokenizer):
+  """The pretraining corpus (lm/data/tokens.py Dataset) at the root of workdir's chain of base
+  runs, prepared (or read from its cache) and checked to be tokenized as `tokenizer` is: what
+  fine-tuning measures forgetting on, and what replay rows come from."""
+  root = root_config(workdir)
+  if root is None:
+    raise UserError(f'{workdir} does not lead back to a pretrained run (no model and data in its '
+                    'chain of base runs); start from a run that run.py train wrote.')
+  dataset = data_lib.prepare(data_lib.DataConfig.from_config(root['data']))
+  if dataset.tokenizer.hash != tokenizer.hash:
+    raise UserError(f'the tokenizer of {workdir} differs from its pretraining data\'s; the base '
+                    'run is inconsistent, pretrain it again.')
+  return dataset
 
 
 def sft_root(workdir: str) -> str:

@@ -657,7 +657,7 @@ def test_replay_share_rows_and_resume(base_run, user_data, tmp_path):
   np.testing.assert_array_equal(b['positions'][6], np.arange(96))
   np.testing.assert_array_equal(b['tokens'][6:, 1:], b['targets'][6:, :-1])
   # The replay rows are windows of the base run's training split.
-  corpus = ft._pretrain_corpus(ft.FinetuneConfig.from_config(cfg), runs.load_tokenizer(base_run))
+  corpus = runs.pretrain_corpus(base_run, runs.load_tokenizer(base_run))
   train = np.asarray(corpus.tokens('train'))
   for row in b['tokens'][6:]:
     start = np.flatnonzero(train[:len(train) - 96] == row[0])

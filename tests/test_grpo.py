@@ -16,7 +16,6 @@ from lm import runs
 from lm.align import common, grpo
 from lm.data import instruct
 from lm.errors import UserError
-from lm.model import transformer as model_lib
 from lm.stages import finetune as ft
 from lm.stages import pretrain as train_lib
 from tests.test_finetune import assert_same_logits, logits, pretrain_config

@@ -256,7 +256,7 @@ def test_ipo_and_simpo_runs_learn_the_pairs(variant_runs, loss):
 
 def test_a_run_without_the_added_keys_still_resumes(sft_run, rm_run, tmp_path):
   """An old run's config.json (DPO: no dpo.loss, simpo_*, replay_fraction; DPO and PPO: no lora
-  section) matches today's defaults: the stage built against it keeps that config; other values
+  section) matches today's defaults (loop.ADDED_KEYS): the stage builds against it; other values
   are refused."""
   cfg = dpo_config(sft_run, rm_run)
   new = dpo.build(cfg, str(tmp_path / 'new')).config
@@ -267,15 +267,19 @@ def test_a_run_without_the_added_keys_still_resumes(sft_run, rm_run, tmp_path):
   del old['lora']
   os.makedirs(tmp_path / 'old')
   json.dump(old, open(tmp_path / 'old' / 'config.json', 'w'))
-  assert dpo.build(cfg, str(tmp_path / 'old')).config == old
+  assert dpo.build(cfg, str(tmp_path / 'old')).config == new
   with pytest.raises(UserError, match=r"different config \(dpo.loss \(None -> 'ipo'\)"):
     dpo.build(dpo_config(sft_run, rm_run, dpo__loss='ipo'), str(tmp_path / 'old'))
   cfg = ppo_config(sft_run, rm_run)
-  old = ppo.build(cfg, str(tmp_path / 'new_ppo')).config
+  new = ppo.build(cfg, str(tmp_path / 'new_ppo')).config
+  old = json.loads(json.dumps(new))
   del old['lora']
   os.makedirs(tmp_path / 'old_ppo')
   json.dump(old, open(tmp_path / 'old_ppo' / 'config.json', 'w'))
-  assert ppo.build(cfg, str(tmp_path / 'old_ppo')).config == old
+  assert ppo.build(cfg, str(tmp_path / 'old_ppo')).config == new
+  cfg.lora.rank = 4
+  with pytest.raises(UserError, match=r"different config \(lora.rank \(None -> 4\)"):
+    ppo.build(cfg, str(tmp_path / 'old_ppo'))
 
 
 # ---- replay in DPO ----------------------------------------------------------------------------

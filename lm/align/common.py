@@ -86,6 +86,23 @@ class PolicyLora:
                                lora_targets=tuple(self.targets), lora_dropout=0.0, lora_tokens=())
 
 
+def stage_policy(cfg, init_from: str, stage: str):
+  """(starting policy, the model the stage trains: the policy's, with adapters when lora.rank > 0,
+  the lora settings) of a preference stage starting from the SFT-like run init_from."""
+  lc = PolicyLora.from_config(cfg)
+  check_single_process()
+  runs.check_finetuned(init_from, stage)
+  policy = load_policy(init_from)
+  return policy, lc.model(policy.mc), lc
+
+
+def kl_reference(policy: Policy, init_from: str) -> tuple[str, Policy]:
+  """(path, policy) of the SFT run at the root of init_from's chain: what every preference stage
+  measures its KL against (the starting policy itself when it is that run)."""
+  root = runs.sft_root(init_from)
+  return root, policy if root == policy.identity['workdir'] else load_policy(root)
+
+
 def init_adapters(mc_lora: ModelConfig, seed: int):
   """Fresh adapters of a LoRA model (B = 0: the adapted policy starts equal to its base)."""
   return model_lib.init_variables(mc_lora, jax.random.PRNGKey(seed))[lora_lib.COLLECTION]

@@ -81,7 +81,6 @@ from lm import runs
 from lm.align import common
 from lm.align import pairs as pairs_lib
 from lm.data import replay as replay_lib
-from lm.data import tokens as data_lib
 from lm.config import read_section
 from lm.model import lora as lora_lib
 from lm.errors import UserError
@@ -296,22 +295,6 @@ def _pairs(dc: DpoConfig, tc: TrainConfig, policy, workdir: str, seed: int):
   return pairs_path, sampled, train_pairs, dropped, rows, eval_rows
 
 
-def pretrain_corpus(init_from: str, tokenizer):
-  """The pretraining corpus (lm/data/tokens.py Dataset) at the root of init_from's chain of base
-  runs, checked to be tokenized as the policy is."""
-  root = runs.root_config(init_from)
-  if root is None:
-    raise UserError(f'{init_from} does not lead back to a pretrained run (no model and data in '
-                    'its chain of base runs), so there is no corpus to replay; set '
-                    'dpo.replay_fraction=0 or start from a run whose chain has one.')
-  dataset = data_lib.prepare(data_lib.DataConfig.from_config(root['data']))
-  if dataset.tokenizer.hash != tokenizer.hash:
-    raise UserError(f'the tokenizer of {init_from} differs from its pretraining data\'s, so its '
-                    'corpus cannot be replayed; set dpo.replay_fraction=0 or fine-tune again '
-                    'from the pretrained run.')
-  return dataset
-
-
 def _held_out_pairs(eval_loss, params, base, eval_rows: dict, stack, B: int) -> dict:
   """The pair loss, accuracy and margin over the held-out pairs, in batches of B."""
   n = len(eval_rows['chosen']['tokens'])
@@ -334,17 +317,13 @@ def build(cfg, workdir: str) -> loop.Stage:
   seed = int(cfg.seed)
   tc = TrainConfig.from_config(cfg.train, 'dpo')
   dc = DpoConfig.from_config(cfg.dpo)
-  lc = common.PolicyLora.from_config(cfg)
   n_replay = replay_rows(tc.batch_size, dc.replay_fraction)
   if n_replay % tc.grad_accum:
     raise UserError(f'the {n_replay} replay rows of a step (dpo.replay_fraction='
                     f'{dc.replay_fraction}) do not divide into train.grad_accum={tc.grad_accum} '
                     'micro-batches; choose a share or grad_accum whose counts divide.')
-  common.check_single_process()
-  runs.check_finetuned(dc.init_from, 'DPO')
-  policy = common.load_policy(dc.init_from)
+  policy, mc, lc = common.stage_policy(cfg, dc.init_from, 'DPO')
   tok = policy.tokenizer
-  mc = lc.model(policy.mc)       # the trained model: the policy itself, or it with adapters
   tc.check_fits(policy.mc.max_len, "the SFT model's max_len")
   rm = None
   if dc.reward_from:
@@ -352,7 +331,7 @@ def build(cfg, workdir: str) -> loop.Stage:
     common.check_compatible(policy, rm.mc, rm.tokenizer, 'reward model')
   replay = None
   if n_replay:
-    replay = replay_lib.Replay(pretrain_corpus(dc.init_from, tok), n_replay, tc.seq_len, seed)
+    replay = replay_lib.Replay(runs.pretrain_corpus(dc.init_from, tok), n_replay, tc.seq_len, seed)
   config = json.loads(cfg.to_json())
   config['base'] = common.base_identity(policy)
   config['base']['model'] = json.loads(json.dumps(dataclasses.asdict(mc)))
@@ -384,8 +363,7 @@ def build(cfg, workdir: str) -> loop.Stage:
                                       tc, optimizer, seed), donate_argnums=0)
   held_out = dict(objective, sft_weight=0.0)     # the preference loss alone
   eval_loss = jax.jit(lambda p, base, b: pair_loss(mc, p, b, base=base, **held_out))
-  root = runs.sft_root(dc.init_from)
-  kl_ref = policy if root == policy.identity['workdir'] else common.load_policy(root)
+  root, kl_ref = common.kl_reference(policy, dc.init_from)
   evaluator = common.Evaluator(common.task_prompts('eval', dc.eval_prompts), kl_ref, rm,
                                tc.seq_len, dc.max_new_tokens, dc.temperature, dc.sample_batch,
                                samples=dc.eval_samples, seed=seed + 77)

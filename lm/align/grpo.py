@@ -52,13 +52,10 @@ from lm.align import common
 from lm.align import reward as reward_lib
 from lm.config import read_section
 from lm.data import instruct
-from lm.data import sft
 from lm.errors import UserError
-from lm.eval import sample as sample_lib
 from lm.model import flops as flops_lib
 from lm.model import lora as lora_lib
 from lm.model import transformer as model_lib
-from lm import runs
 from lm.training import loop
 from lm.training.optim import TrainConfig, make_optimizer
 
@@ -353,30 +350,16 @@ class ArithEvaluator:
 def greedy_texts(policy: common.Policy, prompts: list, max_new_tokens: int,
                  batch_size: int) -> list[str]:
   """Greedy responses (text up to the end-of-turn marker) to token-id prompts."""
-  tok = policy.tokenizer
-  end = tok.chat_ids['end']
-  out = []
-  for i in range(0, len(prompts), batch_size):
-    chunk = list(prompts[i:i + batch_size])
-    n = len(chunk)
-    chunk += [chunk[0]] * (batch_size - n)
-    ids = sample_lib.generate_tokens(policy.mc, policy.params, chunk, max_new_tokens,
-                                     temperature=0.0, eos_id=end, pad_id=tok.pad_id)
-    out += [tok.decode(sample_lib.cut_at_eos(row, end)) for row in ids[:n]]
-  return out
+  resp = common.sample_responses(policy, prompts, max_new_tokens, 0.0, 0, batch_size)
+  return [common.response_text(policy.tokenizer, r) for r in resp]
 
 
 def build(cfg, workdir: str) -> loop.Stage:
   seed = int(cfg.seed)
   tc = TrainConfig.from_config(cfg.train, 'grpo')
   gc = GrpoConfig.from_config(cfg.grpo, tc.batch_size)
-  lc = common.PolicyLora.from_config(cfg)
-  common.check_single_process()
-  runs.check_finetuned(gc.init_from, 'GRPO')
-  policy = common.load_policy(gc.init_from)
+  policy, mc, lc = common.stage_policy(cfg, gc.init_from, 'GRPO')
   tok = policy.tokenizer
-  mc = lc.model(policy.mc)       # the trained model: the policy itself, or it with adapters
-  sft.chat_ids(tok)
   rm = None
   if gc.reward == 'model':
     rm = reward_lib.load(gc.reward_from)
@@ -414,8 +397,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   def batch(step: int):
     return common.epoch_indices(step, B, len(prompts), seed, 0x6790)
 
-  root = runs.sft_root(gc.init_from)
-  kl_ref = policy if root == policy.identity['workdir'] else common.load_policy(root)
+  root, kl_ref = common.kl_reference(policy, gc.init_from)
   if gc.reward == 'arith':
     evaluator = ArithEvaluator(make_task(gc, 'eval', gc.eval_prompts), kl_ref, gc, tc.seq_len,
                                seed + 77)

@@ -45,7 +45,6 @@ import optax
 
 from lm.model import flops as flops_lib
 from lm.training import loop
-from lm import runs
 from lm.align import common
 from lm.model import lora as lora_lib
 from lm.model import transformer as model_lib
@@ -318,12 +317,8 @@ def build(cfg, workdir: str) -> loop.Stage:
   seed = int(cfg.seed)
   tc = TrainConfig.from_config(cfg.train, 'ppo')
   pc = PpoConfig.from_config(cfg.ppo, tc.batch_size)
-  lc = common.PolicyLora.from_config(cfg)
-  common.check_single_process()
-  runs.check_finetuned(pc.init_from, 'PPO')
-  policy = common.load_policy(pc.init_from)
+  policy, mc, lc = common.stage_policy(cfg, pc.init_from, 'PPO')
   tok = policy.tokenizer
-  mc = lc.model(policy.mc)       # the trained model: the policy itself, or it with adapters
   rm = reward_lib.load(pc.reward_from)
   common.check_compatible(policy, rm.mc, rm.tokenizer, 'reward model')
   tc.check_fits(policy.mc.max_len, "the SFT model's max_len")

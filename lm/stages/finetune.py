@@ -32,7 +32,6 @@ import jax
 import numpy as np
 
 from lm.training import checkpoint as ckpt_lib
-from lm.data import tokens as data_lib
 from lm.model import flops as flops_lib
 from lm import host
 from lm.data import instruct
@@ -239,20 +238,6 @@ def _examples(fc: FinetuneConfig, tc: TrainConfig, tokenizer, seed: int) -> _Dat
   return _Data(train_ex, sft.PackedStream(train_ex, seed), eval_ex, acc_splits, code_eval)
 
 
-def _pretrain_corpus(fc: FinetuneConfig, tokenizer):
-  """The base run's pretraining corpus (lm/data/tokens.py Dataset): its validation windows
-  measure forgetting, its training windows are the replay rows."""
-  base_cfg = runs.root_config(fc.init_from)   # a fine-tuned base: its pretraining is further back
-  if base_cfg is None:
-    raise UserError(f'{fc.init_from} does not lead back to a pretrained run (no model and data '
-                    'in its chain of base runs); start from a run that run.py train wrote.')
-  dataset = data_lib.prepare(data_lib.DataConfig.from_config(base_cfg['data']))
-  if dataset.tokenizer.hash != tokenizer.hash:
-    raise UserError(f'the tokenizer of {fc.init_from} differs from its pretraining data\'s; '
-                    'the base run is inconsistent, pretrain it again.')
-  return dataset
-
-
 def _pretrain_batches(dataset, tc: TrainConfig, mesh) -> list:
   rows = dataset.eval_batches(tc.eval_batches, tc.batch_size, tc.seq_len, jax.process_index(),
                               jax.process_count())
@@ -357,7 +342,7 @@ def build(cfg, workdir: str) -> Job:
   mesh = shard_lib.make_mesh(mesh_cfg, batch_size=tc.batch_size)
   base_mc, base_params, tokenizer, base_id, mc = _model(fc, tc, mesh)
   data = _examples(fc, tc, tokenizer, seed)
-  corpus = _pretrain_corpus(fc, tokenizer)
+  corpus = runs.pretrain_corpus(fc.init_from, tokenizer)
   pre_batches = _pretrain_batches(corpus, tc, mesh)
   n_replay = replay_lib.split(tc.batch_size, fc.replay_fraction,
                               process_count=jax.process_count())
