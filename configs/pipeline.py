@@ -24,6 +24,8 @@ def get_config():
   c.sft = sft.get_config()
   c.sft.finetune.data = 'builtin+code'            # instructions and code bodies, one model
   c.sft.finetune.max_new_tokens = 48              # long enough for a code statement
+  c.sft.train.steps = 3000                        # replay (a quarter of each batch) slows the
+  c.sft.train.eval_every = c.sft.train.checkpoint_every = 1000   # tasks: twice the steps
 
   c.reward = reward.get_config()
   r, t = c.reward.reward, c.reward.train
@@ -44,6 +46,7 @@ def get_config():
   t = c.dpo.train
   t.steps, t.eval_every, t.checkpoint_every = 250, 125, 125
   c.dpo.dpo.eval_prompts = 100
+  c.dpo.dpo.replay_fraction = 0.2                 # pretraining windows beside the pairs
 
   c.eval = eval_config.get_config().eval
   e = c.eval

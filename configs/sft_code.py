@@ -22,4 +22,5 @@ def get_config():
   f.train_per_family = 100_000   # every training header
   f.eval_per_family = 200
   f.max_new_tokens = 48
+  f.replay_fraction = 0.0        # the preference results (docs/preference.md) start from this SFT
   return c

@@ -69,6 +69,7 @@ def run(runs_dir=None, ranks=None, pretrain_overrides=None, sft_overrides=None,
   for name, rank in variants:
     cfg = sft_config.get_config()
     cfg.finetune.init_from = base_dir
+    cfg.finetune.replay_fraction = 0.0   # chat examples alone: the forgetting is part of the lesson
     cfg.lora.rank = rank
     if rank:   # adapters start at zero and carry few numbers: they want a larger step
       parsed = flags.FLAGS.is_parsed()

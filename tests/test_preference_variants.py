@@ -278,7 +278,7 @@ def test_a_run_without_the_added_keys_still_resumes(sft_run, rm_run, tmp_path):
   json.dump(old, open(tmp_path / 'old_ppo' / 'config.json', 'w'))
   assert ppo.build(cfg, str(tmp_path / 'old_ppo')).config == new
   cfg.lora.rank = 4
-  with pytest.raises(UserError, match=r"different config \(lora.rank \(None -> 4\)"):
+  with pytest.raises(UserError, match=r"different config \(.*lora.rank \(None -> 4\)"):
     ppo.build(cfg, str(tmp_path / 'old_ppo'))
 
 
