@@ -972,6 +972,7 @@ def lora_ppo(sft_run, rm_dir, tmp_path_factory):
   return workdir, cfg, ppo.train_ppo(cfg, workdir)
 
 
+@pytest.mark.slow   # a LoRA PPO run; LoRA policies stay in the default suite with DPO and GRPO
 def test_lora_ppo_holds_adapters_and_one_copy_of_the_sft_weights(lora_ppo, sft_run, rm_dir,
                                                                  tmp_path):
   workdir, cfg, summary = lora_ppo
