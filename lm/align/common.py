@@ -199,6 +199,13 @@ def epoch_indices(step: int, batch_size: int, n: int, seed: int, salt: int) -> l
   return idx
 
 
+def minibatch_order(key, n: int, epochs: int, minibatch: int):
+  """[epochs * n / minibatch, minibatch] row indices: each epoch a permutation of the n rollouts
+  (seeded by key and the epoch), cut into minibatches; the scan of an RL update walks its rows."""
+  return jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), n)
+                          for e in range(epochs)]).reshape(epochs * n // minibatch, minibatch)
+
+
 def pad_rows(rows: dict, size: int) -> dict:
   """Rows padded with empty copies of row 0 (mask 0) to `size`, for a fixed compiled shape."""
   short = size - len(rows['tokens'])

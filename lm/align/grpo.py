@@ -249,12 +249,9 @@ def _minibatch_loss(params, ref_params, mb, mc, gc):
 @functools.partial(jax.jit, static_argnames=('mc', 'tc', 'gc'))
 def _update(params, opt_state, ref_params, data, key, *, mc, tc, gc):
   """gc.epochs passes of shuffled minibatches, one optimizer step each (a lax.scan)."""
-  B = data['tokens'].shape[0]
-  n_mb = B // gc.minibatch
   opt = _optimizer(tc, gc, params)
   grad_fn = jax.value_and_grad(_minibatch_loss, has_aux=True)
-  order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), B)
-                           for e in range(gc.epochs)]).reshape(gc.epochs * n_mb, gc.minibatch)
+  order = common.minibatch_order(key, data['tokens'].shape[0], gc.epochs, gc.minibatch)
 
   def body(carry, idx):
     params, opt_state = carry

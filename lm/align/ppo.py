@@ -213,12 +213,9 @@ def _minibatch_loss(params, base, mb, mc, pc):
 def _update(params, opt_state, base, data, key, *, mc, tc, pc):
   """pc.epochs passes of shuffled minibatches, one optimizer step each (a lax.scan); base: a
   LoRA policy's frozen weights (None for a full policy)."""
-  B = data['tokens'].shape[0]
-  n_mb = B // pc.minibatch
   opts = _optimizers(tc, pc, params)
   grad_fn = jax.value_and_grad(_minibatch_loss, has_aux=True)
-  order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), B)
-                           for e in range(pc.epochs)]).reshape(pc.epochs * n_mb, pc.minibatch)
+  order = common.minibatch_order(key, data['tokens'].shape[0], pc.epochs, pc.minibatch)
 
   def body(carry, idx):
     params, opt_state = carry
