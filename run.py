@@ -9,6 +9,8 @@
   python run.py sample --workdir=DIR --prompt="..." [--max_new_tokens=N --temperature=T ...]
   python run.py pipeline --config=configs/pipeline.py --workdir=DIR     (pretrain to DPO, report card)
   python run.py chat   --workdir=RUN [--prompt="..." --temperature=T ...]   (a fine-tuned run)
+  python run.py serve  --workdir=RUN [--port=8000 --host=127.0.0.1 --api_key=KEY]  (OpenAI API,
+                                     chat page at /; needs requirements-serve.txt)
   python run.py finetune --config=configs/sft.py --workdir=DIR --config.finetune.init_from=RUN
   python run.py merge  --workdir=LORA_RUN --out=DIR
   python run.py reward --config=configs/reward.py --workdir=DIR --config.reward.init_from=SFT_RUN
@@ -37,7 +39,7 @@ from lm.errors import STOPPED_EXIT, UserError, signal_stops
 from lm.training.checkpoint import quiet_failed_save_tracebacks
 
 SUBCOMMANDS = ('train', 'sweep', 'fit', 'plot', 'sample', 'finetune', 'merge', 'reward', 'dpo',
-               'ppo', 'grpo', 'export', 'import', 'eval', 'chat', 'pipeline')
+               'ppo', 'grpo', 'export', 'import', 'eval', 'chat', 'pipeline', 'serve')
 
 config_flags.DEFINE_config_file('config', None, 'An ml-collections config file (configs/*.py).',
                                 lock_config=True)
@@ -70,6 +72,14 @@ flags.DEFINE_bool('overwrite', False, 'export, import: replace a non-empty outpu
 flags.DEFINE_bool('add_chat_tokens', False, 'import: add the chat tokens to a tokenizer that '
                   'lacks them (the embedding grows by their rows), for fine-tuning with the chat '
                   'template.')
+flags.DEFINE_string('host', '127.0.0.1', 'serve: the address to listen on (0.0.0.0 exposes the '
+                    'server to other machines).')
+flags.DEFINE_integer('port', 8000, 'serve: the port to listen on.')
+flags.DEFINE_string('api_key', '', 'serve: a key every /v1 request must send as "Authorization: '
+                    'Bearer KEY" (or set LM_API_KEY); empty: none.')
+flags.DEFINE_integer('slots', 32, 'serve: sequences decoded together (rows of the KV cache).')
+flags.DEFINE_string('model_name', '', "serve: the model's name in the API (default: the run "
+                    "folder's name).")
 flags.DEFINE_integer('max_shard_mb', 2048, 'export: safetensors files above this size are '
                      'split into shards with an index.')
 

@@ -16,6 +16,7 @@ from lm.scaling import fit as fit_lib
 from lm.scaling import plot as plot_lib
 from lm.scaling import report as report_lib
 from lm.scaling import sweep as sweep_lib
+from lm.serve import api as serve_lib
 from lm.stages import finetune as finetune_lib
 from lm.stages import pretrain as train_lib
 
@@ -175,6 +176,11 @@ def chat(FLAGS):
   chat_lib.chat_cli(_folder(FLAGS.workdir, 'workdir', '--workdir=runs/sft_full'), FLAGS.prompt,
                     FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                     FLAGS.seed, FLAGS.system)
+
+
+def serve(FLAGS):
+  serve_lib.serve(_folder(FLAGS.workdir, 'workdir', '--workdir=runs/sft'), FLAGS.host,
+                  FLAGS.port, FLAGS.api_key, FLAGS.slots, FLAGS.model_name)
 
 
 def sweep(FLAGS, cfg=None, workdir=None, minutes=None):

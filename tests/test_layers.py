@@ -31,7 +31,8 @@ LAYERS = (
                  'lm.scaling.runner', 'lm.scaling.sweep', 'lm.scaling.cluster',
                  'lm.scaling.budget', 'lm.scaling.tasks')),
     ('interop', ('lm.interop', 'lm.interop.hf')),
-    ('app', ('lm.cli', 'lm.pipeline', 'lm.chat', 'lm.worker')),
+    ('app', ('lm.cli', 'lm.pipeline', 'lm.chat', 'lm.worker', 'lm.serve', 'lm.serve.engine',
+             'lm.serve.api')),
 )
 LAYER = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 

@@ -54,8 +54,11 @@ def apply_top_k(logits, k: int):
 
 def apply_top_p(logits, p: float):
   """Keeps the smallest set of most likely tokens whose probability reaches p, -inf elsewhere."""
-  if p >= 1.0:
-    return logits
+  return logits if p >= 1.0 else nucleus(logits, p)
+
+
+def nucleus(logits, p):
+  """apply_top_p for p < 1, with p a traced value allowed (per-row settings in serving)."""
   sorted_desc = -jnp.sort(-logits, axis=-1)
   probs = jax.nn.softmax(sorted_desc, axis=-1)
   # Mass strictly before each token; an exclusive cumsum stays monotone under rounding.

@@ -1,0 +1,1 @@
+"""Serving a run: the continuous-batching decoder (engine) and the OpenAI-compatible API (api)."""
