@@ -247,44 +247,10 @@ def _settles(server, seconds=10.0):
   return False
 
 
-MALFORMED = [
-    ('POST', '/v1/chat/completions', b'{not json', 400),
-    ('POST', '/v1/chat/completions', b'[1, 2]', 400),
-    ('POST', '/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'hi'}]}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat'}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat', 'messages': []}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat',
-                                      'messages': [{'role': 'robot', 'content': 'hi'}]}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'gpt-9', 'messages': [
-        {'role': 'user', 'content': 'hi'}]}, 404),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat', 'temperature': -1, 'messages': [
-        {'role': 'user', 'content': 'hi'}]}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat', 'temperature': 'hot', 'messages': [
-        {'role': 'user', 'content': 'hi'}]}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat', 'top_p': 0, 'messages': [
-        {'role': 'user', 'content': 'hi'}]}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat', 'n': 0, 'messages': [
-        {'role': 'user', 'content': 'hi'}]}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat', 'max_tokens': 10_000, 'messages': [
-        {'role': 'user', 'content': 'hi'}]}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat', 'messages': [
-        {'role': 'user', 'content': 'long ' * 40}]}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat', 'stop': ['a', 'b', 'c', 'd', 'e'],
-                                      'messages': [{'role': 'user', 'content': 'hi'}]}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat', 'logprobs': True, 'messages': [
-        {'role': 'user', 'content': 'hi'}]}, 400),
-    ('POST', '/v1/chat/completions', {'model': 'tiny-chat', 'messages': [
-        {'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': 'x'}}]}]}, 400),
-    ('POST', '/v1/completions', {'model': 'tiny-chat', 'prompt': []}, 400),
-    ('POST', '/v1/completions', {'model': 'tiny-chat', 'prompt': 'x', 'max_tokens': 0}, 400),
-    ('GET', '/v1/nothing', None, 404),
-    ('GET', '/v1/chat/completions', None, 405),
-]
-
-
 def test_twenty_malformed_requests_each_get_a_json_error(client):
-  assert len(MALFORMED) == 20
-  for method, path, body, status in MALFORMED:
+  from benchmarks.serve_load import malformed
+  assert len(malformed('tiny-chat')) == 20
+  for method, path, body, status in malformed('tiny-chat'):
     kw = {'content': body} if isinstance(body, bytes) else {'json': body} if body else {}
     r = client.request(method, path, **kw)
     assert r.status_code == status, (path, body, r.status_code, r.text)
@@ -396,3 +362,24 @@ def test_openai_client_matches_run_py_sample(live_url, run_dirs, capsys):
     client.chat.completions.create(model='other', messages=msg)
   with pytest.raises(openai.AuthenticationError):
     openai.OpenAI(base_url=live_url + '/v1', api_key='wrong').models.list()
+
+
+def test_chat_page_in_a_real_browser(live_url, server, tmp_path):
+  """Headless Chromium loads the page, sends a message; the reply streams in, equal to the
+  greedy reply."""
+  from benchmarks import serve_page
+  why = serve_page.available()
+  if why:
+    pytest.skip(f'the browser test needs Chromium and Selenium: {why}')
+  driver = serve_page.chromium()
+  try:
+    got = serve_page.chat(driver, live_url, 'Hello there', api_key=KEY, temperature=0)
+    driver.save_screenshot(str(tmp_path / 'page.png'))
+  finally:
+    serve_page.quit(driver)
+  messages = [{'role': 'user', 'content': 'Hello there'}]
+  n = len('Hello there') + 4    # with eos, <|user|>, <|end|> and <|assistant|>
+  expected = _reference_chat(server, messages, MAX_LEN - n + 1)
+  assert got['errors'] == []
+  assert got['reply'] == expected and got['updates'] > 2
+  assert (tmp_path / 'page.png').stat().st_size > 1000
