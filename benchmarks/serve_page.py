@@ -3,7 +3,8 @@ driven by Selenium loads the page a running `run.py serve` shows, sends a messag
 the streamed reply; tests/test_serve.py uses it, and run as a script it saves a screenshot.
 
   python run.py serve --workdir=runs/p46/sft --port=8000 &
-  python -m benchmarks.serve_page --url=http://localhost:8000 --message="add 17 and 25" \
+  python -m benchmarks.serve_page --url=http://localhost:8000 --temperature=0 \
+      --message="Write planet in capital letters." --message="Reverse the word garden." \
       --out=docs/results/serving/chat_page.png
 """
 import os
@@ -48,10 +49,11 @@ def quit(driver) -> None:
   shutil.rmtree(driver.lm_profile, ignore_errors=True)
 
 
-def chat(driver, url: str, message: str, api_key: str = '', temperature: float | None = None,
-         system: str = '', timeout: float = 60.0) -> dict:
-  """Loads the page, sends one message, waits for the reply to finish streaming. Returns the
-  reply's text, how many times the page updated it while streaming, and the page's errors."""
+def chat(driver, url: str, messages: list[str], api_key: str = '',
+         temperature: float | None = None, system: str = '', timeout: float = 60.0) -> dict:
+  """Loads the page, sends each message in turn, waiting for each reply to finish streaming.
+  Returns the replies' texts, how many times the page updated the conversation while it
+  streamed, and the page's errors."""
   from selenium.webdriver.common.by import By
   from selenium.webdriver.support.ui import WebDriverWait
   driver.get(url)
@@ -71,22 +73,39 @@ def chat(driver, url: str, message: str, api_key: str = '', temperature: float |
     new MutationObserver(() => { window.lmUpdates += 1; }).observe(
         document.getElementById("messages"), {subtree: true, characterData: true,
                                                childList: true});''')
-  driver.find_element(By.ID, 'input').send_keys(message)
-  driver.find_element(By.ID, 'send').click()
-  wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.msg.assistant.done'))
-  reply = driver.execute_script(
-      'const m = document.querySelectorAll(".msg.assistant.done"); '
-      'return m[m.length - 1].textContent;')
+  for k, message in enumerate(messages, 1):
+    driver.find_element(By.ID, 'input').send_keys(message)
+    driver.find_element(By.ID, 'send').click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant.done')) >= k)
+  replies = driver.execute_script(
+      'return Array.from(document.querySelectorAll(".msg.assistant.done"), m => m.textContent);')
   errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, '.error')]
-  return {'reply': reply, 'updates': driver.execute_script('return window.lmUpdates;'),
+  return {'replies': replies, 'updates': driver.execute_script('return window.lmUpdates;'),
           'errors': errors}
+
+
+def _wait_until_up(url: str, seconds: float = 300.0) -> None:
+  """Waits for the server's /health (it compiles its decoder before it listens)."""
+  import time
+  import urllib.error
+  import urllib.request
+  end = time.time() + seconds
+  while True:
+    try:
+      with urllib.request.urlopen(url.rstrip('/') + '/health', timeout=5):
+        return
+    except (urllib.error.URLError, OSError):
+      if time.time() > end:
+        raise SystemExit(f'error: no server answered at {url} within {seconds:.0f} s; start one '
+                         'with python run.py serve --workdir=RUN.')
+      time.sleep(1)
 
 
 def main():
   import argparse
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--url', default='http://localhost:8000')
-  p.add_argument('--message', default='Hello!')
+  p.add_argument('--message', action='append', help='a message to send (repeat for more)')
   p.add_argument('--api_key', default='')
   p.add_argument('--temperature', type=float, default=None)
   p.add_argument('--out', default='chat_page.png')
@@ -94,14 +113,17 @@ def main():
   why = available()
   if why:
     raise SystemExit(f'error: {why}.')
+  _wait_until_up(args.url)
   driver = chromium()
   try:
-    got = chat(driver, args.url, args.message, args.api_key, args.temperature)
+    got = chat(driver, args.url, args.message or ['Hello!'], args.api_key, args.temperature)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     driver.save_screenshot(args.out)
   finally:
     quit(driver)
-  print(f"reply ({got['updates']} page updates): {got['reply']!r}")
+  for reply in got['replies']:
+    print(f'reply: {reply!r}')
+  print(f"{got['updates']} page updates while streaming")
   if got['errors']:
     print('page errors:', got['errors'])
   print(f'wrote {args.out}')

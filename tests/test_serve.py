@@ -373,7 +373,7 @@ def test_chat_page_in_a_real_browser(live_url, server, tmp_path):
     pytest.skip(f'the browser test needs Chromium and Selenium: {why}')
   driver = serve_page.chromium()
   try:
-    got = serve_page.chat(driver, live_url, 'Hello there', api_key=KEY, temperature=0)
+    got = serve_page.chat(driver, live_url, ['Hello there'], api_key=KEY, temperature=0)
     driver.save_screenshot(str(tmp_path / 'page.png'))
   finally:
     serve_page.quit(driver)
@@ -381,5 +381,5 @@ def test_chat_page_in_a_real_browser(live_url, server, tmp_path):
   n = len('Hello there') + 4    # with eos, <|user|>, <|end|> and <|assistant|>
   expected = _reference_chat(server, messages, MAX_LEN - n + 1)
   assert got['errors'] == []
-  assert got['reply'] == expected and got['updates'] > 2
+  assert got['replies'] == [expected] and got['updates'] > 2
   assert (tmp_path / 'page.png').stat().st_size > 1000

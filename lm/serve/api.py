@@ -32,6 +32,7 @@ import asyncio
 import json
 import os
 import secrets
+import threading
 import time
 from typing import Any, Literal
 
@@ -197,6 +198,28 @@ class Choice:
 # ---------------------------------------------------------------------------------------------
 # The server.
 
+class Mailbox:
+  """Hands items from the engine's thread to asyncio queues on one event loop, waking the loop
+  once per batch rather than once per token (a decode step emits a token for every row)."""
+
+  def __init__(self, loop):
+    self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+  def post(self, queue, item) -> None:
+    with self.lock:
+      self.items.append((queue, item))
+      if self.scheduled:
+        return
+      self.scheduled = True
+    self.loop.call_soon_threadsafe(self._drain)
+
+  def _drain(self) -> None:
+    with self.lock:
+      items, self.items, self.scheduled = self.items, [], False
+    for queue, item in items:
+      queue.put_nowait(item)
+
+
 class Server:
   """The model, its engine and the request handling behind the routes."""
 
@@ -216,12 +239,19 @@ class Server:
     self.created = int(time.time())
     self.api_key = api_key or None
     self.engine = engine_lib.Engine(self.mc, params, slots)
+    self._mailboxes: dict = {}
     if warmup:
       self.engine.warmup()
     self.engine.start()
 
   def close(self) -> None:
     self.engine.close()
+
+  def mailbox(self) -> 'Mailbox':
+    loop = asyncio.get_running_loop()
+    if loop not in self._mailboxes:
+      self._mailboxes[loop] = Mailbox(loop)
+    return self._mailboxes[loop]
 
   # -- checks ----------------------------------------------------------------------------------
   def check_model(self, body) -> None:
@@ -250,8 +280,8 @@ class Server:
              seed: int | None) -> list:
     """Submits body.n sequences of one prompt; their tokens and ends arrive on `queue` as
     (offset + j, 'token' | 'end', value). Returns the requests."""
-    loop = asyncio.get_running_loop()
-    put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
+    mailbox = self.mailbox()
+    put = lambda item: mailbox.post(queue, item)
     base = secrets.randbits(31) if seed is None else seed
     reqs = [engine_lib.Request(
         prompt, max_tokens, emit=lambda t, i=offset + j: put((i, 'token', t)),

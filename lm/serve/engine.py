@@ -12,12 +12,18 @@ requests of different lengths never wait for each other. One background thread r
 
 The slots of a row: all rows write each step at one shared cache index (the model's cache API).
 A row's own tokens are a window of at most model.max_len slots ending at that index; an admitted
-prompt is copied to the slots just below the index, and everything else in the row is marked
+prompt is copied so that it ends just below the index, and everything else in the row is marked
 invalid, so nothing of the previous sequence is seen. Attention is causal by slot and masked by
 validity, and every token carries its own position, so where a window lies does not matter. The
-cache has 2 x max_len slots and the index runs from max_len up; when it reaches the end, every
-row's window lies in the last max_len slots, and one roll moves them to the first half. Idle rows
-are decoded too (the shapes are static) and their output is ignored.
+cache has max_len + H slots (H = `headroom`, a quarter of max_len by default) and the index runs
+from max_len up; when it reaches the end (or a prompt would not fit below it), every row's window
+lies in the max_len slots below the index, and one roll moves them to the front. Every step
+attends over all the slots, so a small H keeps steps cheap, and a roll (one copy of the cache)
+comes every H steps.
+
+Rows: a new request takes the lowest free row, and a step decodes only rows 0..R-1, R the
+smallest power of two (or `slots`) above the highest busy row, so one lone request does not pay
+for a full batch.
 
 Compilation: the decode step and the roll have one shape; prefills are padded to bucket lengths
 (16, 32, 64, ... up to max_len), and `warmup` compiles every bucket, so no request compiles
@@ -62,6 +68,15 @@ def bucket_for(n: int, max_len: int) -> int:
   return next(b for b in buckets(max_len) if b >= n)
 
 
+def row_buckets(slots: int) -> tuple[int, ...]:
+  """How many rows a decode step runs: powers of two below slots, then slots."""
+  out, b = [], 1
+  while b < slots:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (slots,)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling with per-row settings (traced, so one compilation serves every mix of requests).
 
@@ -101,13 +116,22 @@ def _admit(mc: ModelConfig, params, cache, tokens_1P, length, row, key, temperat
   return first, cache._replace(k=k, v=v, pos=pos, valid=valid)
 
 
-@functools.partial(jax.jit, static_argnames=('mc',), donate_argnames=('cache',))
+@functools.partial(jax.jit, static_argnames=('mc', 'rows'), donate_argnames=('cache',))
 def _step(mc: ModelConfig, params, cache, tokens_B, positions_B, keys_B, t_B, temperature_B,
-          top_k_B, top_p_B):
-  """Feeds each row its last token; samples each row's next one (draw t_B). (tokens, cache)."""
-  logits_BV, cache = sample_lib.decode_step(mc, params, cache, tokens_B, positions_B)
-  step_keys = jax.vmap(jax.random.fold_in)(keys_B, t_B)
-  return sample_rows(step_keys, logits_BV, temperature_B, top_k_B, top_p_B), cache
+          top_k_B, top_p_B, rows: int):
+  """Feeds rows 0..rows-1 their last token and samples their next one (draw t_B); the other
+  rows are idle and untouched. Returns (tokens [rows], cache)."""
+  B = cache.pos.shape[0]
+  sub = cache if rows == B else cache._replace(
+      k=cache.k[:, :rows], v=cache.v[:, :rows], pos=cache.pos[:rows], valid=cache.valid[:rows])
+  logits_BV, sub = sample_lib.decode_step(mc, params, sub, tokens_B[:rows], positions_B[:rows])
+  step_keys = jax.vmap(jax.random.fold_in)(keys_B[:rows], t_B[:rows])
+  out = sample_rows(step_keys, logits_BV, temperature_B[:rows], top_k_B[:rows], top_p_B[:rows])
+  if rows < B:
+    sub = cache._replace(k=cache.k.at[:, :rows].set(sub.k), v=cache.v.at[:, :rows].set(sub.v),
+                         pos=cache.pos.at[:rows].set(sub.pos),
+                         valid=cache.valid.at[:rows].set(sub.valid), index=sub.index)
+  return out, sub
 
 
 @functools.partial(jax.jit, static_argnames=('window',), donate_argnames=('cache',))
@@ -147,13 +171,14 @@ class Request:
 class Engine:
   """Serves Requests from a background thread (start()/close())."""
 
-  def __init__(self, mc: ModelConfig, params, slots: int = 32):
+  def __init__(self, mc: ModelConfig, params, slots: int = 32, headroom: int | None = None):
     if int(slots) != slots or slots < 1:
       raise UserError(f'slots={slots} must be a positive integer (sequences decoded together).')
     self.mc, self.params, self.slots = mc, params, int(slots)
     self.window = mc.max_len
+    self.size = self.window + (headroom or max(MIN_BUCKET, self.window // 4))
     # Committed to the device like every later (jit-made) cache, so calls hit one cache entry.
-    self.cache = jax.device_put(model_lib.init_cache(mc, self.slots, 2 * self.window)._replace(
+    self.cache = jax.device_put(model_lib.init_cache(mc, self.slots, self.size)._replace(
         index=jnp.asarray(self.window, jnp.int32)), jax.devices()[0])
     self.index = self.window      # the cache's index, tracked on the host
     B = self.slots
@@ -220,12 +245,12 @@ class Engine:
   def warmup(self) -> None:
     """Compiles the decode step, the roll and every prefill bucket (before start())."""
     for P in buckets(self.window):
-      done = []
-      req = Request(np.zeros(P, np.int32), 2, lambda t: None, done.append, temperature=0.0,
-                    seed=0)
-      self._admit(0, req)
-      self._step()
+      self._admit(0, Request(np.zeros(P, np.int32), 2, lambda t: None, lambda r: None, seed=0))
       self.rows[0] = None
+    for rows in row_buckets(self.slots):
+      self.rows[rows - 1] = Request(np.zeros(1, np.int32), 2, lambda t: None, lambda r: None)
+      self._step()
+      self.rows[rows - 1] = None
     self._roll()
     self.cache = self.cache._replace(valid=jnp.zeros_like(self.cache.valid))
     self.steps = self.tokens_out = 0
@@ -270,7 +295,7 @@ class Engine:
       return
     n = len(req.prompt)
     P = bucket_for(n, self.window)
-    if self.index - n + P > 2 * self.window:
+    if self.index - n + P > self.size:
       self._roll()
     tokens = np.zeros((1, P), np.int32)
     tokens[0, :n] = req.prompt
@@ -289,12 +314,14 @@ class Engine:
     self.index = self.window
 
   def _step(self) -> None:
-    if self.index == 2 * self.window:
+    if self.index == self.size:
       self._roll()
+    highest = max(row for row, req in enumerate(self.rows) if req is not None)
+    rows = next(b for b in row_buckets(self.slots) if b > highest)
     out, self.cache = _step(self.mc, self.params, self.cache, jnp.asarray(self.tokens),
                             jnp.asarray(self.positions), jnp.asarray(self.keys),
                             jnp.asarray(self.draws), jnp.asarray(self.temperature),
-                            jnp.asarray(self.top_k), jnp.asarray(self.top_p))
+                            jnp.asarray(self.top_k), jnp.asarray(self.top_p), rows=rows)
     self.steps += 1
     self.index += 1
     out = np.asarray(out)
