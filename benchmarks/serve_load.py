@@ -1,10 +1,11 @@
 """Load on `run.py serve`: concurrent streams against one server, with a bounded local client.
 
 Starts the server as its own process on a free port, then
-  1. C concurrent streams for each C in --concurrency (aggregate tokens/s, first-token latency;
-     C = 1 is the single-stream rate; with C < 5 the median of 5 // C rounds),
-  2. --rounds rounds of --streams concurrent streams (no request lost, no error, the server's
-     resident memory after each round),
+  1. C concurrent streams for each C in --concurrency, the median of three rounds each
+     (aggregate tokens/s, first-token latency),
+  2. --rounds rounds of --streams concurrent streams, each just after three single streams: the
+     ratio of the aggregate rate to one stream's, no request lost, no error, and the server's
+     resident memory after each round,
   3. the malformed requests of `malformed()`, each of which must get a 4xx JSON error, and one
      good request after them.
 Every stream asks /v1/chat/completions (or /v1/completions for a pretrained run) for exactly
@@ -143,7 +144,7 @@ def main():
   p.add_argument('--workdir', required=True, help='the run to serve')
   p.add_argument('--tokens', type=int, default=64)
   p.add_argument('--streams', type=int, default=64)
-  p.add_argument('--rounds', type=int, default=3)
+  p.add_argument('--rounds', type=int, default=5)
   p.add_argument('--concurrency', default='1,4,16,64')
   p.add_argument('--slots', type=int, default=64)
   p.add_argument('--out', default='')
@@ -178,25 +179,31 @@ def main():
       body['prompt'] = 'Once upon a time'
     print(f'server up in {startup:.1f} s (load and compile); model {card["id"]}, '
           f'{args.slots} slots', flush=True)
-    asyncio.run(_round(base, body, path, 1, key))   # warm the client path
+    run = lambda c: asyncio.run(_round(base, body, path, c, key))
+    run(args.streams)   # the first full round after start-up is slow (allocation); not counted
     scan = []
     for c in [int(x) for x in args.concurrency.split(',')]:
-      # A short round is noisy: each point is the median of the rounds that make >= 5 streams.
-      tries = [asyncio.run(_round(base, body, path, c, key)) for _ in range(max(1, 5 // c))]
-      r = sorted(tries, key=lambda t: t['tokens_per_s'])[len(tries) // 2]
+      tries = [run(c) for _ in range(3)]   # each point: the median of three rounds
+      r = sorted(tries, key=lambda t: t['tokens_per_s'])[1]
       r['tries_tokens_per_s'] = [t['tokens_per_s'] for t in tries]
       scan.append(r)
       print(f"{c:3d} streams: {r['tokens_per_s']:7.1f} tokens/s, first token p50 "
             f"{r['first_token_p50_s']:.3f} s p99 {r['first_token_p99_s']:.3f} s, "
             f"{r['lost_or_failed']} lost", flush=True)
+    # The ratio: rounds of --streams streams taking turns with single streams, so that the
+    # machine's drift moves both sides alike.
     rounds = []
     for i in range(args.rounds):
-      r = asyncio.run(_round(base, body, path, args.streams, key))
+      single = sorted(run(1)['tokens_per_s'] for _ in range(3))[1]
+      r = run(args.streams)
       r['server_rss_mb'] = _rss_mb(server.pid)
+      r['single_stream_tokens_per_s'] = single
+      r['ratio'] = r['tokens_per_s'] / single
       rounds.append(r)
       print(f"round {i + 1}: {r['ok']}/{args.streams} streams ok, {r['tokens_per_s']:.1f} "
-            f"tokens/s, first token p99 {r['first_token_p99_s']:.3f} s, server RSS "
-            f"{r['server_rss_mb']:.0f} MB", flush=True)
+            f"tokens/s = {r['ratio']:.1f}x one stream's {single:.1f} (just before), first token "
+            f"p99 {r['first_token_p99_s']:.3f} s, server RSS {r['server_rss_mb']:.0f} MB",
+            flush=True)
     bad = _malformed(base, card['id'], key)
     print(f"malformed: {bad['answered_4xx_json']}/{bad['total']} answered with a 4xx JSON "
           f"error ({bad['as_expected']} with the expected status); /health after: "
@@ -204,14 +211,15 @@ def main():
   finally:
     server.terminate()
     server.wait(30)
-  single = scan[0]['tokens_per_s'] if scan and scan[0]['concurrency'] == 1 else None
+  ratios = [r['ratio'] for r in rounds]
   result = {'workdir': args.workdir, 'model': card['id'], 'slots': args.slots,
             'tokens_per_stream': args.tokens, 'startup_s': startup, 'scan': scan,
             'rounds': rounds, 'malformed': bad,
-            'speedup_at_streams': (float(np.mean([r['tokens_per_s'] for r in rounds])) / single
-                                   if single else None)}
-  if single:
-    print(f"aggregate at {args.streams} streams (mean of the rounds) / one stream: {result['speedup_at_streams']:.1f}x")
+            'ratio_median': float(np.median(ratios)), 'ratio_range': [min(ratios), max(ratios)],
+            'lost_or_failed': sum(r['lost_or_failed'] for r in scan + rounds)}
+  print(f"aggregate at {args.streams} streams / one stream: median {np.median(ratios):.1f}x "
+        f"(rounds {min(ratios):.1f}-{max(ratios):.1f}x); lost or failed: "
+        f"{result['lost_or_failed']}")
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'load.json'), 'w') as f:

@@ -345,6 +345,8 @@ def create_app(server: Server):
 
   app = fastapi.FastAPI(title='lm', lifespan=lifespan, docs_url=None, redoc_url=None)
   app.state.server = server
+  if server.api_key:
+    app.add_middleware(KeyCheck, key=server.api_key)
 
   @app.exception_handler(APIError)
   async def _api_error(request, e: APIError):
@@ -378,17 +380,6 @@ def create_app(server: Server):
     if e.status_code == 405:
       return error_response(405, f'{request.method} is not allowed on {request.url.path}.')
     return error_response(e.status_code, str(e.detail))
-
-  @app.middleware('http')
-  async def _auth(request, call_next):
-    if server.api_key and request.url.path.startswith('/v1'):
-      got = request.headers.get('authorization', '')
-      token = got[7:] if got.lower().startswith('bearer ') else ''
-      if not secrets.compare_digest(token.encode(), server.api_key.encode()):
-        return error_response(401, 'a missing or wrong API key; send "Authorization: Bearer KEY" '
-                               'with the key the server was started with.',
-                               code='invalid_api_key')
-    return await call_next(request)
 
   @app.get('/health')
   async def health():
@@ -448,6 +439,26 @@ def create_app(server: Server):
                           chat=False)
 
   return app
+
+
+class KeyCheck:
+  """ASGI middleware: every /v1 request must carry "Authorization: Bearer KEY" (the page at / and
+  /health need none). Plain ASGI, so streamed replies pass through untouched."""
+
+  def __init__(self, app, key: str):
+    self.app, self.key = app, key.encode()
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] == 'http' and scope['path'].startswith('/v1'):
+      got = dict(scope['headers']).get(b'authorization', b'')
+      token = got[7:] if got[:7].lower() == b'bearer ' else b''
+      if not secrets.compare_digest(token, self.key):
+        response = error_response(401, 'a missing or wrong API key; send "Authorization: Bearer '
+                                  'KEY" with the key the server was started with.',
+                                  code='invalid_api_key')
+        await response(scope, receive, send)
+        return
+    await self.app(scope, receive, send)
 
 
 def _model_card(server) -> dict:

@@ -80,19 +80,27 @@ def row_buckets(slots: int) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------
 # Sampling with per-row settings (traced, so one compilation serves every mix of requests).
 
-def sample_row(key, logits_V, temperature, top_k, top_p):
-  """One token from logits [V] as sample.sample_logits(key, logits[None], ...) draws it."""
-  greedy = jnp.argmax(logits_V).astype(jnp.int32)
-  x = logits_V.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
-  desc = -jnp.sort(-x)
-  kth = desc[jnp.clip(top_k - 1, 0, x.shape[0] - 1)]
-  x = jnp.where((top_k > 0) & (x < kth), -jnp.inf, x)
-  x = jnp.where(top_p < 1.0, sample_lib.nucleus(x, top_p), x)
-  drawn = jax.random.categorical(key, x[None], axis=-1)[0].astype(jnp.int32)
-  return jnp.where(temperature > 0, drawn, greedy)
+def _top_k_row(x_V, k):
+  """apply_top_k with a traced k (0 keeps every token)."""
+  kth = -jnp.sort(-x_V)[jnp.clip(k - 1, 0, x_V.shape[0] - 1)]
+  return jnp.where((k > 0) & (x_V < kth), -jnp.inf, x_V)
 
 
-sample_rows = jax.vmap(sample_row)
+def _top_p_row(x_V, p):
+  return jnp.where(p < 1.0, sample_lib.nucleus(x_V, p), x_V)
+
+
+def sample_rows(keys_B, logits_BV, temperature_B, top_k_B, top_p_B):
+  """One token per row, row b drawn as sample.sample_logits(keys_B[b], logits_BV[b:b+1], ...)
+  draws it alone. The sorts behind top-k and top-p run only when some row asks for them."""
+  greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  x = logits_BV.astype(jnp.float32) / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+  x = jax.lax.cond(jnp.any(top_k_B > 0), lambda x: jax.vmap(_top_k_row)(x, top_k_B),
+                   lambda x: x, x)
+  x = jax.lax.cond(jnp.any(top_p_B < 1.0), lambda x: jax.vmap(_top_p_row)(x, top_p_B),
+                   lambda x: x, x)
+  drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(keys_B, x)
+  return jnp.where(temperature_B > 0, drawn.astype(jnp.int32), greedy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +120,8 @@ def _admit(mc: ModelConfig, params, cache, tokens_1P, length, row, key, temperat
   pos = jax.lax.dynamic_update_slice(cache.pos, small.pos, (row, start))
   own = jax.lax.dynamic_update_slice(jnp.zeros_like(cache.valid[0]), small.valid[0], (start,))
   valid = cache.valid.at[row].set(own)
-  first = sample_row(jax.random.fold_in(key, 0), logits_1V[0], temperature, top_k, top_p)
+  first = sample_rows(jax.random.fold_in(key, 0)[None], logits_1V, temperature[None], top_k[None],
+                      top_p[None])[0]
   return first, cache._replace(k=k, v=v, pos=pos, valid=valid)
 
 
