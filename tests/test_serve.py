@@ -110,14 +110,17 @@ def test_batched_equals_unbatched_and_nothing_recompiles(server):
   rng = np.random.default_rng(0)
   reqs = []
   index_before = eng.index
+  # (prompt length, reply length, temperature, top_k, top_p): prompts in the engine's buckets
+  # of 16 and 64; four settings, so that the reference compiles four programs.
+  settings = [(3, 4, 0.0, 0, 1.0), (40, 13, 0.9, 0, 0.8), (14, 13, 1.3, 7, 1.0),
+              (47, 4, 0.7, 0, 1.0)]
   for i in range(12):         # 12 requests on 4 rows: rows are refilled
-    n = int(rng.integers(1, MAX_LEN - 4))
-    m = int(rng.integers(1, MAX_LEN - n + 2))
+    n, m, temperature, top_k, top_p = settings[i % 4]
     prompt = rng.integers(0, 256, n).astype(np.int32)
     out, done = [], threading.Event()
     req = engine_lib.Request(prompt, m, out.append, lambda r, d=done: d.set(),
-                             temperature=(0.0, 0.9, 1.3)[i % 3], top_k=(0, 0, 7, 0)[i % 4],
-                             top_p=(1.0, 0.8)[i % 2], seed=i, stop_ids=(10,))
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=i,
+                             stop_ids=(10,))
     reqs.append((req, out, done))
     eng.submit(req)
   for req, out, done in reqs:
@@ -383,3 +386,22 @@ def test_chat_page_in_a_real_browser(live_url, server, tmp_path):
   assert got['errors'] == []
   assert got['replies'] == [expected] and got['updates'] > 2
   assert (tmp_path / 'page.png').stat().st_size > 1000
+
+
+def test_start_up_line_says_when_the_server_is_exposed(run_dirs, monkeypatch, capsys):
+  ran = []
+  monkeypatch.setattr(api.uvicorn, 'run', lambda app, **kw: ran.append(kw))
+  monkeypatch.delenv('LM_API_KEY', raising=False)
+  api.serve(run_dirs[0], host='127.0.0.1', port=_free_port(), slots=4)
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line.startswith(f'serving {run_dirs[0]}') and 'exposed' not in line
+  api.serve(run_dirs[0], host='0.0.0.0', port=_free_port(), slots=4)
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert 'exposed' in line and 'without --api_key' in line
+  assert [kw['host'] for kw in ran] == ['127.0.0.1', '0.0.0.0']
+
+
+def test_missing_fastapi_is_one_sentence(monkeypatch):
+  monkeypatch.setattr(api, 'fastapi', None)
+  with pytest.raises(UserError, match='pip install -r requirements-serve.txt'):
+    api.serve('runs/x')

@@ -561,10 +561,13 @@ def serve(workdir: str, host: str = '127.0.0.1', port: int = 8000, api_key: str 
   app = create_app(server)
   url = f'http://{"localhost" if host in ("127.0.0.1", "::1") else host}:{port}'
   kind = 'chat' if server.chat else 'completions only (a pretrained run)'
+  exposed = host not in ('127.0.0.1', 'localhost', '::1')
   print(f'serving {workdir} as model {server.name!r} ({kind}, context {server.mc.max_len} '
-        f'tokens, {slots} sequences at a time) on {url}: chat page at /, API at /v1', flush=True)
-  if host not in ('127.0.0.1', 'localhost', '::1'):
-    print(f'note: listening on {host}, so other machines can reach this server'
-          + ('' if api_key else '; without --api_key anyone who reaches it can use it')
-          + '.', flush=True)
-  uvicorn.run(app, host=host, port=port, log_level='warning')
+        f'tokens, {slots} sequences at a time) on {url}: chat page at /, API at /v1'
+        + ('; exposed: other machines can reach it' if exposed else '')
+        + ('' if not exposed or api_key else ', and without --api_key anyone who does can use it'),
+        flush=True)
+  try:
+    uvicorn.run(app, host=host, port=port, log_level='warning')
+  finally:
+    server.close()
