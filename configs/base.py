@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.scan_layers = False
   m.attention_impl = 'auto'  # auto | xla | cudnn (passed to jax.nn.dot_product_attention)
   m.init_std = 0.02
+  m.qk_norm = False         # RMSNorm (learned scale) on each head's queries and keys before RoPE
 
   # Corpus, tokenizer, token files and batches (lm/data/tokens.py).
   d = c.data = ml_collections.ConfigDict()
@@ -107,6 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_harness_limit = 100  # examples per harness task (0: all)
   t.eval_harness_include = ''  # folders of harness task YAML files (local data)
   t.opt_dtype = 'float32'   # AdamW moments: float32 | bfloat16 (half the optimizer state)
+  t.optimizer = 'adamw'     # adamw | muon (Muon on the hidden matrices, AdamW on the rest)
+  t.z_loss = 0.0            # pretraining: + z_loss * mean(logsumexp(logits)^2) (PaLM: 1e-4)
   t.profile_steps = ''      # 'A:B' writes a jax.profiler trace of steps A+1..B to workdir/profile
 
   # Device mesh (lm/model/sharding.py). -1 means "the rest of the devices".

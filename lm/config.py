@@ -111,6 +111,7 @@ class ModelConfig:
   scan_layers: bool = False
   attention_impl: str = 'auto'
   init_std: float = 0.02
+  qk_norm: bool = False   # RMSNorm on each head's queries and keys (Dehghani et al. 2023)
   # LoRA adapters (lm/model/lora.py): rank 0 means none. Set by fine-tuning, not by pretraining configs.
   lora_rank: int = 0
   lora_alpha: float = 16.0

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_CONFIGS = {'pretrain': base, 'finetune': sft, 'reward': reward, 'dpo': dpo, 'ppo': ppo}
 # A value other than the default for every key some stage ignores.
 OTHER = {'eval_tasks': 'arith', 'eval_tasks_every': 5, 'eval_task_examples': 7, 'eval_shots': 1,
-         'eval_batches': 3, 'grad_accum': 2, 'micro_batch_tokens': 256}
+         'eval_batches': 3, 'grad_accum': 2, 'micro_batch_tokens': 256, 'z_loss': 1e-4}
 
 
 @pytest.mark.parametrize('stage', sorted(STAGE_CONFIGS))
@@ -46,7 +46,7 @@ def test_what_each_stage_ignores():
   assert UNUSED_KEYS['pretrain'] == {}
   assert set(UNUSED_KEYS['finetune']) == {'eval_tasks', 'eval_tasks_every', 'eval_task_examples',
                                           'eval_shots', 'eval_harness', 'eval_harness_limit',
-                                          'eval_harness_include'}
+                                          'eval_harness_include', 'z_loss'}
   assert set(UNUSED_KEYS['dpo']) == set(UNUSED_KEYS['reward']) == (
       set(UNUSED_KEYS['finetune']) | {'eval_batches'})
   assert set(UNUSED_KEYS['ppo']) == set(UNUSED_KEYS['dpo']) | {'grad_accum', 'micro_batch_tokens'}

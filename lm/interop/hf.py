@@ -61,6 +61,8 @@ def _misfits(mc: ModelConfig, family: str) -> list[str]:
          if getattr(mc, k) != v]
   if family == 'gpt2' and mc.n_kv_heads != mc.n_heads:
     bad.append(f'n_kv_heads={mc.n_kv_heads} (needs n_heads={mc.n_heads})')
+  if mc.qk_norm:   # neither layout has a place for the query and key norms
+    bad.append('qk_norm=True (needs False)')
   return bad
 
 

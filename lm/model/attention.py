@@ -144,6 +144,14 @@ def blocked_attention(q_BTNH, k_BTKH, v_BTKH, blocks: int, bias=None, mask=None,
   return jnp.concatenate(outs, axis=1)
 
 
+def head_rms_norm(x, scale_H, eps: float):
+  """x [..., H] / RMS over H (in float32) * scale: QK-norm, which bounds the attention logits
+  however large the projections grow (Dehghani et al. 2023, ViT-22B)."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps)
+  return (x32 * scale_H.astype(jnp.float32)).astype(x.dtype)
+
+
 class Attention(nn.Module):
   """Causal self-attention; with a cache, writes this call's k/v at the cache index first.
 
@@ -174,6 +182,11 @@ class Attention(nn.Module):
     q_BTNH = proj('wq', N, 'heads')
     k_BTKH = proj('wk', K, 'kv_heads')
     v_BTKH = proj('wv', K, 'kv_heads')
+    if c.qk_norm:   # each head's query and key to unit RMS times a learned scale, before RoPE
+      scale = lambda name: self.param(name, nn.with_logical_partitioning(
+          nn.initializers.ones, ('head_dim',)), (H,), pdt)
+      q_BTNH = head_rms_norm(q_BTNH, scale('q_norm'), c.norm_eps)
+      k_BTKH = head_rms_norm(k_BTKH, scale('k_norm'), c.norm_eps)
     if c.pos == 'rope':
       q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope_base)
       k_BTKH = apply_rope(k_BTKH, positions_BT, c.rope_base)

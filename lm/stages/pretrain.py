@@ -34,20 +34,46 @@ from lm.errors import UserError
 from lm.training.optim import TrainConfig, make_optimizer
 
 
-def next_token_loss(mc: ModelConfig, params, batch_BT1, rng=None):
-  """Mean next-token cross-entropy (float32) of windows [B, T+1]."""
+def _logits(mc: ModelConfig, params, batch_BT1, rng):
   inputs, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
   deterministic = rng is None or mc.dropout == 0
-  logits = model_lib.apply(mc, params, inputs, deterministic=deterministic,
-                           rngs=None if deterministic else {'dropout': rng})
+  return model_lib.apply(mc, params, inputs, deterministic=deterministic,
+                         rngs=None if deterministic else {'dropout': rng}), targets
+
+
+def next_token_loss(mc: ModelConfig, params, batch_BT1, rng=None):
+  """Mean next-token cross-entropy (float32) of windows [B, T+1]."""
+  logits, targets = _logits(mc, params, batch_BT1, rng)
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def next_token_losses(mc: ModelConfig, params, batch_BT1, rng=None):
+  """(mean cross-entropy, mean squared log-partition logsumexp(logits)^2) of windows [B, T+1]."""
+  return cross_entropy_and_z(*_logits(mc, params, batch_BT1, rng))
+
+
+def cross_entropy_and_z(logits_BTV, targets_BT):
+  """(mean cross-entropy, mean logsumexp^2) in float32. The second is what z-loss penalises
+  (PaLM, Chowdhery et al. 2022): it pulls the log-partition towards 0 so that the logits do not
+  drift, which matters for bfloat16."""
+  logits = logits_BTV.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+  return (lse - picked).mean(), (lse * lse).mean()
 
 
 def make_train_step(mc: ModelConfig, tc: TrainConfig, optimizer, seed: int):
   """(state, batch [B, T+1]) -> (state, metrics); micro-batches (train.grad_accum, or on a CPU
-  train.micro_batch_tokens) are averaged."""
-  step = loop.make_step(lambda p, _, b, r: (next_token_loss(mc, p, b, r), jnp.ones(())), tc,
-                        optimizer, seed, row_wise=True)
+  train.micro_batch_tokens) are averaged. With train.z_loss > 0 the loss gains z_loss x the mean
+  squared log-partition, logged beside it as `z_loss` (the penalty's own value)."""
+  if tc.z_loss:
+    def loss(p, _, b, r):
+      ce, lse_sq = next_token_losses(mc, p, b, r)
+      z = tc.z_loss * lse_sq
+      return ce + z, (jnp.ones(()), {'z_loss': z})
+  else:
+    loss = lambda p, _, b, r: (next_token_loss(mc, p, b, r), jnp.ones(()))
+  step = loop.make_step(loss, tc, optimizer, seed, row_wise=True)
   return lambda state, batch: step(state, None, batch)
 
 

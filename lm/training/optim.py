@@ -4,6 +4,7 @@ Shared by every training stage (pretraining, fine-tuning, and later objectives):
 optimizer here over whatever tree it trains (all params, or LoRA adapters only).
 """
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -37,6 +38,7 @@ class OptimizerConfig:
   decay_embeddings: bool = False
   grad_clip: float = 1.0
   opt_dtype: str = 'float32'  # AdamW moments stored as float32 or bfloat16 (half the bytes)
+  optimizer: str = 'adamw'    # adamw | muon (make_optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,7 @@ class PretrainConfig:
   eval_harness_include: str = ''  # folders of task YAML files (local data)
   eval_task_examples: int = 100
   eval_shots: int = 3
+  z_loss: float = 0.0       # + z_loss x mean(logsumexp(logits)^2) (pretrain.make_train_step)
 
 
 # A stage refuses a key it would ignore when it is set to anything but its default. (init_from
@@ -85,6 +88,7 @@ class PretrainConfig:
 _TASKS = 'task suites are scored during pretraining only; score this run with run.py eval'
 _ONLY_PRETRAIN = {f.name: _TASKS for f in dataclasses.fields(PretrainConfig)
                   if f.name != 'init_from'}
+_ONLY_PRETRAIN['z_loss'] = 'z-loss is added to the pretraining loss only'
 _NO_HELD_OUT = 'this stage evaluates on its own held-out pairs or prompts, not on text batches'
 _NO_MICRO = 'PPO takes its steps in ppo.minibatch minibatches, not micro-batches'
 UNUSED_KEYS = {
@@ -115,6 +119,14 @@ class TrainConfig(PretrainConfig, LoopConfig, BatchConfig, OptimizerConfig):
         raise UserError(f'{p}{key}={v} must be a positive integer.')
     if not self.lr > 0:
       raise UserError(f'{p}lr={self.lr} must be positive.')
+    if self.optimizer not in OPTIMIZERS:
+      raise UserError(f"{p}optimizer={self.optimizer!r} is not known; use one of "
+                      f"{', '.join(OPTIMIZERS)}.")
+    if self.optimizer == 'muon' and self.opt_dtype != 'float32':
+      raise UserError(f"{p}opt_dtype={self.opt_dtype!r} is for AdamW's moments; with "
+                      f"{p}optimizer='muon' leave it 'float32'.")
+    if not 0 <= self.z_loss < 1:   # also catches NaN
+      raise UserError(f'{p}z_loss={self.z_loss} must be in [0, 1) (PaLM used 1e-4; 0 is off).')
     if not 0 <= self.warmup_steps < self.steps:
       raise UserError(f'{p}warmup_steps={self.warmup_steps} must be in [0, train.steps) '
                       f'= [0, {self.steps}).')
@@ -276,9 +288,83 @@ def scale_by_adam_stored_as(b1: float, b2: float, eps: float, dtype) -> optax.Gr
   return optax.GradientTransformation(init, update)
 
 
+OPTIMIZERS = ('adamw', 'muon')
+
+# Muon's matrices: (module, name) -> (reduction axes, output axes) of the unstacked weight; any
+# leading axes (scan_layers' layer axis) are batch axes, each slice orthogonalised alone.
+MUON_MATRICES = {('attn', 'wq'): ((0,), (1, 2)), ('attn', 'wk'): ((0,), (1, 2)),
+                 ('attn', 'wv'): ((0,), (1, 2)), ('attn', 'wo'): ((0, 1), (2,)),
+                 ('mlp', 'wi'): ((0,), (1,)), ('mlp', 'wg'): ((0,), (1,)),
+                 ('mlp', 'wo'): ((0,), (1,))}
+MUON_UPDATE_RMS = 0.2   # Muon's updates scaled to AdamW's typical RMS, so both share train.lr
+
+
+def _path_names(path) -> tuple:
+  return tuple(str(getattr(k, 'key', k)) for k in path)
+
+
+def muon_dims(params):
+  """The tree of MuonDimensionNumbers for the hidden matrices, None for every other leaf."""
+  from optax.contrib import MuonDimensionNumbers
+
+  def dims(path, x):
+    if isinstance(x, optax.MaskedNode):
+      return x
+    base = MUON_MATRICES.get(_path_names(path)[-2:])
+    if base is None:
+      return None
+    reduction, output = base
+    lead = x.ndim - len(reduction) - len(output)
+    return MuonDimensionNumbers(tuple(a + lead for a in reduction),
+                                tuple(a + lead for a in output))
+  return jax.tree_util.tree_map_with_path(dims, params,
+                                          is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def muon_labels(params):
+  """'muon' for the hidden matrices, 'adam' for embeddings, norms, biases, the head and any
+  other leaf."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'muon' if _path_names(path)[-2:] in MUON_MATRICES else 'adam', params)
+
+
+def _scale_to_rms(rms: float) -> optax.GradientTransformation:
+  """An orthogonalised [fan_in, fan_out] update has RMS 1 / sqrt(max(fan_in, fan_out)); this
+  scales it to `rms`."""
+  def scale(path, u):
+    if isinstance(u, optax.MaskedNode):
+      return u
+    reduction, output = MUON_MATRICES[_path_names(path)[-2:]]
+    lead = u.ndim - len(reduction) - len(output)
+    fans = (math.prod(u.shape[lead + a] for a in reduction),
+            math.prod(u.shape[lead + a] for a in output))
+    return u * (rms * math.sqrt(max(fans)))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        scale, updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode)), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _muon(tc: OptimizerConfig, params, adamw) -> optax.GradientTransformation:
+  """Muon (Jordan et al. 2024: momentum orthogonalised by Newton-Schulz iterations, Nesterov)
+  on the attention and MLP matrices, with updates scaled to RMS MUON_UPDATE_RMS x
+  sqrt(max dim) as Moonlight does (Liu et al. 2025) so that the matrices share train.lr and its
+  schedule with AdamW, which trains the rest."""
+  from optax import contrib
+  muon = optax.chain(
+      contrib.scale_by_muon(weight_dimension_numbers=muon_dims),
+      _scale_to_rms(MUON_UPDATE_RMS),
+      optax.add_decayed_weights(tc.weight_decay),
+      optax.scale_by_learning_rate(learning_rate_schedule(tc)))
+  return optax.partition({'muon': muon, 'adam': adamw}, muon_labels(params))
+
+
 def make_optimizer(tc: OptimizerConfig, params, lora_b_lr_ratio: float = 1.0
                    ) -> optax.GradientTransformation:
-  """AdamW with the decay mask, after global-norm clipping (clip 0 disables it).
+  """AdamW with the decay mask, after global-norm clipping (clip 0 disables it); with
+  train.optimizer='muon', Muon on the hidden matrices and AdamW on the rest (_muon).
 
   lora_b_lr_ratio != 1 gives the LoRA B factors (leaves named *_b) that multiple of the learning
   rate, as LoRA+ does (Hayou et al. 2024: B learns efficiently with a larger step than A).
@@ -286,11 +372,13 @@ def make_optimizer(tc: OptimizerConfig, params, lora_b_lr_ratio: float = 1.0
   all_f32 = all(jnp.dtype(x.dtype) == jnp.float32 for x in jax.tree.leaves(params))
   if tc.opt_dtype == 'float32' and all_f32:
     adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                        weight_decay=tc.weight_decay, mask=decay_mask(params, tc.decay_embeddings))
+                        weight_decay=tc.weight_decay,
+                        mask=lambda p: decay_mask(p, tc.decay_embeddings))
   else:   # optax.adamw's chain, with both moments stored in opt_dtype whatever the params'
     adamw = optax.chain(
         scale_by_adam_stored_as(tc.b1, tc.b2, tc.eps, jnp.dtype(tc.opt_dtype)),
-        optax.add_decayed_weights(tc.weight_decay, decay_mask(params, tc.decay_embeddings)),
+        optax.add_decayed_weights(tc.weight_decay,
+                                  lambda p: decay_mask(p, tc.decay_embeddings)),
         optax.scale_by_learning_rate(learning_rate_schedule(tc)))
   if lora_b_lr_ratio != 1.0:
     ratio = jax.tree_util.tree_map_with_path(
@@ -298,6 +386,8 @@ def make_optimizer(tc: OptimizerConfig, params, lora_b_lr_ratio: float = 1.0
         else 1.0, params)
     adamw = optax.chain(adamw, optax.stateless(
         lambda updates, _: jax.tree.map(lambda u, r: u * r, updates, ratio)))
+  if getattr(tc, 'optimizer', 'adamw') == 'muon':
+    adamw = _muon(tc, params, adamw)
   if tc.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
   return adamw
