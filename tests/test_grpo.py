@@ -1,6 +1,5 @@
 """GRPO: group-relative advantages, the clipped objective with the k3 KL, the verifiers, and tiny
 runs (reward going up, exact resume, LoRA policies whose reference is their base)."""
-import json
 import math
 import os
 import re
@@ -19,6 +18,7 @@ from lm.errors import UserError
 from lm.stages import finetune as ft
 from lm.stages import pretrain as train_lib
 from tests.test_finetune import assert_same_logits, logits, pretrain_config
+from tests.test_train import read_metrics as rows_of
 
 
 # ---- the objective, by hand -------------------------------------------------------------------
@@ -133,10 +133,6 @@ def grpo_config(sft_run, steps=3, **kw):
     section, key = k.split('__')
     c[section][key] = v
   return c
-
-
-def rows_of(workdir):
-  return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
 
 
 @pytest.fixture(scope='module')

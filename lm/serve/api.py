@@ -406,7 +406,7 @@ def create_app(server: Server):
     return responses.FileResponse(os.path.join(STATIC, 'index.html'), media_type='text/html')
 
   @app.post('/v1/chat/completions')
-  async def chat_completions(body: ChatBody, request: fastapi.Request):
+  async def chat_completions(body: ChatBody):
     server.check_model(body)
     _refuse_unsupported(body)
     if not server.chat:
@@ -422,7 +422,7 @@ def create_app(server: Server):
                           chat=True)
 
   @app.post('/v1/completions')
-  async def completions(body: CompletionBody, request: fastapi.Request):
+  async def completions(body: CompletionBody):
     server.check_model(body)
     _refuse_unsupported(body)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt

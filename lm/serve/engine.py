@@ -39,7 +39,6 @@ import dataclasses
 import functools
 import secrets
 import threading
-import time
 from collections import deque
 from typing import Callable
 
@@ -173,8 +172,6 @@ class Request:
   cancelled: bool = False
   # Filled in by the engine.
   generated: int = 0
-  submitted: float = 0.0
-  first_token_s: float | None = None
 
 
 class Engine:
@@ -205,7 +202,6 @@ class Engine:
     self.closing = False
     self.error: BaseException | None = None
     self.steps = 0
-    self.tokens_out = 0
 
   # -- what fits -------------------------------------------------------------------------------
   def room(self, prompt_len: int) -> int:
@@ -242,7 +238,6 @@ class Engine:
       raise RuntimeError(f'the decoding engine stopped: {self.error!r}')
     if req.seed is None:
       req.seed = secrets.randbits(31)
-    req.submitted = time.perf_counter()
     with self.cv:
       self.waiting.append(req)
       self.cv.notify()
@@ -262,7 +257,7 @@ class Engine:
       self.rows[rows - 1] = None
     self._roll()
     self.cache = self.cache._replace(valid=jnp.zeros_like(self.cache.valid))
-    self.steps = self.tokens_out = 0
+    self.steps = 0
 
   # -- the loop --------------------------------------------------------------------------------
   def _run(self) -> None:
@@ -342,8 +337,6 @@ class Engine:
   def _deliver(self, row: int, token: int) -> None:
     """Hands a row's new token to its request and frees the row when the sequence ends."""
     req = self.rows[row]
-    if req.first_token_s is None:
-      req.first_token_s = time.perf_counter() - req.submitted
     self.tokens[row] = token
     req.generated += 1
     self.draws[row] = req.generated     # the next token is draw number `generated`
@@ -354,7 +347,6 @@ class Engine:
       reason = 'stop'
     else:
       req.emit(token)
-      self.tokens_out += 1
       if req.generated >= req.max_tokens:
         reason = 'length'
     if reason:
