@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention_impl = 'auto'  # auto | xla | cudnn (passed to jax.nn.dot_product_attention)
   m.init_std = 0.02
   m.qk_norm = False         # RMSNorm (learned scale) on each head's queries and keys before RoPE
+  m.parametrization = 'sp'  # sp | mup: μP's init, per-layer rates and multipliers (docs/recipes.md)
+  m.mup_base_width = 0      # μP: the d_model the learning rate and init were tuned at
+  m.mup_base_head_dim = 0   # μP: attention is 1/sqrt(H) at this head dim, sqrt(it)/H elsewhere (0: H)
 
   # Corpus, tokenizer, token files and batches (lm/data/tokens.py).
   d = c.data = ml_collections.ConfigDict()

@@ -112,6 +112,9 @@ class ModelConfig:
   attention_impl: str = 'auto'
   init_std: float = 0.02
   qk_norm: bool = False   # RMSNorm on each head's queries and keys (Dehghani et al. 2023)
+  parametrization: str = 'sp'   # sp | mup (lm/model/parametrization.py)
+  mup_base_width: int = 0       # μP: the d_model its hyperparameters were tuned at
+  mup_base_head_dim: int = 0    # μP: the head dim attention is normalised at (0: this model's)
   # LoRA adapters (lm/model/lora.py): rank 0 means none. Set by fine-tuning, not by pretraining configs.
   lora_rank: int = 0
   lora_alpha: float = 16.0
@@ -161,8 +164,22 @@ class ModelConfig:
     _check(self.rope_base > 0, f'{p}rope_base={self.rope_base} must be positive.')
     _check(self.norm_eps > 0, f'{p}norm_eps={self.norm_eps} must be positive.')
     _check(self.init_std > 0, f'{p}init_std={self.init_std} must be positive.')
+    self._check_parametrization()
     if self.lora_rank:
       self._check_lora()
+
+  def _check_parametrization(self):
+    p = 'model.'
+    _one_of(p + 'parametrization', self.parametrization, ('sp', 'mup'))
+    for key in ('mup_base_width', 'mup_base_head_dim'):
+      v = getattr(self, key)
+      _check(isinstance(v, int) and v >= 0, f'{p}{key}={v} must be a non-negative integer.')
+      _check(self.parametrization == 'mup' or not v,
+             f"{p}{key}={v} has no effect with {p}parametrization='sp'; set "
+             f"{p}parametrization='mup' or leave it 0.")
+    _check(self.parametrization == 'sp' or self.mup_base_width > 0,
+           f"{p}parametrization='mup' needs {p}mup_base_width: the d_model its learning rate "
+           f'and init were tuned at (e.g. {self.d_model} for this model itself).')
 
   def _check_lora(self):
     p = 'lora.'

@@ -25,7 +25,8 @@ bad value in the last stage is refused in the first second, before any folder is
 pipeline holds DIR's lock while it runs (lm/lock.py) and each stage its own folder's.
 
 Reruns. DIR/pipeline.json records each stage's settings, its key (a hash of its settings and of
-the keys of the stages it starts from), its state and wall time. A stage whose key is unchanged
+the keys of the stages it starts from; an option newer than the project's first runs counts only
+when set away from its default), its state and wall time. A stage whose key is unchanged
 is skipped when finished and resumed when interrupted (the training loop resumes from its
 checkpoint). A stage whose settings changed, or that starts from a stage that changed, is run
 again: its old folder is moved to DIR/stale/ (never deleted), the changed keys are named, and the
@@ -174,8 +175,20 @@ def stage_keys(configs: dict) -> dict:
   for s in STAGES:
     if s in configs:
       ups = {u: keys[u] for u in UPSTREAM[s] if u in keys}
-      keys[s] = _digest({'config': configs[s].to_dict(), 'upstream': ups})
+      keys[s] = _digest({'config': _without_added_defaults(configs[s].to_dict()),
+                         'upstream': ups})
   return keys
+
+
+def _without_added_defaults(cfg: dict) -> dict:
+  """The config less the keys added to the project after runs were made (loop.ADDED_KEYS) where
+  they hold their defaults, so that a new option leaves existing pipeline folders current."""
+  out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+  for dotted, default in loop.ADDED_KEYS.items():
+    section, key = dotted.split('.', 1)
+    if isinstance(out.get(section), dict) and out[section].get(key, default) == default:
+      out[section].pop(key, None)
+  return out
 
 
 def _run_stage(name: str, cfg, folder: str) -> dict:

@@ -249,6 +249,22 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(exported_llama)
   assert_same_logits(mc, params, model)
 
 
+def test_exported_mup_run_folds_its_multipliers(cache_dir, tmp_path):
+  """A μP run (tied, width 2x its base, head dim 2x the base's) exports in standard form, with an
+  untied head, and transformers computes its logits."""
+  cfg = small_run_config(cache_dir, tie_embeddings=True, parametrization='mup',
+                         mup_base_width=16, mup_base_head_dim=4)
+  run, out = str(tmp_path / 'run'), str(tmp_path / 'hf')
+  train_lib.train(cfg, run)
+  hf.export_run(run, out)
+  with open(os.path.join(out, 'config.json')) as f:
+    assert json.load(f)['tie_word_embeddings'] is False
+  model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  mc, params, _, _ = runs.load_model(run)
+  assert mc.parametrization == 'mup' and mc.tie_embeddings
+  assert_same_logits(mc, params, model)
+
+
 def test_exported_byte_tokenizer_encodes_like_ours(exported_llama):
   run, out, _ = exported_llama
   ours = tokenizer_lib.load_tokenizer(os.path.join(run, 'tokenizer'))

@@ -14,7 +14,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = (
     ('base', ('lm', 'lm.errors', 'lm.config', 'lm.host', 'lm.metrics', 'lm.lock', 'lm.tracking')),
     ('model', ('lm.model', 'lm.model.lora', 'lm.model.sharding', 'lm.model.attention',
-               'lm.model.transformer', 'lm.model.flops')),
+               'lm.model.transformer', 'lm.model.flops', 'lm.model.parametrization')),
     ('data', ('lm.data', 'lm.data.corpus', 'lm.data.tokenizer', 'lm.data.arith',
               'lm.data.instruct', 'lm.data.sft', 'lm.data.tokens', 'lm.data.code_task',
               'lm.data.sources', 'lm.data.build', 'lm.data.mixture', 'lm.data.replay')),

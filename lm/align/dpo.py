@@ -355,7 +355,7 @@ def build(cfg, workdir: str) -> loop.Stage:
   def init_params():
     return common.init_adapters(mc, seed) if lc.rank else policy.params
   shapes = jax.eval_shape(init_params)
-  optimizer = make_optimizer(tc, shapes)
+  optimizer = make_optimizer(tc, shapes, model=mc)
   init_state, abstract_state = common.initial_state(init_params, optimizer)
   frozen = policy.params if lc.rank else None   # the adapters' base (and the reference)
   objective = dc.objective()

@@ -230,11 +230,13 @@ def _score(policy_params, ref_params, tokens, *, mc, temperature):
   return logp, entropy, ref
 
 
-def _optimizer(tc: TrainConfig, gc: GrpoConfig, shapes):
-  """AdamW stepping once per minibatch, its schedule stretched over every update of the run."""
+def _optimizer(tc: TrainConfig, gc: GrpoConfig, shapes, mc=None):
+  """AdamW stepping once per minibatch, its schedule stretched over every update of the run
+  (model config mc, for μP's rates)."""
   u = updates_per_iteration(tc, gc)
   return make_optimizer(dataclasses.replace(tc, steps=tc.steps * u,
-                                            warmup_steps=tc.warmup_steps * u), shapes)
+                                            warmup_steps=tc.warmup_steps * u), shapes,
+                        model=mc)
 
 
 def updates_per_iteration(tc: TrainConfig, gc: GrpoConfig) -> int:
@@ -249,7 +251,7 @@ def _minibatch_loss(params, ref_params, mb, mc, gc):
 @functools.partial(jax.jit, static_argnames=('mc', 'tc', 'gc'))
 def _update(params, opt_state, ref_params, data, key, *, mc, tc, gc):
   """gc.epochs passes of shuffled minibatches, one optimizer step each (a lax.scan)."""
-  opt = _optimizer(tc, gc, params)
+  opt = _optimizer(tc, gc, params, mc)
   grad_fn = jax.value_and_grad(_minibatch_loss, has_aux=True)
   order = common.minibatch_order(key, data['tokens'].shape[0], gc.epochs, gc.minibatch)
 
@@ -383,7 +385,7 @@ def build(cfg, workdir: str) -> loop.Stage:
       return {'policy': common.init_adapters(mc, seed)}
     return {'policy': policy.params}
   shapes = jax.eval_shape(init_params)
-  optimizer = _optimizer(tc, gc, shapes['policy'])
+  optimizer = _optimizer(tc, gc, shapes['policy'], mc)
 
   class _Opt:   # the state's opt_state is the policy optimizer's
     init = staticmethod(lambda params: optimizer.init(params['policy']))

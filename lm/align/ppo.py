@@ -213,7 +213,7 @@ def _minibatch_loss(params, base, mb, mc, pc):
 def _update(params, opt_state, base, data, key, *, mc, tc, pc):
   """pc.epochs passes of shuffled minibatches, one optimizer step each (a lax.scan); base: a
   LoRA policy's frozen weights (None for a full policy)."""
-  opts = _optimizers(tc, pc, params)
+  opts = _optimizers(tc, pc, params, mc)
   grad_fn = jax.value_and_grad(_minibatch_loss, has_aux=True)
   order = common.minibatch_order(key, data['tokens'].shape[0], pc.epochs, pc.minibatch)
 
@@ -247,11 +247,12 @@ def per_update_config(tc: TrainConfig, pc: PpoConfig) -> TrainConfig:
   return dataclasses.replace(tc, steps=tc.steps * u, warmup_steps=tc.warmup_steps * u)
 
 
-def _optimizers(tc: TrainConfig, pc: PpoConfig, shapes):
-  """AdamW for the policy and for the value network (per_update_config schedules)."""
+def _optimizers(tc: TrainConfig, pc: PpoConfig, shapes, mc=None):
+  """AdamW for the policy (model config mc, for μP's rates) and for the value network
+  (per_update_config schedules)."""
   per_update = per_update_config(tc, pc)
   value_tc = dataclasses.replace(per_update, lr=tc.lr * pc.value_lr_ratio)
-  return {'policy': make_optimizer(per_update, shapes['policy']),
+  return {'policy': make_optimizer(per_update, shapes['policy'], model=mc),
           'value': make_optimizer(value_tc, shapes['value'])}
 
 
@@ -338,7 +339,7 @@ def build(cfg, workdir: str) -> loop.Stage:
     return {'policy': common.init_adapters(mc, seed) if lc.rank else policy.params,
             'value': common.init_head(policy.mc, rm.params['trunk'])}
   shapes = jax.eval_shape(init_params)
-  opts = _optimizers(tc, pc, shapes)
+  opts = _optimizers(tc, pc, shapes, mc)
   init_state, abstract_state = common.initial_state(
       init_params, _Optimizer(opts), {'kl_coef': lambda: jnp.asarray(pc.kl_coef, jnp.float32)})
   frozen = {'ref': policy.params, 'rm': rm.params}   # ref: a LoRA policy's base, too

@@ -161,7 +161,7 @@ def build(cfg, workdir: str) -> loop.Stage:
     return jax.device_put(pairs_lib.stack(rows, np.asarray(idx)))
 
   shapes = jax.eval_shape(lambda p: common.init_head(mc, p), policy.params)
-  optimizer = make_optimizer(tc, shapes)
+  optimizer = make_optimizer(tc, shapes, model=mc)
   init_state, abstract_state = common.initial_state(lambda: common.init_head(mc, policy.params),
                                                     optimizer)
 

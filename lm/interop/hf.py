@@ -36,6 +36,7 @@ from lm import metrics as metrics_lib
 from lm import runs
 from lm.data import tokenizer as tokenizer_lib
 from lm.config import ModelConfig
+from lm.model import parametrization
 from lm.errors import UserError
 
 FAMILIES = ('gpt2', 'llama')
@@ -93,8 +94,25 @@ def _layers(params, n_layers: int) -> list:
   return [params[f'layer_{i}'] for i in range(n_layers)]
 
 
+def standard_form(mc: ModelConfig, params) -> tuple[ModelConfig, dict]:
+  """The SP model computing the same logits (parametrization.to_standard): Hugging Face's
+  layouts have no μP multipliers. GPT-2's ties its head to the embedding, so a tied μP model
+  away from its base width (whose head needs its own 1/m) exports only as Llama."""
+  if not parametrization.is_mup(mc):
+    return mc, params
+  if (family_of(mc) == 'gpt2' and mc.tie_embeddings
+      and parametrization.width_mult(mc) != 1.0):
+    raise UserError(f'this μP model (d_model {mc.d_model}, model.mup_base_width '
+                    f'{mc.mup_base_width}) scales its logits by 1/{parametrization.width_mult(mc):g}, '
+                    "which GPT-2's tied head cannot hold; export it at its base width or train "
+                    'a Llama-family μP model, whose head can be untied.')
+  return parametrization.to_standard(mc, params)
+
+
 def to_hf(mc: ModelConfig, params) -> tuple[str, dict]:
-  """(family, {name: float32 array}) in the layout `transformers` reads."""
+  """(family, {name: float32 array}) in the layout `transformers` reads (a μP model in its
+  standard form)."""
+  mc, params = standard_form(mc, params)
   family = family_of(mc)
   p = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
   D, N, K, H = mc.d_model, mc.n_heads, mc.n_kv_heads, mc.head_dim
@@ -499,6 +517,7 @@ def export_run(workdir: str, out: str, overwrite: bool = False,
   check_apart(workdir, out, '--workdir', '--out')
   _check_out(out, overwrite, '--out')
   mc, params, tokenizer, ident = runs.load_model(workdir)
+  mc, params = standard_form(mc, params)
   family, tensors = to_hf(mc, params)
   with _written_beside(out) as tmp:
     files = write_safetensors(tensors, tmp, max_shard_bytes)

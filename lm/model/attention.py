@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.model import lora
+from lm.model import parametrization as mup
 from lm.model.sharding import constrain
 from lm.errors import UserError
 from lm.config import ModelConfig
@@ -120,7 +121,7 @@ def causal_blocks(T: int) -> int:
 
 
 def blocked_attention(q_BTNH, k_BTKH, v_BTKH, blocks: int, bias=None, mask=None,
-                      implementation=None):
+                      implementation=None, scale=None):
   """Causal self-attention computed block by block over the queries.
 
   Query block i (rows [i c, (i+1) c), c = T / blocks) can only see keys [0, (i+1) c), so it is
@@ -140,7 +141,8 @@ def blocked_attention(q_BTNH, k_BTKH, v_BTKH, blocks: int, bias=None, mask=None,
       keep = keep & mask[:, :, rows, :S]
     b = None if bias is None else bias[:, :, rows, :S]
     outs.append(jax.nn.dot_product_attention(q_BTNH[:, rows], k_BTKH[:, :S], v_BTKH[:, :S],
-                                             bias=b, mask=keep, implementation=implementation))
+                                             bias=b, mask=keep, scale=scale,
+                                             implementation=implementation))
   return jnp.concatenate(outs, axis=1)
 
 
@@ -166,7 +168,8 @@ class Attention(nn.Module):
     c = self.cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     N, K, H, D = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
-    init = nn.initializers.normal(c.init_std)
+    std = mup.hidden_init_std(c)
+    init = nn.initializers.normal(std)
 
     def proj(name, heads, axes):
       w = self.param(name, nn.with_logical_partitioning(init, ('embed', axes, 'head_dim')),
@@ -232,15 +235,15 @@ class Attention(nn.Module):
     blocks = causal_blocks(T) if layer_cache is None and impl != 'cudnn' else 1
     if blocks > 1:
       out_BTNH = blocked_attention(q_BTNH, k_BSKH, v_BSKH, blocks, bias=bias, mask=mask,
-                                   implementation=impl)
+                                   implementation=impl, scale=mup.attention_scale(c))
     else:
       out_BTNH = jax.nn.dot_product_attention(
           q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask, is_causal=mask is None,
-          implementation=impl)
+          scale=mup.attention_scale(c), implementation=impl)
 
     out_BTNH = constrain(out_BTNH, 'batch', None, 'heads', None)
     wo = self.param('wo', nn.with_logical_partitioning(
-        nn.initializers.normal(c.init_std / math.sqrt(2 * c.n_layers)),
+        nn.initializers.normal(std / math.sqrt(2 * c.n_layers)),
         ('heads', 'head_dim', 'embed')), (N, H, D), pdt)
     y_BTD = jnp.einsum('btnh,nhd->btd', out_BTNH, wo.astype(dt))
     y_BTD += lora.adapter(self, 'o', out_BTNH, (N, H, D), 2, ('heads', 'head_dim'), ('embed',),

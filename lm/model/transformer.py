@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.model import lora
+from lm.model import parametrization as mup
 from lm.model.sharding import constrain
 from lm.config import ModelConfig
 from lm.model.attention import Attention, sinusoidal_table
@@ -79,8 +80,9 @@ class Mlp(nn.Module):
   def __call__(self, x_BTD):
     c = self.cfg
     dt = jnp.dtype(c.dtype)
-    init = nn.initializers.normal(c.init_std)
-    out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.n_layers))
+    std = mup.hidden_init_std(c)
+    init = nn.initializers.normal(std)
+    out_init = nn.initializers.normal(std / math.sqrt(2 * c.n_layers))
     # The matmuls run on [B*T, D]: with 3-D einsums XLA:CPU fuses the GELU backward into a
     # transposed copy and the MLP becomes about twice as slow (benchmarks/train_step.py).
     B, T, D = x_BTD.shape
@@ -211,7 +213,10 @@ class Transformer(nn.Module):
                        (c.d_model, c.vocab_size), ('embed', 'vocab'))
       head_DV = lora.token_rows(self, head_DV, 'head', transposed=True)
       logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head_DV.astype(dt))
-    logits_BTV = constrain(logits_BTV.astype(jnp.float32), 'batch', None, 'vocab')
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if mup.is_mup(c):
+      logits_BTV = logits_BTV * mup.logit_multiplier(c)
+    logits_BTV = constrain(logits_BTV, 'batch', None, 'vocab')
     if cache is None:
       return logits_BTV
     new_cache = KVCache(k=new_kv[0], v=new_kv[1], pos=cache_meta[1], valid=cache_meta[2],

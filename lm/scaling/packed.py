@@ -77,7 +77,7 @@ class Pack:
     self.run = run
     mc, tc = run.model, run.train
     unit = optim.TrainConfig.from_config(dict(cfgs[0].train, lr=1.0))
-    self.optimizer = optax.chain(optim.make_optimizer(unit, model_lib.param_shapes(mc)),
+    self.optimizer = optax.chain(optim.make_optimizer(unit, model_lib.param_shapes(mc), model=mc),
                                  _scale_by_member_lr())
     self.unit_schedule = optim.learning_rate_schedule(unit)
 

@@ -301,7 +301,8 @@ def _train_state(fc, tc, mc, base_mc, base_params, seed: int, mesh):
                                         t_shapes)
   else:
     t_shapes, t_shard = model_lib.param_shapes(base_mc), p_shard
-  optimizer = make_optimizer(tc, t_shapes, fc.lora_b_lr_ratio if use_lora else 1.0)
+  optimizer = make_optimizer(tc, t_shapes, fc.lora_b_lr_ratio if use_lora else 1.0,
+                             model=None if use_lora else base_mc)
 
   def init_state():
     if use_lora:

@@ -124,7 +124,7 @@ def build(cfg, vocab_size: int = 0) -> Run:
 
   param_shapes = model_lib.param_shapes(mc)
   p_shard = shard_lib.param_shardings(mesh, model_lib.logical_specs(mc), param_shapes)
-  optimizer = make_optimizer(tc, param_shapes)
+  optimizer = make_optimizer(tc, param_shapes, model=mc)
 
   def init_state(rng):
     return loop.new_state(model_lib.init_params(mc, rng), optimizer)

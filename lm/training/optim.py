@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import optax
 
 from lm import tracking
-from lm.config import read_section
+from lm.config import ModelConfig, read_section
 from lm.errors import UserError
 from lm.host import host_cores
+from lm.model import parametrization
 
 SCHEDULES = ('cosine', 'wsd', 'constant')
 
@@ -299,9 +300,6 @@ MUON_MATRICES = {('attn', 'wq'): ((0,), (1, 2)), ('attn', 'wk'): ((0,), (1, 2)),
 MUON_UPDATE_RMS = 0.2   # Muon's updates scaled to AdamW's typical RMS, so both share train.lr
 
 
-def _path_names(path) -> tuple:
-  return tuple(str(getattr(k, 'key', k)) for k in path)
-
 
 def muon_dims(params):
   """The tree of MuonDimensionNumbers for the hidden matrices, None for every other leaf."""
@@ -310,7 +308,7 @@ def muon_dims(params):
   def dims(path, x):
     if isinstance(x, optax.MaskedNode):
       return x
-    base = MUON_MATRICES.get(_path_names(path)[-2:])
+    base = MUON_MATRICES.get(parametrization.path_names(path)[-2:])
     if base is None:
       return None
     reduction, output = base
@@ -325,7 +323,7 @@ def muon_labels(params):
   """'muon' for the hidden matrices, 'adam' for embeddings, norms, biases, the head and any
   other leaf."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: 'muon' if _path_names(path)[-2:] in MUON_MATRICES else 'adam', params)
+      lambda path, _: 'muon' if parametrization.path_names(path)[-2:] in MUON_MATRICES else 'adam', params)
 
 
 def _scale_to_rms(rms: float) -> optax.GradientTransformation:
@@ -334,7 +332,7 @@ def _scale_to_rms(rms: float) -> optax.GradientTransformation:
   def scale(path, u):
     if isinstance(u, optax.MaskedNode):
       return u
-    reduction, output = MUON_MATRICES[_path_names(path)[-2:]]
+    reduction, output = MUON_MATRICES[parametrization.path_names(path)[-2:]]
     lead = u.ndim - len(reduction) - len(output)
     fans = (math.prod(u.shape[lead + a] for a in reduction),
             math.prod(u.shape[lead + a] for a in output))
@@ -361,14 +359,20 @@ def _muon(tc: OptimizerConfig, params, adamw) -> optax.GradientTransformation:
   return optax.partition({'muon': muon, 'adam': adamw}, muon_labels(params))
 
 
-def make_optimizer(tc: OptimizerConfig, params, lora_b_lr_ratio: float = 1.0
-                   ) -> optax.GradientTransformation:
+def make_optimizer(tc: OptimizerConfig, params, lora_b_lr_ratio: float = 1.0,
+                   model: ModelConfig | None = None) -> optax.GradientTransformation:
   """AdamW with the decay mask, after global-norm clipping (clip 0 disables it); with
   train.optimizer='muon', Muon on the hidden matrices and AdamW on the rest (_muon).
 
   lora_b_lr_ratio != 1 gives the LoRA B factors (leaves named *_b) that multiple of the learning
   rate, as LoRA+ does (Hayou et al. 2024: B learns efficiently with a larger step than A).
+  `model`: the config of the model whose weights `params` are (or wrap); a μP model's hidden
+  matrices get its per-layer rates (lm/model/parametrization.py).
   """
+  mup = model is not None and parametrization.is_mup(model)
+  if mup and getattr(tc, 'optimizer', 'adamw') == 'muon':
+    raise UserError("train.optimizer='muon' sets the hidden matrices' step sizes itself, and "
+                    "model.parametrization='mup' sets them for AdamW; use one of the two.")
   all_f32 = all(jnp.dtype(x.dtype) == jnp.float32 for x in jax.tree.leaves(params))
   if tc.opt_dtype == 'float32' and all_f32:
     adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
@@ -380,10 +384,12 @@ def make_optimizer(tc: OptimizerConfig, params, lora_b_lr_ratio: float = 1.0
         optax.add_decayed_weights(tc.weight_decay,
                                   lambda p: decay_mask(p, tc.decay_embeddings)),
         optax.scale_by_learning_rate(learning_rate_schedule(tc)))
-  if lora_b_lr_ratio != 1.0:
+  if lora_b_lr_ratio != 1.0 or mup:
     ratio = jax.tree_util.tree_map_with_path(
         lambda path, _: lora_b_lr_ratio if str(getattr(path[-1], 'key', '')).endswith('_b')
         else 1.0, params)
+    if mup:
+      ratio = jax.tree.map(lambda r, s: r * s, ratio, parametrization.lr_scales(model, params))
     adamw = optax.chain(adamw, optax.stateless(
         lambda updates, _: jax.tree.map(lambda u, r: u * r, updates, ratio)))
   if getattr(tc, 'optimizer', 'adamw') == 'muon':
