@@ -80,5 +80,8 @@ def get_config():
   s.harness = ''
   s.harness_limit = 0             # examples per task; 0: all
   s.harness_include = ''          # folders of task YAML files (local data)
+  # 'mup': every run under μP (lm/model/parametrization.py) with base width lr_ref_width, all at
+  # sweep.lr (lr_width_power must be 0): one learning-rate scan at the base width serves every size.
+  s.parametrization = 'sp'
   s.bootstrap = 100
   return c

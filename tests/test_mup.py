@@ -134,3 +134,22 @@ def test_mup_run_trains_and_resumes_bitwise(cache_dir, tmp_path):
   for a, b in zip(jax.tree.leaves(final_params(str(tmp_path / 'ref'))),
                   jax.tree.leaves(final_params(workdir))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_sweep_under_mup_gives_every_run_the_base_rate():
+  from configs import sweep_smoke
+  from lm.scaling import plan as plan_lib
+  c = sweep_smoke.get_config()
+  c.sweep.parametrization, c.sweep.lr_width_power = 'mup', 0.0
+  specs = plan_lib.plan(c.sweep, c.base, 259)
+  assert len({sp.d_model for sp in specs}) > 1 and {sp.lr for sp in specs} == {c.sweep.lr}
+  for sp in specs:
+    cfg = plan_lib.run_config(c.base, sp, mup_width=plan_lib.mup_base_width(c.sweep))
+    mc = ModelConfig.from_config(cfg.model, 259)
+    assert mc.parametrization == 'mup' and mc.mup_base_width == c.sweep.lr_ref_width
+  c.sweep.lr_width_power = 1.0
+  with pytest.raises(UserError, match='set it to 0'):
+    plan_lib.plan(c.sweep, c.base, 259)
+  c.sweep.parametrization = 'ntk'
+  with pytest.raises(UserError, match='sweep.parametrization'):
+    plan_lib.validate(c.sweep)

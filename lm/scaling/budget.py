@@ -408,7 +408,7 @@ class Measurer:
   def run_config(self, sp):
     s, base = self.cfg.sweep, self.cfg.base
     return plan_lib.run_config(base, sp, int(s.evals_per_run), int(s.checkpoints_per_run),
-                               plan_lib.eval_rows(s, base))
+                               plan_lib.eval_rows(s, base), plan_lib.mup_base_width(s))
 
   def __call__(self, sp) -> dict:
     """One shape: its run's real step on the run's own batches, fed and read as the training

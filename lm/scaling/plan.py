@@ -22,6 +22,10 @@ Rules (documented in docs/scaling.md, set in the sweep config):
            (train.eval_batches = eval_rows / batch), whatever its batch; 0 (or absent): the base
            config's eval_batches x batch_size windows.
   lr:      sweep.lr * (sweep.lr_ref_width / d_model) ** sweep.lr_width_power (wider -> smaller).
+           With sweep.parametrization = 'mup' every run is μP with model.mup_base_width =
+           sweep.lr_ref_width and takes sweep.lr itself (lr_width_power must be 0): μP scales the
+           hidden layers' rates inside the optimizer (lm/model/parametrization.py), so one scan
+           at the base width sets the rate of every size.
   seeds:   every run with sweep.seeds seeds; the smallest IsoFLOP budget (the
            sweep.seeds_smallest_budgets smallest, default 1) with sweep.seeds_smallest (if more), so
            that run-to-run noise is measured (numerics.seed_noise) and carried into the Approach 3
@@ -195,6 +199,7 @@ class SweepKeys:
   harness: str = ''           # lm-evaluation-harness tasks every finished run is scored on
   harness_limit: int = 0      # examples per task (0: all)
   harness_include: str = ''   # folders of task YAML files (local data)
+  parametrization: str = 'sp'   # sp | mup: every run under μP, base width sweep.lr_ref_width
 
 
 def validate(s) -> None:
@@ -235,6 +240,12 @@ def validate(s) -> None:
     raise UserError(f'sweep.pack={s.pack} trains its packs in the sweep\'s own process; set '
                     'sweep.parallel=1 (or 0), or sweep.pack=1 for runs in parallel processes.')
   _check_backend(s)
+  param = s.get('parametrization', 'sp')
+  if param not in ('sp', 'mup'):
+    raise UserError(f"sweep.parametrization={param!r} is not known; use sp or mup.")
+  if param == 'mup' and s.lr_width_power != 0:
+    raise UserError(f'sweep.lr_width_power={s.lr_width_power} would scale the rate by width on '
+                    "top of μP's own per-layer rates; with sweep.parametrization='mup' set it to 0.")
   if s.span < 1:
     raise UserError(f'sweep.span={s.span} must be at least 1 (sizes run from N*/span to N*·span).')
   if not 0 <= s.warmup_fraction < 1:
@@ -508,11 +519,20 @@ def check_eval_rows(s, base_cfg, specs) -> None:
                     f'{math.lcm(*{spec_batch(sp, base_cfg) for sp in specs})}.')
 
 
-def run_config(base_cfg, sp: RunSpec, evals: int = 4, checkpoints: int = 4, rows: int = 0):
+def mup_base_width(s) -> int:
+  """The μP base width of a sweep's runs: sweep.lr_ref_width under sweep.parametrization='mup',
+  0 (SP) otherwise."""
+  return int(s.lr_ref_width) if s.get('parametrization', 'sp') == 'mup' else 0
+
+
+def run_config(base_cfg, sp: RunSpec, evals: int = 4, checkpoints: int = 4, rows: int = 0,
+               mup_width: int = 0):
   """The full config of one run. Its evaluations read `rows` validation windows (0: the base
   config's eval_batches x batch_size) in rows / batch batches: the same windows whatever the
-  run's batch."""
+  run's batch. mup_width > 0: a μP run with that base width (mup_base_width)."""
   cfg = copy.deepcopy(base_cfg)
+  if mup_width:
+    cfg.model.parametrization, cfg.model.mup_base_width = 'mup', mup_width
   cfg.seed = sp.seed
   cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads = sp.n_layers, sp.d_model, sp.n_heads
   cfg.model.n_kv_heads, cfg.model.d_ff = 0, 0

@@ -117,8 +117,8 @@ def _planned_runs(s, base_cfg, vocab: int, workdir: str) -> tuple[list, list]:
   specs = plan_lib.plan(s, base_cfg, vocab)
   plan_lib.check_eval_rows(s, base_cfg, specs)
   rows = plan_lib.eval_rows(s, base_cfg)
-  cfgs = [plan_lib.run_config(base_cfg, sp, s.evals_per_run, s.checkpoints_per_run, rows)
-          for sp in specs]
+  cfgs = [plan_lib.run_config(base_cfg, sp, s.evals_per_run, s.checkpoints_per_run, rows,
+                              plan_lib.mup_base_width(s)) for sp in specs]
   if base_cfg.train.get('wandb'):   # one W&B group per sweep, each run tagged with N, D, C
     group = base_cfg.train.get('wandb_group', '') or os.path.basename(os.path.abspath(workdir))
     for sp, cfg in zip(specs, cfgs):
