@@ -9,6 +9,13 @@ and is scored on fixed validation batches. Under μP (base width the smallest wi
 rate should stay put as width grows (Yang et al. 2022, Fig. 1); under SP it falls. Rows are
 appended to OUT/lr_transfer.json as they finish (a rerun skips them); OUT/lr_transfer.md holds
 the best rate per width and OUT/lr_transfer.png the loss-against-rate curves.
+
+  python -m benchmarks.lr_transfer --ablate --ablate_width=128 --out=docs/results/mup
+
+trains one width at the μP base rate with one of μP's prescriptions at a time put back to SP's
+(the logit multiplier 1, the hidden matrices' init std, the attention scale, an untied head),
+beside plain μP and SP at SP's best rate: OUT/ablation.md says which prescription costs what at
+this width and length.
 """
 import argparse
 import json
@@ -54,6 +61,51 @@ def train_one(mc, ds, lr: float, steps: int, batch: int, seq_len: int, seed: int
   return {'train_loss': train_loss if math.isfinite(train_loss) else None,
           'val_loss': val_loss if math.isfinite(val_loss) else None,
           'wall_s': time.perf_counter() - t0}
+
+
+def ablation(args, ds) -> None:
+  """μP at width --ablate_width and rate 2^--ablate_lr_exp with one prescription undone at a time
+  (by replacing the function of lm/model/parametrization.py that sets it), and SP at its best."""
+  import dataclasses
+  from lm.model import parametrization as mup
+  w, base = args.ablate_width, int(args.widths.split(',')[0])
+  mc = model_config(w, ds.tokenizer.vocab_size, 'mup', base, args.n_heads, args.n_layers,
+                    args.seq_len)
+  keep = {name: getattr(mup, name) for name in ('logit_multiplier', 'hidden_init_std')}
+  variants = [('μP', mc, {}), ('μP, logits x 1 (no 1/m)', mc, {'logit_multiplier': lambda c: 1.0}),
+              ('μP, hidden init std as SP', mc, {'hidden_init_std': lambda c: c.init_std}),
+              ('μP, attention 1/sqrt(H) as SP', dataclasses.replace(mc, mup_base_head_dim=mc.head_dim), {}),
+              ('μP, untied head', dataclasses.replace(mc, tie_embeddings=False), {}),
+              ('μP, all three of logits, init and attention as SP',
+               dataclasses.replace(mc, mup_base_head_dim=mc.head_dim),
+               {'logit_multiplier': lambda c: 1.0, 'hidden_init_std': lambda c: c.init_std})]
+  lines = [f'Width {w} (base {base}), {args.steps} steps, μP at 2^{args.ablate_lr_exp}; SP at '
+           f'2^{args.ablate_sp_lr_exp}. Validation loss.', '', '| model | validation loss |',
+           '|---|---|']
+  rows = []
+  for name, c, patch in variants:
+    for k, f in patch.items():
+      setattr(mup, k, f)
+    try:
+      r = train_one(c, ds, 2.0 ** args.ablate_lr_exp, args.steps, args.batch, args.seq_len,
+                    args.seed, args.val_batches)
+    finally:
+      for k, f in keep.items():
+        setattr(mup, k, f)
+    rows.append(dict(r, name=name))
+    print(f"{name}: {r['val_loss']:.4f}", flush=True)
+  sp = model_config(w, ds.tokenizer.vocab_size, 'sp', base, args.n_heads, args.n_layers,
+                    args.seq_len)
+  r = train_one(sp, ds, 2.0 ** args.ablate_sp_lr_exp, args.steps, args.batch, args.seq_len,
+                args.seed, args.val_batches)
+  rows.append(dict(r, name=f'SP at 2^{args.ablate_sp_lr_exp}'))
+  lines += [f"| {r['name']} | {r['val_loss']:.4f} |" for r in rows]
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'ablation.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  with open(os.path.join(args.out, 'ablation.json'), 'w') as f:
+    json.dump({'args': vars(args), 'rows': rows}, f, indent=1)
+  print('\n'.join(lines))
 
 
 def best_rates(rows: list) -> dict:
@@ -134,7 +186,14 @@ def main():
   ap.add_argument('--n_layers', type=int, default=2)
   ap.add_argument('--val_batches', type=int, default=8)
   ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--ablate', action='store_true')
+  ap.add_argument('--ablate_width', type=int, default=128)
+  ap.add_argument('--ablate_lr_exp', type=int, default=-7)
+  ap.add_argument('--ablate_sp_lr_exp', type=int, default=-9)
   args = ap.parse_args()
+  if args.ablate:
+    ablation(args, dataset())
+    return
   widths = [int(w) for w in args.widths.split(',')]
   path = os.path.join(args.out, 'lr_transfer.json')
   rows = []

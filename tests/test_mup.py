@@ -6,7 +6,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from lm.config import ModelConfig
@@ -14,9 +13,8 @@ from lm.errors import UserError
 from lm.interop import hf
 from lm.model import parametrization as mup
 from lm.model import transformer as model_lib
-from lm.stages import pretrain as train_lib
 from lm.training import optim
-from test_train import final_params, read_metrics, small_config
+from test_train import small_config, train_and_resume
 
 WIDE = dict(vocab_size=64, n_layers=2, d_model=256, n_heads=4, d_ff=1024, max_len=32,
             tie_embeddings=False, init_std=0.02)
@@ -125,15 +123,8 @@ def test_mup_run_trains_and_resumes_bitwise(cache_dir, tmp_path):
     cfg = small_config(cache_dir, lr=0.01)
     cfg.model.parametrization, cfg.model.mup_base_width = 'mup', 16
     return cfg
-  ref = train_lib.train(config(), str(tmp_path / 'ref'))
-  rows = read_metrics(str(tmp_path / 'ref'))
-  assert ref['finished'] and rows[-1]['loss'] < rows[0]['loss'] - 0.5
-  workdir = str(tmp_path / 'resumed')
-  assert train_lib.train(config(), workdir, stop_at=5)['finished'] is False
-  assert train_lib.train(config(), workdir)['final_loss'] == ref['final_loss']
-  for a, b in zip(jax.tree.leaves(final_params(str(tmp_path / 'ref'))),
-                  jax.tree.leaves(final_params(workdir))):
-    np.testing.assert_array_equal(a, b)
+  rows = train_and_resume(config, tmp_path)
+  assert rows[-1]['loss'] < rows[0]['loss'] - 0.5
 
 
 def test_sweep_under_mup_gives_every_run_the_base_rate():

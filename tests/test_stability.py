@@ -14,7 +14,7 @@ from lm.model import attention
 from lm.model import transformer as model_lib
 from lm.stages import pretrain as train_lib
 from lm.training import optim
-from test_train import final_params, read_metrics, small_config
+from test_train import small_config, train_and_resume
 
 
 def test_cross_entropy_and_z_on_hand_numbers():
@@ -101,13 +101,6 @@ def test_muon_z_loss_and_qk_norm_train_and_resume_bitwise(cache_dir, tmp_path):
     cfg = small_config(cache_dir, optimizer='muon', z_loss=1e-3)
     cfg.model.qk_norm = True
     return cfg
-  ref = train_lib.train(config(), str(tmp_path / 'ref'))
-  rows = read_metrics(str(tmp_path / 'ref'))
-  assert ref['finished'] and rows[-1]['loss'] < rows[0]['loss']
+  rows = train_and_resume(config, tmp_path)
+  assert rows[-1]['loss'] < rows[0]['loss']
   assert all(0 < r['z_loss'] < r['loss'] for r in rows if 'z_loss' in r)
-  workdir = str(tmp_path / 'resumed')
-  assert train_lib.train(config(), workdir, stop_at=5)['finished'] is False
-  assert train_lib.train(config(), workdir)['final_loss'] == ref['final_loss']
-  for a, b in zip(jax.tree.leaves(final_params(str(tmp_path / 'ref'))),
-                  jax.tree.leaves(final_params(workdir))):
-    np.testing.assert_array_equal(a, b)

@@ -79,6 +79,20 @@ def test_workdir_holds_everything(reference_run):
   assert set(m['versions']) >= {'python', 'jax', 'flax', 'optax', 'orbax_checkpoint'}
 
 
+def train_and_resume(config, tmp_path, stop_at: int = 5) -> list:
+  """Trains config() whole and, in another folder, stopped at stop_at and resumed: asserts the
+  two end bitwise equal; returns the whole run's metrics rows."""
+  ref = train_lib.train(config(), str(tmp_path / 'ref'))
+  assert ref['finished']
+  workdir = str(tmp_path / 'resumed')
+  assert train_lib.train(config(), workdir, stop_at=stop_at)['finished'] is False
+  assert train_lib.train(config(), workdir)['final_loss'] == ref['final_loss']
+  for a, b in zip(jax.tree.leaves(final_params(str(tmp_path / 'ref'))),
+                  jax.tree.leaves(final_params(workdir))):
+    np.testing.assert_array_equal(a, b)
+  return read_metrics(str(tmp_path / 'ref'))
+
+
 def test_loss_decreases(reference_run):
   rows = read_metrics(reference_run[0])
   assert rows[-1]['loss'] < rows[0]['loss'] - 0.5   # bytes: from ~ln 259 = 5.6 downwards
