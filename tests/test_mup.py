@@ -2,6 +2,7 @@
 multipliers folded into a standard model with the same logits, μP at its base width equal to SP,
 refusals, and a μP run that trains and resumes bitwise."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,17 @@ from lm.model import transformer as model_lib
 from lm.training import optim
 from test_train import small_config, train_and_resume
 
-WIDE = dict(vocab_size=64, n_layers=2, d_model=256, n_heads=4, d_ff=1024, max_len=32,
+WIDE = dict(vocab_size=64, n_layers=2, d_model=128, n_heads=4, d_ff=512, max_len=32,
             tie_embeddings=False, init_std=0.02)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(mc, rng):
+  return model_lib.init_params(mc, rng)
+
+
+def init(mc):
+  return _init(mc, jax.random.PRNGKey(0))
 
 
 def leaf(params, *names):
@@ -27,13 +37,13 @@ def leaf(params, *names):
 
 
 def test_init_variances_on_hand_shapes():
-  """m = 256 / 64 = 4: hidden matrices' std 0.02 / 2 (and / sqrt(2 L) = 2 more for the
+  """m = 128 / 32 = 4: hidden matrices' std 0.02 / 2 (and / sqrt(2 L) = 2 more for the
   residual projections); embedding and head keep 0.02. SP keeps 0.02 everywhere."""
   sp = ModelConfig(**WIDE)
-  mu = ModelConfig(**WIDE, parametrization='mup', mup_base_width=64)
+  mu = ModelConfig(**WIDE, parametrization='mup', mup_base_width=32)
   assert mup.width_mult(mu) == 4.0 and mup.logit_multiplier(mu) == 0.25
   for mc, hidden in ((sp, 0.02), (mu, 0.01)):
-    p = model_lib.init_params(mc, jax.random.PRNGKey(0))
+    p = init(mc)
     for names, want in ((('layer_0', 'attn', 'wq'), hidden), (('layer_1', 'mlp', 'wi'), hidden),
                         (('layer_0', 'attn', 'wo'), hidden / 2),
                         (('layer_1', 'mlp', 'wo'), hidden / 2),
@@ -46,16 +56,16 @@ def first_updates(mc, lr=0.01):
   lr x its leaf's rate factor in magnitude (Adam's first step is lr x sign(g))."""
   tc = optim.OptimizerConfig(steps=10, lr=lr, warmup_steps=0, weight_decay=0.0, grad_clip=0.0,
                              schedule='constant', eps=1e-12)
-  params = model_lib.init_params(mc, jax.random.PRNGKey(0))
+  params = init(mc)
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
   opt = optim.make_optimizer(tc, params, model=mc)
-  updates, _ = opt.update(grads, opt.init(params), params)
+  updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
   return params, updates
 
 
 def test_per_layer_rates_on_hand_shapes():
-  mc = ModelConfig(**WIDE, parametrization='mup', mup_base_width=64)
-  scales = mup.lr_scales(mc, model_lib.init_params(mc, jax.random.PRNGKey(0)))
+  mc = ModelConfig(**WIDE, parametrization='mup', mup_base_width=32)
+  scales = mup.lr_scales(mc, init(mc))
   assert scales['layer_0']['attn']['wk'] == 0.25 and scales['layer_1']['mlp']['wo'] == 0.25
   assert scales['embed'] == scales['head'] == scales['layer_0']['norm1']['scale'] == 1.0
   _, updates = first_updates(mc)
@@ -70,7 +80,7 @@ def test_per_layer_rates_on_hand_shapes():
 
 def test_mup_at_its_base_width_is_sp():
   sp = ModelConfig(**WIDE)
-  mu = dataclasses.replace(sp, parametrization='mup', mup_base_width=256)
+  mu = dataclasses.replace(sp, parametrization='mup', mup_base_width=128)
   p_sp, u_sp = first_updates(sp)
   p_mu, u_mu = first_updates(mu)
   for a, b in zip(jax.tree.leaves((p_sp, u_sp)), jax.tree.leaves((p_mu, u_mu))):
@@ -83,11 +93,11 @@ def test_mup_at_its_base_width_is_sp():
 def test_standard_form_keeps_the_logits(tied, base_head_dim):
   """The attention factor folded into wq and 1/m into the head: the SP model computes the
   same logits, also from the KV cache."""
-  mc = ModelConfig(**dict(WIDE, tie_embeddings=tied), parametrization='mup', mup_base_width=64,
+  mc = ModelConfig(**dict(WIDE, tie_embeddings=tied), parametrization='mup', mup_base_width=32,
                    mup_base_head_dim=base_head_dim)
-  assert mup.attention_scale(mc) == pytest.approx(
-      (np.sqrt(base_head_dim) / 64) if base_head_dim else 1 / 8)
-  params = model_lib.init_params(mc, jax.random.PRNGKey(0))
+  assert mup.attention_scale(mc) == (pytest.approx(np.sqrt(base_head_dim) / 32)
+                                     if base_head_dim else None)   # None: SP's 1/sqrt(H)
+  params = init(mc)
   # A few Adam steps so the logits are not the near-zero ones of init.
   params = jax.tree.map(lambda p, u: p + 30 * u, params, first_updates(mc)[1])
   sp, sp_params = mup.to_standard(mc, params)
@@ -105,17 +115,17 @@ def test_refusals():
   with pytest.raises(UserError, match='needs model.mup_base_width'):
     ModelConfig(**WIDE, parametrization='mup')
   with pytest.raises(UserError, match="no effect with model.parametrization='sp'"):
-    ModelConfig(**WIDE, mup_base_width=64)
+    ModelConfig(**WIDE, mup_base_width=32)
   with pytest.raises(UserError, match='model.parametrization'):
     ModelConfig(**WIDE, parametrization='ntk')
-  mc = ModelConfig(**WIDE, parametrization='mup', mup_base_width=64)
+  mc = ModelConfig(**WIDE, parametrization='mup', mup_base_width=32)
   with pytest.raises(UserError, match='use one of the two'):
     optim.make_optimizer(optim.OptimizerConfig(optimizer='muon'),
                          model_lib.param_shapes(mc), model=mc)
   gpt2 = ModelConfig(vocab_size=64, d_model=64, n_heads=4, pos='learned', norm='layernorm',
-                     use_bias=True, tie_embeddings=True, parametrization='mup', mup_base_width=32)
+                     use_bias=True, tie_embeddings=True, parametrization='mup', mup_base_width=16)
   with pytest.raises(UserError, match="GPT-2's tied head"):
-    hf.to_hf(gpt2, model_lib.init_params(gpt2, jax.random.PRNGKey(0)))
+    hf.to_hf(gpt2, init(gpt2))
 
 
 def test_mup_run_trains_and_resumes_bitwise(cache_dir, tmp_path):

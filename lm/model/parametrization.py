@@ -49,11 +49,12 @@ def hidden_init_std(mc: ModelConfig) -> float:
 
 
 def attention_scale(mc: ModelConfig) -> float | None:
-  """The factor on q.k: None (the kernel's own 1/sqrt(H)) under SP, sqrt(H_b)/H under μP."""
-  if not is_mup(mc):
-    return None
+  """The factor on q.k: sqrt(H_b)/H under μP; None (the kernel's own 1/sqrt(H)) under SP and
+  wherever μP's equals it (H = H_b)."""
   H = mc.head_dim
-  return math.sqrt(mc.mup_base_head_dim or H) / H
+  if not is_mup(mc) or (mc.mup_base_head_dim or H) == H:
+    return None
+  return math.sqrt(mc.mup_base_head_dim) / H
 
 
 def logit_multiplier(mc: ModelConfig) -> float:
@@ -86,7 +87,7 @@ def to_standard(mc: ModelConfig, params) -> tuple[ModelConfig, dict]:
   if not is_mup(mc):
     return mc, params
   p = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
-  q = attention_scale(mc) * math.sqrt(mc.head_dim)
+  q = (attention_scale(mc) or 1 / math.sqrt(mc.head_dim)) * math.sqrt(mc.head_dim)
 
   def fold(path, x):
     names = path_names(path)
