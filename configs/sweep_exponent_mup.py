@@ -6,7 +6,8 @@ middle of the ladder), and every run takes the one rate found by a scan of that 
 (docs/results/exponent_mup/README.md) instead of the SP sweep's rule
 3e-3 · (128 / d_model)^0.5. One seed per run and two at the smallest budget: the 35 runs of the
 SP sweep's first seed (docs/results/exponent_one_aspect/one_seed), so the two compare at the same
-cost. Results: docs/results/exponent_mup.
+cost; `--config.sweep.seeds=2` adds the second seed (64 runs, as the SP sweep). Results:
+docs/results/exponent_mup.
 """
 from configs import sweep_exponent_one_aspect
 
