@@ -18,6 +18,7 @@ beside plain μP and SP at SP's best rate: OUT/ablation.md says which prescripti
 this width and length.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.coord_check import dataset, model_config
+from lm.model import parametrization as mup
 from lm.model import transformer as model_lib
 from lm.stages import pretrain as train_lib
 from lm.training import optim
@@ -66,8 +68,6 @@ def train_one(mc, ds, lr: float, steps: int, batch: int, seq_len: int, seed: int
 def ablation(args, ds) -> None:
   """μP at width --ablate_width and rate 2^--ablate_lr_exp with one prescription undone at a time
   (by replacing the function of lm/model/parametrization.py that sets it), and SP at its best."""
-  import dataclasses
-  from lm.model import parametrization as mup
   w, base = args.ablate_width, int(args.widths.split(',')[0])
   mc = model_config(w, ds.tokenizer.vocab_size, 'mup', base, args.n_heads, args.n_layers,
                     args.seq_len)

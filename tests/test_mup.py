@@ -9,11 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import sweep_smoke
 from lm.config import ModelConfig
 from lm.errors import UserError
 from lm.interop import hf
 from lm.model import parametrization as mup
 from lm.model import transformer as model_lib
+from lm.scaling import plan as plan_lib
 from lm.training import optim
 from test_train import small_config, train_and_resume
 
@@ -138,8 +140,6 @@ def test_mup_run_trains_and_resumes_bitwise(cache_dir, tmp_path):
 
 
 def test_sweep_under_mup_gives_every_run_the_base_rate():
-  from configs import sweep_smoke
-  from lm.scaling import plan as plan_lib
   c = sweep_smoke.get_config()
   c.sweep.parametrization, c.sweep.lr_width_power = 'mup', 0.0
   specs = plan_lib.plan(c.sweep, c.base, 259)
