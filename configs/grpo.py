@@ -46,6 +46,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   g.group_size = 8           # samples per prompt; advantages are relative to their group
   g.kl_coef = 0.04           # weight of the per-token k3 KL to the reference in the loss
   g.clip = 0.2               # ratio clip
+  g.scale_rewards = 'group'  # advantages (r - group mean) / the group's std ('group'), the
+                             # batch's std ('batch') or 1 ('none')
+  g.loss_norm = 'response'   # mean over each response's tokens, then responses ('response'), or
+                             # over every response token of a minibatch ('token')
   g.epochs = 2               # passes over each iteration's rollouts
   g.minibatch = 16           # rollouts per optimizer step; divides batch_size x group_size
   g.temperature = 1.0        # rollouts and log-probabilities at this temperature

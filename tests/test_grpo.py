@@ -32,6 +32,16 @@ def test_group_advantages_by_hand_and_zero_variance_groups_give_zero():
   np.testing.assert_allclose(adv.mean(axis=1), 0.0, atol=1e-12)
 
 
+def test_advantages_scaled_by_the_batch_or_not_at_all():
+  r = np.array([[1.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0.5, 0.5], [3.0, 0.0, 0.0, 1.0]])
+  centred = r - r.mean(axis=1, keepdims=True)
+  np.testing.assert_allclose(grpo.group_advantages(r, 'none'), centred)
+  np.testing.assert_allclose(grpo.group_advantages(r, 'batch'), centred / r.std())
+  # A group of equal rewards still gets 0, whatever the scale.
+  for scale in grpo.SCALE_REWARDS:
+    np.testing.assert_array_equal(grpo.group_advantages(r, scale)[1], 0.0)
+
+
 def test_k3_by_hand():
   # pi(t) = 0.5, ref(t) = 0.25: d = log 0.25 - log 0.5 = -log 2; e^d - d - 1 = 0.5 + log 2 - 1.
   got = float(grpo.k3(jnp.log(0.5), jnp.log(0.25)))
@@ -71,6 +81,14 @@ def test_tokens_of_a_response_are_averaged_before_responses():
   logp = jnp.zeros((2, 4))
   value, _ = grpo.grpo_loss(logp, logp, logp, jnp.array([1.0, 3.0]), mask, 0.2, 0.0)
   assert float(value) == pytest.approx(-(1.0 + 3.0) / 2)
+
+
+def test_token_norm_weighs_every_token_alike():
+  """sum_i sum_t / sum_i |o_i|: the long response's 4 tokens outweigh the short one's 1."""
+  mask = jnp.array([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+  logp = jnp.zeros((2, 4))
+  value, _ = grpo.grpo_loss(logp, logp, logp, jnp.array([1.0, 3.0]), mask, 0.2, 0.0, 'token')
+  assert float(value) == pytest.approx(-(4 * 1.0 + 1 * 3.0) / 5)
 
 
 @pytest.mark.parametrize('text, answer, credit, want', [
@@ -237,6 +255,8 @@ def test_lora_grpo_resume_is_bitwise_exact(lora_grpo, sft_run, tmp_path):
     (dict(grpo__reward='model'), 'reward_from'),
     (dict(grpo__arith_digits=4), 'must be one of 1, 2, 3'),
     (dict(grpo__partial_credit=1.0), r'must be in \[0, 1\)'),
+    (dict(grpo__scale_rewards='std'), 'grpo.scale_rewards'),
+    (dict(grpo__loss_norm='sum'), 'grpo.loss_norm'),
     (dict(lora__rank=-1), 'lora.rank=-1'),
     (dict(grpo__max_new_tokens=90), 'does not fit train.seq_len'),
 ])

@@ -16,7 +16,8 @@ One training step of the loop (lm/training/loop.py) is one GRPO iteration:
        model  a reward-model run's normalised score (grpo.reward_from) on the code task, the
               gold reward logged beside it.
   3. Advantages, group-relative: within each prompt's group of G rewards, A_i = (r_i - mean) /
-     std (the population std); a group whose rewards are all equal teaches nothing and gets A = 0
+     std, the population std of the group (grpo.scale_rewards='group'), of the whole batch
+     ('batch') or 1 ('none'); a group whose rewards are all equal teaches nothing and gets A = 0
      (its share is logged as zero_variance). Every response token of sample i has advantage A_i.
   4. grpo.epochs passes over the rollouts in shuffled minibatches of grpo.minibatch responses,
      each an AdamW step on the per-token objective
@@ -25,7 +26,8 @@ One training step of the loop (lm/training/loop.py) is one GRPO iteration:
          k3 = exp(ref - logp) - (ref - logp) - 1     (Schulman 2020's unbiased, positive estimator
                                                      of KL(pi || ref) from samples of pi)
 
-     averaged over each response's tokens, then over responses (the paper's 1/G sum 1/|o| sum_t).
+     averaged over each response's tokens, then over responses (the paper's 1/G sum 1/|o| sum_t;
+     grpo.loss_norm='response'), or over every response token of the minibatch ('token').
      ratio = pi / pi_old with pi_old the sampling policy, so the first minibatch of a rollout
      has ratio 1 up to rounding (logged as ratio_dev_first).
 
@@ -60,6 +62,8 @@ from lm.training import loop
 from lm.training.optim import TrainConfig, make_optimizer
 
 REWARDS = ('arith', 'code', 'model')
+SCALE_REWARDS = ('group', 'batch', 'none')
+LOSS_NORMS = ('response', 'token')
 ARITH_DIGITS = (1, 2, 3)     # the instruction set's numbers go up to 999
 
 
@@ -72,6 +76,8 @@ class GrpoConfig:
   group_size: int
   kl_coef: float
   clip: float
+  scale_rewards: str
+  loss_norm: str
   epochs: int
   minibatch: int
   temperature: float
@@ -108,6 +114,12 @@ class GrpoConfig:
                       f'grpo.minibatch={c.minibatch}; make them divide.')
     if not c.kl_coef >= 0 or not c.clip > 0:
       raise UserError(f'grpo.kl_coef={c.kl_coef} must be >= 0 and grpo.clip={c.clip} positive.')
+    if c.scale_rewards not in SCALE_REWARDS:
+      raise UserError(f"grpo.scale_rewards={c.scale_rewards!r} is not known; use one of "
+                      f"{', '.join(SCALE_REWARDS)}.")
+    if c.loss_norm not in LOSS_NORMS:
+      raise UserError(f"grpo.loss_norm={c.loss_norm!r} is not known; use one of "
+                      f"{', '.join(LOSS_NORMS)}.")
     if not c.temperature > 0:
       raise UserError(f'grpo.temperature={c.temperature} must be positive.')
     if not 0 <= c.partial_credit < 1:
@@ -122,12 +134,23 @@ class GrpoConfig:
 # ---------------------------------------------------------------------------------------------
 # The pieces of the objective (pure).
 
-def group_advantages(rewards) -> np.ndarray:
-  """[P, G] rewards -> [P, G] advantages (r - group mean) / group std; 0 where the std is 0."""
+def group_advantages(rewards, scale: str = 'group') -> np.ndarray:
+  """[P, G] rewards -> [P, G] advantages r - group mean, divided by the group's std (scale
+  'group', the paper's), by the std of every reward of the batch ('batch') or by nothing
+  ('none'; Liu et al. 2025, "Understanding R1-Zero-like training"). A group whose rewards are
+  all equal gets 0."""
   r = np.asarray(rewards, np.float64)
-  mean = r.mean(axis=1, keepdims=True)
-  std = r.std(axis=1, keepdims=True)
-  return np.where(std > 1e-8, (r - mean) / np.where(std > 1e-8, std, 1.0), 0.0)
+  centred = r - r.mean(axis=1, keepdims=True)
+  flat = r.std(axis=1, keepdims=True) <= 1e-8
+  if scale == 'group':
+    std = r.std(axis=1, keepdims=True)
+  elif scale == 'batch':
+    std = np.full_like(centred[:, :1], r.std())
+  elif scale == 'none':
+    std = np.ones_like(centred[:, :1])
+  else:
+    raise ValueError(f'scale={scale!r} is not one of {SCALE_REWARDS}')
+  return np.where(flat, 0.0, centred / np.where(std > 1e-8, std, 1.0))
 
 
 def k3(logp, ref_logp):
@@ -137,16 +160,23 @@ def k3(logp, ref_logp):
   return jnp.exp(d) - d - 1.0
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip: float, kl_coef: float):
-  """(loss, metrics) of [B, T] log-probabilities, [B] advantages and the [B, T] response mask."""
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip: float, kl_coef: float,
+              norm: str = 'response'):
+  """(loss, metrics) of [B, T] log-probabilities, [B] advantages and the [B, T] response mask.
+  norm 'response' averages over each response's tokens, then over responses (every response
+  weighs the same, so a short one's tokens weigh more); 'token' averages over every response
+  token of the minibatch (Yu et al. 2025, "DAPO")."""
   ratio = jnp.exp(logp - old_logp)
   a = adv[:, None]
   surrogate = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip, 1 + clip) * a)
   kl = k3(logp, ref_logp)
   per_token = (-surrogate + kl_coef * kl) * mask
-  lengths = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-  loss = jnp.mean(jnp.sum(per_token, axis=1) / lengths)
   n = jnp.maximum(jnp.sum(mask), 1.0)
+  if norm == 'token':
+    loss = jnp.sum(per_token) / n
+  else:
+    lengths = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    loss = jnp.mean(jnp.sum(per_token, axis=1) / lengths)
   return loss, {'k3': jnp.sum(kl * mask) / n,
                 'clipfrac': jnp.sum((jnp.abs(ratio - 1) > clip) * mask) / n,
                 'ratio_dev': jnp.max(jnp.abs(ratio - 1) * mask)}
@@ -245,7 +275,8 @@ def updates_per_iteration(tc: TrainConfig, gc: GrpoConfig) -> int:
 
 def _minibatch_loss(params, ref_params, mb, mc, gc):
   logp = common.token_logprobs(mc, params, mb['tokens'], gc.temperature, ref_params)
-  return grpo_loss(logp, mb['logp'], mb['ref'], mb['adv'], mb['mask'], gc.clip, gc.kl_coef)
+  return grpo_loss(logp, mb['logp'], mb['ref'], mb['adv'], mb['mask'], gc.clip, gc.kl_coef,
+                   gc.loss_norm)
 
 
 @functools.partial(jax.jit, static_argnames=('mc', 'tc', 'gc'))
@@ -290,7 +321,7 @@ def _train_step(policy, mc, gc: GrpoConfig, tc: TrainConfig, task: Task, prompts
     rows = common.make_rows(batch_prompts, resp, tc.seq_len, tok.pad_id)
     rewards = verified if rm is None else rm.scores(rows, gc.sample_batch)
     grouped = rewards.reshape(-1, G)
-    adv = group_advantages(grouped).reshape(-1)
+    adv = group_advantages(grouped, gc.scale_rewards).reshape(-1)
     rows = jax.device_put(rows)
     logp, entropy, ref = _score(params, frozen['ref'], rows['tokens'], mc=mc, temperature=T)
     data = {'tokens': rows['tokens'], 'mask': rows['mask'], 'logp': logp, 'ref': ref,

@@ -64,7 +64,8 @@ ADDED_KEYS = {'train.async_checkpoint': True, 'train.profile_steps': '', 'train.
               'dpo.replay_fraction': 0.0, 'lora.rank': 0, 'lora.alpha': 16.0,
               'lora.targets': 'q,k,v,o,up,down', 'model.qk_norm': False,
               'train.optimizer': 'adamw', 'train.z_loss': 0.0, 'model.parametrization': 'sp',
-              'model.mup_base_width': 0, 'model.mup_base_head_dim': 0}
+              'model.mup_base_width': 0, 'model.mup_base_head_dim': 0,
+              'grpo.scale_rewards': 'group', 'grpo.loss_norm': 'response'}
 
 LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, jax.Array]]
 
