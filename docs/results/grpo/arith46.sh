@@ -1,6 +1,6 @@
 #!/bin/bash
-# Issue 46: GRPO on 2-digit addition from a base pretrained with arithmetic lines.
-cd /work/main
+# GRPO on 2-digit addition from a base pretrained with arithmetic lines and the instruction-tuned
+# SFT model on it, at the settings of that measurement. Run from the repository root.
 mkdir -p runs/a46
 t() { /usr/bin/time -f "%e s wall, %M KB peak" "$@"; }
 [ -f runs/a46/base/summary.json ] && grep -q '"finished": true' runs/a46/base/summary.json || \
@@ -12,5 +12,6 @@ t() { /usr/bin/time -f "%e s wall, %M KB peak" "$@"; }
     --config.finetune.init_from=runs/a46/base --config.train.progress=none \
     > runs/a46/sft.log 2>&1 || exit 1
 t python run.py grpo --config=configs/grpo.py:arith --workdir=runs/a46/grpo \
-  --config.grpo.init_from=runs/a46/sft --config.train.progress=none "$@" > runs/a46/grpo.log 2>&1
+  --config.grpo.init_from=runs/a46/sft --config.train.progress=none --config.train.batch_size=8 \
+  --config.grpo.minibatch=16 --config.train.lr=3e-5 --config.train.steps=60 "$@" > runs/a46/grpo.log 2>&1
 echo DONE >> runs/a46/done.txt
