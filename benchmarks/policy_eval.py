@@ -19,6 +19,8 @@ import os
 import time
 import types
 
+from lm.align import common, grpo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,7 +47,6 @@ def main():
   ap.add_argument('--digits', type=int, default=2, help='arith: digits per operand')
   ap.add_argument('policies', nargs='*', help='name=RUN_DIR')
   a = ap.parse_args()
-  from lm.align import common, grpo
   sft = common.load_policy(a.sft)
   if a.task == 'code':
     headers = common.task_prompts('eval', a.prompts)
