@@ -139,18 +139,13 @@ def group_advantages(rewards, scale: str = 'group') -> np.ndarray:
   'group', the paper's), by the std of every reward of the batch ('batch') or by nothing
   ('none'; Liu et al. 2025, "Understanding R1-Zero-like training"). A group whose rewards are
   all equal gets 0."""
-  r = np.asarray(rewards, np.float64)
-  centred = r - r.mean(axis=1, keepdims=True)
-  flat = r.std(axis=1, keepdims=True) <= 1e-8
-  if scale == 'group':
-    std = r.std(axis=1, keepdims=True)
-  elif scale == 'batch':
-    std = np.full_like(centred[:, :1], r.std())
-  elif scale == 'none':
-    std = np.ones_like(centred[:, :1])
-  else:
+  if scale not in SCALE_REWARDS:
     raise ValueError(f'scale={scale!r} is not one of {SCALE_REWARDS}')
-  return np.where(flat, 0.0, centred / np.where(std > 1e-8, std, 1.0))
+  r = np.asarray(rewards, np.float64)
+  group_std = r.std(axis=1, keepdims=True)
+  divisor = {'group': group_std, 'batch': r.std(), 'none': 1.0}[scale]
+  return np.where(group_std > 1e-8, (r - r.mean(axis=1, keepdims=True))
+                  / np.maximum(divisor, 1e-8), 0.0)
 
 
 def k3(logp, ref_logp):
