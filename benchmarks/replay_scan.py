@@ -54,7 +54,7 @@ def plot(result: dict, path: str) -> None:
   for i, (name, r) in enumerate(result.items()):
     xs = [100 * e['kept'] for e in r['evals']]
     ys = [100 * e['exact'] for e in r['evals']]
-    # Full fine-tuning solid, LoRA dashed; tab20 keeps a dozen runs apart.
+    # Full fine-tuning solid, LoRA dashed; tab20's ten dark shades first, then its ten light ones.
     ax.plot(xs, ys, 'o--' if r['lora_rank'] else 'o-', color=colors[2 * i % 20 + i // 10 % 2],
             label=name, ms=4)
     ax.annotate(str(r['evals'][-1]['step']), (xs[-1], ys[-1]), fontsize=7,
